@@ -1,0 +1,2 @@
+//! ulog: a userspace server for the device-mapper "userspace" dirty log.
+pub mod telemetry;

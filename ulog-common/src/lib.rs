@@ -1,0 +1,520 @@
+//! Wire layouts and constants of the device-mapper userspace dirty-log protocol, shared by the
+//! eBPF programs (which read requests out of kernel memory) and the agent (which serves them).
+//!
+//! Everything here mirrors `include/uapi/linux/connector.h` and
+//! `include/uapi/linux/dm-log-userspace.h`. Integers travel in host byte order: the kernel and the
+//! server always run on the same host. The codec functions read and write fields at fixed byte
+//! offsets instead of transmuting, so a short or misaligned buffer can never be misread; the
+//! `#[repr(C)]` structs exist for the eBPF side and for the layout tests that pin both to the
+//! byte vectors of the protocol reference.
+#![no_std]
+#![deny(missing_docs)]
+
+use core::mem::size_of;
+
+/// Connector index of device-mapper (`CN_IDX_DM`); also the netlink multicast group requests go to.
+pub const CN_IDX_DM: u32 = 7;
+/// Connector value of the userspace dirty log (`CN_VAL_DM_USERSPACE_LOG`).
+pub const CN_VAL_DM_USERSPACE_LOG: u32 = 1;
+/// Netlink protocol number of the connector (`NETLINK_CONNECTOR`).
+pub const NETLINK_CONNECTOR: i32 = 11;
+/// `NLMSG_DONE`: the netlink message type the connector uses for every message.
+pub const NLMSG_DONE: u16 = 3;
+/// Size of `struct nlmsghdr`.
+pub const NLMSG_HDRLEN: usize = 16;
+/// Size of `struct cn_msg` (without its payload).
+pub const CN_MSG_LEN: usize = 20;
+/// Size of `struct dm_ulog_request` (without its payload).
+pub const ULOG_REQUEST_LEN: usize = 160;
+/// Offset of the `dm_ulog_request` inside a connector datagram.
+pub const ULOG_OFFSET: usize = NLMSG_HDRLEN + CN_MSG_LEN;
+/// `DM_UUID_LEN`: the uuid field, NUL included.
+pub const DM_UUID_LEN: usize = 129;
+/// Only the low 8 bits of `request_type` name the request; the rest is reserved.
+pub const DM_ULOG_REQUEST_MASK: u32 = 0xFF;
+/// The request version current kernels send (3: FLUSH may carry marks).
+pub const DM_ULOG_REQUEST_VERSION: u32 = 3;
+/// The kernel builds requests in a 512-byte buffer: the largest request payload it can send.
+pub const KERNEL_MAX_REQUEST_PAYLOAD: usize = 512 - CN_MSG_LEN - ULOG_REQUEST_LEN;
+/// `CONNECTOR_MAX_MSG_SIZE`: the largest connector payload the kernel accepts from userspace.
+pub const CONNECTOR_MAX_MSG_SIZE: usize = 16384;
+/// `DM_NAME_LEN`: the largest CTR reply payload (device name with its NUL).
+pub const DM_NAME_LEN: usize = 128;
+
+/// Byte offsets of the `dm_ulog_request` fields, for code that reads them piecemeal (eBPF).
+pub mod offsets {
+    /// `u64 luid`
+    pub const LUID: usize = 0;
+    /// `char uuid[129]`
+    pub const UUID: usize = 8;
+    /// `u32 version`
+    pub const VERSION: usize = 140;
+    /// `i32 error`
+    pub const ERROR: usize = 144;
+    /// `u32 seq`
+    pub const SEQ: usize = 148;
+    /// `u32 request_type`
+    pub const REQUEST_TYPE: usize = 152;
+    /// `u32 data_size`
+    pub const DATA_SIZE: usize = 156;
+}
+
+/// `struct nlmsghdr`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NlMsgHdr {
+    /// Length of the whole message, header included.
+    pub len: u32,
+    /// Message type (`NLMSG_DONE` for connector messages).
+    pub kind: u16,
+    /// Flags (0).
+    pub flags: u16,
+    /// Sequence number (the kernel copies the connector seq here).
+    pub seq: u32,
+    /// Sender port id.
+    pub pid: u32,
+}
+
+/// `struct cb_id`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CbId {
+    /// Connector index.
+    pub idx: u32,
+    /// Connector value.
+    pub val: u32,
+}
+
+/// The connector id of the device-mapper userspace log.
+pub const DM_ULOG_CB_ID: CbId = CbId { idx: CN_IDX_DM, val: CN_VAL_DM_USERSPACE_LOG };
+
+/// `struct cn_msg` without its payload.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CnMsg {
+    /// Connector id.
+    pub id: CbId,
+    /// Sequence number; ack-only replies are matched on it.
+    pub seq: u32,
+    /// Ack-only replies carry a positive errno here.
+    pub ack: u32,
+    /// Bytes of payload that follow.
+    pub len: u16,
+    /// Flags (0).
+    pub flags: u16,
+}
+
+/// `struct dm_ulog_request` without its payload.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DmUlogRequest {
+    /// The kernel's per-log context address: tells apart two logs with one uuid.
+    pub luid: u64,
+    /// NUL-terminated device-mapper uuid.
+    pub uuid: [u8; DM_UUID_LEN],
+    /// Zero.
+    pub padding: [u8; 3],
+    /// Protocol version of the sender.
+    pub version: u32,
+    /// Reply status: 0 or a negative errno.
+    pub error: i32,
+    /// Request sequence number; full replies are matched on it.
+    pub seq: u32,
+    /// Request type in the low 8 bits.
+    pub request_type: u32,
+    /// Bytes of payload that follow.
+    pub data_size: u32,
+}
+
+const _: () = assert!(size_of::<NlMsgHdr>() == NLMSG_HDRLEN);
+const _: () = assert!(size_of::<CnMsg>() == CN_MSG_LEN);
+const _: () = assert!(size_of::<DmUlogRequest>() == ULOG_REQUEST_LEN);
+const _: () = assert!(core::mem::offset_of!(DmUlogRequest, version) == offsets::VERSION);
+const _: () = assert!(core::mem::offset_of!(DmUlogRequest, error) == offsets::ERROR);
+const _: () = assert!(core::mem::offset_of!(DmUlogRequest, seq) == offsets::SEQ);
+const _: () = assert!(core::mem::offset_of!(DmUlogRequest, request_type) == offsets::REQUEST_TYPE);
+const _: () = assert!(core::mem::offset_of!(DmUlogRequest, data_size) == offsets::DATA_SIZE);
+
+#[cfg(feature = "user")]
+// SAFETY: plain-old-data structs of integers and byte arrays, no padding the compiler adds
+// (the sizes are asserted above), valid for every bit pattern.
+unsafe impl aya::Pod for CnMsg {}
+
+fn rd_u16(b: &[u8], at: usize) -> u16 {
+    u16::from_ne_bytes([b[at], b[at + 1]])
+}
+fn rd_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+fn rd_u64(b: &[u8], at: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[at..at + 8]);
+    u64::from_ne_bytes(w)
+}
+
+impl NlMsgHdr {
+    /// Reads a header from the start of `b`; `None` if `b` is shorter than a header.
+    pub fn read(b: &[u8]) -> Option<Self> {
+        if b.len() < NLMSG_HDRLEN {
+            return None;
+        }
+        Some(Self {
+            len: rd_u32(b, 0),
+            kind: rd_u16(b, 4),
+            flags: rd_u16(b, 6),
+            seq: rd_u32(b, 8),
+            pid: rd_u32(b, 12),
+        })
+    }
+
+    /// Writes the header into the first 16 bytes of `out` (which must be that long).
+    pub fn write(&self, out: &mut [u8]) {
+        out[0..4].copy_from_slice(&self.len.to_ne_bytes());
+        out[4..6].copy_from_slice(&self.kind.to_ne_bytes());
+        out[6..8].copy_from_slice(&self.flags.to_ne_bytes());
+        out[8..12].copy_from_slice(&self.seq.to_ne_bytes());
+        out[12..16].copy_from_slice(&self.pid.to_ne_bytes());
+    }
+}
+
+impl CnMsg {
+    /// Reads a `cn_msg` header from the start of `b`; `None` if `b` is too short.
+    pub fn read(b: &[u8]) -> Option<Self> {
+        if b.len() < CN_MSG_LEN {
+            return None;
+        }
+        Some(Self {
+            id: CbId { idx: rd_u32(b, 0), val: rd_u32(b, 4) },
+            seq: rd_u32(b, 8),
+            ack: rd_u32(b, 12),
+            len: rd_u16(b, 16),
+            flags: rd_u16(b, 18),
+        })
+    }
+
+    /// Writes the header into the first 20 bytes of `out` (which must be that long).
+    pub fn write(&self, out: &mut [u8]) {
+        out[0..4].copy_from_slice(&self.id.idx.to_ne_bytes());
+        out[4..8].copy_from_slice(&self.id.val.to_ne_bytes());
+        out[8..12].copy_from_slice(&self.seq.to_ne_bytes());
+        out[12..16].copy_from_slice(&self.ack.to_ne_bytes());
+        out[16..18].copy_from_slice(&self.len.to_ne_bytes());
+        out[18..20].copy_from_slice(&self.flags.to_ne_bytes());
+    }
+}
+
+impl DmUlogRequest {
+    /// An all-zero request header.
+    pub const fn zeroed() -> Self {
+        Self {
+            luid: 0,
+            uuid: [0; DM_UUID_LEN],
+            padding: [0; 3],
+            version: 0,
+            error: 0,
+            seq: 0,
+            request_type: 0,
+            data_size: 0,
+        }
+    }
+
+    /// Reads a request header from the start of `b`; `None` if `b` is shorter than 160 bytes.
+    pub fn read(b: &[u8]) -> Option<Self> {
+        if b.len() < ULOG_REQUEST_LEN {
+            return None;
+        }
+        let mut uuid = [0u8; DM_UUID_LEN];
+        uuid.copy_from_slice(&b[offsets::UUID..offsets::UUID + DM_UUID_LEN]);
+        let mut padding = [0u8; 3];
+        padding.copy_from_slice(&b[137..140]);
+        Some(Self {
+            luid: rd_u64(b, offsets::LUID),
+            uuid,
+            padding,
+            version: rd_u32(b, offsets::VERSION),
+            error: rd_u32(b, offsets::ERROR) as i32,
+            seq: rd_u32(b, offsets::SEQ),
+            request_type: rd_u32(b, offsets::REQUEST_TYPE),
+            data_size: rd_u32(b, offsets::DATA_SIZE),
+        })
+    }
+
+    /// Writes the header into the first 160 bytes of `out` (which must be that long).
+    pub fn write(&self, out: &mut [u8]) {
+        out[0..8].copy_from_slice(&self.luid.to_ne_bytes());
+        out[8..137].copy_from_slice(&self.uuid);
+        out[137..140].copy_from_slice(&self.padding);
+        out[140..144].copy_from_slice(&self.version.to_ne_bytes());
+        out[144..148].copy_from_slice(&self.error.to_ne_bytes());
+        out[148..152].copy_from_slice(&self.seq.to_ne_bytes());
+        out[152..156].copy_from_slice(&self.request_type.to_ne_bytes());
+        out[156..160].copy_from_slice(&self.data_size.to_ne_bytes());
+    }
+
+    /// The uuid up to its NUL; `None` if the 129-byte field holds no NUL.
+    pub fn uuid_bytes(&self) -> Option<&[u8]> {
+        let end = self.uuid.iter().position(|&c| c == 0)?;
+        Some(&self.uuid[..end])
+    }
+
+    /// Stores `uuid` NUL-terminated; `false` (and nothing stored) if it is longer than 128 bytes.
+    pub fn set_uuid(&mut self, uuid: &[u8]) -> bool {
+        if uuid.len() >= DM_UUID_LEN {
+            return false;
+        }
+        self.uuid = [0; DM_UUID_LEN];
+        self.uuid[..uuid.len()].copy_from_slice(uuid);
+        true
+    }
+}
+
+/// The 17 request types of `dm-log-userspace.h`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RequestType {
+    /// Create a log from a constructor string.
+    Ctr = 1,
+    /// Destroy a log.
+    Dtr = 2,
+    /// The mirror is about to suspend.
+    Presuspend = 3,
+    /// The mirror has suspended.
+    Postsuspend = 4,
+    /// The mirror resumes: load state.
+    Resume = 5,
+    /// Region size in sectors.
+    GetRegionSize = 6,
+    /// Is a region clean (no writes outstanding)?
+    IsClean = 7,
+    /// Is a region in sync?
+    InSync = 8,
+    /// Make marks (and the marks in its payload, with integrated_flush) durable.
+    Flush = 9,
+    /// Mark regions dirty.
+    MarkRegion = 10,
+    /// Mark regions clean.
+    ClearRegion = 11,
+    /// Which region should be resynchronised next?
+    GetResyncWork = 12,
+    /// Record the outcome of a region's resync.
+    SetRegionSync = 13,
+    /// How many regions are in sync?
+    GetSyncCount = 14,
+    /// Status text for `dmsetup status`.
+    StatusInfo = 15,
+    /// Status text for `dmsetup table` (current kernels build it themselves).
+    StatusTable = 16,
+    /// Is another node recovering a region?
+    IsRemoteRecovering = 17,
+}
+
+/// Number of request types; also one past the largest type number.
+pub const REQUEST_TYPE_COUNT: usize = 17;
+
+impl RequestType {
+    /// Every type, in wire order.
+    pub const ALL: [RequestType; REQUEST_TYPE_COUNT] = [
+        Self::Ctr,
+        Self::Dtr,
+        Self::Presuspend,
+        Self::Postsuspend,
+        Self::Resume,
+        Self::GetRegionSize,
+        Self::IsClean,
+        Self::InSync,
+        Self::Flush,
+        Self::MarkRegion,
+        Self::ClearRegion,
+        Self::GetResyncWork,
+        Self::SetRegionSync,
+        Self::GetSyncCount,
+        Self::StatusInfo,
+        Self::StatusTable,
+        Self::IsRemoteRecovering,
+    ];
+
+    /// The type named by a raw `request_type` field (masked to its low 8 bits).
+    pub fn from_raw(raw: u32) -> Option<Self> {
+        let n = (raw & DM_ULOG_REQUEST_MASK) as usize;
+        if (1..=REQUEST_TYPE_COUNT).contains(&n) {
+            Some(Self::ALL[n - 1])
+        } else {
+            None
+        }
+    }
+
+    /// The wire number.
+    pub const fn raw(self) -> u32 {
+        self as u32
+    }
+
+    /// Index 0..17 for per-type tables.
+    pub const fn index(self) -> usize {
+        self as usize - 1
+    }
+
+    /// The kernel's name for the type, without the `DM_ULOG_` prefix.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Ctr => "CTR",
+            Self::Dtr => "DTR",
+            Self::Presuspend => "PRESUSPEND",
+            Self::Postsuspend => "POSTSUSPEND",
+            Self::Resume => "RESUME",
+            Self::GetRegionSize => "GET_REGION_SIZE",
+            Self::IsClean => "IS_CLEAN",
+            Self::InSync => "IN_SYNC",
+            Self::Flush => "FLUSH",
+            Self::MarkRegion => "MARK_REGION",
+            Self::ClearRegion => "CLEAR_REGION",
+            Self::GetResyncWork => "GET_RESYNC_WORK",
+            Self::SetRegionSync => "SET_REGION_SYNC",
+            Self::GetSyncCount => "GET_SYNC_COUNT",
+            Self::StatusInfo => "STATUS_INFO",
+            Self::StatusTable => "STATUS_TABLE",
+            Self::IsRemoteRecovering => "IS_REMOTE_RECOVERING",
+        }
+    }
+
+    /// The most reply payload the kernel accepts for this type (protocol.md §1.7), or `None`
+    /// where it is bounded only by the caller's buffer (STATUS_*). A CTR sent by the kernel's
+    /// reconnect loop accepts 0 bytes, not 128: see the CTR handling in the agent.
+    pub const fn reply_capacity(self) -> Option<usize> {
+        match self {
+            Self::Ctr => Some(DM_NAME_LEN),
+            Self::GetRegionSize | Self::IsClean | Self::InSync | Self::GetSyncCount => Some(8),
+            Self::GetResyncWork | Self::IsRemoteRecovering => Some(16),
+            Self::StatusInfo | Self::StatusTable => None,
+            Self::Dtr
+            | Self::Presuspend
+            | Self::Postsuspend
+            | Self::Resume
+            | Self::Flush
+            | Self::MarkRegion
+            | Self::ClearRegion
+            | Self::SetRegionSync => Some(0),
+        }
+    }
+}
+
+/// Length of a complete connector datagram carrying a request header and `payload` bytes.
+pub const fn datagram_len(payload: usize) -> usize {
+    ULOG_OFFSET + ULOG_REQUEST_LEN + payload
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use std::vec;
+    use std::vec::Vec;
+
+    const UUID: &[u8] = b"LVM-cmirrortest0001";
+    const LUID: u64 = 0xffff_8880_03a1_b000;
+
+    fn header(seq: u32, kind: RequestType, version: u32, data_size: u32) -> DmUlogRequest {
+        let mut r = DmUlogRequest::zeroed();
+        r.luid = LUID;
+        assert!(r.set_uuid(UUID));
+        r.version = version;
+        r.seq = seq;
+        r.request_type = kind.raw();
+        r.data_size = data_size;
+        r
+    }
+
+    fn common_prefix(b: &[u8]) {
+        // §7: bytes 0-7 luid little-endian, 8-26 the uuid, zero to 139.
+        assert_eq!(&b[0..8], &[0x00, 0xb0, 0xa1, 0x03, 0x80, 0x88, 0xff, 0xff]);
+        assert_eq!(&b[8..27], UUID);
+        assert!(b[27..140].iter().all(|&c| c == 0));
+    }
+
+    #[test]
+    fn ctr_request_vector() {
+        // §7.1: CTR seq 1, version 2, 27 bytes of ctr string; datagram length 223.
+        let ctr = b"2097152 clustered-core 1024";
+        let mut dgram = vec![0u8; datagram_len(ctr.len())];
+        assert_eq!(dgram.len(), 223);
+        NlMsgHdr { len: 223, kind: NLMSG_DONE, flags: 0, seq: 1, pid: 0 }.write(&mut dgram);
+        CnMsg { id: DM_ULOG_CB_ID, seq: 1, ack: 0, len: 187, flags: 0 }.write(&mut dgram[16..]);
+        header(1, RequestType::Ctr, 2, 27).write(&mut dgram[ULOG_OFFSET..]);
+        dgram[ULOG_OFFSET + 160..].copy_from_slice(ctr);
+        let expect: [u8; 36] = [
+            0xdf, 0, 0, 0, 3, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0,
+            0, 0, 0, 0, 0xbb, 0, 0, 0,
+        ];
+        assert_eq!(&dgram[..36], &expect);
+        let u = &dgram[ULOG_OFFSET..];
+        common_prefix(u);
+        assert_eq!(&u[140..160], &[2, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0x1b, 0, 0, 0]);
+        // And it reads back.
+        let back = DmUlogRequest::read(u).unwrap();
+        assert_eq!(back, header(1, RequestType::Ctr, 2, 27));
+        assert_eq!(back.uuid_bytes(), Some(UUID));
+        assert_eq!(NlMsgHdr::read(&dgram).unwrap().len, 223);
+        assert_eq!(CnMsg::read(&dgram[16..]).unwrap().len, 187);
+    }
+
+    #[test]
+    fn mark_region_vector() {
+        // §7.4: MARK_REGION {0, 5, 2047}, seq 7, bytes 140..183.
+        let mut b = vec![0u8; 160 + 24];
+        header(7, RequestType::MarkRegion, 2, 24).write(&mut b);
+        for (i, r) in [0u64, 5, 2047].iter().enumerate() {
+            b[160 + 8 * i..168 + 8 * i].copy_from_slice(&r.to_ne_bytes());
+        }
+        let expect: [u8; 44] = [
+            0x02, 0, 0, 0, 0, 0, 0, 0, 0x07, 0, 0, 0, 0x0a, 0, 0, 0, 0x18, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0, 0x05, 0, 0, 0, 0, 0, 0, 0, 0xff, 0x07, 0, 0, 0, 0, 0, 0,
+        ];
+        assert_eq!(&b[140..184], &expect);
+        common_prefix(&b);
+    }
+
+    #[test]
+    fn ack_only_vector() {
+        // §7.8: ack-only reply for seq 9 (nlmsg_seq 0, pid 1234).
+        let mut b = [0u8; 36];
+        NlMsgHdr { len: 36, kind: NLMSG_DONE, flags: 0, seq: 0, pid: 1234 }.write(&mut b);
+        CnMsg { id: DM_ULOG_CB_ID, seq: 9, ack: 0, len: 0, flags: 0 }.write(&mut b[16..]);
+        let expect: [u8; 36] = [
+            0x24, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0xd2, 0x04, 0, 0, 7, 0, 0, 0, 1, 0, 0, 0, 9, 0,
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        assert_eq!(b, expect);
+        // EAGAIN nack: byte 0x1c carries 11.
+        CnMsg { id: DM_ULOG_CB_ID, seq: 9, ack: 11, len: 0, flags: 0 }.write(&mut b[16..]);
+        assert_eq!(b[0x1c], 0x0b);
+    }
+
+    #[test]
+    fn request_types_round_trip_and_mask() {
+        for (i, t) in RequestType::ALL.iter().enumerate() {
+            assert_eq!(t.raw() as usize, i + 1);
+            assert_eq!(t.index(), i);
+            assert_eq!(RequestType::from_raw(t.raw()), Some(*t));
+            // The upper 24 bits are reserved and must be masked off.
+            assert_eq!(RequestType::from_raw(t.raw() | 0xABCD_EF00), Some(*t));
+        }
+        assert_eq!(RequestType::from_raw(0), None);
+        assert_eq!(RequestType::from_raw(18), None);
+        assert_eq!(RequestType::from_raw(0x100), None);
+        let names: Vec<&str> = RequestType::ALL.iter().map(|t| t.name()).collect();
+        assert_eq!(names[8], "FLUSH");
+        assert_eq!(KERNEL_MAX_REQUEST_PAYLOAD, 332);
+    }
+
+    #[test]
+    fn short_buffers_are_refused() {
+        assert!(NlMsgHdr::read(&[0u8; 15]).is_none());
+        assert!(CnMsg::read(&[0u8; 19]).is_none());
+        assert!(DmUlogRequest::read(&[0u8; 159]).is_none());
+        let mut r = DmUlogRequest::zeroed();
+        assert!(!r.set_uuid(&[b'a'; 129]));
+        assert!(r.set_uuid(&[b'a'; 128]));
+        assert_eq!(r.uuid_bytes().map(|u| u.len()), Some(128));
+        r.uuid = [b'x'; DM_UUID_LEN];
+        assert_eq!(r.uuid_bytes(), None, "a uuid without NUL is not a uuid");
+    }
+}

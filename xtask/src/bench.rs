@@ -1,0 +1,8 @@
+//! `cargo xtask bench` (placeholder).
+
+#[derive(clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<()> {
+    anyhow::bail!("cargo xtask bench: not written yet")
+}

@@ -1,0 +1,37 @@
+//! Project automation: `cargo xtask <command>`.
+//!
+//! Each command lives in its own module; `main` only parses and dispatches.
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod setup;
+mod test;
+mod vm;
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "ulog project automation")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the pinned toolchains, bpf-linker and the Debian packages the tests need (idempotent).
+    Setup(setup::Args),
+    /// Set up, then run every test suite (the README's test command).
+    Test(test::Args),
+    /// The qemu harness: a Debian kernel with dm-mirror and dm-log-userspace.
+    Vm(vm::Args),
+    /// Benchmarks; results go to BENCHMARKS.md.
+    Bench(bench::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Setup(a) => setup::run(a),
+        Cmd::Test(a) => test::run(a),
+        Cmd::Vm(a) => vm::run(a),
+        Cmd::Bench(a) => bench::run(a),
+    }
+}

@@ -1,0 +1,8 @@
+//! `cargo xtask test` (placeholder).
+
+#[derive(clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<()> {
+    anyhow::bail!("cargo xtask test: not written yet")
+}
