@@ -1,2 +1,21 @@
-//! ulog: a userspace server for the device-mapper "userspace" dirty log.
+//! ulog: a userspace server for the device-mapper "userspace" dirty log (the role LVM2's
+//! cmirrord plays), for the `clustered-core` and `clustered-disk` log types on one node.
+//!
+//! The library holds everything; `main.rs` is thin glue. Reading order: [`protocol`] (wire
+//! codec) -> [`server`] (logs and request semantics, via [`dirty_log`]) -> [`persist`] and
+//! [`store`] (durability) -> [`transport`] (the netlink socket and receive loop).
+#![deny(missing_docs)]
+
+pub mod bitmap;
+pub mod counters;
+pub mod ctr;
+pub mod dirty_log;
+pub mod disk_format;
+pub mod kernel_peer;
+pub mod persist;
+pub mod protocol;
+pub mod ratelimit;
+pub mod server;
+pub mod store;
 pub mod telemetry;
+pub mod transport;

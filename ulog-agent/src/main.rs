@@ -1,1 +1,115 @@
-fn main() {}
+//! `ulog-agent`: the daemon. Thin glue over the `ulog_agent` library: parse flags, set up
+//! logging, open the connector socket, serve on a dedicated thread, and on SIGTERM/SIGINT
+//! stop receiving and flush every persistent log before exiting.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use tracing::{error, info};
+use ulog_agent::counters::Counters;
+use ulog_agent::server::{LogServer, ServerConfig};
+use ulog_agent::transport::{self, ConnectorSocket, SocketSink};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Userspace server for the device-mapper "userspace" dirty log (clustered-core and
+/// clustered-disk), a drop-in replacement for cmirrord on one node.
+#[derive(Debug, Parser)]
+#[command(name = "ulog-agent", version)]
+struct Cli {
+    /// Run in the foreground. Accepted for cmirrord compatibility: ulog never daemonizes
+    /// (run it under systemd or another supervisor).
+    #[arg(short = 'f', long)]
+    foreground: bool,
+
+    /// Keep clustered-core logs in files in this directory, written before FLUSH is answered,
+    /// so an agent restart does not force a full resync. Without it, core logs live in memory.
+    #[arg(long, env = "ULOG_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+
+    /// Log output format (filter with RUST_LOG, default "info").
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+
+    /// FOR TESTS: also serve requests from this userspace netlink port. Normally only the
+    /// kernel (port 0) is served; any root process could otherwise drive the logs.
+    #[arg(long, value_name = "PORT")]
+    accept_peer_port: Option<u32>,
+
+    /// Receive queue size in bytes (many requests may be in flight at once).
+    #[arg(long, default_value_t = 8 << 20, value_name = "BYTES")]
+    rcvbuf: usize,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    if let Some(dir) = &cli.state_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create state directory {}", dir.display()))?;
+    }
+    let socket = Arc::new(
+        ConnectorSocket::open(cli.rcvbuf)
+            .context("cannot open the netlink connector socket (ulog-agent must run as root)")?,
+    );
+    let counters = Arc::new(Counters::default());
+    let cfg = ServerConfig { state_dir: cli.state_dir.clone(), accept_peer: cli.accept_peer_port };
+    let sink = Arc::new(SocketSink::new(Arc::clone(&socket)));
+    let mut server = LogServer::new(cfg, sink, socket.port(), Arc::clone(&counters));
+    if let Some(port) = cli.accept_peer_port {
+        info!(port, "also serving a userspace test peer");
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<std::io::Result<()>>();
+    let receiver = {
+        let stop = Arc::clone(&stop);
+        let socket = Arc::clone(&socket);
+        std::thread::Builder::new()
+            .name("ulog-recv".into())
+            .spawn(move || {
+                let r = transport::serve(&socket, &mut server, &stop);
+                let _ = done_tx.send(r);
+                server
+            })
+            .context("cannot start the receive thread")?
+    };
+    info!(port = socket.port(), state_dir = ?cli.state_dir, "serving dm-log-userspace requests");
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let served: std::io::Result<()> = rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: flushing logs and exiting"); Ok(()) }
+            _ = int.recv() => { info!("SIGINT: flushing logs and exiting"); Ok(()) }
+            r = done_rx => r.unwrap_or(Ok(())),
+        }
+    });
+    stop.store(true, Ordering::Relaxed);
+    let server = receiver.join().map_err(|_| anyhow::anyhow!("receive thread panicked"))?;
+    server.shutdown();
+    if let Err(e) = &served {
+        error!(error = %e, "receive loop failed");
+    }
+    served.context("serving failed")?;
+    info!("exited cleanly");
+    Ok(())
+}

@@ -518,3 +518,55 @@ mod tests {
         assert_eq!(r.uuid_bytes(), None, "a uuid without NUL is not a uuid");
     }
 }
+
+/// Names and slot layout shared by the eBPF programs (`ulog-ebpf`) and the agent that loads them
+/// (`ulog-agent/src/telemetry/probes.rs`). The eBPF side cannot use these strings to name its items
+/// (the `#[map]`/`#[kprobe]` macros take the item's identifier), so the agent's tests check that
+/// the built object contains every name below.
+pub mod probes {
+    use super::{DM_ULOG_REQUEST_MASK, REQUEST_TYPE_COUNT};
+
+    /// The kernel module that calls [`DM_CONSULT_USERSPACE`]: the kprobe can only attach while it
+    /// is loaded (its symbols are in kallsyms only then).
+    pub const DM_LOG_USERSPACE_MODULE: &str = "dm_log_userspace";
+    /// Kernel function the request counter hooks, and the name of the eBPF program attached to it:
+    /// `int dm_consult_userspace(const char *uuid, uint64_t luid, int request_type, char *data,
+    /// size_t data_size, char *rdata, size_t *rdata_size)`, called once per request the kernel
+    /// sends (retries included).
+    pub const DM_CONSULT_USERSPACE: &str = "dm_consult_userspace";
+    /// `PerCpuArray<u64>` of requests by type, indexed by [`request_counter_slot`].
+    pub const REQUESTS_BY_TYPE: &str = "REQUESTS_BY_TYPE";
+    /// Slots of [`REQUESTS_BY_TYPE`]: one per request type (1..=17) plus slot 0 for anything else.
+    pub const REQUEST_COUNTER_SLOTS: usize = REQUEST_TYPE_COUNT + 1;
+
+    /// The [`REQUESTS_BY_TYPE`] slot counting a request of wire type `request_type`: the type
+    /// itself (after [`DM_ULOG_REQUEST_MASK`]) for a known type, 0 for anything else.
+    #[inline(always)]
+    pub const fn request_counter_slot(request_type: u32) -> u32 {
+        let t = request_type & DM_ULOG_REQUEST_MASK;
+        if t >= 1 && t <= REQUEST_TYPE_COUNT as u32 {
+            t
+        } else {
+            0
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::RequestType;
+
+        #[test]
+        fn slots() {
+            assert_eq!(REQUEST_COUNTER_SLOTS, 18);
+            for t in RequestType::ALL {
+                assert_eq!(request_counter_slot(t.raw()), t.raw());
+                assert_eq!(request_counter_slot(t.raw() | 0xABCD_EF00), t.raw());
+            }
+            assert_eq!(request_counter_slot(0), 0);
+            assert_eq!(request_counter_slot(18), 0);
+            assert_eq!(request_counter_slot(0xFF), 0);
+            assert_eq!(request_counter_slot(u32::MAX), 0);
+        }
+    }
+}

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod setup;
 mod test;
+mod toolchain;
 mod vm;
 
 #[derive(Parser)]

@@ -1,0 +1,572 @@
+//! `DirtyLog`: the state of one log and the semantics of every request that touches it.
+//!
+//! Pure state, no I/O: the server calls it under the log's mutex, the persister takes
+//! snapshots of it. Two bitmaps, as in the kernel's dm-log.c:
+//!
+//! * `clean`: no writes outstanding (MARK clears the bit, CLEAR sets it). This is the bitmap
+//!   that goes to disk for persistent logs, so it also carries "needs resync": a region that is
+//!   not in sync is never clean (CLEAR only sets the bit of an in-sync region, as cmirrord does,
+//!   and SET_REGION_SYNC(0) clears it), and a reload treats every unclean region as out of sync.
+//! * `sync`: the legs hold the same data.
+//!
+//! Semantics are those of protocol.md §2 for a single node, with cmirrord's defects fixed
+//! (range checks, 0/1 answers, counts bounded by region_count). Where cmirrord's behaviour
+//! exists only for clusters it is replaced by the single-node truth: IS_REMOTE_RECOVERING
+//! answers "not recovering" (there is no remote node; the kernel's own logs answer the same by
+//! not implementing it) with an exact in-sync hint, so the kernel neither delays writes to
+//! unsynced regions nor stops asking for resync work too early.
+//!
+//! Durability bookkeeping (`Tracker`, persistent logs only): each change to a bit that must
+//! reach the disk marks the 4 KiB image block holding it; a change that makes a region dirty
+//! (or out of sync) also bumps `dirty_gen`. The persister copies the marked blocks, writes
+//! them, and records the `dirty_gen` it wrote as `durable_gen`. A request that needs its marks
+//! on stable storage is answered once `durable_gen >= dirty_gen` as seen after its change.
+//! Clean-going changes (CLEAR) mark blocks without bumping `dirty_gen`: losing one costs a
+//! region's resync, never data, so they ride along with the next write.
+
+use thiserror::Error;
+
+use crate::bitmap::RegionBitmap;
+use crate::ctr::{CtrArgs, SyncMode};
+use crate::disk_format::{self, LoadOutcome, BITMAP_OFFSET};
+
+/// The unit the persister writes: one page, a multiple of every logical block size in use.
+pub const IMAGE_BLOCK: usize = 4096;
+
+/// Why a request on a log failed.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum LogError {
+    /// A region number at or beyond region_count.
+    #[error("region {region} out of range (log has {count} regions)")]
+    RegionOutOfRange {
+        /// The region asked for.
+        region: u64,
+        /// region_count.
+        count: u64,
+    },
+    /// Payload of the wrong size for the request.
+    #[error("payload of {0} bytes has the wrong size for this request")]
+    BadPayload(usize),
+    /// A state-changing request before the first RESUME or after POSTSUSPEND.
+    #[error("log is not resumed")]
+    NotResumed,
+    /// Out of memory for the bitmaps.
+    #[error("cannot allocate bitmaps for {0} regions")]
+    NoMemory(u64),
+}
+
+impl LogError {
+    /// The errno the kernel gets back.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Self::NoMemory(_) => libc::ENOMEM,
+            _ => libc::EINVAL,
+        }
+    }
+}
+
+/// Where the log is in its life cycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Constructed, never resumed (the inactive table of a reload, or a mirror being created).
+    Constructed,
+    /// Live.
+    Resumed,
+    /// Suspended after having been live.
+    Suspended,
+}
+
+impl Phase {
+    /// Stable lowercase name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Constructed => "constructed",
+            Self::Resumed => "resumed",
+            Self::Suspended => "suspended",
+        }
+    }
+}
+
+/// Durability bookkeeping of a persistent log.
+#[derive(Debug)]
+struct Tracker {
+    /// Image blocks changed since the last snapshot, one bit each.
+    changed: Vec<u64>,
+    any_changed: bool,
+    dirty_gen: u64,
+    durable_gen: u64,
+    /// The log may write to its device: between a load and the POSTSUSPEND snapshot. Outside
+    /// that window another log with the same uuid (a reloaded table) may own the device.
+    owns_device: bool,
+}
+
+impl Tracker {
+    fn mark_block_of(&mut self, region: u64) {
+        let block = (BITMAP_OFFSET + (region / 8) as usize) / IMAGE_BLOCK;
+        self.changed[block / 64] |= 1 << (block % 64);
+        self.any_changed = true;
+    }
+}
+
+/// A set of image blocks to write, produced by [`DirtyLog::snapshot`].
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// `dirty_gen` the copied bits reflect.
+    pub gen: u64,
+    /// Runs of consecutive blocks, as (first block, block count).
+    pub runs: Vec<(usize, usize)>,
+}
+
+/// The state of one log.
+#[derive(Debug)]
+pub struct DirtyLog {
+    region_size: u64,
+    region_count: u64,
+    sync_mode: SyncMode,
+    clean: RegionBitmap,
+    sync: RegionBitmap,
+    sync_count: u64,
+    /// Region handed out by GET_RESYNC_WORK and not yet reported by SET_REGION_SYNC.
+    recovering: Option<u64>,
+    resync_cursor: u64,
+    recovery_halted: bool,
+    /// Every region below this is in sync (a lower bound, advanced lazily).
+    in_sync_floor: u64,
+    phase: Phase,
+    tracker: Option<Tracker>,
+    image_blocks: usize,
+}
+
+/// What GET_RESYNC_WORK answers: `Some(region)` to recover, `None` for no work.
+pub type ResyncWork = Option<u64>;
+
+impl DirtyLog {
+    /// A new log as CTR creates it: every region clean, in sync only with `nosync`.
+    /// `persistent` logs track what must reach the disk.
+    pub fn new(args: &CtrArgs, persistent: bool) -> Result<Self, LogError> {
+        let count = args.region_count();
+        let nosync = args.sync == SyncMode::NoSync;
+        let clean = RegionBitmap::try_new(count, true).map_err(|_| LogError::NoMemory(count))?;
+        let sync = RegionBitmap::try_new(count, nosync).map_err(|_| LogError::NoMemory(count))?;
+        let image_blocks = disk_format::image_len(count, IMAGE_BLOCK) / IMAGE_BLOCK;
+        let tracker = persistent.then(|| Tracker {
+            changed: vec![0; image_blocks.div_ceil(64)],
+            any_changed: false,
+            dirty_gen: 0,
+            durable_gen: 0,
+            owns_device: false,
+        });
+        Ok(Self {
+            region_size: args.region_size,
+            region_count: count,
+            sync_mode: args.sync,
+            clean,
+            sync,
+            sync_count: if nosync { count } else { 0 },
+            recovering: None,
+            resync_cursor: 0,
+            recovery_halted: false,
+            in_sync_floor: 0,
+            phase: Phase::Constructed,
+            tracker,
+            image_blocks,
+        })
+    }
+
+    /// Region size in sectors.
+    pub fn region_size(&self) -> u64 {
+        self.region_size
+    }
+
+    /// Number of regions.
+    pub fn region_count(&self) -> u64 {
+        self.region_count
+    }
+
+    /// Life-cycle phase.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// In-sync regions (never more than region_count).
+    pub fn sync_count(&self) -> u64 {
+        self.sync_count
+    }
+
+    /// Regions with writes outstanding or awaiting resync (not clean).
+    pub fn dirty_count(&self) -> u64 {
+        self.region_count - self.clean.count_ones()
+    }
+
+    /// Whether the log keeps its state on disk.
+    pub fn is_persistent(&self) -> bool {
+        self.tracker.is_some()
+    }
+
+    /// Bytes the bitmaps occupy.
+    pub fn heap_bytes(&self) -> usize {
+        self.clean.heap_bytes() + self.sync.heap_bytes()
+    }
+
+    fn check(&self, r: u64) -> Result<u64, LogError> {
+        if r < self.region_count {
+            Ok(r)
+        } else {
+            Err(LogError::RegionOutOfRange { region: r, count: self.region_count })
+        }
+    }
+
+    fn check_all(&self, regions: impl Iterator<Item = u64>) -> Result<(), LogError> {
+        for r in regions {
+            self.check(r)?;
+        }
+        Ok(())
+    }
+
+    fn require_resumed(&self) -> Result<(), LogError> {
+        if self.phase == Phase::Resumed {
+            Ok(())
+        } else {
+            Err(LogError::NotResumed)
+        }
+    }
+
+    fn became_dirty(&mut self, r: u64) {
+        if let Some(t) = &mut self.tracker {
+            t.mark_block_of(r);
+            t.dirty_gen += 1;
+        }
+    }
+
+    fn became_clean(&mut self, r: u64) {
+        if let Some(t) = &mut self.tracker {
+            t.mark_block_of(r);
+        }
+    }
+
+    fn set_sync_bit(&mut self, r: u64, value: bool) {
+        if self.sync.set(r, value) {
+            if value {
+                self.sync_count += 1;
+            } else {
+                self.sync_count -= 1;
+                self.in_sync_floor = self.in_sync_floor.min(r);
+            }
+        }
+    }
+
+    /// IS_CLEAN.
+    pub fn is_clean(&self, r: u64) -> Result<bool, LogError> {
+        Ok(self.clean.get(self.check(r)?))
+    }
+
+    /// IN_SYNC.
+    pub fn in_sync(&self, r: u64) -> Result<bool, LogError> {
+        Ok(self.sync.get(self.check(r)?))
+    }
+
+    /// MARK_REGION (and the marks of an integrated FLUSH): all regions or none.
+    pub fn mark(&mut self, regions: impl Iterator<Item = u64> + Clone) -> Result<(), LogError> {
+        self.require_resumed()?;
+        self.check_all(regions.clone())?;
+        for r in regions {
+            if self.clean.set(r, false) {
+                self.became_dirty(r);
+            }
+        }
+        Ok(())
+    }
+
+    /// CLEAR_REGION: a region becomes clean only if it is in sync.
+    pub fn clear(&mut self, regions: impl Iterator<Item = u64> + Clone) -> Result<(), LogError> {
+        self.require_resumed()?;
+        self.check_all(regions.clone())?;
+        for r in regions {
+            if self.sync.get(r) && self.clean.set(r, true) {
+                self.became_clean(r);
+            }
+        }
+        Ok(())
+    }
+
+    /// FLUSH's own check (its marks go through [`mark`](Self::mark)).
+    pub fn flush(&self) -> Result<(), LogError> {
+        self.require_resumed()
+    }
+
+    /// GET_RESYNC_WORK: one region at a time, the lowest unsynced one from the cursor.
+    pub fn get_resync_work(&mut self) -> ResyncWork {
+        if self.phase != Phase::Resumed || self.recovery_halted {
+            return None;
+        }
+        if let Some(r) = self.recovering {
+            return Some(r);
+        }
+        match self.sync.next_zero(self.resync_cursor) {
+            Some(r) => {
+                self.resync_cursor = r + 1;
+                self.recovering = Some(r);
+                Some(r)
+            }
+            None => {
+                self.resync_cursor = self.region_count + 1;
+                None
+            }
+        }
+    }
+
+    /// SET_REGION_SYNC.
+    pub fn set_region_sync(&mut self, r: u64, in_sync: bool) -> Result<(), LogError> {
+        self.require_resumed()?;
+        self.check(r)?;
+        self.recovering = None;
+        self.set_sync_bit(r, in_sync);
+        if !in_sync && self.clean.set(r, false) {
+            self.became_dirty(r);
+        }
+        Ok(())
+    }
+
+    /// IS_REMOTE_RECOVERING: `(is_recovering, in_sync_hint)`.
+    pub fn remote_recovering(&mut self, r: u64) -> Result<(bool, u64), LogError> {
+        self.check(r)?;
+        if self.recovery_halted {
+            return Ok((false, self.region_count));
+        }
+        self.in_sync_floor = self.sync.next_zero(self.in_sync_floor).unwrap_or(self.region_count);
+        Ok((false, self.in_sync_floor))
+    }
+
+    /// PRESUSPEND: stop handing out resync work.
+    pub fn presuspend(&mut self) {
+        self.recovery_halted = true;
+    }
+
+    /// POSTSUSPEND.
+    pub fn postsuspend(&mut self) {
+        if self.phase == Phase::Resumed {
+            self.phase = Phase::Suspended;
+        }
+        self.recovering = None;
+    }
+
+    /// RESUME of a log that keeps its state in memory.
+    pub fn resume_in_memory(&mut self) {
+        self.phase = Phase::Resumed;
+        self.recovery_halted = false;
+        self.recovering = None;
+        self.resync_cursor = 0;
+    }
+
+    /// RESUME of a persistent log: replace the state with the image read from its device
+    /// (`None` if it could not be read), then mark the whole image for writing back.
+    /// Regions not clean on disk are out of sync, as the kernel's disk log decides.
+    pub fn resume_from_image(&mut self, image: Option<&[u8]>) -> LoadOutcome {
+        let outcome = match image {
+            Some(img) => disk_format::load_clean_bits(img, self.sync_mode, &mut self.clean),
+            None => {
+                self.clean.fill(self.sync_mode == SyncMode::NoSync);
+                LoadOutcome::Fresh
+            }
+        };
+        self.sync.copy_from(&self.clean);
+        self.sync_count = self.sync.count_ones();
+        self.in_sync_floor = 0;
+        self.resume_in_memory();
+        if let Some(t) = &mut self.tracker {
+            t.changed.fill(0);
+            for b in 0..self.image_blocks {
+                t.changed[b / 64] |= 1 << (b % 64);
+            }
+            t.any_changed = true;
+            t.dirty_gen += 1;
+            t.owns_device = true;
+        }
+        outcome
+    }
+
+    /// The `dirty_gen` a request must see durable before it is answered, or `None` if
+    /// everything that must be durable already is.
+    pub fn durability_needed(&self) -> Option<u64> {
+        let t = self.tracker.as_ref()?;
+        (t.durable_gen < t.dirty_gen).then_some(t.dirty_gen)
+    }
+
+    /// Whether anything (including clean-going changes) waits to be written.
+    pub fn has_unwritten_changes(&self) -> bool {
+        self.tracker.as_ref().is_some_and(|t| t.any_changed && t.owns_device)
+    }
+
+    /// Whether `gen` is on disk.
+    pub fn is_durable(&self, gen: u64) -> bool {
+        self.tracker.as_ref().is_none_or(|t| t.durable_gen >= gen)
+    }
+
+    /// Copies every changed block into `image` (the full on-disk image, header included)
+    /// and forgets the changes. `release` gives up the device afterwards (POSTSUSPEND): no
+    /// snapshot is taken again until the next resume. Returns `None` if the log may not
+    /// write or nothing changed.
+    pub fn snapshot(&mut self, image: &mut [u8], release: bool) -> Option<Snapshot> {
+        let t = self.tracker.as_mut()?;
+        if !t.owns_device {
+            return None;
+        }
+        if release {
+            t.owns_device = false;
+        }
+        if !t.any_changed {
+            return None;
+        }
+        let mut snap = Snapshot { gen: t.dirty_gen, runs: Vec::new() };
+        let mut run: Option<(usize, usize)> = None;
+        for b in 0..self.image_blocks {
+            if t.changed[b / 64] & (1 << (b % 64)) == 0 {
+                continue;
+            }
+            let start = b * IMAGE_BLOCK;
+            let chunk = &mut image[start..start + IMAGE_BLOCK];
+            // Bitmap bytes inside this block (the first block also holds the header).
+            let bm_from = start.max(BITMAP_OFFSET);
+            let bm_to = start + IMAGE_BLOCK;
+            if b == 0 {
+                chunk.fill(0);
+                disk_format::Header::current(self.region_count).write(chunk);
+            }
+            let limit = BITMAP_OFFSET + disk_format::bitset_bytes(self.region_count);
+            let out = &mut image[bm_from..bm_to];
+            if bm_from < limit {
+                let n = (limit - bm_from).min(out.len());
+                self.clean.read_le_bytes(bm_from - BITMAP_OFFSET, &mut out[..n]);
+                out[n..].fill(0);
+            } else {
+                out.fill(0);
+            }
+            run = match run {
+                Some((first, len)) if first + len == b => Some((first, len + 1)),
+                Some(done) => {
+                    snap.runs.push(done);
+                    Some((b, 1))
+                }
+                None => Some((b, 1)),
+            };
+        }
+        snap.runs.extend(run);
+        t.changed.fill(0);
+        t.any_changed = false;
+        Some(snap)
+    }
+
+    /// The persister wrote `snap`.
+    pub fn snapshot_written(&mut self, gen: u64) {
+        if let Some(t) = &mut self.tracker {
+            t.durable_gen = t.durable_gen.max(gen);
+        }
+    }
+
+    /// The persister failed to write `snap`: its blocks must be written again.
+    pub fn snapshot_failed(&mut self, snap: &Snapshot) {
+        if let Some(t) = &mut self.tracker {
+            for &(first, len) in &snap.runs {
+                for b in first..first + len {
+                    t.changed[b / 64] |= 1 << (b % 64);
+                }
+            }
+            t.any_changed = true;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ctr::parse;
+
+    fn log(ctr: &str, persistent: bool) -> DirtyLog {
+        DirtyLog::new(&parse(ctr.as_bytes()).unwrap().args, persistent).unwrap()
+    }
+
+    #[test]
+    fn resync_walks_unsynced_regions_one_at_a_time() {
+        let mut l = log("8 clustered-core 2", false);
+        assert_eq!(l.get_resync_work(), None, "no work before resume");
+        l.resume_in_memory();
+        assert_eq!(l.get_resync_work(), Some(0));
+        assert_eq!(l.get_resync_work(), Some(0), "same region until reported");
+        l.set_region_sync(0, true).unwrap();
+        assert_eq!(l.get_resync_work(), Some(1));
+        l.set_region_sync(1, true).unwrap();
+        assert_eq!(l.get_resync_work(), Some(2));
+        l.set_region_sync(2, false).unwrap(); // failed recovery
+        assert_eq!(l.get_resync_work(), Some(3), "cursor moves on past a failed region");
+        l.set_region_sync(3, true).unwrap();
+        assert_eq!(l.get_resync_work(), None);
+        assert_eq!(l.sync_count(), 3);
+        assert_eq!(l.remote_recovering(0).unwrap(), (false, 2));
+        l.presuspend();
+        assert_eq!(l.remote_recovering(0).unwrap(), (false, 4));
+        l.postsuspend();
+        l.resume_in_memory();
+        assert_eq!(l.get_resync_work(), Some(2), "cursor restarts at resume");
+    }
+
+    #[test]
+    fn nosync_vector_12a() {
+        let mut l = log("2097152 clustered-core 1024 nosync", false);
+        assert_eq!(l.sync_count(), 2048);
+        l.resume_in_memory();
+        assert_eq!(l.get_resync_work(), None);
+        assert_eq!(l.remote_recovering(5).unwrap(), (false, 2048));
+        assert_eq!(l.in_sync(2048), Err(LogError::RegionOutOfRange { region: 2048, count: 2048 }));
+    }
+
+    #[test]
+    fn clear_needs_sync_and_marks_are_all_or_nothing() {
+        let mut l = log("8 clustered-core 2", false);
+        assert_eq!(l.mark([1].into_iter()), Err(LogError::NotResumed));
+        l.resume_in_memory();
+        l.mark([1, 2].into_iter()).unwrap();
+        assert!(!l.is_clean(1).unwrap());
+        assert_eq!(l.mark([0, 4].into_iter()), Err(LogError::RegionOutOfRange { region: 4, count: 4 }));
+        assert!(l.is_clean(0).unwrap(), "nothing applied on error");
+        l.clear([1].into_iter()).unwrap();
+        assert!(!l.is_clean(1).unwrap(), "out-of-sync region stays dirty");
+        l.set_region_sync(1, true).unwrap();
+        l.clear([1].into_iter()).unwrap();
+        assert!(l.is_clean(1).unwrap());
+        assert_eq!(l.dirty_count(), 1);
+    }
+
+    #[test]
+    fn durability_generations() {
+        let mut l = log("1048576 clustered-disk /dev/x 2", true);
+        let mut image = vec![0u8; disk_format::image_len(l.region_count(), IMAGE_BLOCK)];
+        assert!(l.snapshot(&mut image, false).is_none(), "never loaded: may not write");
+        assert_eq!(l.resume_from_image(None), LoadOutcome::Fresh);
+        let all = l.snapshot(&mut image, false).unwrap();
+        assert_eq!(all.runs, vec![(0, image.len() / IMAGE_BLOCK)]);
+        assert_eq!(&image[..4], &[0x72, 0x52, 0x69, 0x4d]);
+        l.snapshot_written(all.gen);
+        assert_eq!(l.durability_needed(), None);
+        // Mark region 40000: block (1024 + 5000) / 4096 = 1.
+        l.set_region_sync(40000, true).unwrap();
+        l.clear([40000].into_iter()).unwrap();
+        assert_eq!(l.durability_needed(), None, "clean-going changes need no durable write");
+        assert!(l.has_unwritten_changes());
+        l.mark([40000].into_iter()).unwrap();
+        let need = l.durability_needed().unwrap();
+        let s = l.snapshot(&mut image, false).unwrap();
+        assert_eq!(s.runs, vec![(1, 1)]);
+        assert_eq!(image[1024 + 5000] & 1, 0);
+        assert!(!l.is_durable(need));
+        l.snapshot_failed(&s);
+        let s2 = l.snapshot(&mut image, false).unwrap();
+        assert_eq!(s2.runs, vec![(1, 1)], "failed blocks are written again");
+        l.snapshot_written(s2.gen);
+        assert!(l.is_durable(need));
+        // POSTSUSPEND releases the device: nothing more is written.
+        l.postsuspend();
+        l.snapshot(&mut image, true);
+        l.set_region_sync(7, false).unwrap_err();
+        assert!(l.snapshot(&mut image, false).is_none());
+    }
+}

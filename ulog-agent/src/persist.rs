@@ -1,0 +1,315 @@
+//! `Persister`: one I/O thread per persistent log, so a slow device delays only its own log.
+//!
+//! The receive thread never waits for a disk. It applies a request to the log's `DirtyLog`
+//! under the log's mutex, and if the request needs bits on stable storage before it may be
+//! answered (MARK_REGION, a FLUSH after marks, RESUME's load, POSTSUSPEND, DTR) it hands the
+//! reply to this thread and goes on with the next datagram. This thread:
+//!
+//! 1. takes every job queued so far (group commit: one write answers all of them),
+//! 2. copies the changed image blocks under the mutex (a memcpy of a few KiB),
+//! 3. writes them with `RWF_DSYNC` outside the mutex,
+//! 4. records the generation it wrote and sends each waiting reply whose generation is now
+//!    durable (or `-EIO` if the write failed; the blocks stay marked and are retried).
+//!
+//! Limits: one thread per persistent log (fine for the tens of logs a host has); a device that
+//! hangs in the kernel hangs its log's replies, which is what the kernel's 15 s resend is for.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+
+use tracing::{error, info, warn};
+use ulog_common::{DmUlogRequest, RequestType};
+
+use crate::counters::Counters;
+use crate::dirty_log::{DirtyLog, Snapshot, IMAGE_BLOCK};
+use crate::disk_format::{self, LoadOutcome};
+use crate::protocol::ReplyBuf;
+use crate::store::{AlignedBuf, LogDevice};
+
+/// Where replies go (the connector socket, or a test's collector).
+pub trait ReplySink: Send + Sync + 'static {
+    /// Sends one reply datagram to a netlink port; returns false if it could not be sent.
+    fn send_reply(&self, port: u32, datagram: &[u8]) -> bool;
+}
+
+/// A log's state as shared between the receive thread and its persister.
+#[derive(Debug)]
+pub struct SharedLog {
+    state: Mutex<DirtyLog>,
+    /// A lazy write of clean-going changes is already queued.
+    lazy_queued: AtomicBool,
+    /// The log device failed a read or write since the last successful resume ('D' in status).
+    device_failed: AtomicBool,
+}
+
+impl SharedLog {
+    /// Wraps a log.
+    pub fn new(log: DirtyLog) -> Self {
+        Self { state: Mutex::new(log), lazy_queued: AtomicBool::new(false), device_failed: AtomicBool::new(false) }
+    }
+
+    /// Locks the state. A panic elsewhere while holding the lock leaves a consistent bitmap
+    /// (every mutation is a single bit flip plus counters), so poisoning is ignored.
+    pub fn lock(&self) -> MutexGuard<'_, DirtyLog> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether the device has failed.
+    pub fn device_failed(&self) -> bool {
+        self.device_failed.load(Ordering::Relaxed)
+    }
+
+    /// Claims the right to queue a lazy write; false if one is queued already.
+    pub fn claim_lazy(&self) -> bool {
+        !self.lazy_queued.swap(true, Ordering::AcqRel)
+    }
+}
+
+/// A reply owed to the kernel once a job is done.
+#[derive(Clone, Copy, Debug)]
+pub struct PendingReply {
+    /// Netlink port to answer.
+    pub port: u32,
+    /// Our own port (goes into nlmsg_pid).
+    pub own_port: u32,
+    /// The request header.
+    pub header: DmUlogRequest,
+    /// The request's cn_msg seq.
+    pub cn_seq: u32,
+}
+
+impl PendingReply {
+    fn kind(&self) -> Option<RequestType> {
+        RequestType::from_raw(self.header.request_type)
+    }
+}
+
+enum Job {
+    /// RESUME: read the image, load it, write it back.
+    Resume(PendingReply),
+    /// Answer once `gen` is durable.
+    Durable(u64, PendingReply),
+    /// POSTSUSPEND: write everything, then give up the device.
+    Release(PendingReply),
+    /// Write clean-going changes when there is time.
+    Lazy,
+    /// DTR or shutdown: final write if the log still owns its device, answer, exit.
+    Stop(Option<PendingReply>, Option<mpsc::Sender<()>>),
+}
+
+/// The handle the server keeps for a persistent log.
+pub struct Persister {
+    tx: Sender<Job>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Persister {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Persister").finish_non_exhaustive()
+    }
+}
+
+struct Worker {
+    log: Arc<SharedLog>,
+    device: LogDevice,
+    image: AlignedBuf,
+    sink: Arc<dyn ReplySink>,
+    counters: Arc<Counters>,
+    name: String,
+}
+
+impl Persister {
+    /// Starts the I/O thread of a log. `name` identifies the log in diagnostics.
+    pub fn start(
+        log: Arc<SharedLog>,
+        device: LogDevice,
+        sink: Arc<dyn ReplySink>,
+        counters: Arc<Counters>,
+        name: String,
+    ) -> std::io::Result<Self> {
+        let region_count = log.lock().region_count();
+        let image = AlignedBuf::zeroed(disk_format::image_len(region_count, IMAGE_BLOCK))?;
+        let (tx, rx) = mpsc::channel();
+        let worker = Worker { log, device, image, sink, counters, name };
+        let thread = std::thread::Builder::new()
+            .name("ulog-persist".into())
+            .stack_size(256 * 1024)
+            .spawn(move || worker.run(rx))?;
+        Ok(Self { tx, thread: Some(thread) })
+    }
+
+    fn send(&self, job: Job) -> bool {
+        self.tx.send(job).is_ok()
+    }
+
+    /// RESUME: the reply is sent after the load and write-back.
+    pub fn resume(&self, reply: PendingReply) -> bool {
+        self.send(Job::Resume(reply))
+    }
+
+    /// Answer `reply` once `gen` is durable.
+    pub fn when_durable(&self, gen: u64, reply: PendingReply) -> bool {
+        self.send(Job::Durable(gen, reply))
+    }
+
+    /// POSTSUSPEND: write everything, give up the device, answer.
+    pub fn release(&self, reply: PendingReply) -> bool {
+        self.send(Job::Release(reply))
+    }
+
+    /// Queue a background write of clean-going changes.
+    pub fn lazy(&self) -> bool {
+        self.send(Job::Lazy)
+    }
+
+    /// DTR: final write, answer, and let the thread exit (not waited for).
+    pub fn stop(mut self, reply: PendingReply) {
+        let _ = self.tx.send(Job::Stop(Some(reply), None));
+        self.thread.take();
+    }
+
+    /// Shutdown: final write, and wait until it is done.
+    pub fn stop_and_wait(mut self) {
+        let (tx, rx) = mpsc::channel();
+        if self.tx.send(Job::Stop(None, Some(tx))).is_ok() {
+            let _ = rx.recv();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Worker {
+    fn run(mut self, rx: Receiver<Job>) {
+        let mut waiters: Vec<(u64, PendingReply)> = Vec::new();
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            batch.extend(rx.try_iter());
+            let mut want_write = false;
+            for job in batch {
+                match job {
+                    Job::Durable(gen, reply) => {
+                        waiters.push((gen, reply));
+                        want_write = true;
+                    }
+                    Job::Lazy => want_write = true,
+                    Job::Resume(reply) => {
+                        self.settle(&mut waiters, want_write);
+                        want_write = false;
+                        let err = self.resume();
+                        self.answer(&reply, err);
+                    }
+                    Job::Release(reply) => {
+                        self.settle(&mut waiters, want_write);
+                        want_write = false;
+                        let err = self.write(true);
+                        self.answer(&reply, err);
+                    }
+                    Job::Stop(reply, done) => {
+                        self.settle(&mut waiters, want_write);
+                        let err = self.write(true);
+                        if let Some(r) = reply {
+                            self.answer(&r, err);
+                        }
+                        if let Some(d) = done {
+                            let _ = d.send(());
+                        }
+                        return;
+                    }
+                }
+            }
+            self.settle(&mut waiters, want_write);
+        }
+    }
+
+    /// Writes if asked, then answers every waiter whose generation is durable.
+    fn settle(&mut self, waiters: &mut Vec<(u64, PendingReply)>, want_write: bool) {
+        if !want_write && waiters.is_empty() {
+            return;
+        }
+        let err = self.write(false);
+        let log = Arc::clone(&self.log);
+        let state = log.lock();
+        let (done, pending): (Vec<_>, Vec<_>) = waiters.drain(..).partition(|(gen, _)| state.is_durable(*gen));
+        drop(state);
+        for (_, r) in done {
+            self.answer(&r, 0);
+        }
+        // Not durable after a write attempt: the write failed (or the log lost its device).
+        for (_, r) in pending {
+            self.answer(&r, if err != 0 { err } else { -libc::EIO });
+        }
+    }
+
+    fn answer(&self, r: &PendingReply, error: i32) {
+        let reply = ReplyBuf::full(&r.header, r.cn_seq, error, &[], r.own_port);
+        if error != 0 {
+            self.counters.deferred_error(r.kind());
+        }
+        if !self.sink.send_reply(r.port, reply.as_bytes()) {
+            self.counters.dropped(crate::counters::Dropped::SendFailed);
+        }
+    }
+
+    /// Writes every changed block; 0 or a negative errno.
+    fn write(&mut self, release: bool) -> i32 {
+        self.log.lazy_queued.store(false, Ordering::Release);
+        let snap = {
+            let mut state = self.log.lock();
+            state.snapshot(&mut self.image, release)
+        };
+        let Some(snap) = snap else { return 0 };
+        match self.write_runs(&snap) {
+            Ok(()) => {
+                self.log.lock().snapshot_written(snap.gen);
+                0
+            }
+            Err(e) => {
+                self.log.lock().snapshot_failed(&snap);
+                if !self.log.device_failed.swap(true, Ordering::Relaxed) {
+                    error!(log = %self.name, device = %self.device.path().display(), error = %e, "log device write failed; the log is marked failed (D)");
+                }
+                -e.raw_os_error().unwrap_or(libc::EIO)
+            }
+        }
+    }
+
+    fn write_runs(&self, snap: &Snapshot) -> std::io::Result<()> {
+        for &(first, count) in &snap.runs {
+            let (off, len) = (first * IMAGE_BLOCK, count * IMAGE_BLOCK);
+            let r = self.device.write_durable(&self.image, off, len);
+            let bytes = len.min(self.device.image_len().saturating_sub(off));
+            self.counters.disk_write(bytes, r.is_ok());
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Loads the image and writes it back; 0 or a negative errno.
+    fn resume(&mut self) -> i32 {
+        let read = self.device.read_image(&mut self.image);
+        if let Err(e) = &read {
+            warn!(log = %self.name, device = %self.device.path().display(), error = %e, "cannot read the log; every region will be resynchronised");
+            self.log.device_failed.store(true, Ordering::Relaxed);
+        } else {
+            self.log.device_failed.store(false, Ordering::Relaxed);
+        }
+        let image_len = self.device.image_len();
+        let outcome = {
+            let mut state = self.log.lock();
+            state.resume_from_image(read.is_ok().then(|| &self.image[..image_len]))
+        };
+        match outcome {
+            LoadOutcome::Loaded { nr_regions } => info!(log = %self.name, nr_regions, "loaded log"),
+            LoadOutcome::Fresh => info!(log = %self.name, "no valid log on the device (or sync/nosync given): initialised"),
+            LoadOutcome::BadVersion(v) => {
+                warn!(log = %self.name, version = v, "unknown log version; every region will be resynchronised");
+                self.log.device_failed.store(true, Ordering::Relaxed);
+            }
+        }
+        self.write(false)
+    }
+}

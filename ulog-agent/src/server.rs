@@ -1,0 +1,460 @@
+//! `LogServer`: the logs, keyed by (uuid, luid), and the answer to every request.
+//!
+//! It runs on the receive thread: `handle_datagram` decodes, applies the request to the
+//! log's `DirtyLog`, and sends the reply itself, so a request answered from memory never
+//! changes thread (on the real kernel the round trip is the cost, and dm-raid1's single worker
+//! waits for every IN_SYNC). Requests whose answer depends on the disk go to the log's
+//! `Persister`, which answers them after the I/O.
+//!
+//! Two logs may share a uuid (a table reload keeps the live table while the new one is
+//! constructed); the kernel tells them apart by luid, its per-log context address.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, info, warn};
+use ulog_common::RequestType;
+
+use crate::counters::{Counters, Dropped};
+use crate::ctr::{self, CtrArgs, LogKind, SyncMode};
+use crate::dirty_log::{DirtyLog, LogError, Phase};
+use crate::persist::{PendingReply, Persister, ReplySink, SharedLog};
+use crate::protocol::{self, Answer, ReplyBuf, Request, MAX_REPLY_PAYLOAD};
+use crate::ratelimit::RateLimit;
+use crate::store::{self, LogDevice};
+
+/// Server configuration.
+#[derive(Clone, Debug, Default)]
+pub struct ServerConfig {
+    /// Keep `clustered-core` logs in files here, with the disk log's durability.
+    pub state_dir: Option<PathBuf>,
+    /// Also serve requests from this userspace netlink port (tests; the kernel is port 0).
+    pub accept_peer: Option<u32>,
+}
+
+/// A reply payload, on the stack.
+struct Payload {
+    buf: [u8; MAX_REPLY_PAYLOAD],
+    len: usize,
+}
+
+impl Payload {
+    fn none() -> Self {
+        Self { buf: [0; MAX_REPLY_PAYLOAD], len: 0 }
+    }
+    fn bytes(b: &[u8]) -> Self {
+        let mut p = Self::none();
+        let n = b.len().min(MAX_REPLY_PAYLOAD);
+        p.buf[..n].copy_from_slice(&b[..n]);
+        p.len = n;
+        p
+    }
+    fn text(s: &str) -> Self {
+        // The kernel copies data_size bytes after its own text; count the NUL in.
+        let mut p = Self::bytes(s.as_bytes());
+        if p.len < MAX_REPLY_PAYLOAD {
+            p.len += 1;
+        }
+        p
+    }
+}
+
+enum Outcome {
+    Reply(i32, Payload),
+    /// A persister answers.
+    Deferred,
+}
+
+fn ok(p: Payload) -> Result<Outcome, i32> {
+    Ok(Outcome::Reply(0, p))
+}
+
+impl From<LogError> for i32 {
+    fn from(e: LogError) -> i32 {
+        -e.errno()
+    }
+}
+
+/// Public facts about a log, for status output.
+#[derive(Clone, Debug)]
+pub struct LogSummary {
+    /// dm uuid.
+    pub uuid: String,
+    /// Kernel log id.
+    pub luid: u64,
+    /// clustered-core / clustered-disk.
+    pub kind: &'static str,
+    /// The log device or state file, if any.
+    pub device: Option<PathBuf>,
+    /// Region size in sectors.
+    pub region_size: u64,
+    /// Region count.
+    pub region_count: u64,
+    /// In-sync regions.
+    pub sync_count: u64,
+    /// Phase.
+    pub phase: Phase,
+}
+
+struct LogEntry {
+    uuid: Box<[u8]>,
+    shared: Arc<SharedLog>,
+    persister: Option<Persister>,
+    ctr_text: String,
+    args: CtrArgs,
+    device: Option<(PathBuf, (u32, u32))>,
+    /// Short name for diagnostics.
+    name: String,
+}
+
+/// The server's state: every log, and where replies go.
+pub struct LogServer {
+    logs: HashMap<u64, Vec<LogEntry>>,
+    cfg: ServerConfig,
+    sink: Arc<dyn ReplySink>,
+    own_port: u32,
+    counters: Arc<Counters>,
+    malformed_log: RateLimit,
+    error_log: RateLimit,
+    foreign_log: RateLimit,
+}
+
+impl LogServer {
+    /// A server with no logs. `own_port` is the socket's netlink port (goes into replies).
+    pub fn new(cfg: ServerConfig, sink: Arc<dyn ReplySink>, own_port: u32, counters: Arc<Counters>) -> Self {
+        Self {
+            logs: HashMap::new(),
+            cfg,
+            sink,
+            own_port,
+            counters,
+            malformed_log: RateLimit::new(10, Duration::from_secs(60)),
+            error_log: RateLimit::new(20, Duration::from_secs(60)),
+            foreign_log: RateLimit::new(5, Duration::from_secs(60)),
+        }
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> &Arc<Counters> {
+        &self.counters
+    }
+
+    /// A summary of every log.
+    pub fn summaries(&self) -> Vec<LogSummary> {
+        let mut v: Vec<LogSummary> = self
+            .logs
+            .iter()
+            .flat_map(|(luid, entries)| entries.iter().map(move |e| (*luid, e)))
+            .map(|(luid, e)| {
+                let s = e.shared.lock();
+                LogSummary {
+                    uuid: String::from_utf8_lossy(&e.uuid).into_owned(),
+                    luid,
+                    kind: e.args.type_name(),
+                    device: e.device.as_ref().map(|d| d.0.clone()),
+                    region_size: s.region_size(),
+                    region_count: s.region_count(),
+                    sync_count: s.sync_count(),
+                    phase: s.phase(),
+                }
+            })
+            .collect();
+        v.sort_by(|a, b| (&a.uuid, a.luid).cmp(&(&b.uuid, b.luid)));
+        v
+    }
+
+    fn send(&self, port: u32, reply: &ReplyBuf) {
+        if !self.sink.send_reply(port, reply.as_bytes()) {
+            self.counters.dropped(Dropped::SendFailed);
+        }
+    }
+
+    /// Serves one datagram received from netlink port `sender`. `truncated`: the datagram
+    /// was larger than the receive buffer and `buf` holds only its start.
+    pub fn handle_datagram(&mut self, buf: &[u8], sender: u32, truncated: bool) {
+        if sender != 0 && Some(sender) != self.cfg.accept_peer {
+            self.counters.dropped(Dropped::ForeignSender);
+            if let Some(sup) = self.foreign_log.allow(Instant::now()) {
+                warn!(sender, suppressed = sup, "ignored a request from a userspace process (only the kernel is served; see --accept-peer-port)");
+            }
+            return;
+        }
+        let decoded = match protocol::decode(buf) {
+            Ok(req) if truncated => Err(protocol::Rejected {
+                reason: protocol::Malformed::Oversized,
+                answer: Answer::Full { header: req.header, cn_seq: req.cn_seq },
+            }),
+            Err(rej) if truncated => Err(protocol::Rejected { reason: protocol::Malformed::Oversized, ..rej }),
+            other => other,
+        };
+        match decoded {
+            Ok(req) => self.handle_request(&req, sender),
+            Err(rej) => {
+                self.counters.malformed(rej.reason);
+                if let Some(sup) = self.malformed_log.allow(Instant::now()) {
+                    warn!(reason = rej.reason.name(), len = buf.len(), sender, suppressed = sup, "malformed datagram");
+                }
+                self.answer_malformed(rej.answer, sender);
+            }
+        }
+    }
+
+    fn answer_malformed(&self, answer: Answer, sender: u32) {
+        match answer {
+            Answer::Drop => {}
+            Answer::Ack { cn_seq } => self.send(sender, &ReplyBuf::ack(cn_seq, libc::EINVAL as u32, self.own_port)),
+            Answer::Full { header, cn_seq } => {
+                self.send(sender, &ReplyBuf::full(&header, cn_seq, -libc::EINVAL, &[], self.own_port))
+            }
+        }
+    }
+
+    fn handle_request(&mut self, req: &Request<'_>, sender: u32) {
+        let pending = PendingReply { port: sender, own_port: self.own_port, header: req.header, cn_seq: req.cn_seq };
+        let outcome = match req.kind {
+            None => Err(-libc::EINVAL),
+            Some(kind) => self.dispatch(kind, req, pending),
+        };
+        let (error, payload) = match outcome {
+            Ok(Outcome::Deferred) => {
+                self.counters.request(req.kind, 0, true);
+                return;
+            }
+            Ok(Outcome::Reply(e, p)) => (e, p),
+            Err(e) => (e, Payload::none()),
+        };
+        self.counters.request(req.kind, error, false);
+        if error != 0 {
+            if let Some(sup) = self.error_log.allow(Instant::now()) {
+                let name = req.kind.map_or("UNKNOWN", RequestType::name);
+                debug!(request = name, raw_type = req.header.request_type, seq = req.header.seq, error, suppressed = sup, uuid = %String::from_utf8_lossy(req.uuid()), luid = req.header.luid, "request failed");
+            }
+        }
+        let reply = ReplyBuf::full(&req.header, req.cn_seq, error, &payload.buf[..payload.len], self.own_port);
+        self.send(sender, &reply);
+    }
+
+    fn find(&self, uuid: &[u8], luid: u64) -> Option<&LogEntry> {
+        self.logs.get(&luid)?.iter().find(|e| &*e.uuid == uuid)
+    }
+
+    fn dispatch(&mut self, kind: RequestType, req: &Request<'_>, pending: PendingReply) -> Result<Outcome, i32> {
+        use RequestType::*;
+        let uuid = req.uuid();
+        let luid = req.header.luid;
+        match kind {
+            Ctr => return self.ctr(req),
+            Dtr => return self.dtr(uuid, luid, pending),
+            _ => {}
+        }
+        let entry = self.find(uuid, luid).ok_or(-libc::EINVAL)?;
+        let p = req.payload;
+        match kind {
+            Ctr | Dtr => Err(-libc::EINVAL),
+            Presuspend => {
+                entry.shared.lock().presuspend();
+                ok(Payload::none())
+            }
+            Postsuspend => {
+                entry.shared.lock().postsuspend();
+                match &entry.persister {
+                    Some(persister) if persister.release(pending) => Ok(Outcome::Deferred),
+                    Some(_) => Err(-libc::EIO),
+                    None => ok(Payload::none()),
+                }
+            }
+            Resume => match &entry.persister {
+                Some(persister) if persister.resume(pending) => Ok(Outcome::Deferred),
+                Some(_) => Err(-libc::EIO),
+                None => {
+                    entry.shared.lock().resume_in_memory();
+                    ok(Payload::none())
+                }
+            },
+            GetRegionSize => ok(Payload::bytes(&entry.shared.lock().region_size().to_ne_bytes())),
+            IsClean | InSync => {
+                let r = protocol::one_u64(p).ok_or(-libc::EINVAL)?;
+                let s = entry.shared.lock();
+                let v = if kind == IsClean { s.is_clean(r)? } else { s.in_sync(r)? };
+                ok(Payload::bytes(&i64::from(v).to_ne_bytes()))
+            }
+            Flush | MarkRegion => {
+                let durable = {
+                    let mut s = entry.shared.lock();
+                    if kind == MarkRegion || !p.is_empty() {
+                        s.mark(protocol::regions(p).ok_or(-libc::EINVAL)?)?;
+                    } else {
+                        s.flush()?;
+                    }
+                    (s.durability_needed(), s.has_unwritten_changes())
+                };
+                Self::after_change(entry, durable, pending)
+            }
+            ClearRegion => {
+                entry.shared.lock().clear(protocol::regions(p).ok_or(-libc::EINVAL)?)?;
+                ok(Payload::none())
+            }
+            GetResyncWork => {
+                let mut s = entry.shared.lock();
+                let (i, r) = match s.get_resync_work() {
+                    Some(r) => (1, r),
+                    None => (0, s.region_count()),
+                };
+                ok(Payload::bytes(&protocol::pair(i, r)))
+            }
+            SetRegionSync => {
+                let (r, in_sync) = protocol::two_u64(p).ok_or(-libc::EINVAL)?;
+                entry.shared.lock().set_region_sync(r, in_sync != 0)?;
+                ok(Payload::none())
+            }
+            GetSyncCount => ok(Payload::bytes(&entry.shared.lock().sync_count().to_ne_bytes())),
+            StatusInfo => ok(Payload::text(&match &entry.args.kind {
+                LogKind::Core => "1 clustered-core".to_string(),
+                LogKind::Disk { .. } => {
+                    let (maj, min) = entry.device.as_ref().map_or((0, 0), |d| d.1);
+                    let state = if entry.shared.device_failed() { 'D' } else { 'A' };
+                    format!("3 clustered-disk {maj}:{min} {state}")
+                }
+            })),
+            StatusTable => {
+                let a = &entry.args;
+                let sync = match a.sync {
+                    SyncMode::Default => "",
+                    SyncMode::Force => "sync ",
+                    SyncMode::NoSync => "nosync ",
+                };
+                let boe = if a.block_on_error { "block_on_error " } else { "" };
+                let text = match &entry.device {
+                    Some((_, (maj, min))) if matches!(a.kind, LogKind::Disk { .. }) => {
+                        format!("clustered-disk {maj}:{min} {} {sync}{boe}", a.region_size)
+                    }
+                    _ => format!("clustered-core {} {sync}{boe}", a.region_size),
+                };
+                ok(Payload::text(&text))
+            }
+            IsRemoteRecovering => {
+                let r = protocol::one_u64(p).ok_or(-libc::EINVAL)?;
+                let (rec, hint) = entry.shared.lock().remote_recovering(r)?;
+                ok(Payload::bytes(&protocol::pair(u64::from(rec), hint)))
+            }
+        }
+    }
+
+    /// After a MARK or FLUSH: answer now, or once the marks are durable.
+    fn after_change(entry: &LogEntry, (need, unwritten): (Option<u64>, bool), pending: PendingReply) -> Result<Outcome, i32> {
+        let Some(persister) = &entry.persister else { return ok(Payload::none()) };
+        if let Some(gen) = need {
+            return if persister.when_durable(gen, pending) { Ok(Outcome::Deferred) } else { Err(-libc::EIO) };
+        }
+        if unwritten && entry.shared.claim_lazy() {
+            persister.lazy();
+        }
+        ok(Payload::none())
+    }
+
+    fn ctr(&mut self, req: &Request<'_>) -> Result<Outcome, i32> {
+        let uuid = req.uuid();
+        let luid = req.header.luid;
+        let parsed = ctr::parse(req.payload).map_err(|e| {
+            warn!(uuid = %String::from_utf8_lossy(uuid), error = %e, "CTR refused");
+            -e.errno()
+        })?;
+        // The device name goes back so the kernel takes a reference on it (protocol v2+),
+        // except to the reconnect loop's CTR, which has no room for a reply.
+        let reply_payload = |args: &CtrArgs| match &args.kind {
+            LogKind::Disk { device } if req.header.version > 1 && !parsed.reconnect => {
+                Payload::text(device)
+            }
+            _ => Payload::none(),
+        };
+        if let Some(existing) = self.find(uuid, luid) {
+            if existing.ctr_text == parsed.text {
+                // A resend after a lost reply, or the reconnect loop: keep the state.
+                return ok(reply_payload(&existing.args));
+            }
+            warn!(uuid = %String::from_utf8_lossy(uuid), luid, "CTR for an existing log with different arguments");
+            return Err(-libc::EEXIST);
+        }
+        let name = short_name(uuid, luid);
+        let args = parsed.args.clone();
+        let device = match (&args.kind, &self.cfg.state_dir) {
+            (LogKind::Disk { device }, _) => {
+                let path = store::resolve_device(device).map_err(|e| {
+                    warn!(log = %name, error = %e, "CTR refused");
+                    -e.errno()
+                })?;
+                Some(LogDevice::open(&path, args.region_count()))
+            }
+            (LogKind::Core, Some(dir)) => {
+                Some(LogDevice::open_state_file(&dir.join(store::state_file_name(uuid)), args.region_count()))
+            }
+            (LogKind::Core, None) => None,
+        }
+        .transpose()
+        .map_err(|e| {
+            warn!(log = %name, error = %e, "CTR refused: log device unusable");
+            -e.errno()
+        })?;
+        let log = DirtyLog::new(&args, device.is_some())?;
+        let shared = Arc::new(SharedLog::new(log));
+        let dev_info = device.as_ref().map(|d| (d.path().to_path_buf(), d.dev));
+        let persister = match device {
+            Some(d) => Some(
+                Persister::start(Arc::clone(&shared), d, Arc::clone(&self.sink), Arc::clone(&self.counters), name.clone())
+                    .map_err(|e| {
+                        warn!(log = %name, error = %e, "cannot start the log's I/O thread");
+                        -e.raw_os_error().unwrap_or(libc::ENOMEM)
+                    })?,
+            ),
+            None => None,
+        };
+        info!(log = %name, uuid = %String::from_utf8_lossy(uuid), luid, ctr = %parsed.text, regions = args.region_count(), reconnect = parsed.reconnect, "log created");
+        let payload = reply_payload(&args);
+        self.logs.entry(luid).or_default().push(LogEntry {
+            uuid: uuid.into(),
+            shared,
+            persister,
+            ctr_text: parsed.text,
+            args,
+            device: dev_info,
+            name,
+        });
+        ok(payload)
+    }
+
+    fn dtr(&mut self, uuid: &[u8], luid: u64, pending: PendingReply) -> Result<Outcome, i32> {
+        let entries = self.logs.get_mut(&luid).ok_or(-libc::EINVAL)?;
+        let i = entries.iter().position(|e| &*e.uuid == uuid).ok_or(-libc::EINVAL)?;
+        let entry = entries.swap_remove(i);
+        if entries.is_empty() {
+            self.logs.remove(&luid);
+        }
+        info!(log = %entry.name, "log destroyed");
+        match entry.persister {
+            Some(p) => {
+                p.stop(pending);
+                Ok(Outcome::Deferred)
+            }
+            None => ok(Payload::none()),
+        }
+    }
+
+    /// Flushes every persistent log and stops its I/O thread (SIGTERM).
+    pub fn shutdown(self) {
+        for entry in self.logs.into_values().flatten() {
+            if let Some(p) = entry.persister {
+                p.stop_and_wait();
+                info!(log = %entry.name, "log flushed");
+            }
+        }
+    }
+}
+
+/// A short, stable name for a log: the uuid's last 12 characters and the luid's low 16 bits.
+pub fn short_name(uuid: &[u8], luid: u64) -> String {
+    let u = String::from_utf8_lossy(uuid);
+    let tail: String = u.chars().rev().take(12).collect::<Vec<_>>().into_iter().rev().collect();
+    format!("{tail}/{:04x}", luid & 0xffff)
+}

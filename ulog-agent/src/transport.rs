@@ -1,0 +1,205 @@
+//! `ConnectorSocket`: the NETLINK_CONNECTOR socket the kernel's dm-log-userspace talks to,
+//! and the receive loop that feeds it to the `LogServer`.
+//!
+//! The socket binds with no groups and joins group 7 (CN_IDX_DM) with
+//! `NETLINK_ADD_MEMBERSHIP`: `nl_groups` in `bind` is a bitmask, so cmirrord's `bind(groups=7)`
+//! also subscribes groups 1-3 (the proc connector among them). Replies go to the sender's port
+//! taken from `recvfrom` with the group cleared, so they are unicast (port 0 = the kernel)
+//! instead of multicast back to every listener of group 7.
+//!
+//! The loop blocks in `recvfrom` with a 250 ms timeout, only to notice a shutdown request: one
+//! system call per request, none per idle wake-up beyond four a second.
+
+use std::io;
+use std::mem::{size_of, zeroed};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use tracing::warn;
+use ulog_common::{CN_IDX_DM, NETLINK_CONNECTOR};
+
+use crate::counters::Dropped;
+use crate::persist::ReplySink;
+use crate::ratelimit::RateLimit;
+use crate::server::LogServer;
+
+const SOL_NETLINK: libc::c_int = 270;
+const NETLINK_ADD_MEMBERSHIP: libc::c_int = 1;
+
+/// Receive buffer: far more than the kernel's 512-byte requests, so that an oversized
+/// datagram from a misbehaving peer is seen (MSG_TRUNC) rather than silently cut.
+pub const RECV_BUF: usize = 64 * 1024;
+
+/// A connector socket joined to the dm log group.
+#[derive(Debug)]
+pub struct ConnectorSocket {
+    fd: OwnedFd,
+    port: u32,
+}
+
+/// One received datagram's facts.
+#[derive(Clone, Copy, Debug)]
+pub struct Received {
+    /// Bytes in the buffer.
+    pub len: usize,
+    /// The datagram's real length (larger than `len` if it was truncated).
+    pub full_len: usize,
+    /// Sender's netlink port (0 = kernel).
+    pub port: u32,
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+impl ConnectorSocket {
+    /// Opens the server socket: bound, joined to group 7, with a large receive queue (many
+    /// requests may be in flight) and a receive timeout for shutdown checks.
+    pub fn open(rcvbuf: usize) -> io::Result<Self> {
+        // SAFETY: plain socket(2) call; the fd is owned immediately.
+        let fd = cvt(unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, NETLINK_CONNECTOR) })?;
+        // SAFETY: fd was just returned by socket(2) and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: an all-zero sockaddr_nl is valid.
+        let mut addr: libc::sockaddr_nl = unsafe { zeroed() };
+        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        // SAFETY: addr is a valid sockaddr_nl of the given length.
+        cvt(unsafe { libc::bind(fd.as_raw_fd(), (&addr as *const libc::sockaddr_nl).cast(), size_of::<libc::sockaddr_nl>() as u32) })?;
+        let group = CN_IDX_DM as libc::c_int;
+        setsockopt(&fd, SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, &group)?;
+        let size = libc::c_int::try_from(rcvbuf).unwrap_or(libc::c_int::MAX);
+        // Root may exceed rmem_max; fall back to the capped option otherwise.
+        if setsockopt(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &size).is_err() {
+            let _ = setsockopt(&fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &size);
+        }
+        let tv = libc::timeval { tv_sec: 0, tv_usec: 250_000 };
+        setsockopt(&fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv)?;
+        let port = local_port(&fd)?;
+        Ok(Self { fd, port })
+    }
+
+    /// Our netlink port id.
+    pub fn port(&self) -> u32 {
+        self.port
+    }
+
+    /// Receives one datagram; `Err(WouldBlock/TimedOut)` on the periodic timeout.
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<Received> {
+        // SAFETY: an all-zero sockaddr_nl is valid.
+        let mut from: libc::sockaddr_nl = unsafe { zeroed() };
+        let mut flen = size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+        // SAFETY: buf and from are valid for writes of the lengths passed.
+        let n = unsafe {
+            libc::recvfrom(
+                self.fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_TRUNC,
+                (&mut from as *mut libc::sockaddr_nl).cast(),
+                &mut flen,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let full_len = n as usize;
+        Ok(Received { len: full_len.min(buf.len()), full_len, port: from.nl_pid })
+    }
+
+    /// Sends a datagram to a port (unicast; group 0).
+    pub fn send_to(&self, port: u32, bytes: &[u8]) -> io::Result<()> {
+        // SAFETY: an all-zero sockaddr_nl is valid.
+        let mut to: libc::sockaddr_nl = unsafe { zeroed() };
+        to.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        to.nl_pid = port;
+        loop {
+            // SAFETY: bytes and to are valid for reads of the lengths passed.
+            let n = unsafe {
+                libc::sendto(
+                    self.fd.as_raw_fd(),
+                    bytes.as_ptr().cast(),
+                    bytes.len(),
+                    0,
+                    (&to as *const libc::sockaddr_nl).cast(),
+                    size_of::<libc::sockaddr_nl>() as u32,
+                )
+            };
+            if n >= 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+}
+
+fn setsockopt<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
+    // SAFETY: value points to a T of the size passed.
+    cvt(unsafe { libc::setsockopt(fd.as_raw_fd(), level, name, (value as *const T).cast(), size_of::<T>() as u32) })
+        .map(drop)
+}
+
+fn local_port(fd: &OwnedFd) -> io::Result<u32> {
+    // SAFETY: an all-zero sockaddr_nl is valid; getsockname writes at most len bytes.
+    let mut addr: libc::sockaddr_nl = unsafe { zeroed() };
+    let mut len = size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+    cvt(unsafe { libc::getsockname(fd.as_raw_fd(), (&mut addr as *mut libc::sockaddr_nl).cast(), &mut len) })?;
+    Ok(addr.nl_pid)
+}
+
+/// Sends replies; errors are rate-limited in the log and counted by the caller.
+pub struct SocketSink {
+    socket: std::sync::Arc<ConnectorSocket>,
+    errors: std::sync::Mutex<RateLimit>,
+}
+
+impl SocketSink {
+    /// Wraps a socket.
+    pub fn new(socket: std::sync::Arc<ConnectorSocket>) -> Self {
+        Self { socket, errors: std::sync::Mutex::new(RateLimit::new(10, std::time::Duration::from_secs(60))) }
+    }
+}
+
+impl ReplySink for SocketSink {
+    fn send_reply(&self, port: u32, datagram: &[u8]) -> bool {
+        match self.socket.send_to(port, datagram) {
+            Ok(()) => true,
+            Err(e) => {
+                let allowed = self.errors.lock().map(|mut r| r.allow(Instant::now())).unwrap_or(Some(0));
+                if let Some(sup) = allowed {
+                    warn!(port, error = %e, suppressed = sup, "cannot send a reply");
+                }
+                false
+            }
+        }
+    }
+}
+
+/// Serves datagrams until `stop` is set.
+pub fn serve(socket: &ConnectorSocket, server: &mut LogServer, stop: &AtomicBool) -> io::Result<()> {
+    let mut buf = vec![0u8; RECV_BUF];
+    let mut overrun_log = RateLimit::new(5, std::time::Duration::from_secs(60));
+    while !stop.load(Ordering::Relaxed) {
+        match socket.recv(&mut buf) {
+            Ok(r) => server.handle_datagram(&buf[..r.len], r.port, r.full_len > r.len),
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::EINTR) => {}
+                Some(libc::ENOBUFS) => {
+                    server.counters().dropped(Dropped::ReceiveOverrun);
+                    if let Some(sup) = overrun_log.allow(Instant::now()) {
+                        warn!(suppressed = sup, "receive queue overflowed: requests were lost; the kernel resends them after 15 s");
+                    }
+                }
+                _ => return Err(e),
+            },
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,255 @@
+//! One qemu boot: command line, console capture, result-line parsing, timeouts.
+//!
+//! The guest talks to the host only through its serial console (ttyS0 on qemu's stdio). `/init`
+//! prints marker lines, which are matched anywhere in a line because kernel messages can share a
+//! line with them:
+//! - `ULOG-INIT`                    /init is running (boot time is measured to here)
+//! - `ULOG-START <name>`            a scenario starts
+//! - `ULOG-RESULT <name> <exit>`    a scenario finished (0 = passed)
+//! - `ULOG-TIMEOUT <name>`          the guest's watchdog killed a scenario
+//! - `ULOG-RESET`                   the scenario asked for a hard reset (sysrq b); the host kills
+//!                                  qemu if it has not exited 5 s later
+//! - `ULOG-DONE`                    every scenario of this boot ran; `poweroff -f` follows
+//!
+//! Every console line goes to the log file with the host's elapsed time in front, and (unless
+//! quiet) to our stdout as is. The host enforces its own timeout and kills qemu (SIGKILL).
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Accel {
+    /// KVM when kvm_intel/kvm_amd is loaded and /dev/kvm is usable, else TCG.
+    Auto,
+    Tcg,
+    Kvm,
+}
+
+impl Accel {
+    /// /dev/kvm alone is not enough: these machines have a paravirtual backend (kvm_pvm) that
+    /// cannot run an unmodified distro kernel.
+    pub fn resolve(self) -> Accel {
+        match self {
+            Accel::Auto => {
+                let hw = Path::new("/sys/module/kvm_intel").exists() || Path::new("/sys/module/kvm_amd").exists();
+                let dev = fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+                if hw && dev {
+                    Accel::Kvm
+                } else {
+                    Accel::Tcg
+                }
+            }
+            a => a,
+        }
+    }
+}
+
+pub struct Machine {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub accel: Accel,
+    pub memory_mib: u32,
+    pub smp: u32,
+}
+
+/// One boot's configuration.
+pub struct Boot<'a> {
+    pub machine: &'a Machine,
+    /// Appended to the kernel command line (the `ulog.*` parameters /init reads).
+    pub cmdline: String,
+    /// Raw images attached as virtio disks, in order (/dev/vda, /dev/vdb, ...).
+    pub disks: &'a [PathBuf],
+    pub timeout: Duration,
+    pub log: &'a Path,
+    /// Copy console lines to stdout.
+    pub echo: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ScenarioResult {
+    pub name: String,
+    pub exit: i32,
+    /// Host-side time between its START and RESULT lines.
+    pub secs: f64,
+    pub timed_out: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub results: Vec<ScenarioResult>,
+    /// Host time from spawning qemu to `ULOG-INIT`.
+    pub init_secs: Option<f64>,
+    pub done: bool,
+    pub reset: bool,
+    /// The host timeout fired and qemu was killed.
+    pub timed_out: bool,
+    pub status: Option<ExitStatus>,
+    pub secs: f64,
+}
+
+fn base_command(m: &Machine, cmdline: &str, disks: &[PathBuf]) -> Command {
+    let mut c = Command::new("qemu-system-x86_64");
+    match m.accel.resolve() {
+        Accel::Kvm => c.args(["-accel", "kvm", "-cpu", "host"]),
+        _ => c.args(["-accel", "tcg", "-cpu", "max"]),
+    };
+    c.args(["-m", &m.memory_mib.to_string(), "-smp", &m.smp.to_string()]);
+    c.args(["-nodefaults", "-nographic", "-no-reboot"]);
+    c.arg("-kernel").arg(&m.kernel).arg("-initrd").arg(&m.initrd);
+    c.arg("-append").arg(format!("console=ttyS0 rdinit=/init panic=-1 quiet {cmdline}"));
+    for d in disks {
+        let mut a = std::ffi::OsString::from("file=");
+        a.push(d);
+        a.push(",if=virtio,format=raw,cache=writeback");
+        c.arg("-drive").arg(a);
+    }
+    c
+}
+
+/// The full qemu command line, for humans (printed in the log).
+fn describe(c: &Command) -> String {
+    let mut s = c.get_program().to_string_lossy().into_owned();
+    for a in c.get_args() {
+        let a = a.to_string_lossy();
+        if a.contains(' ') {
+            s += &format!(" '{a}'");
+        } else {
+            s += &format!(" {a}");
+        }
+    }
+    s
+}
+
+/// Boot with the console on this terminal (`Ctrl-A x` quits qemu).
+pub fn interactive(m: &Machine, cmdline: &str, disks: &[PathBuf]) -> Result<ExitStatus> {
+    let mut c = base_command(m, cmdline, disks);
+    c.args(["-serial", "mon:stdio"]);
+    eprintln!("vm shell: {}", describe(&c));
+    eprintln!("vm shell: Ctrl-A x quits qemu; `poweroff -f` in the guest too");
+    Ok(c.status().context("spawn qemu-system-x86_64 (Debian package qemu-system-x86)")?)
+}
+
+enum Msg {
+    Line(Instant, String),
+    Eof,
+}
+
+fn reader(src: impl Read + Send + 'static, prefix: &'static str, tx: mpsc::Sender<Msg>) {
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(src);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match r.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let s = String::from_utf8_lossy(&buf);
+                    let s = s.trim_end_matches(['\n', '\r']).replace('\r', "");
+                    if tx.send(Msg::Line(Instant::now(), format!("{prefix}{s}"))).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = tx.send(Msg::Eof);
+    });
+}
+
+/// The word after `marker` in `line`, and the rest.
+fn marker<'a>(line: &'a str, marker: &str) -> Option<Vec<&'a str>> {
+    let i = line.find(marker)?;
+    Some(line[i + marker.len()..].split_whitespace().collect())
+}
+
+pub fn boot(b: &Boot) -> Result<Outcome> {
+    let mut c = base_command(b.machine, &b.cmdline, b.disks);
+    c.args(["-serial", "stdio", "-monitor", "none"]);
+    c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut log = fs::File::create(b.log).with_context(|| format!("create {}", b.log.display()))?;
+    writeln!(log, "# {}", describe(&c))?;
+    let t0 = Instant::now();
+    let mut child = c.spawn().context("spawn qemu-system-x86_64 (Debian package qemu-system-x86)")?;
+    let (tx, rx) = mpsc::channel();
+    reader(child.stdout.take().unwrap(), "", tx.clone());
+    reader(child.stderr.take().unwrap(), "qemu stderr: ", tx);
+
+    let mut out = Outcome::default();
+    let mut open = 2;
+    let mut deadline = t0 + b.timeout;
+    let mut started: Option<(String, Instant)> = None;
+    let mut guest_timeouts: Vec<String> = Vec::new();
+    let stdout = std::io::stdout();
+    while open > 0 {
+        let now = Instant::now();
+        if now >= deadline {
+            if out.reset {
+                writeln!(log, "# host: the guest asked for a reset and is still running: killing qemu")?;
+            } else {
+                out.timed_out = true;
+                writeln!(log, "# host: timeout after {:.0} s: killing qemu", b.timeout.as_secs_f64())?;
+            }
+            let _ = child.kill();
+            break;
+        }
+        match rx.recv_timeout(deadline - now) {
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Ok(Msg::Eof) => open -= 1,
+            Ok(Msg::Line(at, line)) => {
+                let rel = at.duration_since(t0).as_secs_f64();
+                writeln!(log, "[{rel:8.3}] {line}")?;
+                if b.echo {
+                    let mut so = stdout.lock();
+                    let _ = writeln!(so, "{line}");
+                }
+                if line.contains("ULOG-INIT") && out.init_secs.is_none() {
+                    out.init_secs = Some(rel);
+                } else if let Some(w) = marker(&line, "ULOG-START ") {
+                    if let Some(name) = w.first() {
+                        started = Some((name.to_string(), at));
+                    }
+                } else if let Some(w) = marker(&line, "ULOG-TIMEOUT ") {
+                    guest_timeouts.extend(w.first().map(|s| s.to_string()));
+                } else if let Some(w) = marker(&line, "ULOG-RESULT ") {
+                    if let (Some(name), Some(code)) = (w.first(), w.get(1)) {
+                        let secs = match &started {
+                            Some((n, t)) if n == name => at.duration_since(*t).as_secs_f64(),
+                            _ => 0.0,
+                        };
+                        out.results.push(ScenarioResult {
+                            name: name.to_string(),
+                            exit: code.parse().unwrap_or(-1),
+                            secs,
+                            timed_out: guest_timeouts.iter().any(|n| n == name),
+                        });
+                    }
+                } else if line.contains("ULOG-DONE") {
+                    out.done = true;
+                } else if line.contains("ULOG-RESET") && !out.reset {
+                    out.reset = true;
+                    deadline = deadline.min(Instant::now() + Duration::from_secs(5));
+                }
+            }
+        }
+    }
+    out.status = child.wait().ok();
+    out.secs = t0.elapsed().as_secs_f64();
+    writeln!(
+        log,
+        "# host: qemu ended ({:?}) after {:.1} s; init at {:?} s",
+        out.status, out.secs, out.init_secs
+    )?;
+    Ok(out)
+}
+
+/// The last `n` lines of a file.
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
