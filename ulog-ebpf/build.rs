@@ -17,7 +17,9 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let found = env::var_os("PATH").and_then(|path| {
-        env::split_paths(&path).map(|d| d.join("bpf-linker")).find(|p: &PathBuf| p.is_file())
+        env::split_paths(&path)
+            .map(|d| d.join("bpf-linker"))
+            .find(|p: &PathBuf| p.is_file())
     });
     match found {
         Some(linker) => {

@@ -157,6 +157,14 @@ impl RegionBitmap {
         self.words.copy_from_slice(&other.words);
     }
 
+    /// Clears every bit that is clear in `other` (same length): `self &= other`.
+    pub fn and_assign(&mut self, other: &RegionBitmap) {
+        debug_assert_eq!(self.len, other.len);
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a &= b;
+        }
+    }
+
     /// Bytes of memory the bits occupy.
     pub fn heap_bytes(&self) -> usize {
         self.words.capacity() * 8
@@ -233,7 +241,19 @@ mod tests {
             b.read_le_bytes(0, &mut bytes);
             let mut c = RegionBitmap::try_new(len, true).unwrap();
             c.load_le_bytes(&bytes);
-            prop_assert_eq!(c, b);
+            prop_assert_eq!(&c, &b);
+            // fill_from against the vector model.
+            let fill = from % 2 == 0;
+            c.fill_from(from, fill);
+            for (i, bit) in v.iter_mut().enumerate() {
+                if i as u64 >= from {
+                    *bit = fill;
+                }
+            }
+            for (i, bit) in v.iter().enumerate() {
+                prop_assert_eq!(c.get(i as u64), *bit, "bit {} after fill_from({}, {})", i, from, fill);
+            }
+            prop_assert_eq!(c.count_ones(), v.iter().filter(|x| **x).count() as u64);
         }
     }
 }

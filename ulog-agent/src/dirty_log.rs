@@ -361,7 +361,13 @@ impl DirtyLog {
     /// RESUME of a persistent log: replace the state with the image read from its device
     /// (`None` if it could not be read), then mark the whole image for writing back.
     /// Regions not clean on disk are out of sync, as the kernel's disk log decides.
+    ///
+    /// A log that was loaded before (a suspend/resume, or the kernel's reconnect loop resuming
+    /// a live log after a lost request) keeps every region it knows to be dirty: the image is
+    /// merged with its clean bits (`clean = disk & memory`), so nothing it had not yet written
+    /// (a SET_REGION_SYNC(0), a failed write) is lost to an older image.
     pub fn resume_from_image(&mut self, image: Option<&[u8]>) -> LoadOutcome {
+        let previous = (self.phase != Phase::Constructed).then(|| self.clean.clone());
         let outcome = match image {
             Some(img) => disk_format::load_clean_bits(img, self.sync_mode, &mut self.clean),
             None => {
@@ -369,6 +375,9 @@ impl DirtyLog {
                 LoadOutcome::Fresh
             }
         };
+        if let Some(prev) = previous {
+            self.clean.and_assign(&prev);
+        }
         self.sync.copy_from(&self.clean);
         self.sync_count = self.sync.count_ones();
         self.in_sync_floor = 0;
@@ -534,6 +543,30 @@ mod tests {
         l.clear([1].into_iter()).unwrap();
         assert!(l.is_clean(1).unwrap());
         assert_eq!(l.dirty_count(), 1);
+    }
+
+    #[test]
+    fn a_second_resume_keeps_unwritten_dirt() {
+        let mut l = log("64 clustered-disk /dev/x 2", true);
+        let mut image = vec![0u8; disk_format::image_len(l.region_count(), IMAGE_BLOCK)];
+        l.resume_from_image(None);
+        for r in 0..32 {
+            l.set_region_sync(r, true).unwrap();
+        }
+        l.clear(0..32).unwrap();
+        let s = l.snapshot(&mut image, false).unwrap();
+        l.snapshot_written(s.gen);
+        // A leg failure makes region 5 out of sync; the log is resumed again before that
+        // reached the disk (the image still says clean).
+        l.set_region_sync(5, false).unwrap();
+        l.resume_from_image(Some(&image));
+        assert!(!l.in_sync(5).unwrap(), "dirt not yet on disk survives a reload");
+        assert!(l.in_sync(6).unwrap());
+        assert_eq!(l.sync_count(), 31);
+        // A never-loaded log (the new table of a reload) takes the image as it is.
+        let mut fresh = log("64 clustered-disk /dev/x 2", true);
+        fresh.resume_from_image(Some(&image));
+        assert_eq!(fresh.sync_count(), 32);
     }
 
     #[test]

@@ -290,6 +290,9 @@ impl Worker {
 
     /// Loads the image and writes it back; 0 or a negative errno.
     fn resume(&mut self) -> i32 {
+        // A live log being resumed again first writes what it has, so the image it reads back
+        // is current (the merge in resume_from_image covers a failed write).
+        self.write(false);
         let read = self.device.read_image(&mut self.image);
         if let Err(e) = &read {
             warn!(log = %self.name, device = %self.device.path().display(), error = %e, "cannot read the log; every region will be resynchronised");

@@ -458,3 +458,123 @@ pub fn short_name(uuid: &[u8], luid: u64) -> String {
     let tail: String = u.chars().rev().take(12).collect::<Vec<_>>().into_iter().rev().collect();
     format!("{tail}/{:04x}", luid & 0xffff)
 }
+
+#[cfg(test)]
+mod tests {
+    //! Whole-server properties: whatever arrives, the server neither panics nor stays silent
+    //! where an answer can be matched, and every answer is one the kernel accepts.
+    use super::*;
+    use crate::kernel_peer::{encode_request, parse_datagram, Parsed, Request as PeerRequest};
+    use proptest::prelude::*;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Collect(Mutex<Vec<(u32, Vec<u8>)>>);
+    impl ReplySink for Collect {
+        fn send_reply(&self, port: u32, datagram: &[u8]) -> bool {
+            self.0.lock().unwrap().push((port, datagram.to_vec()));
+            true
+        }
+    }
+
+    fn server() -> (LogServer, Arc<Collect>) {
+        let sink = Arc::new(Collect::default());
+        let cfg = ServerConfig { state_dir: None, accept_peer: Some(77) };
+        (LogServer::new(cfg, sink.clone(), 1, Arc::new(Counters::default())), sink)
+    }
+
+    const UUIDS: [&str; 2] = ["LVM-a", "LVM-b"];
+    const CTRS: [&str; 6] = [
+        "64 clustered-core 2",
+        "64 clustered-core 4 nosync",
+        "1000 clustered-core 2",
+        "64 clustered-core 3",
+        "64 clustered-core",
+        "64 clustered-disk /nonexistent 2",
+    ];
+
+    fn request() -> impl Strategy<Value = (u32, usize, u64, Vec<u8>)> {
+        let payload = prop_oneof![
+            Just(vec![]),
+            (0usize..6).prop_map(|i| CTRS[i].as_bytes().to_vec()),
+            proptest::collection::vec(0u64..600, 0..5)
+                .prop_map(|rs| rs.iter().flat_map(|r| r.to_ne_bytes()).collect()),
+            proptest::collection::vec(any::<u8>(), 0..40),
+        ];
+        (prop_oneof![1u32..=17, 0u32..20, any::<u32>()], 0usize..2, 1u64..3, payload)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        #[test]
+        fn every_answer_is_one_the_kernel_accepts(
+            reqs in proptest::collection::vec(request(), 1..60),
+            mutate in proptest::collection::vec((any::<usize>(), any::<u8>(), any::<usize>()), 0..10),
+        ) {
+            let (mut srv, sink) = server();
+            for (i, (kind, u, luid, payload)) in reqs.iter().enumerate() {
+                let seq = i as u32 + 1;
+                let req = PeerRequest::raw(*kind, UUIDS[*u], *luid, payload.clone());
+                let mut dgram = encode_request(&req, seq, 3).unwrap();
+                if let Some((at, val, cut)) = mutate.get(i) {
+                    let at = at % dgram.len();
+                    dgram[at] = *val;
+                    dgram.truncate(1 + cut % dgram.len());
+                }
+                let answerable = !matches!(protocol::decode(&dgram), Err(protocol::Rejected { answer: Answer::Drop, .. }));
+                sink.0.lock().unwrap().clear();
+                srv.handle_datagram(&dgram, 77, false);
+                let replies = std::mem::take(&mut *sink.0.lock().unwrap());
+                prop_assert_eq!(replies.len(), usize::from(answerable), "one reply per answerable datagram");
+                for (port, r) in replies {
+                    prop_assert_eq!(port, 77);
+                    match parse_datagram(&r).map_err(|e| TestCaseError::fail(e))? {
+                        Parsed::Full { header, payload, .. } => {
+                            prop_assert!(header.error <= 0);
+                            if header.error != 0 {
+                                prop_assert!(payload.is_empty());
+                            }
+                            let cap = RequestType::from_raw(header.request_type)
+                                .and_then(|t| t.reply_capacity())
+                                .unwrap_or(usize::MAX);
+                            prop_assert!(payload.len() <= cap, "payload {} > capacity {}", payload.len(), cap);
+                            let t = RequestType::from_raw(header.request_type);
+                            if header.error == 0 && matches!(t, Some(RequestType::InSync | RequestType::IsClean)) {
+                                let v = i64::from_ne_bytes(payload[..8].try_into().unwrap());
+                                prop_assert!(v == 0 || v == 1);
+                            }
+                            if t.is_none() {
+                                prop_assert_eq!(header.error, -libc::EINVAL);
+                            }
+                        }
+                        Parsed::AckOnly { cn, .. } => prop_assert_eq!(cn.ack, libc::EINVAL as u32),
+                        Parsed::Incomplete { .. } => prop_assert!(false, "incomplete reply"),
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn foreign_senders_are_ignored_and_counted() {
+        let (mut srv, sink) = server();
+        let req = PeerRequest::raw(6, "x", 1, vec![]);
+        let d = encode_request(&req, 1, 3).unwrap();
+        srv.handle_datagram(&d, 1234, false);
+        assert!(sink.0.lock().unwrap().is_empty());
+        assert_eq!(srv.counters().dropped_of(Dropped::ForeignSender), 1);
+        srv.handle_datagram(&d, 0, false);
+        assert_eq!(sink.0.lock().unwrap().len(), 1, "the kernel (port 0) is always served");
+    }
+
+    #[test]
+    fn oversized_datagrams_get_einval() {
+        let (mut srv, sink) = server();
+        let d = encode_request(&PeerRequest::raw(8, "x", 1, vec![0; 8]), 5, 3).unwrap();
+        srv.handle_datagram(&d, 77, true);
+        let r = sink.0.lock().unwrap().pop().unwrap().1;
+        let Ok(Parsed::Full { header, .. }) = parse_datagram(&r) else { panic!("full reply expected") };
+        assert_eq!((header.seq, header.error), (5, -libc::EINVAL));
+        assert_eq!(srv.counters().malformed_of(protocol::Malformed::Oversized), 1);
+    }
+}

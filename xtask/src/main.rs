@@ -4,6 +4,8 @@
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod fuzz;
+mod run;
 mod setup;
 mod test;
 mod toolchain;
@@ -20,10 +22,14 @@ struct Cli {
 enum Cmd {
     /// Install the pinned toolchains, bpf-linker and the Debian packages the tests need (idempotent).
     Setup(setup::Args),
+    /// Set up, build and run the agent in the foreground (the README's first command).
+    Run(run::Args),
     /// Set up, then run every test suite (the README's test command).
     Test(test::Args),
     /// The qemu harness: a Debian kernel with dm-mirror and dm-log-userspace.
     Vm(vm::Args),
+    /// Run the cargo-fuzz targets for a bounded time each.
+    Fuzz(fuzz::Args),
     /// Benchmarks; results go to BENCHMARKS.md.
     Bench(bench::Args),
 }
@@ -31,8 +37,10 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup(a) => setup::run(a),
+        Cmd::Run(a) => run::run(a),
         Cmd::Test(a) => test::run(a),
         Cmd::Vm(a) => vm::run(a),
+        Cmd::Fuzz(a) => fuzz::run(a),
         Cmd::Bench(a) => bench::run(a),
     }
 }

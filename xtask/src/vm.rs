@@ -90,7 +90,7 @@ pub struct BuildOpts {
     #[arg(long, value_name = "PATH")]
     agent: Option<PathBuf>,
     /// Initramfs compression.
-    #[arg(long, value_enum, default_value_t = Compression::None)]
+    #[arg(long, value_enum, default_value_t = Compression::Zstd)]
     compression: Compression,
 }
 
@@ -106,6 +106,9 @@ pub struct MachineOpts {
     /// Boot the compressed bzImage (KASLR, realistic layout; ~2x slower) instead of the vmlinux ELF.
     #[arg(long)]
     bzimage: bool,
+    /// Use qemu's default firmware (SeaBIOS) instead of qboot.
+    #[arg(long)]
+    seabios: bool,
 }
 
 #[derive(clap::Args, Clone)]
@@ -164,6 +167,7 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 /// The whole VM suite with default options (for `cargo xtask test`).
+#[allow(dead_code)] // until xtask/src/test.rs calls it
 pub fn test_suite() -> Result<()> {
     #[derive(Parser)]
     struct Wrap {
@@ -259,15 +263,16 @@ fn build_initramfs(k: &fetch::Kernel, b: &BuildOpts) -> Result<PathBuf> {
         Compression::Zstd => "initramfs.cpio.zst",
     });
     let t = Instant::now();
-    let (raw, size) = initramfs::build(
+    let built = initramfs::build(
         &initramfs::Inputs { kernel: k, scenarios_dir: &scenarios_dir(), agent: agent.as_deref(), compression: b.compression },
         &out,
     )?;
     eprintln!(
-        "vm: initramfs {} ({:.1} MB, cpio {:.1} MB{}) built in {:.2} s",
+        "vm: initramfs {} ({} entries, {:.1} MB, cpio {:.1} MB{}) built in {:.2} s",
         out.display(),
-        size as f64 / 1e6,
-        raw as f64 / 1e6,
+        built.entries,
+        built.file_bytes as f64 / 1e6,
+        built.cpio_bytes as f64 / 1e6,
         if agent.is_some() { "" } else { ", no ulog-agent" },
         t.elapsed().as_secs_f64()
     );
@@ -278,6 +283,7 @@ fn machine(k: &fetch::Kernel, initrd: PathBuf, m: &MachineOpts) -> Result<Machin
     ensure!(which("qemu-system-x86_64").is_some(), "qemu-system-x86_64 not found (Debian package qemu-system-x86)");
     Ok(Machine {
         kernel: if m.bzimage { k.bzimage.clone() } else { k.vmlinux.clone() },
+        bios: Some(PathBuf::from(qemu::QBOOT)).filter(|p| !m.seabios && p.is_file()),
         initrd,
         accel: m.accel,
         memory_mib: m.memory,

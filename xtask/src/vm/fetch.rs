@@ -141,7 +141,6 @@ pub fn ensure_kernel(verbose: bool) -> Result<Kernel> {
         let boot = scratch.join("boot");
         fs::copy(boot.join(format!("vmlinuz-{kver}")), staging.join("vmlinuz"))?;
         fs::copy(boot.join(format!("config-{kver}")), staging.join("config"))?;
-        fs::copy(boot.join(format!("System.map-{kver}")), staging.join("System.map"))?;
         let t = Instant::now();
         let elf = extract_vmlinux(&staging.join("vmlinuz"))?;
         fs::write(staging.join("vmlinux"), elf)?;

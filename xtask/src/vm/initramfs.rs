@@ -202,8 +202,15 @@ pub fn which_host(names: &[&str]) -> Option<PathBuf> {
     names.iter().map(Path::new).find(|p| p.exists()).map(Path::to_path_buf)
 }
 
-/// Build the initramfs at `out`; returns (uncompressed size, file size).
-pub fn build(inp: &Inputs, out: &Path) -> Result<(usize, u64)> {
+/// What [`build`] produced.
+pub struct Built {
+    pub entries: usize,
+    pub cpio_bytes: usize,
+    pub file_bytes: u64,
+}
+
+/// Build the initramfs at `out`.
+pub fn build(inp: &Inputs, out: &Path) -> Result<Built> {
     let mut t = Tree::default();
     for d in ["/proc", "/sys", "/dev", "/tmp", "/run", "/root", "/etc", "/bin", "/sbin", "/usr/bin", "/usr/sbin", "/mnt"] {
         t.dir(d);
@@ -252,5 +259,5 @@ pub fn build(inp: &Inputs, out: &Path) -> Result<(usize, u64)> {
         }
     }
     fs::rename(&tmp, out)?;
-    Ok((raw_len, fs::metadata(out)?.len()))
+    Ok(Built { entries: t.file_count(), cpio_bytes: raw_len, file_bytes: fs::metadata(out)?.len() })
 }

@@ -49,8 +49,14 @@ impl Accel {
     }
 }
 
+/// qemu's minimal firmware: boots the PVH kernel ~0.3-0.5 s sooner than SeaBIOS under TCG and
+/// prints no escape sequences. Used when the file exists (Debian package qemu-system-data).
+pub const QBOOT: &str = "/usr/share/qemu/qboot.rom";
+
 pub struct Machine {
     pub kernel: PathBuf,
+    /// Firmware passed with -bios (None: qemu's default, SeaBIOS).
+    pub bios: Option<PathBuf>,
     pub initrd: PathBuf,
     pub accel: Accel,
     pub memory_mib: u32,
@@ -100,6 +106,9 @@ fn base_command(m: &Machine, cmdline: &str, disks: &[PathBuf]) -> Command {
     };
     c.args(["-m", &m.memory_mib.to_string(), "-smp", &m.smp.to_string()]);
     c.args(["-nodefaults", "-nographic", "-no-reboot"]);
+    if let Some(b) = &m.bios {
+        c.arg("-bios").arg(b);
+    }
     c.arg("-kernel").arg(&m.kernel).arg("-initrd").arg(&m.initrd);
     c.arg("-append").arg(format!("console=ttyS0 rdinit=/init panic=-1 quiet {cmdline}"));
     for d in disks {

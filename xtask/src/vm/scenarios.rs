@@ -60,7 +60,7 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "kernel-disk-reboot",
         about: "kernel disk log on virtio disks: write, hard reset while live, reboot, data and legs intact",
         boots: 2,
-        disks_mib: &[32, 32, 4],
+        disks_mib: &[16, 16, 4],
         timeout_s: 90,
     },
 ];

@@ -1,0 +1,169 @@
+//! Log lifecycle: STATUS_INFO/STATUS_TABLE, PRESUSPEND/POSTSUSPEND/RESUME/DTR, core state across
+//! suspend/resume, and the luid swap of a table reload.
+
+use crate::common::*;
+
+#[test]
+fn status_of_core_logs() {
+    let mut a = Agent::start();
+    let plain = Log::nth(0);
+    let flags = Log::nth(1);
+    a.create(&plain, "100 clustered-core 8");
+    a.create(&flags, "2097152 clustered-core 1024 nosync block_on_error");
+    for log in [&plain, &flags] {
+        let r = a.call(log, T::StatusInfo, &[]);
+        assert_eq!(r.error, 0, "{r}");
+        assert_eq!(
+            r.payload, b"1 clustered-core\0",
+            "STATUS_INFO, NUL counted in data_size"
+        );
+        assert_eq!(r.header.unwrap().data_size, 17);
+    }
+    let t = status_text(&a.ok(&plain, T::StatusTable, &[]));
+    assert!(t.starts_with("clustered-core 8"), "STATUS_TABLE {t:?}");
+    assert!(!t.contains("nosync"), "{t:?}");
+    let t = status_text(&a.ok(&flags, T::StatusTable, &[]));
+    assert!(t.starts_with("clustered-core 1024"), "STATUS_TABLE {t:?}");
+    assert!(
+        t.contains("nosync") && t.contains("block_on_error"),
+        "{t:?}"
+    );
+}
+
+#[test]
+fn status_of_a_disk_log_on_a_regular_file() {
+    let mut a = Agent::start();
+    let disk = zero_file(&a.dir.join("disk"), 65536);
+    let log = Log::nth(0);
+    a.create(&log, &format!("100 clustered-disk {} 8", disk.display()));
+    assert_eq!(
+        status_text(&a.ok(&log, T::StatusInfo, &[])),
+        "3 clustered-disk 0:0 A"
+    );
+    let t = status_text(&a.ok(&log, T::StatusTable, &[]));
+    assert!(t.starts_with("clustered-disk "), "STATUS_TABLE {t:?}");
+}
+
+#[test]
+fn suspend_resume_and_dtr() {
+    let mut a = Agent::start();
+    let log = Log::nth(0);
+    a.create(&log, CORE);
+    for t in [
+        T::Presuspend,
+        T::Postsuspend,
+        T::Resume,
+        T::Presuspend,
+        T::Postsuspend,
+        T::Dtr,
+    ] {
+        let r = a.call(&log, t, &[]);
+        assert_eq!(
+            (r.error, r.header.unwrap().data_size),
+            (0, 0),
+            "{}: {r}",
+            t.name()
+        );
+    }
+    for t in T::ALL.into_iter().filter(|&t| t != T::Ctr) {
+        a.expect_err(&log, t, &crate::ctr::sample_payload(t), EINVAL, "after DTR");
+    }
+    // The (uuid, luid) can be constructed afresh, with a different table.
+    a.create(&log, "100 clustered-core 4");
+    assert_eq!(a.region_size(&log), 4);
+    // DTR without suspending first also works.
+    a.ok(&log, T::Dtr, &[]);
+    a.expect_err(&log, T::GetRegionSize, &[], EINVAL, "after DTR");
+    // And DTR of a log that was never resumed.
+    a.ctr_ok(&log, CORE);
+    a.ok(&log, T::Dtr, &[]);
+    a.expect_err(&log, T::GetRegionSize, &[], EINVAL, "after DTR");
+}
+
+#[test]
+fn core_logs_without_state_dir_keep_their_state_across_suspend_and_resume() {
+    let mut a = Agent::start();
+    let log = Log::nth(0);
+    a.create(&log, CORE);
+    a.set_sync(&log, 0, 1);
+    a.set_sync(&log, 4, 1);
+    a.mark(&log, &[6]);
+    a.suspend(&log);
+    a.resume(&log);
+    assert_eq!(a.sync_map(&log, N), "1000100000000");
+    assert!(!a.is_clean(&log, 6));
+    assert_eq!(a.sync_count(&log), 2);
+}
+
+#[test]
+fn luid_swap_of_a_table_reload() {
+    let mut a = Agent::start();
+    let old = Log::new(UUID, 0xffff_8880_0000_1000);
+    let new = Log::new(UUID, 0xffff_8880_0000_2000);
+    a.create(&old, CORE);
+    a.set_sync(&old, 0, 1);
+    a.mark(&old, &[1]);
+    // dm reload: CTR + GET_REGION_SIZE for the new table while the old one is live.
+    a.ctr_ok(&new, "100 clustered-core 4");
+    assert_eq!(a.region_size(&new), 4);
+    assert_eq!(a.region_size(&old), 8, "the old log is unaffected");
+    assert!(a.in_sync(&old, 0));
+    a.mark(&old, &[2]);
+    a.ok(&old, T::Presuspend, &[]);
+    a.ok(&old, T::Postsuspend, &[]);
+    a.resume(&new);
+    a.ok(&old, T::Dtr, &[]);
+    a.expect_err(
+        &old,
+        T::GetRegionSize,
+        &[],
+        EINVAL,
+        "the old luid is gone after its DTR",
+    );
+    // The new log is its own (core, in memory: starts clean and out of sync) and fully usable.
+    assert_eq!(a.region_size(&new), 4);
+    assert!(!a.in_sync(&new, 0));
+    assert!(a.is_clean(&new, 1));
+    assert_eq!(a.resync_work(&new), (1, 0));
+    a.mark(&new, &[24]);
+    a.set_sync(&new, 24, 1);
+    assert_eq!(a.sync_count(&new), 1);
+    a.expect_err(
+        &new,
+        T::InSync,
+        &25u64.to_ne_bytes(),
+        EINVAL,
+        "100/4 = 25 regions",
+    );
+}
+
+#[test]
+fn luid_swap_of_a_disk_log_carries_the_state_through_the_device() {
+    let mut a = Agent::start();
+    let disk = zero_file(&a.dir.join("disk"), 65536);
+    let ctr = format!("100 clustered-disk {} 8", disk.display());
+    let old = Log::new(UUID, 0x1000);
+    let new = Log::new(UUID, 0x2000);
+    a.create(&old, &ctr);
+    for r in 0..6 {
+        a.recover(&old, r);
+    }
+    a.mark(&old, &[2]);
+    a.ctr_ok(&new, &ctr);
+    assert_eq!(a.region_size(&new), 8);
+    a.ok(&old, T::Presuspend, &[]);
+    a.ok(&old, T::Postsuspend, &[]);
+    // Everything the old log knew is on the device now.
+    let img = DiskLog::read(&disk);
+    img.assert_header(N);
+    assert_eq!(img.map(N), "1101110000000");
+    a.resume(&new);
+    a.ok(&old, T::Dtr, &[]);
+    assert_eq!(
+        a.sync_map(&new, N),
+        "1101110000000",
+        "the new luid loaded the old one's state"
+    );
+    assert_eq!(a.sync_count(&new), 5);
+    assert_eq!(a.resync_work(&new), (1, 2));
+}

@@ -1,0 +1,11 @@
+//! Integration tests: the `ulog-agent` binary, each test in its own network namespace, driven
+//! over a real `NETLINK_CONNECTOR` socket by the kernel-peer harness (`ulog_agent::kernel_peer`).
+//! They need root. Run with `cargo test -p ulog-agent --test integration`.
+
+mod common;
+mod ctr;
+mod lifecycle;
+mod persistence;
+mod recovery;
+mod regions;
+mod transport;

@@ -1,0 +1,341 @@
+//! Persistence: the on-disk log format written and read at the first RESUME, MARK and FLUSH
+//! durability, POSTSUSPEND and SIGTERM flushing, and agent restarts (kill -9) with core logs in a
+//! state directory and disk logs on a regular file and on a loop device.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::common::*;
+
+fn disk_ctr(path: &Path, extra: &str) -> String {
+    format!("100 clustered-disk {} 8{extra}", path.display())
+}
+
+/// A 64 KiB log device file holding `img` at its start.
+fn device_with(dir: &TempDir, img: &[u8]) -> PathBuf {
+    let p = zero_file(&dir.join("disk"), 65536);
+    write_head(&p, img);
+    p
+}
+
+#[test]
+fn first_resume_initialises_a_blank_device() {
+    let mut a = Agent::start();
+    let disk = zero_file(&a.dir.join("disk"), 65536);
+    let log = Log::nth(0);
+    a.ctr_ok(&log, &disk_ctr(&disk, ""));
+    a.resume(&log);
+    let img = DiskLog::read(&disk);
+    img.assert_header(N);
+    assert_eq!(img.map(N), "0000000000000");
+    assert_eq!(
+        a.sync_count(&log),
+        0,
+        "no valid log: everything out of sync"
+    );
+    assert_eq!(a.resync_work(&log), (1, 0));
+}
+
+#[test]
+fn first_resume_with_nosync_records_every_region_in_sync() {
+    let mut a = Agent::start();
+    let disk = zero_file(&a.dir.join("disk"), 65536);
+    let log = Log::nth(0);
+    a.create(&log, &disk_ctr(&disk, " nosync"));
+    let img = DiskLog::read(&disk);
+    img.assert_header(N);
+    assert_eq!(img.map(N), "1111111111111");
+    assert_eq!(a.sync_count(&log), N);
+}
+
+#[test]
+fn first_resume_loads_a_valid_log() {
+    let mut a = Agent::start();
+    let clean = |r: u64| [0, 2, 5, 6, 7, 12].contains(&r);
+    let disk = device_with(&a.dir, &image(MAGIC, N, clean));
+    let log = Log::nth(0);
+    let name = a.ctr_ok(&log, &disk_ctr(&disk, ""));
+    assert_eq!(name, format!("{}\0", disk.display()).into_bytes());
+    a.resume(&log);
+    assert_eq!(a.sync_map(&log, N), "1010011100001");
+    assert_eq!(a.sync_count(&log), 6);
+    assert_eq!(a.resync_work(&log), (1, 1));
+    assert_eq!(a.remote_recovering(&log, 9), (0, 1));
+    let img = DiskLog::read(&disk);
+    img.assert_header(N);
+    assert_eq!(img.map(N), "1010011100001", "written back unchanged");
+}
+
+#[test]
+fn regions_beyond_the_recorded_count_are_out_of_sync() {
+    let mut a = Agent::start();
+    // The device describes an 8-region log, all clean; the table now has 13 regions.
+    let disk = device_with(&a.dir, &image(MAGIC, 8, |_| true));
+    let log = Log::nth(0);
+    a.create(&log, &disk_ctr(&disk, ""));
+    assert_eq!(a.sync_map(&log, N), "1111111100000");
+    let img = DiskLog::read(&disk);
+    img.assert_header(N);
+    assert_eq!(img.map(N), "1111111100000");
+}
+
+#[test]
+fn bad_magic_or_a_sync_keyword_discards_the_recorded_state() {
+    for (extra, magic, want) in [
+        ("", 0x1234_5678, "0000000000000"),
+        ("", MAGIC.swap_bytes(), "0000000000000"),
+        (" sync", MAGIC, "0000000000000"),
+        (" sync block_on_error", MAGIC, "0000000000000"),
+        (" nosync", MAGIC, "1111111111111"),
+    ] {
+        let mut a = Agent::start();
+        // Half the regions recorded clean.
+        let disk = device_with(&a.dir, &image(magic, N, |r| r % 2 == 0));
+        let log = Log::nth(0);
+        a.create(&log, &disk_ctr(&disk, extra));
+        assert_eq!(
+            a.sync_map(&log, N),
+            want,
+            "ctr extra {extra:?}, magic {magic:#x}"
+        );
+        let img = DiskLog::read(&disk);
+        img.assert_header(N);
+        assert_eq!(
+            img.map(N),
+            want,
+            "rewritten: ctr extra {extra:?}, magic {magic:#x}"
+        );
+    }
+}
+
+#[test]
+fn mark_and_integrated_flush_are_durable_when_answered() {
+    let mut a = Agent::start();
+    let disk = device_with(&a.dir, &image(MAGIC, N, |_| true));
+    let log = Log::nth(0);
+    a.create(&log, &disk_ctr(&disk, ""));
+    assert_eq!(DiskLog::read(&disk).map(N), "1111111111111");
+    a.mark(&log, &[3, 9]);
+    assert_eq!(
+        DiskLog::read(&disk).map(N),
+        "1110111110111",
+        "MARK answered only once on the device"
+    );
+    a.flush(&log, &[11]);
+    assert_eq!(
+        DiskLog::read(&disk).map(N),
+        "1110111110101",
+        "integrated FLUSH"
+    );
+    a.mark(&log, &[0]);
+    a.flush(&log, &[]);
+    assert_eq!(DiskLog::read(&disk).map(N), "0110111110101", "FLUSH");
+    // A region leaving sync becomes dirty on the device at the latest at the next FLUSH.
+    a.set_sync(&log, 12, 0);
+    a.flush(&log, &[]);
+    assert_eq!(DiskLog::read(&disk).map(N), "0110111110100");
+}
+
+#[test]
+fn flush_covers_marks_still_in_flight() {
+    let mut a = Agent::start();
+    let disk = device_with(&a.dir, &image(MAGIC, N, |_| true));
+    let log = Log::nth(0);
+    a.create(&log, &disk_ctr(&disk, ""));
+    // MARK and FLUSH sent back to back; once the FLUSH is answered the MARK is on the device,
+    // whichever reply comes first.
+    let mark = a
+        .peer
+        .send(&Request::new(
+            T::MarkRegion,
+            &log.uuid,
+            log.luid,
+            regions_payload(&[1, 7]),
+        ))
+        .unwrap();
+    let flush = a
+        .peer
+        .send(&Request::new(T::Flush, &log.uuid, log.luid, vec![]))
+        .unwrap();
+    let r = a.peer.wait_reply(flush, Duration::from_secs(5)).unwrap();
+    assert_eq!(r.error, 0, "{r}");
+    assert_eq!(
+        DiskLog::read(&disk).map(N),
+        "1011111011111",
+        "FLUSH answered before the earlier MARK was durable"
+    );
+    assert_eq!(
+        a.peer
+            .wait_reply(mark, Duration::from_secs(5))
+            .unwrap()
+            .error,
+        0
+    );
+}
+
+#[test]
+fn postsuspend_writes_the_clean_regions() {
+    let mut a = Agent::start();
+    let disk = device_with(&a.dir, &image(MAGIC, N, |_| true));
+    let log = Log::nth(0);
+    a.create(&log, &disk_ctr(&disk, ""));
+    a.mark(&log, &[4, 5]);
+    assert_eq!(DiskLog::read(&disk).map(N), "1111001111111");
+    a.clear(&log, &[4]);
+    a.ok(&log, T::Presuspend, &[]);
+    a.ok(&log, T::Postsuspend, &[]);
+    assert_eq!(
+        DiskLog::read(&disk).map(N),
+        "1111101111111",
+        "the clear is on the device after POSTSUSPEND"
+    );
+}
+
+/// What a restarted log must remember.
+const BEFORE_KILL: &str = "1111101110111";
+
+/// Brings a log into a known state, then MARKs region 5 without a FLUSH and kills the agent.
+/// Afterwards region 5 (marked) and 9 (out of sync) must be out of sync, the rest in sync.
+fn restart_scenario(a: &mut Agent, ctr: &str, disk: Option<&Path>) {
+    let log = Log::nth(0);
+    a.create(&log, ctr);
+    for r in 0..N {
+        a.recover(&log, r);
+    }
+    a.set_sync(&log, 9, 0);
+    a.suspend(&log); // everything durable
+    a.resume(&log);
+    assert_eq!(a.sync_map(&log, N), "1111111110111");
+    a.mark(&log, &[5]);
+    if let Some(d) = disk {
+        assert_eq!(
+            DiskLog::read(d).map(N),
+            BEFORE_KILL,
+            "the MARK is on the device before it is answered"
+        );
+    }
+    a.restart_after_kill9();
+    let r = a.request(&Request::ctr_reconnect(&log.uuid, log.luid, ctr));
+    assert_eq!(r.error, 0, "reconnect CTR after the restart: {r}");
+    a.resume(&log);
+    assert_eq!(
+        a.sync_map(&log, N),
+        BEFORE_KILL,
+        "after kill -9: the MARKed region 5 and the out-of-sync region 9 need a resync, the rest not"
+    );
+    assert_eq!(a.sync_count(&log), N - 2);
+    assert_eq!(a.resync_work(&log), (1, 5));
+    assert_eq!(a.remote_recovering(&log, 7), (0, 5));
+    // And the restarted log works.
+    a.set_sync(&log, 5, 1);
+    assert_eq!(a.resync_work(&log), (1, 9));
+}
+
+#[test]
+fn restart_core_log_in_state_dir() {
+    let mut a = Agent::start_with(Core::StateDir);
+    restart_scenario(&mut a, CORE, None);
+}
+
+#[test]
+fn restart_disk_log_on_a_regular_file() {
+    let mut a = Agent::start();
+    let disk = zero_file(&a.dir.join("disk"), 65536);
+    restart_scenario(&mut a, &disk_ctr(&disk, ""), Some(&disk));
+}
+
+#[test]
+fn restart_disk_log_on_a_loop_device() {
+    let mut a = Agent::start();
+    let file = zero_file(&a.dir.join("backing"), 1 << 20);
+    let dev = LoopDev::attach(&file);
+    let ctr = disk_ctr(&dev.dev, "");
+    let log = Log::nth(9);
+    let name = a.ctr_ok(&log, &ctr);
+    assert_eq!(
+        name,
+        format!("{}\0", dev.dev.display()).into_bytes(),
+        "CTR returns the device as given"
+    );
+    a.resume(&log);
+    assert_eq!(
+        status_text(&a.ok(&log, T::StatusInfo, &[])),
+        format!("3 clustered-disk {} A", dev.maj_min()),
+        "STATUS_INFO names the loop device"
+    );
+    a.ok(&log, T::Dtr, &[]);
+    restart_scenario(&mut a, &ctr, Some(&dev.dev));
+}
+
+#[test]
+fn restart_without_state_dir_forgets_core_logs() {
+    let mut a = Agent::start();
+    let log = Log::nth(0);
+    a.create(&log, CORE);
+    a.set_sync(&log, 0, 1);
+    a.restart_after_kill9();
+    a.expect_err(
+        &log,
+        T::GetRegionSize,
+        &[],
+        EINVAL,
+        "a new agent does not know the log before its CTR",
+    );
+    let r = a.request(&Request::ctr_reconnect(&log.uuid, log.luid, CORE));
+    assert_eq!(r.error, 0);
+    a.resume(&log);
+    assert_eq!(a.sync_count(&log), 0, "an in-memory core log starts over");
+}
+
+fn sigterm_scenario(a: &mut Agent, ctr: &str, disk: Option<&Path>) {
+    let log = Log::nth(0);
+    a.create(&log, ctr);
+    for r in [0, 1, 2, 3, 8] {
+        a.recover(&log, r);
+    }
+    a.mark(&log, &[8]);
+    a.set_sync(&log, 11, 1);
+    a.mark(&log, &[11]);
+    a.clear(&log, &[11]);
+    // No FLUSH, no suspend: SIGTERM must write it all.
+    let st = a
+        .proc
+        .terminate(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(st.success(), "SIGTERM: exit status 0, got {st}");
+    let want = "1111000000010";
+    if let Some(d) = disk {
+        assert_eq!(DiskLog::read(d).map(N), want, "on the device after SIGTERM");
+    }
+    a.respawn();
+    assert!(
+        a.request(&Request::ctr_reconnect(&log.uuid, log.luid, ctr))
+            .error
+            == 0
+    );
+    a.resume(&log);
+    assert_eq!(a.sync_map(&log, N), want, "after a SIGTERM restart");
+}
+
+#[test]
+fn sigterm_flushes_disk_logs_and_exits_zero() {
+    let mut a = Agent::start();
+    let disk = zero_file(&a.dir.join("disk"), 65536);
+    sigterm_scenario(&mut a, &disk_ctr(&disk, ""), Some(&disk));
+}
+
+#[test]
+fn sigterm_flushes_core_logs_in_state_dir_and_exits_zero() {
+    let mut a = Agent::start_with(Core::StateDir);
+    sigterm_scenario(&mut a, CORE, None);
+}
+
+#[test]
+fn sigterm_with_no_logs_exits_zero() {
+    let mut a = Agent::start();
+    let st = a
+        .proc
+        .terminate(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(st.success(), "{st}");
+}
