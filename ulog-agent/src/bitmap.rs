@@ -136,7 +136,7 @@ impl RegionBitmap {
     /// Sets bits `[from, len)` to `value`.
     pub fn fill_from(&mut self, from: u64, value: bool) {
         let mut r = from;
-        while r < self.len && r % 64 != 0 {
+        while r < self.len && !r.is_multiple_of(64) {
             self.set(r, value);
             r += 1;
         }

@@ -243,7 +243,8 @@ mod tests {
     #[test]
     fn refusals() {
         use CtrError::*;
-        let cases: &[(&[u8], fn(&CtrError) -> bool)] = &[
+        type Case<'a> = (&'a [u8], fn(&CtrError) -> bool);
+        let cases: &[Case] = &[
             (b"", |e| *e == Empty),
             (b"\0", |e| *e == Empty),
             (b"100 clustered-core\0 2", |e| *e == EmbeddedNul),

@@ -43,9 +43,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ulog_common::{
-    CnMsg, DmUlogRequest, NlMsgHdr, RequestType, CN_IDX_DM, CN_MSG_LEN, CONNECTOR_MAX_MSG_SIZE,
-    DM_ULOG_CB_ID, DM_ULOG_REQUEST_VERSION, NETLINK_CONNECTOR, NLMSG_DONE, NLMSG_HDRLEN,
-    ULOG_OFFSET, ULOG_REQUEST_LEN,
+    CnMsg, DmUlogRequest, NlMsgHdr, RequestType, CN_IDX_DM, CN_MSG_LEN, CONNECTOR_MAX_MSG_SIZE, DM_ULOG_CB_ID,
+    DM_ULOG_REQUEST_VERSION, NETLINK_CONNECTOR, NLMSG_DONE, NLMSG_HDRLEN, ULOG_OFFSET, ULOG_REQUEST_LEN,
 };
 
 /// The netlink group bit of connector index 7 (`nl_groups` is a bitmask: group g is `1 << (g-1)`).
@@ -116,9 +115,7 @@ pub enum PeerError {
         hex: String,
     },
     /// `0 < cn_msg.len < 160`: the kernel logs "Incomplete message received" and drops it.
-    #[error(
-        "incomplete message from port {from_port}: cn_msg.len {cn_len} < 160 (cn_msg.seq {cn_seq})"
-    )]
+    #[error("incomplete message from port {from_port}: cn_msg.len {cn_len} < 160 (cn_msg.seq {cn_seq})")]
     Incomplete {
         /// cn_msg.seq.
         cn_seq: u32,
@@ -153,10 +150,7 @@ pub enum PeerError {
 }
 
 fn io_err(op: &'static str) -> PeerError {
-    PeerError::Io {
-        op,
-        source: io::Error::last_os_error(),
-    }
+    PeerError::Io { op, source: io::Error::last_os_error() }
 }
 
 /// A short name for an errno value (either sign), for messages.
@@ -188,24 +182,15 @@ pub fn enter_private_netns() -> Result<(), PeerError> {
     // SAFETY: plain syscalls without pointers.
     let euid = unsafe { libc::geteuid() };
     if euid != 0 {
-        return Err(PeerError::NotRoot {
-            euid,
-            what: "unshare(CLONE_NEWNET)",
-        });
+        return Err(PeerError::NotRoot { euid, what: "unshare(CLONE_NEWNET)" });
     }
     // SAFETY: as above; affects the calling thread only.
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
         let e = io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::EPERM) {
-            return Err(PeerError::NotRoot {
-                euid,
-                what: "unshare(CLONE_NEWNET) (EPERM: no CAP_SYS_ADMIN?)",
-            });
+            return Err(PeerError::NotRoot { euid, what: "unshare(CLONE_NEWNET) (EPERM: no CAP_SYS_ADMIN?)" });
         }
-        return Err(PeerError::Io {
-            op: "unshare(CLONE_NEWNET)",
-            source: e,
-        });
+        return Err(PeerError::Io { op: "unshare(CLONE_NEWNET)", source: e });
     }
     Ok(())
 }
@@ -222,8 +207,7 @@ fn connector_sockets(f: &mut File) -> io::Result<Vec<(u32, u32)>> {
         if cols.len() < 4 || cols[1] != NETLINK_CONNECTOR.to_string() {
             continue;
         }
-        let (Ok(port), Ok(groups)) = (cols[2].parse::<u32>(), u32::from_str_radix(cols[3], 16))
-        else {
+        let (Ok(port), Ok(groups)) = (cols[2].parse::<u32>(), u32::from_str_radix(cols[3], 16)) else {
             continue;
         };
         out.push((port, groups));
@@ -276,8 +260,7 @@ pub enum Parsed {
 /// id other than {7,1}) and where a full reply's `data_size` reaches past the message (the kernel
 /// would copy bytes that are not there: always a server bug).
 pub fn parse_datagram(d: &[u8]) -> Result<Parsed, String> {
-    let nl =
-        NlMsgHdr::read(d).ok_or_else(|| format!("{} bytes: shorter than a nlmsghdr", d.len()))?;
+    let nl = NlMsgHdr::read(d).ok_or_else(|| format!("{} bytes: shorter than a nlmsghdr", d.len()))?;
     let nl_len = nl.len as usize;
     if nl_len < NLMSG_HDRLEN + CN_MSG_LEN {
         return Err(format!("nlmsg_len {nl_len} < 36 (nlmsghdr + cn_msg)"));
@@ -286,23 +269,14 @@ pub fn parse_datagram(d: &[u8]) -> Result<Parsed, String> {
         return Err(format!("nlmsg_len {nl_len} > datagram length {}", d.len()));
     }
     if nl_len - NLMSG_HDRLEN > CONNECTOR_MAX_MSG_SIZE {
-        return Err(format!(
-            "connector payload {} > {CONNECTOR_MAX_MSG_SIZE}",
-            nl_len - NLMSG_HDRLEN
-        ));
+        return Err(format!("connector payload {} > {CONNECTOR_MAX_MSG_SIZE}", nl_len - NLMSG_HDRLEN));
     }
     let cn = CnMsg::read(&d[NLMSG_HDRLEN..]).expect("length checked above");
     if nl_len < ULOG_OFFSET + cn.len as usize {
-        return Err(format!(
-            "cn_msg.len {} exceeds nlmsg_len {nl_len} - 36",
-            cn.len
-        ));
+        return Err(format!("cn_msg.len {} exceeds nlmsg_len {nl_len} - 36", cn.len));
     }
     if cn.id != DM_ULOG_CB_ID {
-        return Err(format!(
-            "connector id {{{}, {}}} is not {{7, 1}}",
-            cn.id.idx, cn.id.val
-        ));
+        return Err(format!("connector id {{{}, {}}} is not {{7, 1}}", cn.id.idx, cn.id.val));
     }
     if cn.len == 0 {
         return Ok(Parsed::AckOnly { nl, cn });
@@ -320,12 +294,7 @@ pub fn parse_datagram(d: &[u8]) -> Result<Parsed, String> {
     }
     let start = ULOG_OFFSET + ULOG_REQUEST_LEN;
     let payload = d[start..start + header.data_size as usize].to_vec();
-    Ok(Parsed::Full {
-        nl,
-        cn,
-        header,
-        payload,
-    })
+    Ok(Parsed::Full { nl, cn, header, payload })
 }
 
 /// How much reply payload the "kernel" accepts for a request.
@@ -345,9 +314,7 @@ impl Capacity {
         match self {
             Capacity::Bytes(n) => Some(n),
             Capacity::Unbounded => None,
-            Capacity::Default => {
-                RequestType::from_raw(request_type).and_then(|t| t.reply_capacity())
-            }
+            Capacity::Default => RequestType::from_raw(request_type).and_then(|t| t.reply_capacity()),
         }
     }
 }
@@ -394,8 +361,7 @@ impl Request {
 
     /// The CTR of the kernel's `-ESRCH` reconnect loop: payload `ctr` plus NUL, reply capacity 0.
     pub fn ctr_reconnect(uuid: &str, luid: u64, ctr: &str) -> Self {
-        Self::new(RequestType::Ctr, uuid, luid, ctr_reconnect_payload(ctr))
-            .capacity(Capacity::Bytes(0))
+        Self::new(RequestType::Ctr, uuid, luid, ctr_reconnect_payload(ctr)).capacity(Capacity::Bytes(0))
     }
 
     /// Sets the protocol version.
@@ -447,17 +413,11 @@ pub fn regions_payload(regions: &[u64]) -> Vec<u8> {
 pub fn encode_request(req: &Request, seq: u32, version: u32) -> Result<Vec<u8>, PeerError> {
     let mut h = DmUlogRequest::zeroed();
     if !h.set_uuid(&req.uuid) {
-        return Err(PeerError::BadRequest(format!(
-            "uuid of {} bytes (max 128)",
-            req.uuid.len()
-        )));
+        return Err(PeerError::BadRequest(format!("uuid of {} bytes (max 128)", req.uuid.len())));
     }
     let cn_len = ULOG_REQUEST_LEN + req.payload.len();
     if cn_len > CONNECTOR_MAX_MSG_SIZE {
-        return Err(PeerError::BadRequest(format!(
-            "payload of {} bytes",
-            req.payload.len()
-        )));
+        return Err(PeerError::BadRequest(format!("payload of {} bytes", req.payload.len())));
     }
     h.luid = req.luid;
     h.version = version;
@@ -466,22 +426,8 @@ pub fn encode_request(req: &Request, seq: u32, version: u32) -> Result<Vec<u8>, 
     h.data_size = req.payload.len() as u32;
     let nl_len = ULOG_OFFSET + cn_len;
     let mut d = vec![0u8; (nl_len + 3) & !3];
-    NlMsgHdr {
-        len: nl_len as u32,
-        kind: NLMSG_DONE,
-        flags: 0,
-        seq,
-        pid: 0,
-    }
-    .write(&mut d);
-    CnMsg {
-        id: DM_ULOG_CB_ID,
-        seq,
-        ack: 0,
-        len: cn_len as u16,
-        flags: 0,
-    }
-    .write(&mut d[NLMSG_HDRLEN..]);
+    NlMsgHdr { len: nl_len as u32, kind: NLMSG_DONE, flags: 0, seq, pid: 0 }.write(&mut d);
+    CnMsg { id: DM_ULOG_CB_ID, seq, ack: 0, len: cn_len as u16, flags: 0 }.write(&mut d[NLMSG_HDRLEN..]);
     h.write(&mut d[ULOG_OFFSET..]);
     d[ULOG_OFFSET + ULOG_REQUEST_LEN..nl_len].copy_from_slice(&req.payload);
     Ok(d)
@@ -522,10 +468,7 @@ impl Reply {
         } else {
             Err(PeerError::Errno {
                 seq: self.seq,
-                kind: self
-                    .request_type
-                    .map(kind_name)
-                    .unwrap_or_else(|| "?".into()),
+                kind: self.request_type.map(kind_name).unwrap_or_else(|| "?".into()),
                 errno: self.error,
             })
         }
@@ -539,9 +482,7 @@ impl fmt::Display for Reply {
             "{:?} reply seq {} to {} from port {}: error {} ({}), {} payload bytes",
             self.form,
             self.seq,
-            self.request_type
-                .map(kind_name)
-                .unwrap_or_else(|| "nothing".into()),
+            self.request_type.map(kind_name).unwrap_or_else(|| "nothing".into()),
             self.from_port,
             self.error,
             errno_name(self.error),
@@ -557,12 +498,7 @@ struct Outstanding {
 }
 
 fn hex(b: &[u8]) -> String {
-    let mut s: String = b
-        .iter()
-        .take(64)
-        .map(|x| format!("{x:02x}"))
-        .collect::<Vec<_>>()
-        .join(" ");
+    let mut s: String = b.iter().take(64).map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" ");
     if b.len() > 64 {
         s.push_str(" …");
     }
@@ -580,13 +516,7 @@ fn nl_addr(port: u32, groups: u32) -> libc::sockaddr_nl {
 
 fn open_connector_socket(groups: u32) -> Result<(OwnedFd, u32), PeerError> {
     // SAFETY: plain syscall.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            NETLINK_CONNECTOR,
-        )
-    };
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, NETLINK_CONNECTOR) };
     if fd < 0 {
         return Err(io_err("socket(AF_NETLINK, NETLINK_CONNECTOR)"));
     }
@@ -619,27 +549,14 @@ fn open_connector_socket(groups: u32) -> Result<(OwnedFd, u32), PeerError> {
         if e.raw_os_error() == Some(libc::EPERM) {
             // SAFETY: plain syscall.
             let euid = unsafe { libc::geteuid() };
-            return Err(PeerError::NotRoot {
-                euid,
-                what: "binding a connector socket",
-            });
+            return Err(PeerError::NotRoot { euid, what: "binding a connector socket" });
         }
-        return Err(PeerError::Io {
-            op: "bind(AF_NETLINK)",
-            source: e,
-        });
+        return Err(PeerError::Io { op: "bind(AF_NETLINK)", source: e });
     }
     let mut got = nl_addr(0, 0);
     let mut len = size_of::<libc::sockaddr_nl>() as libc::socklen_t;
     // SAFETY: valid fd and out-buffers of the right size.
-    if unsafe {
-        libc::getsockname(
-            fd.as_raw_fd(),
-            &mut got as *mut _ as *mut libc::sockaddr,
-            &mut len,
-        )
-    } != 0
-    {
+    if unsafe { libc::getsockname(fd.as_raw_fd(), &mut got as *mut _ as *mut libc::sockaddr, &mut len) } != 0 {
         return Err(io_err("getsockname(AF_NETLINK)"));
     }
     Ok((fd, got.nl_pid))
@@ -672,34 +589,20 @@ fn send_to(fd: RawFd, d: &[u8], port: u32, groups: u32) -> Result<(), PeerError>
         if e.raw_os_error() == Some(libc::EPERM) {
             // SAFETY: plain syscall.
             let euid = unsafe { libc::geteuid() };
-            return Err(PeerError::NotRoot {
-                euid,
-                what: "sending connector messages",
-            });
+            return Err(PeerError::NotRoot { euid, what: "sending connector messages" });
         }
-        return Err(PeerError::Io {
-            op: "sendto(AF_NETLINK)",
-            source: e,
-        });
+        return Err(PeerError::Io { op: "sendto(AF_NETLINK)", source: e });
     }
     Ok(())
 }
 
 /// Waits up to `timeout` for a datagram; `Ok(None)` on timeout.
 /// Returns (datagram, sender port, sender groups).
-fn recv_one(
-    fd: RawFd,
-    buf: &mut [u8],
-    timeout: Duration,
-) -> Result<Option<(usize, u32, u32)>, PeerError> {
+fn recv_one(fd: RawFd, buf: &mut [u8], timeout: Duration) -> Result<Option<(usize, u32, u32)>, PeerError> {
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
         let ms = left.as_millis().min(i32::MAX as u128) as i32;
         let ms = if ms == 0 && !left.is_zero() { 1 } else { ms };
         // SAFETY: one valid pollfd.
@@ -709,10 +612,7 @@ fn recv_one(
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
-            return Err(PeerError::Io {
-                op: "poll",
-                source: e,
-            });
+            return Err(PeerError::Io { op: "poll", source: e });
         }
         if r == 0 {
             return Ok(None);
@@ -732,16 +632,10 @@ fn recv_one(
         };
         if n < 0 {
             let e = io::Error::last_os_error();
-            if matches!(
-                e.kind(),
-                io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
-            ) {
+            if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock) {
                 continue;
             }
-            return Err(PeerError::Io {
-                op: "recvfrom(AF_NETLINK)",
-                source: e,
-            });
+            return Err(PeerError::Io { op: "recvfrom(AF_NETLINK)", source: e });
         }
         return Ok(Some((n as usize, sa.nl_pid, sa.nl_groups)));
     }
@@ -777,15 +671,10 @@ impl KernelPeer {
     /// Opens the kernel's socket: `NETLINK_CONNECTOR`, autobound port, no groups. Fails with
     /// [`PeerError::NotPrivateNetns`] in a namespace holding the kernel's own connector socket.
     pub fn open() -> Result<Self, PeerError> {
-        let mut netlink_proc =
-            File::open("/proc/thread-self/net/netlink").map_err(|source| PeerError::Io {
-                op: "open /proc/thread-self/net/netlink",
-                source,
-            })?;
-        let socks = connector_sockets(&mut netlink_proc).map_err(|source| PeerError::Io {
-            op: "read /proc/thread-self/net/netlink",
-            source,
-        })?;
+        let mut netlink_proc = File::open("/proc/thread-self/net/netlink")
+            .map_err(|source| PeerError::Io { op: "open /proc/thread-self/net/netlink", source })?;
+        let socks = connector_sockets(&mut netlink_proc)
+            .map_err(|source| PeerError::Io { op: "read /proc/thread-self/net/netlink", source })?;
         if socks.iter().any(|&(port, _)| port == 0) {
             return Err(PeerError::NotPrivateNetns);
         }
@@ -851,10 +740,7 @@ impl KernelPeer {
         self.ignored.remove(&seq);
         self.outstanding.insert(
             seq,
-            Outstanding {
-                request_type: req.request_type,
-                capacity: req.capacity.resolve(req.request_type),
-            },
+            Outstanding { request_type: req.request_type, capacity: req.capacity.resolve(req.request_type) },
         );
         if let Err(e) = send_group(self.fd.as_raw_fd(), &d) {
             self.outstanding.remove(&seq);
@@ -874,13 +760,7 @@ impl KernelPeer {
     /// ulog seq, or an ack-only reply with that cn_msg.seq, will be matched.
     pub fn expect(&mut self, seq: u32, request_type: u32, capacity: Capacity) {
         self.ignored.remove(&seq);
-        self.outstanding.insert(
-            seq,
-            Outstanding {
-                request_type,
-                capacity: capacity.resolve(request_type),
-            },
-        );
+        self.outstanding.insert(seq, Outstanding { request_type, capacity: capacity.resolve(request_type) });
     }
 
     /// Forgets an outstanding seq; a reply to it is then silently dropped (not "unmatched").
@@ -906,48 +786,27 @@ impl KernelPeer {
             Ok(n) => n.to_string(),
             Err(e) => format!("unknown ({e})"),
         };
-        PeerError::Timeout {
-            waited,
-            outstanding: self.outstanding(),
-            listeners,
-        }
+        PeerError::Timeout { waited, outstanding: self.outstanding(), listeners }
     }
 
     /// Receives and classifies one datagram. `Ok(None)` on timeout or after an ignored or
     /// unmatched reply.
     fn receive(&mut self, timeout: Duration) -> Result<Option<Reply>, PeerError> {
-        let Some((n, from_port, _groups)) = recv_one(self.fd.as_raw_fd(), &mut self.buf, timeout)?
-        else {
+        let Some((n, from_port, _groups)) = recv_one(self.fd.as_raw_fd(), &mut self.buf, timeout)? else {
             return Ok(None);
         };
         let d = &self.buf[..n.min(self.buf.len())];
-        let malformed = |reason: String| PeerError::Malformed {
-            reason,
-            from_port,
-            len: n,
-            hex: hex(d),
-        };
+        let malformed = |reason: String| PeerError::Malformed { reason, from_port, len: n, hex: hex(d) };
         if n > self.buf.len() {
-            return Err(malformed(format!(
-                "datagram of {n} bytes, larger than any connector message"
-            )));
+            return Err(malformed(format!("datagram of {n} bytes, larger than any connector message")));
         }
         let parsed = parse_datagram(d).map_err(malformed)?;
         let (seq, form, nl, cn, header, payload) = match parsed {
             Parsed::Incomplete { cn, .. } => {
-                return Err(PeerError::Incomplete {
-                    cn_seq: cn.seq,
-                    cn_len: cn.len,
-                    from_port,
-                })
+                return Err(PeerError::Incomplete { cn_seq: cn.seq, cn_len: cn.len, from_port })
             }
             Parsed::AckOnly { nl, cn } => (cn.seq, ReplyForm::AckOnly, nl, cn, None, Vec::new()),
-            Parsed::Full {
-                nl,
-                cn,
-                header,
-                payload,
-            } => (header.seq, ReplyForm::Full, nl, cn, Some(header), payload),
+            Parsed::Full { nl, cn, header, payload } => (header.seq, ReplyForm::Full, nl, cn, Some(header), payload),
         };
         if self.ignored.remove(&seq) {
             return Ok(None);
@@ -1040,13 +899,7 @@ impl KernelPeer {
     }
 
     /// Sends a request of type `kind` and waits for its reply.
-    pub fn call(
-        &mut self,
-        kind: RequestType,
-        uuid: &str,
-        luid: u64,
-        payload: &[u8],
-    ) -> Result<Reply, PeerError> {
+    pub fn call(&mut self, kind: RequestType, uuid: &str, luid: u64, payload: &[u8]) -> Result<Reply, PeerError> {
         self.call_request(&Request::new(kind, uuid, luid, payload))
     }
 
@@ -1099,11 +952,7 @@ impl GroupListener {
     /// Opens a socket subscribed to connector group 7.
     pub fn open() -> Result<Self, PeerError> {
         let (fd, port) = open_connector_socket(DM_GROUP_MASK)?;
-        Ok(Self {
-            fd,
-            port,
-            buf: vec![0u8; RECV_BUF],
-        })
+        Ok(Self { fd, port, buf: vec![0u8; RECV_BUF] })
     }
 
     /// Its port.
@@ -1113,15 +962,11 @@ impl GroupListener {
 
     /// The next datagram within `timeout`.
     pub fn recv(&mut self, timeout: Duration) -> Result<Option<Datagram>, PeerError> {
-        Ok(
-            recv_one(self.fd.as_raw_fd(), &mut self.buf, timeout)?.map(|(n, from_port, groups)| {
-                Datagram {
-                    bytes: self.buf[..n.min(self.buf.len())].to_vec(),
-                    from_port,
-                    groups,
-                }
-            }),
-        )
+        Ok(recv_one(self.fd.as_raw_fd(), &mut self.buf, timeout)?.map(|(n, from_port, groups)| Datagram {
+            bytes: self.buf[..n.min(self.buf.len())].to_vec(),
+            from_port,
+            groups,
+        }))
     }
 
     /// Unicasts `bytes` to `port`.
@@ -1143,10 +988,7 @@ pub struct AgentProcess {
 
 impl fmt::Debug for AgentProcess {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AgentProcess")
-            .field("pid", &self.child.id())
-            .field("output", &self.output_path)
-            .finish()
+        f.debug_struct("AgentProcess").field("pid", &self.child.id()).field("output", &self.output_path).finish()
     }
 }
 
@@ -1160,16 +1002,9 @@ impl AgentProcess {
         S: AsRef<OsStr>,
     {
         let n = SPAWNED.fetch_add(1, Ordering::Relaxed);
-        let output_path =
-            std::env::temp_dir().join(format!("ulog-agent-{}-{n}.log", std::process::id()));
-        let out = File::create(&output_path).map_err(|source| PeerError::Io {
-            op: "create agent log file",
-            source,
-        })?;
-        let err = out.try_clone().map_err(|source| PeerError::Io {
-            op: "dup agent log file",
-            source,
-        })?;
+        let output_path = std::env::temp_dir().join(format!("ulog-agent-{}-{n}.log", std::process::id()));
+        let out = File::create(&output_path).map_err(|source| PeerError::Io { op: "create agent log file", source })?;
+        let err = out.try_clone().map_err(|source| PeerError::Io { op: "dup agent log file", source })?;
         let child = Command::new(exe.as_ref())
             .arg("-f")
             .arg("--accept-peer-port")
@@ -1182,24 +1017,12 @@ impl AgentProcess {
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
             .spawn()
-            .map_err(|source| PeerError::Io {
-                op: "spawn the agent",
-                source,
-            })?;
-        Ok(Self {
-            child,
-            status: None,
-            output_path,
-            keep_output: std::env::var_os("ULOG_KEEP_AGENT_OUTPUT").is_some(),
-        })
+            .map_err(|source| PeerError::Io { op: "spawn the agent", source })?;
+        Ok(Self { child, status: None, output_path, keep_output: std::env::var_os("ULOG_KEEP_AGENT_OUTPUT").is_some() })
     }
 
     /// Spawns and waits until it serves ([`wait_ready`](Self::wait_ready), 10 s).
-    pub fn spawn_ready<I, S>(
-        exe: impl AsRef<Path>,
-        peer: &mut KernelPeer,
-        extra: I,
-    ) -> Result<Self, PeerError>
+    pub fn spawn_ready<I, S>(exe: impl AsRef<Path>, peer: &mut KernelPeer, extra: I) -> Result<Self, PeerError>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
@@ -1216,25 +1039,17 @@ impl AgentProcess {
 
     /// Its captured stdout and stderr so far.
     pub fn output(&self) -> String {
-        std::fs::read_to_string(&self.output_path)
-            .unwrap_or_else(|e| format!("(unreadable: {e})\n"))
+        std::fs::read_to_string(&self.output_path).unwrap_or_else(|e| format!("(unreadable: {e})\n"))
     }
 
     fn agent_error(&self, msg: String) -> PeerError {
-        PeerError::Agent {
-            msg,
-            output: self.output(),
-            path: self.output_path.display().to_string(),
-        }
+        PeerError::Agent { msg, output: self.output(), path: self.output_path.display().to_string() }
     }
 
     /// `Some(status)` once it has exited.
     pub fn try_exited(&mut self) -> Result<Option<ExitStatus>, PeerError> {
         if self.status.is_none() {
-            self.status = self.child.try_wait().map_err(|source| PeerError::Io {
-                op: "waitpid(agent)",
-                source,
-            })?;
+            self.status = self.child.try_wait().map_err(|source| PeerError::Io { op: "waitpid(agent)", source })?;
         }
         Ok(self.status)
     }
@@ -1242,24 +1057,15 @@ impl AgentProcess {
     /// Probes with GET_REGION_SIZE of a log that does not exist until an answer arrives (it must
     /// be -EINVAL), re-sending every 100 ms (requests multicast before the agent subscribed are
     /// lost). Probes left unanswered are forgotten, so their late replies are not "unmatched".
-    pub fn wait_ready(
-        &mut self,
-        peer: &mut KernelPeer,
-        timeout: Duration,
-    ) -> Result<(), PeerError> {
+    pub fn wait_ready(&mut self, peer: &mut KernelPeer, timeout: Duration) -> Result<(), PeerError> {
         let start = Instant::now();
         let mut probes = Vec::new();
         let result = loop {
             if let Some(st) = self.try_exited()? {
-                break Err(
-                    self.agent_error(format!("exited with {st} before it answered a request"))
-                );
+                break Err(self.agent_error(format!("exited with {st} before it answered a request")));
             }
             if start.elapsed() >= timeout {
-                let listeners = peer
-                    .group_listeners()
-                    .map(|n| n.to_string())
-                    .unwrap_or_else(|e| e.to_string());
+                let listeners = peer.group_listeners().map(|n| n.to_string()).unwrap_or_else(|e| e.to_string());
                 break Err(self.agent_error(format!(
                     "no answer to a probe within {timeout:?} (group-7 listeners in the namespace: {listeners})"
                 )));
@@ -1375,23 +1181,9 @@ mod tests {
         h.data_size = payload.len() as u32;
         let cn_len = ULOG_REQUEST_LEN + payload.len();
         let mut d = vec![0u8; ULOG_OFFSET + cn_len];
-        NlMsgHdr {
-            len: d.len() as u32,
-            kind: NLMSG_DONE,
-            flags: 0,
-            seq: 0,
-            pid: 0,
-        }
-        .write(&mut d);
+        NlMsgHdr { len: d.len() as u32, kind: NLMSG_DONE, flags: 0, seq: 0, pid: 0 }.write(&mut d);
         let cn_seq = CnMsg::read(&req[NLMSG_HDRLEN..]).unwrap().seq;
-        CnMsg {
-            id: DM_ULOG_CB_ID,
-            seq: cn_seq,
-            ack: 0,
-            len: cn_len as u16,
-            flags: 0,
-        }
-        .write(&mut d[NLMSG_HDRLEN..]);
+        CnMsg { id: DM_ULOG_CB_ID, seq: cn_seq, ack: 0, len: cn_len as u16, flags: 0 }.write(&mut d[NLMSG_HDRLEN..]);
         h.write(&mut d[ULOG_OFFSET..]);
         d[ULOG_OFFSET + ULOG_REQUEST_LEN..].copy_from_slice(payload);
         d
@@ -1399,30 +1191,13 @@ mod tests {
 
     fn ack_reply(cn_seq: u32, ack: u32, cn_len: u16) -> Vec<u8> {
         let mut d = vec![0u8; ULOG_OFFSET + cn_len as usize];
-        NlMsgHdr {
-            len: d.len() as u32,
-            kind: NLMSG_DONE,
-            flags: 0,
-            seq: 0,
-            pid: 0,
-        }
-        .write(&mut d);
-        CnMsg {
-            id: DM_ULOG_CB_ID,
-            seq: cn_seq,
-            ack,
-            len: cn_len,
-            flags: 0,
-        }
-        .write(&mut d[NLMSG_HDRLEN..]);
+        NlMsgHdr { len: d.len() as u32, kind: NLMSG_DONE, flags: 0, seq: 0, pid: 0 }.write(&mut d);
+        CnMsg { id: DM_ULOG_CB_ID, seq: cn_seq, ack, len: cn_len, flags: 0 }.write(&mut d[NLMSG_HDRLEN..]);
         d
     }
 
     fn serve_one(server: &mut GroupListener) -> Datagram {
-        server
-            .recv(T)
-            .unwrap()
-            .expect("the fake server got no request")
+        server.recv(T).unwrap().expect("the fake server got no request")
     }
 
     #[test]
@@ -1433,52 +1208,31 @@ mod tests {
         let d = encode_request(&req, 1, 2).unwrap();
         assert_eq!(d.len(), 224);
         let expect: [u8; 36] = [
-            0xdf, 0, 0, 0, 3, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0,
-            0, 0, 0, 0, 0xbb, 0, 0, 0,
+            0xdf, 0, 0, 0, 3, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0xbb, 0,
+            0, 0,
         ];
         assert_eq!(&d[..36], &expect);
-        assert_eq!(
-            &d[36..44],
-            &[0x00, 0xb0, 0xa1, 0x03, 0x80, 0x88, 0xff, 0xff]
-        );
-        assert_eq!(
-            &d[36 + 140..36 + 160],
-            &[2, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0x1b, 0, 0, 0]
-        );
+        assert_eq!(&d[36..44], &[0x00, 0xb0, 0xa1, 0x03, 0x80, 0x88, 0xff, 0xff]);
+        assert_eq!(&d[36 + 140..36 + 160], &[2, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0x1b, 0, 0, 0]);
         assert_eq!(&d[196..223], b"2097152 clustered-core 1024");
         assert_eq!(d[223], 0);
         // Reconnect form: NUL counted.
         let r = Request::ctr_reconnect(UUID, LUID, "2097152 clustered-core 1024");
         assert_eq!(r.payload.len(), 28);
         assert_eq!(r.capacity, Capacity::Bytes(0));
-        assert!(encode_request(
-            &Request::new(RequestType::Dtr, &"u".repeat(129), 1, vec![]),
-            1,
-            3
-        )
-        .is_err());
+        assert!(encode_request(&Request::new(RequestType::Dtr, &"u".repeat(129), 1, vec![]), 1, 3).is_err());
     }
 
     #[test]
     fn parse_datagram_applies_the_connector_checks() {
-        let req = encode_request(
-            &Request::new(RequestType::InSync, UUID, LUID, 5u64.to_ne_bytes()),
-            9,
-            3,
-        )
-        .unwrap();
+        let req = encode_request(&Request::new(RequestType::InSync, UUID, LUID, 5u64.to_ne_bytes()), 9, 3).unwrap();
         let good = full_reply(&req, 0, &1i64.to_ne_bytes());
-        assert!(
-            matches!(parse_datagram(&good), Ok(Parsed::Full { ref payload, .. }) if payload.len() == 8)
-        );
+        assert!(matches!(parse_datagram(&good), Ok(Parsed::Full { ref payload, .. }) if payload.len() == 8));
         // Trailing padding after nlmsg_len is fine (the kernel checks skb->len >= nlmsg_len).
         let mut padded = good.clone();
         padded.extend_from_slice(&[0, 0, 0]);
         assert!(parse_datagram(&padded).is_ok());
-        assert!(
-            parse_datagram(&good[..15]).is_err(),
-            "shorter than nlmsghdr"
-        );
+        assert!(parse_datagram(&good[..15]).is_err(), "shorter than nlmsghdr");
         let mut big_nl = good.clone();
         big_nl[0..4].copy_from_slice(&(good.len() as u32 + 1).to_ne_bytes());
         assert!(parse_datagram(&big_nl).unwrap_err().contains("> datagram"));
@@ -1490,20 +1244,12 @@ mod tests {
         assert!(parse_datagram(&cn_over).unwrap_err().contains("cn_msg.len"));
         let mut wrong_id = good.clone();
         wrong_id[20..24].copy_from_slice(&2u32.to_ne_bytes());
-        assert!(parse_datagram(&wrong_id)
-            .unwrap_err()
-            .contains("connector id"));
+        assert!(parse_datagram(&wrong_id).unwrap_err().contains("connector id"));
         let mut ds_over = good.clone();
         ds_over[ULOG_OFFSET + 156..ULOG_OFFSET + 160].copy_from_slice(&9u32.to_ne_bytes());
         assert!(parse_datagram(&ds_over).unwrap_err().contains("data_size"));
-        assert!(matches!(
-            parse_datagram(&ack_reply(9, 22, 0)),
-            Ok(Parsed::AckOnly { .. })
-        ));
-        assert!(matches!(
-            parse_datagram(&ack_reply(9, 0, 100)),
-            Ok(Parsed::Incomplete { .. })
-        ));
+        assert!(matches!(parse_datagram(&ack_reply(9, 22, 0)), Ok(Parsed::AckOnly { .. })));
+        assert!(matches!(parse_datagram(&ack_reply(9, 0, 100)), Ok(Parsed::Incomplete { .. })));
     }
 
     #[test]
@@ -1511,12 +1257,7 @@ mod tests {
         let (mut peer, mut server) = setup();
         assert_eq!(peer.group_listeners().unwrap(), 1);
         // The raw send really fails with ECONNREFUSED in a private namespace...
-        let d = encode_request(
-            &Request::new(RequestType::GetRegionSize, UUID, LUID, vec![]),
-            77,
-            3,
-        )
-        .unwrap();
+        let d = encode_request(&Request::new(RequestType::GetRegionSize, UUID, LUID, vec![]), 77, 3).unwrap();
         let sa = nl_addr(0, DM_GROUP_MASK);
         // SAFETY: valid fd, buffer, address.
         let r = unsafe {
@@ -1530,29 +1271,16 @@ mod tests {
             )
         };
         assert_eq!(r, -1);
-        assert_eq!(
-            io::Error::last_os_error().raw_os_error(),
-            Some(libc::ECONNREFUSED)
-        );
+        assert_eq!(io::Error::last_os_error().raw_os_error(), Some(libc::ECONNREFUSED));
         // ...and the datagram arrived anyway, from the peer's port, to group 7.
         let got = serve_one(&mut server);
         assert_eq!(got.bytes, d);
         assert_eq!(got.from_port, peer.port());
         assert_eq!(got.groups, DM_GROUP_MASK);
         // send() treats that as success.
-        let seq = peer
-            .send(&Request::new(
-                RequestType::GetRegionSize,
-                UUID,
-                LUID,
-                vec![],
-            ))
-            .unwrap();
+        let seq = peer.send(&Request::new(RequestType::GetRegionSize, UUID, LUID, vec![])).unwrap();
         let got = serve_one(&mut server);
-        assert_eq!(
-            DmUlogRequest::read(&got.bytes[ULOG_OFFSET..]).unwrap().seq,
-            seq
-        );
+        assert_eq!(DmUlogRequest::read(&got.bytes[ULOG_OFFSET..]).unwrap().seq, seq);
         assert_eq!(CnMsg::read(&got.bytes[NLMSG_HDRLEN..]).unwrap().seq, seq);
         assert_eq!(NlMsgHdr::read(&got.bytes).unwrap().seq, seq);
         drop(server);
@@ -1563,15 +1291,8 @@ mod tests {
     fn open_refuses_the_namespace_of_the_kernel_connector() {
         // Only meaningful where this thread (not moved) sees the kernel's connector socket.
         let mut f = File::open("/proc/thread-self/net/netlink").unwrap();
-        if connector_sockets(&mut f)
-            .unwrap()
-            .iter()
-            .any(|&(p, _)| p == 0)
-        {
-            assert!(matches!(
-                KernelPeer::open(),
-                Err(PeerError::NotPrivateNetns)
-            ));
+        if connector_sockets(&mut f).unwrap().iter().any(|&(p, _)| p == 0) {
+            assert!(matches!(KernelPeer::open(), Err(PeerError::NotPrivateNetns)));
         }
     }
 
@@ -1579,84 +1300,42 @@ mod tests {
     fn full_replies_match_by_ulog_seq_and_respect_capacity() {
         let (mut peer, mut server) = setup();
         // Two in flight, answered in reverse order.
-        let a = peer
-            .send(&Request::new(
-                RequestType::GetRegionSize,
-                UUID,
-                LUID,
-                vec![],
-            ))
-            .unwrap();
-        let b = peer
-            .send(&Request::new(
-                RequestType::InSync,
-                UUID,
-                LUID,
-                3u64.to_ne_bytes(),
-            ))
-            .unwrap();
+        let a = peer.send(&Request::new(RequestType::GetRegionSize, UUID, LUID, vec![])).unwrap();
+        let b = peer.send(&Request::new(RequestType::InSync, UUID, LUID, 3u64.to_ne_bytes())).unwrap();
         let ra = serve_one(&mut server);
         let rb = serve_one(&mut server);
         let mut reply_b = full_reply(&rb.bytes, 0, &1i64.to_ne_bytes());
         reply_b[16 + 8..16 + 12].copy_from_slice(&0u32.to_ne_bytes()); // cn_msg.seq is ignored
         server.send_to(peer.port(), &reply_b).unwrap();
-        server
-            .send_to(
-                peer.port(),
-                &full_reply(&ra.bytes, 0, &1024u64.to_ne_bytes()),
-            )
-            .unwrap();
+        server.send_to(peer.port(), &full_reply(&ra.bytes, 0, &1024u64.to_ne_bytes())).unwrap();
         let r = peer.wait_reply(a, T).unwrap();
-        assert_eq!(
-            (r.form, r.error, r.payload.clone()),
-            (ReplyForm::Full, 0, 1024u64.to_ne_bytes().to_vec())
-        );
+        assert_eq!((r.form, r.error, r.payload.clone()), (ReplyForm::Full, 0, 1024u64.to_ne_bytes().to_vec()));
         assert_eq!(r.from_port, server.port());
         assert_eq!(r.request_type, Some(RequestType::GetRegionSize.raw()));
         let r = peer.recv_reply(T).unwrap();
         assert_eq!((r.seq, r.error), (b, 0));
         assert_eq!(r.header.unwrap().luid, LUID);
         // Errors pass through; payload too big for the type -> -ENOSPC and no payload.
-        let c = peer
-            .send(&Request::new(RequestType::Flush, UUID, LUID, vec![]))
-            .unwrap();
+        let c = peer.send(&Request::new(RequestType::Flush, UUID, LUID, vec![])).unwrap();
         let rc = serve_one(&mut server);
-        server
-            .send_to(peer.port(), &full_reply(&rc.bytes, 0, &[0u8; 8]))
-            .unwrap();
+        server.send_to(peer.port(), &full_reply(&rc.bytes, 0, &[0u8; 8])).unwrap();
         let r = peer.wait_reply(c, T).unwrap();
         assert_eq!((r.error, r.payload.len()), (-libc::ENOSPC, 0));
         assert_eq!(r.header.unwrap().data_size, 8);
-        let d = peer
-            .send(&Request::new(RequestType::Dtr, UUID, LUID, vec![]))
-            .unwrap();
+        let d = peer.send(&Request::new(RequestType::Dtr, UUID, LUID, vec![])).unwrap();
         let rd = serve_one(&mut server);
-        server
-            .send_to(peer.port(), &full_reply(&rd.bytes, -libc::EINVAL, &[]))
-            .unwrap();
+        server.send_to(peer.port(), &full_reply(&rd.bytes, -libc::EINVAL, &[])).unwrap();
         let r = peer.wait_reply(d, T).unwrap();
         assert_eq!(r.error, -libc::EINVAL);
         assert!(r.ok().is_err());
         // The reconnect CTR accepts no payload; the initial one accepts a device name.
-        let e = peer
-            .send(&Request::ctr_reconnect(
-                UUID,
-                LUID,
-                "100 clustered-disk /dev/loop2 8",
-            ))
-            .unwrap();
+        let e = peer.send(&Request::ctr_reconnect(UUID, LUID, "100 clustered-disk /dev/loop2 8")).unwrap();
         let re = serve_one(&mut server);
-        server
-            .send_to(peer.port(), &full_reply(&re.bytes, 0, b"/dev/loop2\0"))
-            .unwrap();
+        server.send_to(peer.port(), &full_reply(&re.bytes, 0, b"/dev/loop2\0")).unwrap();
         assert_eq!(peer.wait_reply(e, T).unwrap().error, -libc::ENOSPC);
-        let f = peer
-            .send(&Request::ctr(UUID, LUID, "100 clustered-disk /dev/loop2 8"))
-            .unwrap();
+        let f = peer.send(&Request::ctr(UUID, LUID, "100 clustered-disk /dev/loop2 8")).unwrap();
         let rf = serve_one(&mut server);
-        server
-            .send_to(peer.port(), &full_reply(&rf.bytes, 0, b"/dev/loop2\0"))
-            .unwrap();
+        server.send_to(peer.port(), &full_reply(&rf.bytes, 0, b"/dev/loop2\0")).unwrap();
         assert_eq!(peer.wait_reply(f, T).unwrap().payload, b"/dev/loop2\0");
         peer.assert_silent(Duration::from_millis(50)).unwrap();
     }
@@ -1664,73 +1343,44 @@ mod tests {
     #[test]
     fn ack_only_replies_match_by_cn_seq_and_negate_ack() {
         let (mut peer, mut server) = setup();
-        let a = peer
-            .send(&Request::new(
-                RequestType::ClearRegion,
-                UUID,
-                LUID,
-                5u64.to_ne_bytes(),
-            ))
-            .unwrap();
+        let a = peer.send(&Request::new(RequestType::ClearRegion, UUID, LUID, 5u64.to_ne_bytes())).unwrap();
         serve_one(&mut server);
-        server
-            .send_to(peer.port(), &ack_reply(a, libc::EAGAIN as u32, 0))
-            .unwrap();
+        server.send_to(peer.port(), &ack_reply(a, libc::EAGAIN as u32, 0)).unwrap();
         let r = peer.wait_reply(a, T).unwrap();
-        assert_eq!(
-            (r.form, r.error, r.header.is_none()),
-            (ReplyForm::AckOnly, -libc::EAGAIN, true)
-        );
+        assert_eq!((r.form, r.error, r.header.is_none()), (ReplyForm::AckOnly, -libc::EAGAIN, true));
         // A raw (malformed) request registered by its cn seq.
         let seq = peer.next_seq();
         peer.send_raw(&ack_reply(seq, 0, 0)).unwrap();
         peer.expect(seq, 0, Capacity::Unbounded);
         serve_one(&mut server);
-        server
-            .send_to(peer.port(), &ack_reply(seq, libc::EINVAL as u32, 0))
-            .unwrap();
+        server.send_to(peer.port(), &ack_reply(seq, libc::EINVAL as u32, 0)).unwrap();
         assert_eq!(peer.recv_reply(T).unwrap().error, -libc::EINVAL);
     }
 
     #[test]
     fn incomplete_malformed_and_unmatched_replies_are_reported() {
         let (mut peer, mut server) = setup();
-        let a = peer
-            .send(&Request::new(RequestType::GetSyncCount, UUID, LUID, vec![]))
-            .unwrap();
+        let a = peer.send(&Request::new(RequestType::GetSyncCount, UUID, LUID, vec![])).unwrap();
         let ra = serve_one(&mut server);
         server.send_to(peer.port(), &ack_reply(a, 0, 100)).unwrap();
-        assert!(matches!(
-            peer.recv_reply(T),
-            Err(PeerError::Incomplete { cn_len: 100, .. })
-        ));
+        assert!(matches!(peer.recv_reply(T), Err(PeerError::Incomplete { cn_len: 100, .. })));
         let mut bad = full_reply(&ra.bytes, 0, &7u64.to_ne_bytes());
         bad[0..4].copy_from_slice(&1000u32.to_ne_bytes());
         server.send_to(peer.port(), &bad).unwrap();
-        assert!(matches!(
-            peer.recv_reply(T),
-            Err(PeerError::Malformed { .. })
-        ));
+        assert!(matches!(peer.recv_reply(T), Err(PeerError::Malformed { .. })));
         // A reply for a seq nobody waits for is set aside; the real one is still matched.
         let mut other = full_reply(&ra.bytes, 0, &7u64.to_ne_bytes());
         other[ULOG_OFFSET + 148..ULOG_OFFSET + 152].copy_from_slice(&(a + 1000).to_ne_bytes());
         server.send_to(peer.port(), &other).unwrap();
-        server
-            .send_to(peer.port(), &full_reply(&ra.bytes, 0, &7u64.to_ne_bytes()))
-            .unwrap();
+        server.send_to(peer.port(), &full_reply(&ra.bytes, 0, &7u64.to_ne_bytes())).unwrap();
         assert_eq!(peer.wait_reply(a, T).unwrap().payload, 7u64.to_ne_bytes());
         let un = peer.take_unmatched();
         assert_eq!(un.len(), 1);
         assert_eq!(un[0].seq, a + 1000);
         assert_eq!(un[0].request_type, None);
         // A second answer to an answered seq is unmatched too, and assert_silent reports it.
-        server
-            .send_to(peer.port(), &full_reply(&ra.bytes, 0, &7u64.to_ne_bytes()))
-            .unwrap();
-        assert!(matches!(
-            peer.assert_silent(Duration::from_millis(200)),
-            Err(PeerError::Unexpected(_))
-        ));
+        server.send_to(peer.port(), &full_reply(&ra.bytes, 0, &7u64.to_ne_bytes())).unwrap();
+        assert!(matches!(peer.assert_silent(Duration::from_millis(200)), Err(PeerError::Unexpected(_))));
         // Timeouts say how many group-7 listeners there are.
         peer.set_call_timeout(Duration::from_millis(50));
         drop(server);
@@ -1744,28 +1394,12 @@ mod tests {
     fn seqs_wrap_like_the_kernel_counter() {
         let (mut peer, mut server) = setup();
         peer.set_next_seq(u32::MAX);
-        let a = peer
-            .send(&Request::new(
-                RequestType::GetRegionSize,
-                UUID,
-                LUID,
-                vec![],
-            ))
-            .unwrap();
-        let b = peer
-            .send(&Request::new(
-                RequestType::GetRegionSize,
-                UUID,
-                LUID,
-                vec![],
-            ))
-            .unwrap();
+        let a = peer.send(&Request::new(RequestType::GetRegionSize, UUID, LUID, vec![])).unwrap();
+        let b = peer.send(&Request::new(RequestType::GetRegionSize, UUID, LUID, vec![])).unwrap();
         assert_eq!((a, b), (u32::MAX, 0));
         for _ in 0..2 {
             let r = serve_one(&mut server);
-            server
-                .send_to(peer.port(), &full_reply(&r.bytes, 0, &8u64.to_ne_bytes()))
-                .unwrap();
+            server.send_to(peer.port(), &full_reply(&r.bytes, 0, &8u64.to_ne_bytes())).unwrap();
         }
         assert_eq!(peer.wait_reply(b, T).unwrap().seq, 0);
         assert_eq!(peer.wait_reply(a, T).unwrap().seq, u32::MAX);

@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use tracing::{error, info};
+use tracing::{error, info, warn};
+use ulog_agent::telemetry::probes::ProbeSet;
+use ulog_common::RequestType;
 use ulog_agent::counters::Counters;
 use ulog_agent::server::{LogServer, ServerConfig};
 use ulog_agent::transport::{self, ConnectorSocket, SocketSink};
@@ -43,6 +45,10 @@ struct Cli {
     #[arg(long, value_name = "PORT")]
     accept_peer_port: Option<u32>,
 
+    /// Do not load the eBPF probes (kernel-side request counts and latency).
+    #[arg(long)]
+    no_probes: bool,
+
     /// Receive queue size in bytes (many requests may be in flight at once).
     #[arg(long, default_value_t = 8 << 20, value_name = "BYTES")]
     rcvbuf: usize,
@@ -75,6 +81,22 @@ fn main() -> anyhow::Result<()> {
     if let Some(port) = cli.accept_peer_port {
         info!(port, "also serving a userspace test peer");
     }
+
+    let probes = if cli.no_probes {
+        info!("eBPF probes disabled (--no-probes)");
+        None
+    } else {
+        match ProbeSet::try_start() {
+            Ok(p) => {
+                info!("eBPF probe attached to dm_consult_userspace");
+                Some(p)
+            }
+            Err(e) => {
+                warn!(reason = %e.report(), "eBPF probes not attached; serving without kernel-side telemetry");
+                None
+            }
+        }
+    };
 
     let stop = Arc::new(AtomicBool::new(false));
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<std::io::Result<()>>();
@@ -109,7 +131,26 @@ fn main() -> anyhow::Result<()> {
     if let Err(e) = &served {
         error!(error = %e, "receive loop failed");
     }
+    log_request_summary(&counters, probes.as_ref());
     served.context("serving failed")?;
     info!("exited cleanly");
     Ok(())
+}
+
+/// One line per request type seen: what the agent served and, with the probe attached, what
+/// the kernel sent (they differ by the requests the kernel sent while no agent was running).
+fn log_request_summary(counters: &Counters, probes: Option<&ProbeSet>) {
+    let kernel = probes.map(|p| p.request_counts());
+    for t in RequestType::ALL {
+        let served = counters.requests_of(Some(t));
+        let sent = kernel.map(|k| k[ulog_common::probes::request_counter_slot(t.raw()) as usize]);
+        if served == 0 && sent.unwrap_or(0) == 0 {
+            continue;
+        }
+        info!(request = t.name(), served, errors = counters.errors_of(Some(t)), kernel_sent = ?sent, "request totals");
+    }
+    let unknown = counters.requests_of(None);
+    if unknown > 0 {
+        info!(request = "UNKNOWN", served = unknown, "request totals");
+    }
 }

@@ -4,8 +4,8 @@
 //! Subcommands:
 //! - `fetch`: download and unpack the pinned kernel into the cache ([`fetch`]).
 //! - `run [SCENARIO...]`: build the initramfs, boot, run scenarios, exit non-zero on any failure.
-//! - `test`: the whole suite, honouring [`scenarios::EXPECTED_TO_FAIL`]; `cargo xtask test` calls
-//!   [`test_suite`].
+//! - `test`: the whole suite, honouring [`scenarios::EXPECTED_TO_FAIL`] (`cargo xtask test` runs
+//!   `cargo xtask vm test`).
 //! - `shell`: the same guest with an interactive busybox shell on this terminal.
 //! - `build`: only build the initramfs (prints its path); `list`: the scenarios.
 //!
@@ -37,7 +37,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Subcommand, ValueEnum};
 
 mod fetch;
 mod initramfs;
@@ -113,7 +113,7 @@ pub struct MachineOpts {
 
 #[derive(clap::Args, Clone)]
 pub struct RunArgs {
-    /// Scenario names (see `vm list`); all when empty.
+    /// Scenario names (see `vm list`); the suite's when empty.
     scenarios: Vec<String>,
     /// One VM per scenario instead of sharing one among single-boot scenarios without disks.
     #[arg(long)]
@@ -151,6 +151,7 @@ pub fn run(args: Args) -> Result<()> {
         Cmd::Test(a) => run_scenarios(&a, true),
         Cmd::Shell(a) => shell(&a),
         Cmd::Build(b) => {
+            let _lock = lock_workdir()?;
             let k = fetch::ensure_kernel(false)?;
             let p = build_initramfs(&k, &b)?;
             println!("{}", p.display());
@@ -159,22 +160,12 @@ pub fn run(args: Args) -> Result<()> {
         Cmd::List => {
             for s in scenarios::SCENARIOS {
                 let xf = scenarios::expected_failure(s.name).map(|w| format!(" [expected to fail: {w}]")).unwrap_or_default();
-                println!("{:<20} {}{xf}", s.name, s.about);
+                let suite = if s.suite { "" } else { " [not in the suite]" };
+                println!("{:<20} {}{xf}{suite}", s.name, s.about);
             }
             Ok(())
         }
     }
-}
-
-/// The whole VM suite with default options (for `cargo xtask test`).
-#[allow(dead_code)] // until xtask/src/test.rs calls it
-pub fn test_suite() -> Result<()> {
-    #[derive(Parser)]
-    struct Wrap {
-        #[command(flatten)]
-        a: RunArgs,
-    }
-    run_scenarios(&Wrap::parse_from(["vm-test", "--quiet"]).a, true)
 }
 
 // ---- shared helpers ------------------------------------------------------------------------
@@ -218,6 +209,20 @@ fn workdir() -> Result<PathBuf> {
     let d = target_dir().join("vm");
     std::fs::create_dir_all(&d)?;
     Ok(d)
+}
+
+/// One `vm` command at a time per target dir (they share the initramfs, disks/ and logs/).
+/// The lock is released when the returned file is dropped (or the process dies).
+fn lock_workdir() -> Result<std::fs::File> {
+    let p = workdir()?.join("lock");
+    let f = std::fs::File::create(&p)?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(_) => bail!(
+            "another `cargo xtask vm` is running with this target dir ({}): wait, or set CARGO_TARGET_DIR",
+            p.display()
+        ),
+    }
 }
 
 fn scenarios_dir() -> PathBuf {
@@ -299,7 +304,7 @@ fn stamp() -> String {
 fn run_scenarios(a: &RunArgs, suite: bool) -> Result<()> {
     let t0 = Instant::now();
     let chosen: Vec<&'static scenarios::Scenario> = if a.scenarios.is_empty() {
-        scenarios::SCENARIOS.iter().collect()
+        scenarios::SCENARIOS.iter().filter(|s| s.suite).collect()
     } else {
         a.scenarios
             .iter()
@@ -315,6 +320,7 @@ fn run_scenarios(a: &RunArgs, suite: bool) -> Result<()> {
         let p = scenarios_dir().join(format!("{}.sh", s.name));
         ensure!(p.is_file(), "scenario script {} is missing", p.display());
     }
+    let _lock = lock_workdir()?;
     let k = fetch::ensure_kernel(false)?;
     let initrd = build_initramfs(&k, &a.build)?;
     let m = machine(&k, initrd, &a.machine)?;
@@ -336,7 +342,7 @@ fn run_scenarios(a: &RunArgs, suite: bool) -> Result<()> {
 
     // Report.
     let mut bad = 0;
-    let mut logs: Vec<PathBuf> = Vec::new();
+    let mut excerpts: Vec<(String, PathBuf)> = Vec::new();
     eprintln!("\nvm: results ({:.1} s in all)", t0.elapsed().as_secs_f64());
     for v in &verdicts {
         let xfail = scenarios::expected_failure(v.name);
@@ -350,7 +356,8 @@ fn run_scenarios(a: &RunArgs, suite: bool) -> Result<()> {
             }
         };
         let secs: Vec<String> = v.secs.iter().map(|s| format!("{s:.1}")).collect();
-        let mut line = format!("  {tag:<5} {:<20} {} s", v.name, if secs.is_empty() { "-".into() } else { secs.join("+") });
+        let secs = if secs.is_empty() { "-".to_string() } else { format!("{} s", secs.join("+")) };
+        let mut line = format!("  {tag:<5} {:<20} {secs}", v.name);
         if !v.reason.is_empty() {
             line += &format!("  ({})", v.reason);
         }
@@ -358,17 +365,24 @@ fn run_scenarios(a: &RunArgs, suite: bool) -> Result<()> {
             line += &format!("  [expected to fail: {w}]");
         }
         eprintln!("{line}");
-        for l in &v.logs {
-            if !logs.contains(l) {
-                logs.push(l.clone());
-            }
+        if !v.passed {
+            // The last boot's log is the one that failed.
+            excerpts.extend(v.logs.last().map(|l| (v.name.to_string(), l.clone())));
         }
     }
     for v in verdicts.iter().filter(|v| v.passed && suite && scenarios::expected_failure(v.name).is_some()) {
         eprintln!("vm: note: {} passed: remove it from EXPECTED_TO_FAIL in xtask/src/vm/scenarios.rs", v.name);
     }
-    for l in &logs {
-        eprintln!("\nvm: console log kept: {}\n---- tail ----\n{}\n--------------", l.display(), qemu::tail(l, 40));
+    for (name, l) in &excerpts {
+        eprintln!(
+            "\nvm: {name}: console log kept: {}\n---- end of {name}'s part ----\n{}\n--------------",
+            l.display(),
+            qemu::excerpt(l, name, 40)
+        );
+    }
+    let kept: Vec<String> = verdicts.iter().flat_map(|v| v.logs.iter()).map(|l| l.display().to_string()).collect();
+    if a.keep_logs && !kept.is_empty() {
+        eprintln!("vm: logs kept (--keep-logs): {}", kept.join(" "));
     }
     if bad > 0 {
         bail!("{bad} VM scenario(s) failed");
@@ -377,6 +391,7 @@ fn run_scenarios(a: &RunArgs, suite: bool) -> Result<()> {
 }
 
 fn shell(a: &ShellArgs) -> Result<()> {
+    let _lock = lock_workdir()?;
     let k = fetch::ensure_kernel(false)?;
     let initrd = build_initramfs(&k, &a.build)?;
     let m = machine(&k, initrd, &a.machine)?;

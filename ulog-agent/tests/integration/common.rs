@@ -11,14 +11,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 pub use ulog_agent::kernel_peer::{
-    encode_request, enter_private_netns, errno_name, regions_payload, AgentProcess, Capacity,
-    GroupListener, KernelPeer, Reply, ReplyForm, Request,
+    encode_request, enter_private_netns, errno_name, regions_payload, AgentProcess, Capacity, GroupListener,
+    KernelPeer, Reply, ReplyForm, Request,
 };
 pub use ulog_common::RequestType as T;
 pub use ulog_common::{NLMSG_HDRLEN, ULOG_OFFSET, ULOG_REQUEST_LEN};
 
-/// The agent binary under test.
-pub const AGENT: &str = env!("CARGO_BIN_EXE_ulog-agent");
+/// The agent binary under test: the one cargo built, or `$ULOG_AGENT_BIN` (e.g. a mutated
+/// build, to check that the tests catch a bug).
+pub fn agent_bin() -> String {
+    std::env::var("ULOG_AGENT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ulog-agent").to_string())
+}
 /// The uuid most tests use.
 pub const UUID: &str = "LVM-ulogintegrationtest0001";
 /// A kernel-looking luid.
@@ -43,10 +46,7 @@ pub struct Log {
 
 impl Log {
     pub fn new(uuid: &str, luid: u64) -> Self {
-        Self {
-            uuid: uuid.into(),
-            luid,
-        }
+        Self { uuid: uuid.into(), luid }
     }
     /// `UUID` with luid `LUID + n`.
     pub fn nth(n: u64) -> Self {
@@ -114,14 +114,8 @@ impl Agent {
             args.push("--state-dir".to_string());
             args.push(dir.join("state").display().to_string());
         }
-        let proc =
-            AgentProcess::spawn_ready(AGENT, &mut peer, &args).unwrap_or_else(|e| panic!("{e}"));
-        Self {
-            peer,
-            proc,
-            dir,
-            args,
-        }
+        let proc = AgentProcess::spawn_ready(agent_bin(), &mut peer, &args).unwrap_or_else(|e| panic!("{e}"));
+        Self { peer, proc, dir, args }
     }
 
     /// kill -9 and start a new agent with the same arguments.
@@ -133,27 +127,15 @@ impl Agent {
 
     /// Starts a new agent with the same arguments (the old one must be gone).
     pub fn respawn(&mut self) {
-        self.proc = AgentProcess::spawn_ready(AGENT, &mut self.peer, &self.args)
-            .unwrap_or_else(|e| panic!("{e}"));
+        self.proc =
+            AgentProcess::spawn_ready(agent_bin(), &mut self.peer, &self.args).unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Sends one request and waits for its reply, which must be a full reply.
     pub fn request(&mut self, req: &Request) -> Reply {
-        let what = format!(
-            "{} of {}/{:#x}",
-            req.kind_name(),
-            String::from_utf8_lossy(&req.uuid),
-            req.luid
-        );
-        let r = self
-            .peer
-            .call_request(req)
-            .unwrap_or_else(|e| panic!("{what}: {e}"));
-        assert_eq!(
-            r.form,
-            ReplyForm::Full,
-            "{what}: every reply to a readable request is a full reply ({r})"
-        );
+        let what = format!("{} of {}/{:#x}", req.kind_name(), String::from_utf8_lossy(&req.uuid), req.luid);
+        let r = self.peer.call_request(req).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(r.form, ReplyForm::Full, "{what}: every reply to a readable request is a full reply ({r})");
         r
     }
 
@@ -164,12 +146,7 @@ impl Agent {
     /// The payload of a successful reply; panics on an error.
     pub fn ok(&mut self, log: &Log, t: T, payload: &[u8]) -> Vec<u8> {
         let r = self.call(log, t, payload);
-        assert_eq!(
-            r.error,
-            0,
-            "{} of {log:?} with payload {payload:02x?} failed: {r}",
-            t.name()
-        );
+        assert_eq!(r.error, 0, "{} of {log:?} with payload {payload:02x?} failed: {r}", t.name());
         r.payload
     }
 
@@ -230,16 +207,12 @@ impl Agent {
 
     /// IN_SYNC of regions 0..n as a string of 0/1, region 0 first.
     pub fn sync_map(&mut self, log: &Log, n: u64) -> String {
-        (0..n)
-            .map(|r| if self.in_sync(log, r) { '1' } else { '0' })
-            .collect()
+        (0..n).map(|r| if self.in_sync(log, r) { '1' } else { '0' }).collect()
     }
 
     /// IS_CLEAN of regions 0..n as a string of 0/1.
     pub fn clean_map(&mut self, log: &Log, n: u64) -> String {
-        (0..n)
-            .map(|r| if self.is_clean(log, r) { '1' } else { '0' })
-            .collect()
+        (0..n).map(|r| if self.is_clean(log, r) { '1' } else { '0' }).collect()
     }
 
     fn u64_reply(&mut self, log: &Log, t: T) -> u64 {
@@ -259,10 +232,7 @@ impl Agent {
     fn pair_reply(&mut self, log: &Log, t: T, payload: &[u8]) -> (i64, u64) {
         let p = self.ok(log, t, payload);
         assert_eq!(p.len(), 16, "{} reply is 16 bytes", t.name());
-        (
-            i64::from_ne_bytes(p[..8].try_into().unwrap()),
-            u64::from_ne_bytes(p[8..16].try_into().unwrap()),
-        )
+        (i64::from_ne_bytes(p[..8].try_into().unwrap()), u64::from_ne_bytes(p[8..16].try_into().unwrap()))
     }
 
     /// GET_RESYNC_WORK: (i, r).
@@ -319,11 +289,7 @@ pub fn set_sync_payload(r: u64, in_sync: i64) -> Vec<u8> {
 
 /// The string of a STATUS reply, which must end with its NUL (counted in data_size).
 pub fn status_text(payload: &[u8]) -> String {
-    assert_eq!(
-        payload.last(),
-        Some(&0),
-        "status text {payload:02x?} ends with a NUL counted in data_size"
-    );
+    assert_eq!(payload.last(), Some(&0), "status text {payload:02x?} ends with a NUL counted in data_size");
     let body = &payload[..payload.len() - 1];
     assert!(!body.contains(&0), "one string: {payload:02x?}");
     String::from_utf8(body.to_vec()).unwrap()
@@ -373,10 +339,7 @@ pub fn write_head(path: &Path, bytes: &[u8]) {
 /// Reads the first `len` bytes of a file or block device as they are on the device (O_DIRECT for
 /// block devices, so no stale page cache is read).
 pub fn read_head(path: &Path, len: usize) -> Vec<u8> {
-    let is_blk = std::fs::metadata(path)
-        .unwrap()
-        .file_type()
-        .is_block_device();
+    let is_blk = std::fs::metadata(path).unwrap().file_type().is_block_device();
     if !is_blk {
         let mut v = Vec::new();
         File::open(path).unwrap().read_to_end(&mut v).unwrap();
@@ -388,11 +351,7 @@ pub fn read_head(path: &Path, len: usize) -> Vec<u8> {
     // SAFETY: non-zero size; freed below with the same layout.
     let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
     assert!(!ptr.is_null());
-    let f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .unwrap();
+    let f = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path).unwrap();
     let mut done = 0usize;
     while done < size {
         // SAFETY: the buffer holds `size` bytes; the fd is open.
@@ -404,12 +363,7 @@ pub fn read_head(path: &Path, len: usize) -> Vec<u8> {
                 done as i64,
             )
         };
-        assert!(
-            n >= 0,
-            "pread {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        );
+        assert!(n >= 0, "pread {}: {}", path.display(), std::io::Error::last_os_error());
         if n == 0 {
             break;
         }
@@ -434,11 +388,7 @@ pub struct DiskLog {
 impl DiskLog {
     pub fn read(path: &Path) -> Self {
         let bytes = read_head(path, 4096);
-        assert!(
-            bytes.len() >= BITMAP_OFFSET + 8,
-            "log device too short: {} bytes",
-            bytes.len()
-        );
+        assert!(bytes.len() >= BITMAP_OFFSET + 8, "log device too short: {} bytes", bytes.len());
         Self {
             magic: u32::from_le_bytes(bytes[0..4].try_into().unwrap()),
             version: u32::from_le_bytes(bytes[4..8].try_into().unwrap()),
@@ -454,17 +404,12 @@ impl DiskLog {
 
     /// Bits of regions 0..n as a string of 0/1.
     pub fn map(&self, n: u64) -> String {
-        (0..n)
-            .map(|r| if self.clean(r) { '1' } else { '0' })
-            .collect()
+        (0..n).map(|r| if self.clean(r) { '1' } else { '0' }).collect()
     }
 
     /// Asserts a valid header for `n` regions.
     pub fn assert_header(&self, n: u64) {
-        assert_eq!(
-            self.magic, MAGIC,
-            "magic 0x4D695272 (\"MiRr\" LE) at byte 0"
-        );
+        assert_eq!(self.magic, MAGIC, "magic 0x4D695272 (\"MiRr\" LE) at byte 0");
         assert_eq!(self.version, 2, "version 2 at byte 4");
         assert_eq!(self.nr_regions, n, "nr_regions at byte 8");
     }
@@ -484,16 +429,10 @@ impl LoopDev {
     pub fn attach(file: &Path) -> Self {
         let mut last = String::new();
         for _ in 0..10 {
-            let out = Command::new("losetup")
-                .args(["-f", "--show"])
-                .arg(file)
-                .output()
-                .expect("run losetup");
+            let out = Command::new("losetup").args(["-f", "--show"]).arg(file).output().expect("run losetup");
             if out.status.success() {
                 let dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
-                return Self {
-                    dev: PathBuf::from(dev),
-                };
+                return Self { dev: PathBuf::from(dev) };
             }
             last = String::from_utf8_lossy(&out.stderr).into_owned();
             std::thread::sleep(Duration::from_millis(50));

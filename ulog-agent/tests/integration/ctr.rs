@@ -73,13 +73,7 @@ fn invalid_constructor_strings_are_einval() {
         let r = a.ctr(&log, ctr);
         assert_eq!(r.error, EINVAL, "CTR {ctr:?} must be -EINVAL: {r}");
         assert!(r.payload.is_empty(), "{ctr:?}: no payload with an error");
-        a.expect_err(
-            &log,
-            T::GetRegionSize,
-            &[],
-            EINVAL,
-            &format!("no log was created by {ctr:?}"),
-        );
+        a.expect_err(&log, T::GetRegionSize, &[], EINVAL, &format!("no log was created by {ctr:?}"));
     }
 }
 
@@ -107,19 +101,9 @@ fn region_count_is_dev_sectors_over_region_size_rounded_up() {
     {
         let log = Log::nth(i as u64);
         a.ctr_ok(&log, ctr);
-        assert_eq!(
-            a.sync_count(&log),
-            n,
-            "{ctr}: every region in sync with nosync"
-        );
+        assert_eq!(a.sync_count(&log), n, "{ctr}: every region in sync with nosync");
         assert!(a.in_sync(&log, n - 1), "{ctr}: last region exists");
-        a.expect_err(
-            &log,
-            T::InSync,
-            &n.to_ne_bytes(),
-            EINVAL,
-            &format!("{ctr}: region {n} does not exist"),
-        );
+        a.expect_err(&log, T::InSync, &n.to_ne_bytes(), EINVAL, &format!("{ctr}: region {n} does not exist"));
     }
 }
 
@@ -136,10 +120,7 @@ fn disk_ctr_replies_with_the_device_name_from_version_2_on() {
         let r = a.request(&Request::ctr(&log.uuid, log.luid, &ctr).version(version));
         assert_eq!(r.error, 0, "version {version}: {r}");
         if version > 1 {
-            assert_eq!(
-                r.payload, want,
-                "version {version}: the log_dev argument as given, plus NUL"
-            );
+            assert_eq!(r.payload, want, "version {version}: the log_dev argument as given, plus NUL");
             assert_eq!(r.header.unwrap().data_size as usize, want.len());
         } else {
             assert!(r.payload.is_empty(), "version 1 kernels get no device name");
@@ -182,16 +163,8 @@ fn repeated_ctr_is_idempotent_and_a_different_one_is_eexist() {
     let r = a.request(&Request::ctr_reconnect(&log.uuid, log.luid, CORE));
     assert_eq!(r.error, 0, "the same string in reconnect form: {r}");
     assert!(a.in_sync(&log, 3));
-    for other in [
-        "100 clustered-core 16",
-        "100 clustered-core 8 nosync",
-        "200 clustered-core 8",
-    ] {
-        assert_eq!(
-            a.ctr(&log, other).error,
-            EEXIST,
-            "a different ctr {other:?} for an existing (uuid, luid)"
-        );
+    for other in ["100 clustered-core 16", "100 clustered-core 8 nosync", "200 clustered-core 8"] {
+        assert_eq!(a.ctr(&log, other).error, EEXIST, "a different ctr {other:?} for an existing (uuid, luid)");
     }
     assert_eq!(a.region_size(&log), 8);
     assert!(a.in_sync(&log, 3));
@@ -219,13 +192,7 @@ fn same_uuid_different_luids_are_independent_logs() {
     a.ok(&l2, T::Dtr, &[]);
     assert!(a.in_sync(&l1, 0), "DTR of luid 2 leaves luid 1 alone");
     a.expect_err(&l2, T::GetRegionSize, &[], EINVAL, "luid 2 is gone");
-    a.expect_err(
-        &Log::new(UUID, 3),
-        T::GetRegionSize,
-        &[],
-        EINVAL,
-        "luid 3 never existed",
-    );
+    a.expect_err(&Log::new(UUID, 3), T::GetRegionSize, &[], EINVAL, "luid 3 never existed");
 }
 
 #[test]
@@ -244,16 +211,10 @@ fn disk_log_device_must_hold_header_and_bitmap() {
     DiskLog::read(&exact).assert_header(5000);
     // 13 regions need 1536 bytes.
     let tiny = zero_file(&a.dir.join("tiny"), 1535);
-    let r = a.ctr(
-        &Log::nth(1),
-        &format!("100 clustered-disk {} 8", tiny.display()),
-    );
+    let r = a.ctr(&Log::nth(1), &format!("100 clustered-disk {} 8", tiny.display()));
     assert_eq!(r.error, EINVAL, "1535-byte device for 13 regions: {r}");
     let ok = zero_file(&a.dir.join("ok"), 1536);
-    a.create(
-        &Log::nth(2),
-        &format!("100 clustered-disk {} 8", ok.display()),
-    );
+    a.create(&Log::nth(2), &format!("100 clustered-disk {} 8", ok.display()));
     DiskLog::read(&ok).assert_header(N);
 }
 
@@ -272,12 +233,7 @@ fn every_request_for_an_unknown_log_is_einval() {
     let mut a = Agent::start();
     let known = Log::new(UUID, 5);
     a.create(&known, CORE);
-    let unknown = [
-        Log::new("LVM-ulog-never-created", 5),
-        Log::new(UUID, 6),
-        Log::new(UUID, 0),
-        Log::new("", 5),
-    ];
+    let unknown = [Log::new("LVM-ulog-never-created", 5), Log::new(UUID, 6), Log::new(UUID, 0), Log::new("", 5)];
     for t in T::ALL.into_iter().filter(|&t| t != T::Ctr) {
         for log in &unknown {
             a.expect_err(log, t, &sample_payload(t), EINVAL, "unknown (uuid, luid)");

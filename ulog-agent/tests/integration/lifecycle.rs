@@ -13,10 +13,7 @@ fn status_of_core_logs() {
     for log in [&plain, &flags] {
         let r = a.call(log, T::StatusInfo, &[]);
         assert_eq!(r.error, 0, "{r}");
-        assert_eq!(
-            r.payload, b"1 clustered-core\0",
-            "STATUS_INFO, NUL counted in data_size"
-        );
+        assert_eq!(r.payload, b"1 clustered-core\0", "STATUS_INFO, NUL counted in data_size");
         assert_eq!(r.header.unwrap().data_size, 17);
     }
     let t = status_text(&a.ok(&plain, T::StatusTable, &[]));
@@ -24,10 +21,7 @@ fn status_of_core_logs() {
     assert!(!t.contains("nosync"), "{t:?}");
     let t = status_text(&a.ok(&flags, T::StatusTable, &[]));
     assert!(t.starts_with("clustered-core 1024"), "STATUS_TABLE {t:?}");
-    assert!(
-        t.contains("nosync") && t.contains("block_on_error"),
-        "{t:?}"
-    );
+    assert!(t.contains("nosync") && t.contains("block_on_error"), "{t:?}");
 }
 
 #[test]
@@ -36,10 +30,7 @@ fn status_of_a_disk_log_on_a_regular_file() {
     let disk = zero_file(&a.dir.join("disk"), 65536);
     let log = Log::nth(0);
     a.create(&log, &format!("100 clustered-disk {} 8", disk.display()));
-    assert_eq!(
-        status_text(&a.ok(&log, T::StatusInfo, &[])),
-        "3 clustered-disk 0:0 A"
-    );
+    assert_eq!(status_text(&a.ok(&log, T::StatusInfo, &[])), "3 clustered-disk 0:0 A");
     let t = status_text(&a.ok(&log, T::StatusTable, &[]));
     assert!(t.starts_with("clustered-disk "), "STATUS_TABLE {t:?}");
 }
@@ -49,21 +40,9 @@ fn suspend_resume_and_dtr() {
     let mut a = Agent::start();
     let log = Log::nth(0);
     a.create(&log, CORE);
-    for t in [
-        T::Presuspend,
-        T::Postsuspend,
-        T::Resume,
-        T::Presuspend,
-        T::Postsuspend,
-        T::Dtr,
-    ] {
+    for t in [T::Presuspend, T::Postsuspend, T::Resume, T::Presuspend, T::Postsuspend, T::Dtr] {
         let r = a.call(&log, t, &[]);
-        assert_eq!(
-            (r.error, r.header.unwrap().data_size),
-            (0, 0),
-            "{}: {r}",
-            t.name()
-        );
+        assert_eq!((r.error, r.header.unwrap().data_size), (0, 0), "{}: {r}", t.name());
     }
     for t in T::ALL.into_iter().filter(|&t| t != T::Ctr) {
         a.expect_err(&log, t, &crate::ctr::sample_payload(t), EINVAL, "after DTR");
@@ -113,13 +92,7 @@ fn luid_swap_of_a_table_reload() {
     a.ok(&old, T::Postsuspend, &[]);
     a.resume(&new);
     a.ok(&old, T::Dtr, &[]);
-    a.expect_err(
-        &old,
-        T::GetRegionSize,
-        &[],
-        EINVAL,
-        "the old luid is gone after its DTR",
-    );
+    a.expect_err(&old, T::GetRegionSize, &[], EINVAL, "the old luid is gone after its DTR");
     // The new log is its own (core, in memory: starts clean and out of sync) and fully usable.
     assert_eq!(a.region_size(&new), 4);
     assert!(!a.in_sync(&new, 0));
@@ -128,13 +101,7 @@ fn luid_swap_of_a_table_reload() {
     a.mark(&new, &[24]);
     a.set_sync(&new, 24, 1);
     assert_eq!(a.sync_count(&new), 1);
-    a.expect_err(
-        &new,
-        T::InSync,
-        &25u64.to_ne_bytes(),
-        EINVAL,
-        "100/4 = 25 regions",
-    );
+    a.expect_err(&new, T::InSync, &25u64.to_ne_bytes(), EINVAL, "100/4 = 25 regions");
 }
 
 #[test]
@@ -159,11 +126,7 @@ fn luid_swap_of_a_disk_log_carries_the_state_through_the_device() {
     assert_eq!(img.map(N), "1101110000000");
     a.resume(&new);
     a.ok(&old, T::Dtr, &[]);
-    assert_eq!(
-        a.sync_map(&new, N),
-        "1101110000000",
-        "the new luid loaded the old one's state"
-    );
+    assert_eq!(a.sync_map(&new, N), "1101110000000", "the new luid loaded the old one's state");
     assert_eq!(a.sync_count(&new), 5);
     assert_eq!(a.resync_work(&new), (1, 2));
 }

@@ -28,11 +28,7 @@ fn first_resume_initialises_a_blank_device() {
     let img = DiskLog::read(&disk);
     img.assert_header(N);
     assert_eq!(img.map(N), "0000000000000");
-    assert_eq!(
-        a.sync_count(&log),
-        0,
-        "no valid log: everything out of sync"
-    );
+    assert_eq!(a.sync_count(&log), 0, "no valid log: everything out of sync");
     assert_eq!(a.resync_work(&log), (1, 0));
 }
 
@@ -93,18 +89,10 @@ fn bad_magic_or_a_sync_keyword_discards_the_recorded_state() {
         let disk = device_with(&a.dir, &image(magic, N, |r| r % 2 == 0));
         let log = Log::nth(0);
         a.create(&log, &disk_ctr(&disk, extra));
-        assert_eq!(
-            a.sync_map(&log, N),
-            want,
-            "ctr extra {extra:?}, magic {magic:#x}"
-        );
+        assert_eq!(a.sync_map(&log, N), want, "ctr extra {extra:?}, magic {magic:#x}");
         let img = DiskLog::read(&disk);
         img.assert_header(N);
-        assert_eq!(
-            img.map(N),
-            want,
-            "rewritten: ctr extra {extra:?}, magic {magic:#x}"
-        );
+        assert_eq!(img.map(N), want, "rewritten: ctr extra {extra:?}, magic {magic:#x}");
     }
 }
 
@@ -116,17 +104,9 @@ fn mark_and_integrated_flush_are_durable_when_answered() {
     a.create(&log, &disk_ctr(&disk, ""));
     assert_eq!(DiskLog::read(&disk).map(N), "1111111111111");
     a.mark(&log, &[3, 9]);
-    assert_eq!(
-        DiskLog::read(&disk).map(N),
-        "1110111110111",
-        "MARK answered only once on the device"
-    );
+    assert_eq!(DiskLog::read(&disk).map(N), "1110111110111", "MARK answered only once on the device");
     a.flush(&log, &[11]);
-    assert_eq!(
-        DiskLog::read(&disk).map(N),
-        "1110111110101",
-        "integrated FLUSH"
-    );
+    assert_eq!(DiskLog::read(&disk).map(N), "1110111110101", "integrated FLUSH");
     a.mark(&log, &[0]);
     a.flush(&log, &[]);
     assert_eq!(DiskLog::read(&disk).map(N), "0110111110101", "FLUSH");
@@ -144,33 +124,12 @@ fn flush_covers_marks_still_in_flight() {
     a.create(&log, &disk_ctr(&disk, ""));
     // MARK and FLUSH sent back to back; once the FLUSH is answered the MARK is on the device,
     // whichever reply comes first.
-    let mark = a
-        .peer
-        .send(&Request::new(
-            T::MarkRegion,
-            &log.uuid,
-            log.luid,
-            regions_payload(&[1, 7]),
-        ))
-        .unwrap();
-    let flush = a
-        .peer
-        .send(&Request::new(T::Flush, &log.uuid, log.luid, vec![]))
-        .unwrap();
+    let mark = a.peer.send(&Request::new(T::MarkRegion, &log.uuid, log.luid, regions_payload(&[1, 7]))).unwrap();
+    let flush = a.peer.send(&Request::new(T::Flush, &log.uuid, log.luid, vec![])).unwrap();
     let r = a.peer.wait_reply(flush, Duration::from_secs(5)).unwrap();
     assert_eq!(r.error, 0, "{r}");
-    assert_eq!(
-        DiskLog::read(&disk).map(N),
-        "1011111011111",
-        "FLUSH answered before the earlier MARK was durable"
-    );
-    assert_eq!(
-        a.peer
-            .wait_reply(mark, Duration::from_secs(5))
-            .unwrap()
-            .error,
-        0
-    );
+    assert_eq!(DiskLog::read(&disk).map(N), "1011111011111", "FLUSH answered before the earlier MARK was durable");
+    assert_eq!(a.peer.wait_reply(mark, Duration::from_secs(5)).unwrap().error, 0);
 }
 
 #[test]
@@ -184,11 +143,7 @@ fn postsuspend_writes_the_clean_regions() {
     a.clear(&log, &[4]);
     a.ok(&log, T::Presuspend, &[]);
     a.ok(&log, T::Postsuspend, &[]);
-    assert_eq!(
-        DiskLog::read(&disk).map(N),
-        "1111101111111",
-        "the clear is on the device after POSTSUSPEND"
-    );
+    assert_eq!(DiskLog::read(&disk).map(N), "1111101111111", "the clear is on the device after POSTSUSPEND");
 }
 
 /// What a restarted log must remember.
@@ -208,11 +163,7 @@ fn restart_scenario(a: &mut Agent, ctr: &str, disk: Option<&Path>) {
     assert_eq!(a.sync_map(&log, N), "1111111110111");
     a.mark(&log, &[5]);
     if let Some(d) = disk {
-        assert_eq!(
-            DiskLog::read(d).map(N),
-            BEFORE_KILL,
-            "the MARK is on the device before it is answered"
-        );
+        assert_eq!(DiskLog::read(d).map(N), BEFORE_KILL, "the MARK is on the device before it is answered");
     }
     a.restart_after_kill9();
     let r = a.request(&Request::ctr_reconnect(&log.uuid, log.luid, ctr));
@@ -252,11 +203,7 @@ fn restart_disk_log_on_a_loop_device() {
     let ctr = disk_ctr(&dev.dev, "");
     let log = Log::nth(9);
     let name = a.ctr_ok(&log, &ctr);
-    assert_eq!(
-        name,
-        format!("{}\0", dev.dev.display()).into_bytes(),
-        "CTR returns the device as given"
-    );
+    assert_eq!(name, format!("{}\0", dev.dev.display()).into_bytes(), "CTR returns the device as given");
     a.resume(&log);
     assert_eq!(
         status_text(&a.ok(&log, T::StatusInfo, &[])),
@@ -274,13 +221,7 @@ fn restart_without_state_dir_forgets_core_logs() {
     a.create(&log, CORE);
     a.set_sync(&log, 0, 1);
     a.restart_after_kill9();
-    a.expect_err(
-        &log,
-        T::GetRegionSize,
-        &[],
-        EINVAL,
-        "a new agent does not know the log before its CTR",
-    );
+    a.expect_err(&log, T::GetRegionSize, &[], EINVAL, "a new agent does not know the log before its CTR");
     let r = a.request(&Request::ctr_reconnect(&log.uuid, log.luid, CORE));
     assert_eq!(r.error, 0);
     a.resume(&log);
@@ -298,21 +239,14 @@ fn sigterm_scenario(a: &mut Agent, ctr: &str, disk: Option<&Path>) {
     a.mark(&log, &[11]);
     a.clear(&log, &[11]);
     // No FLUSH, no suspend: SIGTERM must write it all.
-    let st = a
-        .proc
-        .terminate(Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let st = a.proc.terminate(Duration::from_secs(10)).unwrap_or_else(|e| panic!("{e}"));
     assert!(st.success(), "SIGTERM: exit status 0, got {st}");
     let want = "1111000000010";
     if let Some(d) = disk {
         assert_eq!(DiskLog::read(d).map(N), want, "on the device after SIGTERM");
     }
     a.respawn();
-    assert!(
-        a.request(&Request::ctr_reconnect(&log.uuid, log.luid, ctr))
-            .error
-            == 0
-    );
+    assert!(a.request(&Request::ctr_reconnect(&log.uuid, log.luid, ctr)).error == 0);
     a.resume(&log);
     assert_eq!(a.sync_map(&log, N), want, "after a SIGTERM restart");
 }
@@ -333,9 +267,6 @@ fn sigterm_flushes_core_logs_in_state_dir_and_exits_zero() {
 #[test]
 fn sigterm_with_no_logs_exits_zero() {
     let mut a = Agent::start();
-    let st = a
-        .proc
-        .terminate(Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let st = a.proc.terminate(Duration::from_secs(10)).unwrap_or_else(|e| panic!("{e}"));
     assert!(st.success(), "{st}");
 }

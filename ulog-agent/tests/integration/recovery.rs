@@ -9,11 +9,7 @@ fn resync_work_hands_out_the_lowest_region_until_it_is_reported() {
     let log = Log::nth(0);
     a.create(&log, CORE);
     assert_eq!(a.resync_work(&log), (1, 0));
-    assert_eq!(
-        a.resync_work(&log),
-        (1, 0),
-        "not reported yet: the same region again"
-    );
+    assert_eq!(a.resync_work(&log), (1, 0), "not reported yet: the same region again");
     a.set_sync(&log, 0, 1);
     assert_eq!(a.resync_work(&log), (1, 1));
     // Regions already in sync are skipped.
@@ -44,11 +40,7 @@ fn resync_cursor_restarts_at_resume() {
     a.suspend(&log);
     a.resume(&log);
     let lowest = if r == 0 { 1 } else { 0 };
-    assert_eq!(
-        a.resync_work(&log),
-        (1, lowest),
-        "after RESUME the search starts at region 0 again"
-    );
+    assert_eq!(a.resync_work(&log), (1, lowest), "after RESUME the search starts at region 0 again");
 }
 
 #[test]
@@ -93,31 +85,19 @@ fn remote_recovering_hint_counts_leading_in_sync_regions() {
     let log = Log::nth(0);
     a.create(&log, CORE);
     for r in [0, N - 1, 7] {
-        assert_eq!(
-            a.remote_recovering(&log, r),
-            (0, 0),
-            "nothing in sync yet (region {r})"
-        );
+        assert_eq!(a.remote_recovering(&log, r), (0, 0), "nothing in sync yet (region {r})");
     }
     a.set_sync(&log, 0, 1);
     a.set_sync(&log, 1, 1);
     a.set_sync(&log, 2, 1);
     a.set_sync(&log, 5, 1);
-    assert_eq!(
-        a.remote_recovering(&log, 4),
-        (0, 3),
-        "a single node never has a remote recoverer"
-    );
+    assert_eq!(a.remote_recovering(&log, 4), (0, 3), "a single node never has a remote recoverer");
     assert_eq!(a.remote_recovering(&log, 0), (0, 3));
     a.set_sync(&log, 3, 1);
     a.set_sync(&log, 4, 1);
     assert_eq!(a.remote_recovering(&log, 12), (0, 6));
     a.set_sync(&log, 1, 0);
-    assert_eq!(
-        a.remote_recovering(&log, 12),
-        (0, 1),
-        "region 1 fell out of sync"
-    );
+    assert_eq!(a.remote_recovering(&log, 12), (0, 1), "region 1 fell out of sync");
     for r in 0..N {
         a.set_sync(&log, r, 1);
     }

@@ -40,13 +40,7 @@ fn region_queries_check_payload_and_range() {
             a.expect_err(&log, t, bad, EINVAL, &format!("{}-byte payload", bad.len()));
         }
         for r in [N, N + 1, 1 << 32, u64::MAX] {
-            a.expect_err(
-                &log,
-                t,
-                &r.to_ne_bytes(),
-                EINVAL,
-                &format!("region {r} >= {N}"),
-            );
+            a.expect_err(&log, t, &r.to_ne_bytes(), EINVAL, &format!("region {r} >= {N}"));
         }
         a.ok(&log, t, &(N - 1).to_ne_bytes());
     }
@@ -57,35 +51,11 @@ fn writes_to_the_log_need_a_resume_first() {
     let mut a = Agent::start();
     let log = Log::nth(0);
     a.ctr_ok(&log, CORE);
-    a.expect_err(
-        &log,
-        T::MarkRegion,
-        &regions_payload(&[1]),
-        EINVAL,
-        "MARK before RESUME",
-    );
-    a.expect_err(
-        &log,
-        T::ClearRegion,
-        &regions_payload(&[1]),
-        EINVAL,
-        "CLEAR before RESUME",
-    );
+    a.expect_err(&log, T::MarkRegion, &regions_payload(&[1]), EINVAL, "MARK before RESUME");
+    a.expect_err(&log, T::ClearRegion, &regions_payload(&[1]), EINVAL, "CLEAR before RESUME");
     a.expect_err(&log, T::Flush, &[], EINVAL, "FLUSH before RESUME");
-    a.expect_err(
-        &log,
-        T::Flush,
-        &regions_payload(&[1]),
-        EINVAL,
-        "FLUSH with marks before RESUME",
-    );
-    a.expect_err(
-        &log,
-        T::SetRegionSync,
-        &set_sync_payload(1, 1),
-        EINVAL,
-        "SET_REGION_SYNC before RESUME",
-    );
+    a.expect_err(&log, T::Flush, &regions_payload(&[1]), EINVAL, "FLUSH with marks before RESUME");
+    a.expect_err(&log, T::SetRegionSync, &set_sync_payload(1, 1), EINVAL, "SET_REGION_SYNC before RESUME");
     assert_eq!(a.resync_work(&log), (0, N), "no resync work before RESUME");
     assert_eq!(a.clean_map(&log, N), ALL, "nothing applied");
     assert_eq!(a.sync_count(&log), 0);
@@ -140,35 +110,13 @@ fn mark_and_clear_check_every_region_before_applying_any() {
         a.expect_err(&log, t, &[0; 12], EINVAL, "12 bytes: not a multiple of 8");
         a.expect_err(&log, t, &[0; 1], EINVAL, "1 byte");
     }
-    a.expect_err(
-        &log,
-        T::MarkRegion,
-        &regions_payload(&[1, 2, N]),
-        EINVAL,
-        "region 13 of 13",
-    );
+    a.expect_err(&log, T::MarkRegion, &regions_payload(&[1, 2, N]), EINVAL, "region 13 of 13");
     assert_eq!(a.clean_map(&log, N), ALL, "a rejected MARK applies nothing");
-    a.expect_err(
-        &log,
-        T::MarkRegion,
-        &regions_payload(&[u64::MAX, 4]),
-        EINVAL,
-        "u64::MAX first",
-    );
+    a.expect_err(&log, T::MarkRegion, &regions_payload(&[u64::MAX, 4]), EINVAL, "u64::MAX first");
     assert!(a.is_clean(&log, 4));
     a.mark(&log, &[1, 2]);
-    a.expect_err(
-        &log,
-        T::ClearRegion,
-        &regions_payload(&[1, 2, N + 100]),
-        EINVAL,
-        "region out of range",
-    );
-    assert_eq!(
-        a.clean_map(&log, N),
-        "1001111111111",
-        "a rejected CLEAR applies nothing"
-    );
+    a.expect_err(&log, T::ClearRegion, &regions_payload(&[1, 2, N + 100]), EINVAL, "region out of range");
+    assert_eq!(a.clean_map(&log, N), "1001111111111", "a rejected CLEAR applies nothing");
     // The largest batch the kernel sends (32 regions, 256 bytes) and beyond it (41 regions, the
     // most a 512-byte kernel buffer holds).
     let many: Vec<u64> = (0..41).map(|i| i % N).collect();
@@ -190,20 +138,8 @@ fn flush_without_and_with_marks() {
     let r = a.call(&log, T::Flush, &regions_payload(&[4, 6]));
     assert_eq!((r.error, r.header.unwrap().data_size), (0, 0), "{r}");
     assert_eq!(a.clean_map(&log, N), "1111010111111");
-    a.expect_err(
-        &log,
-        T::Flush,
-        &[0; 12],
-        EINVAL,
-        "12 bytes: not a multiple of 8",
-    );
-    a.expect_err(
-        &log,
-        T::Flush,
-        &regions_payload(&[7, N]),
-        EINVAL,
-        "region out of range",
-    );
+    a.expect_err(&log, T::Flush, &[0; 12], EINVAL, "12 bytes: not a multiple of 8");
+    a.expect_err(&log, T::Flush, &regions_payload(&[7, N]), EINVAL, "region out of range");
     assert!(a.is_clean(&log, 7), "a rejected FLUSH marks nothing");
     a.flush(&log, &(0..32).map(|i| i % N).collect::<Vec<_>>());
     assert_eq!(a.clean_map(&log, N), NONE);
@@ -215,22 +151,10 @@ fn set_region_sync_checks_payload_and_updates_sync_and_clean_state() {
     let log = Log::nth(0);
     a.create(&log, CORE);
     for bad in [&[][..], &[0; 8], &[0; 15], &[0; 17], &[0; 24]] {
-        a.expect_err(
-            &log,
-            T::SetRegionSync,
-            bad,
-            EINVAL,
-            &format!("{}-byte payload", bad.len()),
-        );
+        a.expect_err(&log, T::SetRegionSync, bad, EINVAL, &format!("{}-byte payload", bad.len()));
     }
     for r in [N, u64::MAX] {
-        a.expect_err(
-            &log,
-            T::SetRegionSync,
-            &set_sync_payload(r, 1),
-            EINVAL,
-            &format!("region {r}"),
-        );
+        a.expect_err(&log, T::SetRegionSync, &set_sync_payload(r, 1), EINVAL, &format!("region {r}"));
     }
     assert_eq!(a.sync_count(&log), 0);
     a.set_sync(&log, 5, 1);
@@ -240,11 +164,7 @@ fn set_region_sync_checks_payload_and_updates_sync_and_clean_state() {
     assert_eq!(a.sync_count(&log), 1, "setting it twice counts once");
     a.set_sync(&log, 6, 7);
     a.set_sync(&log, 7, -1);
-    assert_eq!(
-        a.sync_map(&log, N),
-        "0000011100000",
-        "any non-zero in_sync means in sync"
-    );
+    assert_eq!(a.sync_map(&log, N), "0000011100000", "any non-zero in_sync means in sync");
     assert!(a.is_clean(&log, 5));
     a.set_sync(&log, 5, 0);
     assert!(!a.in_sync(&log, 5), "in_sync 0: out of sync");

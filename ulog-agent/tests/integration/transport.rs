@@ -15,18 +15,13 @@ fn replies_are_full_and_echo_the_request_header() {
     let req = Request::new(T::GetRegionSize, &log.uuid, log.luid, vec![]).version(2);
     let (seq, mut d) = raw_request(&mut a.peer, &req);
     put_u32(&mut d, at::CN_SEQ, seq.wrapping_add(0x5000));
-    a.peer
-        .expect(seq, T::GetRegionSize.raw(), Capacity::Default);
+    a.peer.expect(seq, T::GetRegionSize.raw(), Capacity::Default);
     a.peer.send_raw(&d).unwrap();
     let r = a.peer.wait_reply(seq, Duration::from_secs(5)).unwrap();
     assert_eq!(r.form, ReplyForm::Full);
     assert_eq!(r.error, 0);
     assert_eq!(r.payload, 8u64.to_ne_bytes());
-    assert_eq!(
-        r.cn.seq,
-        seq.wrapping_add(0x5000),
-        "cn_msg.seq echoes the request's"
-    );
+    assert_eq!(r.cn.seq, seq.wrapping_add(0x5000), "cn_msg.seq echoes the request's");
     assert_eq!(r.cn.len as usize, ULOG_REQUEST_LEN + 8);
     let h = r.header.unwrap();
     assert_eq!(h.luid, log.luid);
@@ -40,10 +35,7 @@ fn replies_are_full_and_echo_the_request_header() {
     let r = a.call(&other, T::InSync, &0u64.to_ne_bytes());
     assert_eq!(r.error, EINVAL);
     let h = r.header.unwrap();
-    assert_eq!(
-        (h.luid, h.uuid_bytes(), h.version),
-        (77, Some(&b"LVM-nosuchlog"[..]), 3)
-    );
+    assert_eq!((h.luid, h.uuid_bytes(), h.version), (77, Some(&b"LVM-nosuchlog"[..]), 3));
     assert_eq!(h.request_type, T::InSync.raw());
     assert_eq!(r.cn.seq, h.seq);
 }
@@ -56,10 +48,7 @@ fn kernel_padding_after_nlmsg_len_is_accepted() {
     let log = Log::nth(0);
     let ctr = "2097152 clustered-core 1024";
     let (seq, d) = raw_request(&mut a.peer, &Request::ctr(&log.uuid, log.luid, ctr));
-    assert_eq!(
-        (u32::from_ne_bytes(d[0..4].try_into().unwrap()), d.len()),
-        (223, 224)
-    );
+    assert_eq!((u32::from_ne_bytes(d[0..4].try_into().unwrap()), d.len()), (223, 224));
     a.peer.expect(seq, T::Ctr.raw(), Capacity::Default);
     a.peer.send_raw(&d).unwrap();
     let r = a.peer.wait_reply(seq, Duration::from_secs(5)).unwrap();
@@ -79,34 +68,12 @@ fn kernel_padding_after_nlmsg_len_is_accepted() {
 fn upper_24_bits_of_request_type_are_ignored() {
     let mut a = Agent::start();
     let log = Log::nth(0);
-    let r = a.request(&Request::raw(
-        0xABCD_0001,
-        &log.uuid,
-        log.luid,
-        CORE.as_bytes(),
-    ));
+    let r = a.request(&Request::raw(0xABCD_0001, &log.uuid, log.luid, CORE.as_bytes()));
     assert_eq!(r.error, 0, "0xABCD0001 is a CTR: {r}");
-    let r = a.request(&Request::raw(
-        0x1234_5600 | T::GetRegionSize.raw(),
-        &log.uuid,
-        log.luid,
-        vec![],
-    ));
-    assert_eq!(
-        (r.error, r.payload.clone()),
-        (0, 8u64.to_ne_bytes().to_vec()),
-        "{r}"
-    );
-    assert_eq!(
-        r.header.unwrap().request_type & 0xFF,
-        T::GetRegionSize.raw()
-    );
-    let r = a.request(&Request::raw(
-        0xFF00_0000 | T::Resume.raw(),
-        &log.uuid,
-        log.luid,
-        vec![],
-    ));
+    let r = a.request(&Request::raw(0x1234_5600 | T::GetRegionSize.raw(), &log.uuid, log.luid, vec![]));
+    assert_eq!((r.error, r.payload.clone()), (0, 8u64.to_ne_bytes().to_vec()), "{r}");
+    assert_eq!(r.header.unwrap().request_type & 0xFF, T::GetRegionSize.raw());
+    let r = a.request(&Request::raw(0xFF00_0000 | T::Resume.raw(), &log.uuid, log.luid, vec![]));
     assert_eq!(r.error, 0);
     assert_eq!(a.resync_work(&log), (1, 0), "the RESUME took effect");
 }
@@ -128,20 +95,9 @@ fn request_types_outside_1_to_17_are_einval() {
 fn expect_ack(a: &mut Agent, d: &[u8], cn_seq: u32, what: &str) {
     a.peer.expect(cn_seq, 0, Capacity::Unbounded);
     a.peer.send_raw(d).unwrap();
-    let r = a
-        .peer
-        .wait_reply(cn_seq, Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert_eq!(
-        r.form,
-        ReplyForm::AckOnly,
-        "{what}: an ack-only reply ({r})"
-    );
-    assert_eq!(
-        r.cn.ack,
-        libc::EINVAL as u32,
-        "{what}: ack = EINVAL (positive)"
-    );
+    let r = a.peer.wait_reply(cn_seq, Duration::from_secs(5)).unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(r.form, ReplyForm::AckOnly, "{what}: an ack-only reply ({r})");
+    assert_eq!(r.cn.ack, libc::EINVAL as u32, "{what}: ack = EINVAL (positive)");
     assert_eq!(r.error, EINVAL, "{what}");
 }
 
@@ -182,12 +138,7 @@ fn datagrams_without_a_readable_header_get_an_einval_ack() {
 
     // Same, but with nlmsg_len and cn_msg.len still claiming the whole request.
     let (seq, full) = raw_request(&mut a.peer, &req);
-    expect_ack(
-        &mut a,
-        &full[..ULOG_OFFSET + 120],
-        seq,
-        "truncated datagram with the original lengths",
-    );
+    expect_ack(&mut a, &full[..ULOG_OFFSET + 120], seq, "truncated datagram with the original lengths");
 
     assert!(a.peer.take_unmatched().is_empty());
     assert_eq!(a.region_size(&log), 8);
@@ -202,43 +153,27 @@ fn inconsistent_headers_get_a_full_einval_reply() {
     let req = Request::new(T::InSync, &log.uuid, log.luid, 0u64.to_ne_bytes());
     type Mangle = fn(&mut Vec<u8>);
     let cases: [(&str, Mangle); 6] = [
-        ("8 bytes after the message (nlmsg_len < datagram)", |d| {
-            d.extend_from_slice(&[0xAA; 8])
-        }),
+        ("8 bytes after the message (nlmsg_len < datagram)", |d| d.extend_from_slice(&[0xAA; 8])),
         ("nlmsg_len > datagram", |d| {
             let l = u32::from_ne_bytes(d[0..4].try_into().unwrap());
             put_u32(d, at::NL_LEN, l + 8);
         }),
-        ("cn_msg.len beyond the bytes present", |d| {
-            put_u16(d, at::CN_LEN, (ULOG_REQUEST_LEN + 8 + 8) as u16)
-        }),
-        ("data_size beyond the bytes present", |d| {
-            put_u32(d, at::DATA_SIZE, 16)
-        }),
-        ("data_size far beyond the bytes present", |d| {
-            put_u32(d, at::DATA_SIZE, u32::MAX)
-        }),
-        ("uuid without NUL", |d| {
-            d[at::UUID..at::UUID + 129].fill(b'A')
-        }),
+        ("cn_msg.len beyond the bytes present", |d| put_u16(d, at::CN_LEN, (ULOG_REQUEST_LEN + 8 + 8) as u16)),
+        ("data_size beyond the bytes present", |d| put_u32(d, at::DATA_SIZE, 16)),
+        ("data_size far beyond the bytes present", |d| put_u32(d, at::DATA_SIZE, u32::MAX)),
+        ("uuid without NUL", |d| d[at::UUID..at::UUID + 129].fill(b'A')),
     ];
     for (what, mangle) in cases {
         let (seq, mut d) = raw_request(&mut a.peer, &req);
         mangle(&mut d);
         a.peer.expect(seq, T::InSync.raw(), Capacity::Default);
         a.peer.send_raw(&d).unwrap();
-        let r = a
-            .peer
-            .wait_reply(seq, Duration::from_secs(5))
-            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let r = a.peer.wait_reply(seq, Duration::from_secs(5)).unwrap_or_else(|e| panic!("{what}: {e}"));
         assert_eq!(r.form, ReplyForm::Full, "{what}: {r}");
         assert_eq!(r.error, EINVAL, "{what}: {r}");
         assert_eq!(r.cn.seq, seq, "{what}: cn_msg.seq echoed");
     }
-    assert!(
-        a.in_sync(&log, 0),
-        "the well-formed request still answers 1"
-    );
+    assert!(a.in_sync(&log, 0), "the well-formed request still answers 1");
     assert!(a.peer.take_unmatched().is_empty());
 }
 
@@ -259,10 +194,7 @@ fn short_datagrams_and_foreign_connector_ids_get_no_reply() {
         put_u32(&mut d, at::CN_VAL, val);
         a.peer.send_raw(&d).unwrap();
     }
-    a.assert_no_reply(
-        &log,
-        "datagrams shorter than nlmsghdr+cn_msg, or for another connector id",
-    );
+    a.assert_no_reply(&log, "datagrams shorter than nlmsghdr+cn_msg, or for another connector id");
 }
 
 #[test]
@@ -273,29 +205,15 @@ fn requests_from_a_foreign_port_are_ignored() {
     let mut stranger = KernelPeer::open().unwrap();
     assert_ne!(stranger.port(), a.peer.port());
     let b = Log::nth(1);
-    stranger
-        .send(&Request::new(T::GetRegionSize, &log.uuid, log.luid, vec![]))
-        .unwrap();
+    stranger.send(&Request::new(T::GetRegionSize, &log.uuid, log.luid, vec![])).unwrap();
     stranger.send(&Request::ctr(&b.uuid, b.luid, CORE)).unwrap();
-    stranger
-        .send(&Request::new(T::Dtr, &log.uuid, log.luid, vec![]))
-        .unwrap();
+    stranger.send(&Request::new(T::Dtr, &log.uuid, log.luid, vec![])).unwrap();
     a.assert_no_reply(&log, "the agent's own peer");
     if let Err(e) = stranger.assert_silent(QUIET) {
         panic!("a sender that is neither port 0 nor the accepted peer got an answer: {e}");
     }
-    a.expect_err(
-        &b,
-        T::GetRegionSize,
-        &[],
-        EINVAL,
-        "the stranger's CTR must not have been applied",
-    );
-    assert_eq!(
-        a.region_size(&log),
-        8,
-        "the stranger's DTR must not have been applied"
-    );
+    a.expect_err(&b, T::GetRegionSize, &[], EINVAL, "the stranger's CTR must not have been applied");
+    assert_eq!(a.region_size(&log), 8, "the stranger's DTR must not have been applied");
 }
 
 #[test]
@@ -313,12 +231,12 @@ fn replies_are_unicast_to_the_sender_never_multicast() {
     }
     let peer = a.peer.port();
     for (&(port, groups), n) in &from {
-        assert_eq!(port, peer, "{n} datagram(s) multicast to group 7 from port {port} (groups {groups:#x}): replies must be unicast");
+        assert_eq!(
+            port, peer,
+            "{n} datagram(s) multicast to group 7 from port {port} (groups {groups:#x}): replies must be unicast"
+        );
     }
-    assert!(
-        from.contains_key(&(peer, 1 << 6)),
-        "the listener saw the requests: {from:?}"
-    );
+    assert!(from.contains_key(&(peer, 1 << 6)), "the listener saw the requests: {from:?}");
 }
 
 #[test]
@@ -333,26 +251,12 @@ fn many_requests_in_flight_are_all_answered_and_matched() {
     let mut sent = HashMap::new();
     for i in 0..32u64 {
         let r = 63 - 2 * i;
-        let seq = a
-            .peer
-            .send(&Request::new(
-                T::InSync,
-                &log.uuid,
-                log.luid,
-                r.to_ne_bytes(),
-            ))
-            .unwrap();
+        let seq = a.peer.send(&Request::new(T::InSync, &log.uuid, log.luid, r.to_ne_bytes())).unwrap();
         sent.insert(seq, r);
     }
     // And a few of other types in the same burst.
-    let rs = a
-        .peer
-        .send(&Request::new(T::GetRegionSize, &log.uuid, log.luid, vec![]))
-        .unwrap();
-    let sc = a
-        .peer
-        .send(&Request::new(T::GetSyncCount, &log.uuid, log.luid, vec![]))
-        .unwrap();
+    let rs = a.peer.send(&Request::new(T::GetRegionSize, &log.uuid, log.luid, vec![])).unwrap();
+    let sc = a.peer.send(&Request::new(T::GetSyncCount, &log.uuid, log.luid, vec![])).unwrap();
     let mut got = HashMap::new();
     for _ in 0..34 {
         let r = a.peer.recv_reply(Duration::from_secs(10)).unwrap();
@@ -392,36 +296,16 @@ fn serves_log_b_while_log_a_gets_malformed_requests() {
         // Garbage for A, of every kind...
         a.expect_err(&la, T::InSync, &[0; 4], EINVAL, "4-byte IN_SYNC");
         a.expect_err(&la, T::MarkRegion, &[0; 12], EINVAL, "12-byte MARK");
-        a.expect_err(
-            &la,
-            T::SetRegionSync,
-            &set_sync_payload(N + i, 1),
-            EINVAL,
-            "region out of range",
-        );
-        a.expect_err(
-            &la,
-            T::ClearRegion,
-            &regions_payload(&[u64::MAX]),
-            EINVAL,
-            "region u64::MAX",
-        );
+        a.expect_err(&la, T::SetRegionSync, &set_sync_payload(N + i, 1), EINVAL, "region out of range");
+        a.expect_err(&la, T::ClearRegion, &regions_payload(&[u64::MAX]), EINVAL, "region u64::MAX");
         let r = a.request(&Request::raw(0x55, &la.uuid, la.luid, vec![1, 2, 3]));
         assert_eq!(r.error, EINVAL);
-        let (seq, mut d) = raw_request(
-            &mut a.peer,
-            &Request::new(T::MarkRegion, &la.uuid, la.luid, regions_payload(&[i])),
-        );
+        let (seq, mut d) =
+            raw_request(&mut a.peer, &Request::new(T::MarkRegion, &la.uuid, la.luid, regions_payload(&[i])));
         put_u32(&mut d, at::DATA_SIZE, 4096);
         a.peer.expect(seq, T::MarkRegion.raw(), Capacity::Default);
         a.peer.send_raw(&d).unwrap();
-        assert_eq!(
-            a.peer
-                .wait_reply(seq, Duration::from_secs(5))
-                .unwrap()
-                .error,
-            EINVAL
-        );
+        assert_eq!(a.peer.wait_reply(seq, Duration::from_secs(5)).unwrap().error, EINVAL);
         a.peer.send_raw(&d[..30]).unwrap();
         // ...while B is used normally.
         a.mark(&lb, &[i]);

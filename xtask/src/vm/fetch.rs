@@ -99,7 +99,16 @@ pub fn ensure_kernel(verbose: bool) -> Result<Kernel> {
     if !deb.exists() {
         eprintln!("vm fetch: apt-get download {pkg}={ver}");
         let t = Instant::now();
-        apt_download(&debs, &format!("{pkg}={ver}")).with_context(|| {
+        // Download into a private folder, then rename: concurrent fetches cannot see half a file.
+        let dl = debs.join(format!("download-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dl);
+        fs::create_dir_all(&dl)?;
+        let res = apt_download(&dl, &format!("{pkg}={ver}"));
+        if res.is_ok() {
+            fs::rename(dl.join(deb.file_name().unwrap()), &deb).context("apt-get download produced no .deb")?;
+        }
+        let _ = fs::remove_dir_all(&dl);
+        res.with_context(|| {
             format!(
                 "apt-get download {pkg}={ver} failed. Run `apt-get update` first; if Debian has moved \
                  on, bump KERNEL_ABI/KERNEL_VERSION in xtask/src/vm/fetch.rs (or set \
@@ -111,7 +120,7 @@ pub fn ensure_kernel(verbose: bool) -> Result<Kernel> {
     }
 
     let (final_dir, k) = layout(&cache, &abi, &ver);
-    let staging = final_dir.with_extension("tmp");
+    let staging = final_dir.with_extension(format!("tmp{}", std::process::id()));
     let scratch = cache.join(format!("unpack-{}", std::process::id()));
     let _ = fs::remove_dir_all(&staging);
     let _ = fs::remove_dir_all(&scratch);
@@ -146,8 +155,13 @@ pub fn ensure_kernel(verbose: bool) -> Result<Kernel> {
         fs::write(staging.join("vmlinux"), elf)?;
         eprintln!("vm fetch: extracted vmlinux ({:.1} s)", t.elapsed().as_secs_f64());
         fs::write(staging.join("stamp"), stamp_text(&abi, &ver))?;
-        let _ = fs::remove_dir_all(&final_dir);
-        fs::rename(&staging, &final_dir)?;
+        if cached()?.is_some() {
+            // A concurrent fetch finished first: keep its folder (it may be in use).
+            fs::remove_dir_all(&staging)?;
+        } else {
+            let _ = fs::remove_dir_all(&final_dir);
+            fs::rename(&staging, &final_dir)?;
+        }
         Ok(())
     })();
     let _ = fs::remove_dir_all(&scratch);

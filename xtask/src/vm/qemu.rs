@@ -225,7 +225,9 @@ pub fn boot(b: &Boot) -> Result<Outcome> {
                 } else if let Some(w) = marker(&line, "ULOG-TIMEOUT ") {
                     guest_timeouts.extend(w.first().map(|s| s.to_string()));
                 } else if let Some(w) = marker(&line, "ULOG-RESULT ") {
-                    if let (Some(name), Some(code)) = (w.first(), w.get(1)) {
+                    let (name, code) = (w.first(), w.get(1));
+                    let seen = out.results.iter().any(|r| Some(&r.name.as_str()) == name);
+                    if let (Some(name), Some(code), false) = (name, code, seen) {
                         let secs = match &started {
                             Some((n, t)) if n == name => at.duration_since(*t).as_secs_f64(),
                             _ => 0.0,
@@ -256,9 +258,20 @@ pub fn boot(b: &Boot) -> Result<Outcome> {
     Ok(out)
 }
 
-/// The last `n` lines of a file.
-pub fn tail(path: &Path, n: usize) -> String {
+/// The last `n` lines of a console log that belong to scenario `name` (from its START line to
+/// its RESULT line), or of the whole log when it has no START line for it.
+pub fn excerpt(path: &Path, name: &str, n: usize) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
+    let start = lines.iter().position(|l| l.contains(&format!("ULOG-START {name} ")));
+    let end = start.and_then(|s| {
+        lines[s..].iter().position(|l| l.contains(&format!("ULOG-RESULT {name} "))).map(|e| s + e + 1)
+    });
+    let (from, to) = match (start, end) {
+        (Some(s), Some(e)) => (s, e),
+        (Some(s), None) => (s, lines.len()),
+        _ => (0, lines.len()),
+    };
+    let part = &lines[from..to];
+    part[part.len().saturating_sub(n)..].join("\n")
 }
