@@ -98,6 +98,15 @@ fn main() -> anyhow::Result<()> {
         }
     };
 
+    // Handlers first: once the receive thread runs, clients (and tests) see a live agent and may
+    // signal it at once; a SIGTERM before registration would kill it without the final flush.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (mut term, mut int) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let _guard = rt.enter();
+        (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?)
+    };
+
     let stop = Arc::new(AtomicBool::new(false));
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<std::io::Result<()>>();
     let receiver = {
@@ -114,11 +123,7 @@ fn main() -> anyhow::Result<()> {
     };
     info!(port = socket.port(), state_dir = ?cli.state_dir, "serving dm-log-userspace requests");
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let served: std::io::Result<()> = rt.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: flushing logs and exiting"); Ok(()) }
             _ = int.recv() => { info!("SIGINT: flushing logs and exiting"); Ok(()) }

@@ -1,8 +1,699 @@
-//! `cargo xtask bench` (placeholder).
+//! `cargo xtask bench [--quick] [--only handling,roundtrip,memory]`: runs the agent's benchmarks
+//! and rewrites their sections of `BENCHMARKS.md` at the repo root.
+//!
+//! Each benchmark is a `cargo bench -p ulog-agent --bench <name>` target:
+//!
+//! * `handling` (criterion): in-process request handling against `protocol::decode` of the same
+//!   datagrams. Results are read from criterion's own files (`estimates.json`, median point
+//!   estimates) under `$CRITERION_HOME`, which this command points at `<target>/ulog-bench/criterion`.
+//! * `roundtrip` and `memory` (harness-less, need root): they write JSON lines to
+//!   `<target>/ulog-bench/<name>.jsonl` (`$ULOG_BENCH_OUT_DIR`); the summaries carry the ratios
+//!   against the baselines they measure in the same invocation.
+//!
+//! `BENCHMARKS.md` is made of generated sections between `<!-- bench:<name>:begin -->` and
+//! `<!-- bench:<name>:end -->` markers; a run replaces the sections of the benchmarks it ran
+//! (and the introduction) and keeps everything else, including text written by hand outside the
+//! markers. Each section states the machine, the date and the command that produced it.
+//!
+//! No timing is asserted anywhere: this is not part of the test suite.
 
-#[derive(clap::Args)]
-pub struct Args {}
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{SystemTime, UNIX_EPOCH};
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("cargo xtask bench: not written yet")
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::setup::{repo_root, run_streaming};
+
+const BENCHES: [&str; 3] = ["handling", "roundtrip", "memory"];
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Short runs (criterion `--quick`; 2 rounds of 0.3 s for the round trips; fewer MARKs for
+    /// the memory benchmark). Figures are noisier; the file says the run was quick.
+    #[arg(long)]
+    quick: bool,
+    /// Run only these benchmarks (comma-separated or repeated): handling, roundtrip, memory.
+    #[arg(long, value_delimiter = ',', value_name = "NAME")]
+    only: Vec<String>,
+    /// Round trips: rounds (default 5, quick 2).
+    #[arg(long, value_name = "N")]
+    rounds: Option<usize>,
+    /// Round trips: seconds per measurement (default 1.5, quick 0.3).
+    #[arg(long, value_name = "S")]
+    secs: Option<f64>,
+    /// Round trips: skip the loop-device disk log (no `losetup`).
+    #[arg(long)]
+    no_loop: bool,
+    /// Memory: skip the 16 disk logs.
+    #[arg(long)]
+    no_disk: bool,
+    /// Print the tables but leave BENCHMARKS.md alone.
+    #[arg(long)]
+    no_write: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    for o in &args.only {
+        if !BENCHES.contains(&o.as_str()) {
+            bail!("unknown benchmark {o:?} (expected one of {})", BENCHES.join(", "));
+        }
+    }
+    let selected: Vec<&str> = BENCHES
+        .iter()
+        .copied()
+        .filter(|b| args.only.is_empty() || args.only.iter().any(|o| o == b))
+        .collect();
+    let needs_root = selected.iter().any(|b| *b != "handling");
+    // SAFETY: plain syscall.
+    if needs_root && unsafe { libc::geteuid() } != 0 {
+        bail!("roundtrip and memory need root (network namespaces, connector sockets); run as root or use --only handling");
+    }
+    let root = repo_root()?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|p| if p.is_absolute() { p } else { root.join(p) })
+        .unwrap_or_else(|| root.join("target"));
+    let out = target.join("ulog-bench");
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let command = reproduce_command();
+    let machine = Machine::probe();
+    println!("machine: {}", machine.one_line());
+
+    let mut sections: BTreeMap<&str, String> = BTreeMap::new();
+    for &bench in &selected {
+        let started = utc_now();
+        let load = machine_load();
+        let mut extra: Vec<String> = Vec::new();
+        if args.quick {
+            extra.push("--quick".into());
+        }
+        match bench {
+            "handling" => {
+                let dir = out.join("criterion");
+                // Stale groups from an earlier run must not show up in this one.
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            "roundtrip" => {
+                if let Some(n) = args.rounds {
+                    extra.extend(["--rounds".into(), n.to_string()]);
+                }
+                if let Some(s) = args.secs {
+                    extra.extend(["--secs".into(), s.to_string()]);
+                }
+                if args.no_loop {
+                    extra.push("--no-loop".into());
+                }
+            }
+            "memory" => {
+                if args.no_disk {
+                    extra.push("--no-disk".into());
+                }
+            }
+            _ => unreachable!(),
+        }
+        let jsonl = out.join(format!("{bench}.jsonl"));
+        let _ = std::fs::remove_file(&jsonl);
+        let mut cmd = Command::new(cargo());
+        cmd.current_dir(&root)
+            .args(["bench", "-p", "ulog-agent", "--bench", bench])
+            .env("CRITERION_HOME", out.join("criterion"))
+            .env("ULOG_BENCH_OUT_DIR", &out);
+        if !extra.is_empty() {
+            cmd.arg("--").args(&extra);
+        }
+        let cargo_line = format!(
+            "cargo bench -p ulog-agent --bench {bench}{}",
+            if extra.is_empty() { String::new() } else { format!(" -- {}", extra.join(" ")) }
+        );
+        println!("\n==> {bench}");
+        run_streaming(&mut cmd).with_context(|| format!("benchmark {bench}"))?;
+        let header = SectionHeader { started, load, command: command.clone(), cargo_line, quick: args.quick, machine: &machine };
+        let body = match bench {
+            "handling" => render_handling(&out.join("criterion"))?,
+            "roundtrip" => render_roundtrip(&read_jsonl(&jsonl)?),
+            "memory" => render_memory(&read_jsonl(&jsonl)?),
+            _ => unreachable!(),
+        };
+        let text = format!("{}{}", header.render(bench), body);
+        println!("\n{text}");
+        sections.insert(bench, text);
+    }
+
+    if args.no_write {
+        return Ok(());
+    }
+    let path = root.join("BENCHMARKS.md");
+    let old = std::fs::read_to_string(&path).unwrap_or_default();
+    let new = merge(&old, &sections);
+    std::fs::write(&path, new).with_context(|| format!("writing {}", path.display()))?;
+    println!("\nwrote {}", path.display());
+    Ok(())
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+/// `cargo xtask bench <the flags given>`.
+fn reproduce_command() -> String {
+    let mut parts = vec!["cargo".to_string(), "xtask".to_string()];
+    parts.extend(std::env::args().skip(1));
+    parts.join(" ")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Machine and time.
+
+struct Machine {
+    nproc: usize,
+    cpu: String,
+    kernel: String,
+    mem: String,
+}
+
+impl Machine {
+    fn probe() -> Self {
+        let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim().to_string()))
+            .unwrap_or_else(|| "unknown".into());
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").map_or_else(|_| "unknown".into(), |s| s.trim().to_string());
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let mem = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .map_or_else(|| "unknown".into(), |kib| format!("{:.1} GiB", kib as f64 / 1024.0 / 1024.0));
+        Self { nproc, cpu, kernel, mem }
+    }
+
+    fn one_line(&self) -> String {
+        format!("{} CPUs ({}), Linux {}, {} RAM", self.nproc, self.cpu, self.kernel, self.mem)
+    }
+}
+
+/// The 1/5/15-minute load averages.
+fn machine_load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Now as `YYYY-MM-DD HH:MM UTC`.
+fn utc_now() -> String {
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02} UTC", rem / 3600, rem % 3600 / 60)
+}
+
+struct SectionHeader<'a> {
+    started: String,
+    load: String,
+    command: String,
+    cargo_line: String,
+    quick: bool,
+    machine: &'a Machine,
+}
+
+impl SectionHeader<'_> {
+    fn render(&self, bench: &str) -> String {
+        let title = match bench {
+            "handling" => "In-process request handling (`benches/handling.rs`)",
+            "roundtrip" => "Round trips over the connector (`benches/roundtrip.rs`)",
+            _ => "Memory (`benches/memory.rs`)",
+        };
+        let mut s = format!("## {title}\n\n");
+        let _ = writeln!(s, "- Date: {}{}", self.started, if self.quick { " (**quick run**: short measurements, noisier)" } else { "" });
+        let _ = writeln!(s, "- Machine: {}; load average at start: {}", self.machine.one_line(), self.load);
+        let _ = writeln!(s, "- Reproduce: `{}` (runs `{}`)", self.command, self.cargo_line);
+        s.push('\n');
+        s
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading results.
+
+fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).with_context(|| format!("{}: bad line {l:?}", path.display())))
+        .collect()
+}
+
+fn f(v: &Value, k: &str) -> f64 {
+    v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN)
+}
+
+fn s<'a>(v: &'a Value, k: &str) -> &'a str {
+    v.get(k).and_then(Value::as_str).unwrap_or("")
+}
+
+/// Criterion's median estimate (ns per iteration) and its 95% interval.
+struct Estimate {
+    median: f64,
+    lo: f64,
+    hi: f64,
+}
+
+fn estimate(dir: &Path) -> Result<Estimate> {
+    let p = dir.join("new").join("estimates.json");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?)
+        .with_context(|| format!("parsing {}", p.display()))?;
+    let m = &v["median"];
+    Ok(Estimate {
+        median: m["point_estimate"].as_f64().unwrap_or(f64::NAN),
+        lo: m["confidence_interval"]["lower_bound"].as_f64().unwrap_or(f64::NAN),
+        hi: m["confidence_interval"]["upper_bound"].as_f64().unwrap_or(f64::NAN),
+    })
+}
+
+/// Elements per iteration from criterion's `benchmark.json`, if a throughput was set.
+fn elements(dir: &Path) -> Option<f64> {
+    let p = dir.join("new").join("benchmark.json");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()?;
+    v["throughput"]["Elements"].as_f64()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rendering.
+
+fn fmt_ns(ns: f64) -> String {
+    if ns >= 10_000.0 {
+        format!("{:.1} µs", ns / 1e3)
+    } else if ns >= 1_000.0 {
+        format!("{:.2} µs", ns / 1e3)
+    } else {
+        format!("{ns:.0} ns")
+    }
+}
+
+fn fmt_rate(per_s: f64) -> String {
+    if per_s >= 1e6 {
+        format!("{:.1} M", per_s / 1e6)
+    } else if per_s >= 1e3 {
+        format!("{:.1} k", per_s / 1e3)
+    } else {
+        format!("{per_s:.0}")
+    }
+}
+
+/// The handling order of the bench file, then anything else criterion recorded.
+const HANDLING_ORDER: [&str; 14] = [
+    "IN_SYNC",
+    "IS_CLEAN",
+    "MARK_REGION_x32",
+    "CLEAR_REGION_x32",
+    "MARK+CLEAR_x32",
+    "MARK_REGION_x32_sync",
+    "CLEAR_REGION_x32_sync",
+    "FLUSH",
+    "GET_RESYNC_WORK",
+    "SET_REGION_SYNC",
+    "GET_SYNC_COUNT",
+    "IS_REMOTE_RECOVERING",
+    "STATUS_INFO",
+    "GET_REGION_SIZE",
+];
+
+fn describe_case(id: &str) -> &'static str {
+    match id {
+        "MARK_REGION_x32" => "32 regions, `nosync` log",
+        "CLEAR_REGION_x32" => "32 regions, `nosync` log (bits really set)",
+        "MARK+CLEAR_x32" => "MARK then CLEAR of the same 32 regions, `nosync` log: 64 real bit flips",
+        "MARK_REGION_x32_sync" => "32 regions, default-sync log",
+        "CLEAR_REGION_x32_sync" => "32 regions, default-sync log (not in sync: bits stay)",
+        "IN_SYNC" | "IS_CLEAN" | "IS_REMOTE_RECOVERING" => "1 region",
+        "SET_REGION_SYNC" => "region, in_sync=1",
+        _ => "",
+    }
+}
+
+/// Criterion group directories are named after the group id, with some characters replaced.
+fn group_dir(criterion: &Path, id: &str) -> PathBuf {
+    criterion.join(id.replace(['/', '\\', ':', '*', '?', '"', '<', '>', '|'], "_"))
+}
+
+fn render_handling(criterion: &Path) -> Result<String> {
+    let mut s = String::new();
+    s.push_str(
+        "One `LogServer` with two `clustered-core` logs of 2^21 regions (`2147483648 clustered-core 1024`, and the same \
+         with `nosync`), CTR + RESUME first; replies go to a sink that counts them (every request was answered, none with \
+         an error). Each benchmark cycles through 256 pre-encoded datagrams (`kernel_peer::encode_request`) with \
+         pseudo-random regions. *decode* = `protocol::decode` alone on the same datagrams (the baseline, measured right \
+         before); *handle* = `LogServer::handle_datagram(buf, 0, false)`. Criterion median per iteration, 95% interval \
+         in brackets.\n\n",
+    );
+    s.push_str("| request | payload | decode | handle [95% CI] | handle / decode | handle − decode | requests/s (1 core) | region ops/s |\n");
+    s.push_str("|---|---|---:|---:|---:|---:|---:|---:|\n");
+    let mut best_region_rate: Option<(f64, String)> = None;
+    let mut worst_region_rate: Option<(f64, String)> = None;
+    let mut ratios = Vec::new();
+    for id in HANDLING_ORDER {
+        let g = group_dir(criterion, id);
+        if !g.is_dir() {
+            continue;
+        }
+        let dec = estimate(&g.join("decode"))?;
+        let han = estimate(&g.join("handle"))?;
+        let reqs_per_iter = if id.contains('+') { 2.0 } else { 1.0 };
+        let el = elements(&g.join("handle"));
+        let region_rate = el.map(|n| n / (han.median * 1e-9));
+        if let Some(r) = region_rate {
+            if worst_region_rate.as_ref().is_none_or(|(w, _)| r < *w) {
+                worst_region_rate = Some((r, id.to_string()));
+            }
+            if best_region_rate.as_ref().is_none_or(|(b, _)| r > *b) {
+                best_region_rate = Some((r, id.to_string()));
+            }
+        }
+        ratios.push(han.median / dec.median);
+        let _ = writeln!(
+            s,
+            "| {id} | {} | {} | {} [{}–{}] | {:.1}× | {} | {} | {} |",
+            describe_case(id),
+            fmt_ns(dec.median),
+            fmt_ns(han.median),
+            fmt_ns(han.lo),
+            fmt_ns(han.hi),
+            han.median / dec.median,
+            fmt_ns(han.median - dec.median),
+            fmt_rate(reqs_per_iter / (han.median * 1e-9)),
+            region_rate.map_or_else(|| "—".into(), |r| format!("{}/s", fmt_rate(r))),
+        );
+    }
+    s.push('\n');
+    if let Some((w, id)) = &worst_region_rate {
+        let _ = writeln!(
+            s,
+            "**Target ≥ 5 M MARK/CLEAR region operations/s per core: {}** (slowest case {id}: {} region ops/s, \
+             {:.0}× the target).",
+            if *w >= 5e6 { "met" } else { "NOT met" },
+            fmt_rate(*w),
+            w / 5e6
+        );
+    }
+    if !ratios.is_empty() {
+        ratios.sort_by(f64::total_cmp);
+        let _ = writeln!(
+            s,
+            "Handling costs {:.1}×–{:.1}× decoding (median {:.1}×).",
+            ratios[0],
+            ratios[ratios.len() - 1],
+            ratios[ratios.len() / 2]
+        );
+    }
+    // Diagnostic: the persister's snapshot copy.
+    let mut diag = String::new();
+    for blocks in [1, 16] {
+        let g = group_dir(criterion, &format!("snapshot_{blocks}_blocks"));
+        if !g.is_dir() {
+            continue;
+        }
+        let mem = estimate(&g.join("memcpy"))?;
+        let snap = estimate(&g.join("snapshot"))?;
+        let bytes = blocks as f64 * 4096.0;
+        let _ = writeln!(
+            diag,
+            "| {blocks} | {} | {} ({:.2} GB/s) | {} ({:.0} GB/s) | {:.0}× |",
+            blocks * 4096,
+            fmt_ns(snap.median),
+            bytes / snap.median,
+            fmt_ns(mem.median),
+            bytes / mem.median,
+            snap.median / mem.median
+        );
+    }
+    if !diag.is_empty() {
+        s.push_str(
+            "\nDiagnostic (not request handling): a disk log's persister copying the changed 4 KiB image blocks out of \
+             the bitmap before each durable write (`DirtyLog::snapshot`, under the log's mutex, which the receive \
+             thread needs for every request on that log), against `copy_from_slice` of the same bytes. 16 blocks = \
+             a group commit of 16 MARKs of scattered regions.\n\n",
+        );
+        s.push_str("| changed blocks | bytes | snapshot | memcpy (baseline) | snapshot / memcpy |\n|---:|---:|---:|---:|---:|\n");
+        s.push_str(&diag);
+    }
+    s.push('\n');
+    Ok(s)
+}
+
+fn render_roundtrip(lines: &[Value]) -> String {
+    let mut s = String::new();
+    let meta = lines.iter().find(|v| s_eq(v, "kind", "meta"));
+    let sums: Vec<&Value> = lines.iter().filter(|v| s_eq(v, "kind", "summary")).collect();
+    if let Some(m) = meta {
+        let _ = writeln!(
+            s,
+            "Client: a `KernelPeer` (the kernel's side, over a real NETLINK_CONNECTOR socket) in a private network \
+             namespace; latency = send → matching reply; with 32 in flight it keeps 32 requests outstanding. Agent: the \
+             bench-profile `ulog-agent` binary (`--accept-peer-port`). Baseline: a thread with its own connector \
+             socket set up like the agent's (group 7, 8 MiB receive buffer) that answers every request from constants \
+             (`recvfrom`, copy the header, `sendto`), in a second namespace so the two never share a bus; same client \
+             code. Logs: 2^21 regions, `nosync`, a fresh log per round, so every MARK dirties a clean region (regions \
+             scattered over the log; *seq* = consecutive regions). *disk-file* = `clustered-disk` on a preallocated \
+             file on {} ({}); *disk-loop* = the same on {} over such a file; MARKs are answered after \
+             `pwritev2(RWF_DSYNC)`. {} rounds × {} s per measurement, targets interleaved in an order rotated per \
+             round; figures are medians over rounds. Ratios are agent ÷ baseline (latency: > 1 is slower; req/s: < 1 \
+             is slower). *server CPU* = CPU time of the agent process (all threads) or of the responder thread per \
+             request (`/proc/*/schedstat`); *client CPU* = the client thread's.\n",
+            s(m, "file_fs"),
+            s(m, "file_dir"),
+            s(m, "loop_device"),
+            f(m, "rounds"),
+            f(m, "secs_per_measurement"),
+        );
+        if !s(m, "notes").is_empty() {
+            let _ = writeln!(s, "Notes: {}\n", s(m, "notes"));
+        }
+    }
+    let mut groups: Vec<(String, u64)> = Vec::new();
+    for v in &sums {
+        let key = (s(v, "workload").to_string(), f(v, "depth") as u64);
+        if !groups.contains(&key) {
+            groups.push(key);
+        }
+    }
+    for (wl, depth) in &groups {
+        let _ = writeln!(s, "### {wl}, {depth} in flight\n");
+        let pairs = sums.iter().any(|v| s(v, "workload") == wl && f(v, "depth") as u64 == *depth && v.get("pair_p50_us").is_some());
+        s.push_str("| target | p50 | p99 | requests/s | p50 × baseline | p99 × baseline | req/s × baseline | server CPU/req | × baseline | client CPU/req |");
+        s.push_str(if pairs { " MARK→FLUSH pair p50 | pair × baseline |\n" } else { "\n" });
+        s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        s.push_str(if pairs { "---:|---:|\n" } else { "\n" });
+        for v in sums.iter().filter(|v| s(v, "workload") == wl && f(v, "depth") as u64 == *depth) {
+            let _ = write!(
+                s,
+                "| {} | {:.1} µs | {:.1} µs | {} | {:.2} | {:.2} | {:.2} | {:.2} µs | {:.2} | {:.2} µs |",
+                s(v, "target"),
+                f(v, "p50_us"),
+                f(v, "p99_us"),
+                fmt_rate(f(v, "rps")),
+                f(v, "p50_ratio"),
+                f(v, "p99_ratio"),
+                f(v, "rps_ratio"),
+                f(v, "server_cpu_us_per_req"),
+                f(v, "server_cpu_ratio"),
+                f(v, "client_cpu_us_per_req"),
+            );
+            if pairs {
+                let _ = write!(s, " {:.1} µs | {:.2} |", f(v, "pair_p50_us"), f(v, "pair_p50_ratio"));
+            }
+            s.push('\n');
+        }
+        s.push('\n');
+    }
+    // Targets (core log).
+    let find = |t: &str, wl: &str, d: u64| sums.iter().find(|v| s(v, "target") == t && s(v, "workload") == wl && f(v, "depth") as u64 == d);
+    if let Some(v) = find("core", "IN_SYNC", 1) {
+        let p50 = f(v, "p50_us");
+        let _ = writeln!(
+            s,
+            "**Target core log p50 ≤ 20 µs: {}** (IN_SYNC, 1 in flight: {p50:.1} µs; baseline {:.1} µs).",
+            if p50 <= 20.0 { "met" } else { "NOT met" },
+            f(v, "baseline_p50_us")
+        );
+    }
+    for wl in ["IN_SYNC", "MARK+FLUSH"] {
+        if let Some(v) = find("core", wl, 32) {
+            let rps = f(v, "rps");
+            let _ = writeln!(
+                s,
+                "**Target core log ≥ 150 k requests/s with 32 in flight ({wl}): {}** ({} req/s; the constant-answer \
+                 baseline reaches {} req/s with the same client, ratio {:.2}; agent CPU per request {:.2} µs, i.e. \
+                 one core could serve ~{} req/s if the client and the transport kept up).",
+                if rps >= 150_000.0 { "met" } else { "NOT met" },
+                fmt_rate(rps),
+                fmt_rate(f(v, "baseline_rps")),
+                f(v, "rps_ratio"),
+                f(v, "server_cpu_us_per_req"),
+                fmt_rate(1e6 / f(v, "server_cpu_us_per_req")),
+            );
+        }
+    }
+    s.push('\n');
+    s
+}
+
+fn s_eq(v: &Value, k: &str, want: &str) -> bool {
+    s(v, k) == want
+}
+
+fn render_memory(lines: &[Value]) -> String {
+    let mut s = String::from(
+        "The bench-profile `ulog-agent` in a private network namespace; through a `KernelPeer`: 16 logs of 2^21 \
+         regions each (CTR + RESUME), 1000 MARKs of 32 pseudo-random regions per log (200 in quick runs), a FLUSH; \
+         then `/proc/<pid>/status`. Each configuration in a fresh agent. Baseline: the same agent idle, before the \
+         first CTR; the floor is the two bitmaps per log (2 × 2^21 bits = 0.5 MiB).\n\n",
+    );
+    s.push_str("| logs | idle VmRSS | VmRSS | VmHWM | RssAnon | per log | per log ÷ bitmaps | threads | target ≤ 40 MiB |\n");
+    s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---|\n");
+    for v in lines.iter().filter(|v| s_eq(v, "kind", "summary")) {
+        let bitmaps = 2.0 * f(v, "regions_per_log") / 8.0 / 1_048_576.0;
+        let desc = match s(v, "log_type") {
+            "core" => format!("{} × clustered-core", f(v, "logs")),
+            _ => format!("{} × clustered-disk (sparse files on {})", f(v, "logs"), s(v, "file_fs")),
+        };
+        let _ = writeln!(
+            s,
+            "| {desc} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.2} MiB | {:.2}× | {} | {} |",
+            f(v, "idle_rss_mib"),
+            f(v, "rss_mib"),
+            f(v, "hwm_mib"),
+            f(v, "rss_anon_mib"),
+            f(v, "per_log_mib"),
+            f(v, "per_log_mib") / bitmaps,
+            f(v, "threads"),
+            if f(v, "rss_mib") <= f(v, "target_mib") { "met" } else { "NOT met" },
+        );
+    }
+    s.push('\n');
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+// BENCHMARKS.md.
+
+const INTRO: &str = "# Benchmarks
+
+Generated by `cargo xtask bench` (the sections between `<!-- bench:... -->` markers are rewritten by
+each run of the benchmarks they belong to; text outside them is kept). Every figure comes with a
+baseline measured in the same invocation on the same machine, and the ratio to it: the machines
+these run on are shared, so absolute figures move with the load, ratios much less. Nothing here is
+asserted by any test.
+
+| command | what it runs |
+|---|---|
+| `cargo xtask bench` | all three benchmarks below, then rewrites this file |
+| `cargo xtask bench --quick` | the same with short measurements (noisier; marked as such) |
+| `cargo xtask bench --only handling` (or `roundtrip`, `memory`; comma-separated) | a subset; the other sections stay as they were |
+| `cargo xtask bench --only roundtrip --rounds 9 --secs 3 --no-loop` | round-trip options; `--no-disk` skips the memory benchmark's disk logs |
+| `cargo bench -p ulog-agent` | the same benchmarks through cargo alone (results in `target/ulog-bench/` and `target/ulog-bench/criterion` if `CRITERION_HOME` points there, this file untouched) |
+
+`roundtrip` and `memory` need root (private network namespaces, connector sockets); `roundtrip`
+also uses `losetup` for the loop-device case (skipped with a note if that fails). `cargo test`
+does not build benchmarks; `cargo test --benches` runs `handling` once per case in criterion's
+test mode and only prints \"skipped\" for the other two.
+
+";
+
+fn section(name: &str, body: &str) -> String {
+    format!("<!-- bench:{name}:begin -->\n{}<!-- bench:{name}:end -->\n", body)
+}
+
+/// Replaces the sections in `new` (and the intro) inside `old`, appending missing ones in the
+/// canonical order; everything outside markers is kept.
+fn merge(old: &str, new: &BTreeMap<&str, String>) -> String {
+    let mut doc = if old.trim().is_empty() { String::new() } else { old.to_string() };
+    let mut all: Vec<(String, String)> = vec![("intro".into(), INTRO.to_string())];
+    for b in BENCHES {
+        if let Some(t) = new.get(b) {
+            all.push((b.to_string(), t.clone()));
+        } else if !doc.contains(&format!("<!-- bench:{b}:begin -->")) {
+            all.push((b.to_string(), format!("## `{b}`\n\nNot run yet: `cargo xtask bench --only {b}`.\n\n")));
+        }
+    }
+    for (name, body) in all {
+        let begin = format!("<!-- bench:{name}:begin -->");
+        let end = format!("<!-- bench:{name}:end -->");
+        match (doc.find(&begin), doc.find(&end)) {
+            (Some(b), Some(e)) if e > b => {
+                let e = e + end.len();
+                let e = if doc[e..].starts_with('\n') { e + 1 } else { e };
+                doc.replace_range(b..e, &section(&name, &body));
+            }
+            _ => {
+                if name == "intro" {
+                    doc.insert_str(0, &section(&name, &body));
+                } else {
+                    if !doc.is_empty() && !doc.ends_with('\n') {
+                        doc.push('\n');
+                    }
+                    // Before a hand-written tail? Keep it simple: sections go in order at the end
+                    // of the generated part, i.e. after the last existing section marker.
+                    let insert_at = BENCHES
+                        .iter()
+                        .chain(std::iter::once(&"intro"))
+                        .filter_map(|b| {
+                            let end = format!("<!-- bench:{b}:end -->\n");
+                            doc.find(&end).map(|i| i + end.len())
+                        })
+                        .max()
+                        .unwrap_or(doc.len());
+                    doc.insert_str(insert_at, &section(&name, &body));
+                }
+            }
+        }
+    }
+    doc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_replaces_only_the_sections_run_and_keeps_hand_written_text() {
+        let mut new = BTreeMap::new();
+        new.insert("handling", "H1\n".to_string());
+        let first = merge("", &new);
+        assert!(first.starts_with("<!-- bench:intro:begin -->\n# Benchmarks"));
+        assert!(first.contains("<!-- bench:handling:begin -->\nH1\n<!-- bench:handling:end -->"));
+        assert!(first.contains("Not run yet: `cargo xtask bench --only roundtrip`"));
+        let hand = format!("{first}\n## Observations\n\nkept\n");
+        let mut new2 = BTreeMap::new();
+        new2.insert("roundtrip", "R1\n".to_string());
+        let second = merge(&hand, &new2);
+        assert!(second.contains("H1\n"), "handling kept");
+        assert!(second.contains("<!-- bench:roundtrip:begin -->\nR1\n<!-- bench:roundtrip:end -->"));
+        assert!(!second.contains("Not run yet: `cargo xtask bench --only roundtrip`"));
+        assert!(second.ends_with("## Observations\n\nkept\n"));
+        assert_eq!(second.matches("<!-- bench:intro:begin -->").count(), 1);
+        // Idempotent.
+        assert_eq!(merge(&second, &new2), second);
+    }
+
+    #[test]
+    fn utc_dates() {
+        let d = utc_now();
+        assert_eq!(d.len(), "2026-11-21 13:00 UTC".len());
+        assert!(d.starts_with("20"));
+    }
 }
