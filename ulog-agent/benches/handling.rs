@@ -24,11 +24,11 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ulog_agent::counters::Counters;
 use ulog_agent::dirty_log::{DirtyLog, IMAGE_BLOCK};
-use ulog_agent::{ctr, disk_format};
 use ulog_agent::kernel_peer::{encode_request, regions_payload, Request};
 use ulog_agent::persist::ReplySink;
 use ulog_agent::protocol;
 use ulog_agent::server::{LogServer, ServerConfig};
+use ulog_agent::{ctr, disk_format};
 use ulog_common::{RequestType, ULOG_OFFSET};
 
 const REGIONS: u64 = 1 << 21;
@@ -105,7 +105,7 @@ impl Fixture {
 
     /// `POOL` datagrams from `make(i)`.
     fn pool(&mut self, mut make: impl FnMut(usize) -> Request) -> Vec<Vec<u8>> {
-        (0..POOL).map(|i| make(i)).map(|r| self.encode(&r)).collect()
+        (0..POOL).map(&mut make).map(|r| self.encode(&r)).collect()
     }
 }
 
@@ -270,9 +270,7 @@ fn snapshot(c: &mut Criterion) {
 
 fn config() -> Criterion {
     // Shorter than criterion's defaults (3 s + 5 s per benchmark); the command line overrides.
-    Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3))
+    Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3))
 }
 
 criterion_group! {

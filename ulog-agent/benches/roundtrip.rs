@@ -19,7 +19,9 @@
 //!   to be tmpfs), where MARKs are answered after a `pwritev2(RWF_DSYNC)`; `disk-loop` = the same
 //!   on a loop device over such a file (`losetup`, detached at the end; skipped with a note if
 //!   `losetup` fails).
-//! * Workloads: IN_SYNC of pseudo-random regions; MARK_REGION (1 fresh region) + FLUSH pairs.
+//! * Workloads: IN_SYNC of pseudo-random regions; MARK_REGION (1 fresh region) + FLUSH pairs,
+//!   with the regions scattered over the log (`MARK+FLUSH`) or consecutive (`MARK+FLUSH seq`:
+//!   32768 regions share one 4 KiB block of the disk image, so a group commit writes one block).
 //!   Each with 1 and with 32 requests in flight.
 //! * Rounds: every round measures every (workload, depth) on the baseline and on every log type,
 //!   in an order rotated per round; results are medians over rounds.
@@ -28,7 +30,7 @@
 //! `<target>/ulog-bench/roundtrip.jsonl`; `$ULOG_BENCH_OUT_DIR` overrides the directory).
 //!
 //! Run: `cargo bench -p ulog-agent --bench roundtrip [-- --quick] [-- --rounds N --secs S
-//! --no-loop --targets core,disk-file]`. Under `cargo test --benches` it only says it was skipped.
+//! --no-loop --targets core,disk-file --workloads in-sync,mark-flush,mark-flush-seq --depths 1,32]`. Under `cargo test --benches` it only says it was skipped.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -55,7 +57,10 @@ const LOG_FILE_BYTES: u64 = 1 << 20;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Workload {
     InSync,
+    /// MARK of one fresh region scattered over the log, then FLUSH.
     MarkFlush,
+    /// The same with consecutive regions (32768 share one 4 KiB block of the disk image).
+    MarkFlushSeq,
 }
 
 impl Workload {
@@ -63,6 +68,7 @@ impl Workload {
         match self {
             Workload::InSync => "IN_SYNC",
             Workload::MarkFlush => "MARK+FLUSH",
+            Workload::MarkFlushSeq => "MARK+FLUSH seq",
         }
     }
 }
@@ -104,6 +110,8 @@ struct Config {
     workloads: Vec<Workload>,
     targets: Vec<String>,
     use_loop: bool,
+    /// Pin the client thread to CPU 0 and the server (agent process / responder thread) to CPU 1.
+    pin: bool,
 }
 
 fn arg_value(args: &[String], name: &str) -> Option<String> {
@@ -113,8 +121,10 @@ fn arg_value(args: &[String], name: &str) -> Option<String> {
 fn config() -> Config {
     let args: Vec<String> = std::env::args().collect();
     let quick = common::quick();
-    let rounds = arg_value(&args, "--rounds").map(|v| v.parse().expect("--rounds N")).unwrap_or(if quick { 2 } else { 5 });
-    let secs = arg_value(&args, "--secs").map(|v| v.parse().expect("--secs S")).unwrap_or(if quick { 0.3 } else { 1.5 });
+    let rounds =
+        arg_value(&args, "--rounds").map(|v| v.parse().expect("--rounds N")).unwrap_or(if quick { 2 } else { 5 });
+    let secs =
+        arg_value(&args, "--secs").map(|v| v.parse().expect("--secs S")).unwrap_or(if quick { 0.3 } else { 1.5 });
     let targets = arg_value(&args, "--targets")
         .map(|v| v.split(',').map(str::to_string).collect())
         .unwrap_or_else(|| vec!["core".into(), "disk-file".into(), "disk-loop".into()]);
@@ -127,12 +137,41 @@ fn config() -> Config {
                 .map(|w| match w {
                     "in-sync" | "IN_SYNC" => Workload::InSync,
                     "mark-flush" | "MARK+FLUSH" => Workload::MarkFlush,
-                    other => panic!("unknown workload {other:?} (in-sync, mark-flush)"),
+                    "mark-flush-seq" => Workload::MarkFlushSeq,
+                    other => panic!("unknown workload {other:?} (in-sync, mark-flush, mark-flush-seq)"),
                 })
                 .collect()
         })
-        .unwrap_or_else(|| vec![Workload::InSync, Workload::MarkFlush]);
-    Config { rounds, secs, depths, workloads, targets, use_loop: !args.iter().any(|a| a == "--no-loop") }
+        .unwrap_or_else(|| vec![Workload::InSync, Workload::MarkFlush, Workload::MarkFlushSeq]);
+    Config {
+        rounds,
+        secs,
+        depths,
+        workloads,
+        targets,
+        use_loop: !args.iter().any(|a| a == "--no-loop"),
+        pin: args.iter().any(|a| a == "--pin"),
+    }
+}
+
+/// Pins thread `tid` (0 = the calling thread) to `cpu`.
+fn pin(tid: libc::pid_t, cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes inside it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: valid set of the size passed.
+    let r = unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    assert_eq!(r, 0, "sched_setaffinity({tid}, cpu {cpu}): {}", std::io::Error::last_os_error());
+}
+
+/// Pins every thread of process `pid` (threads it creates later inherit it).
+fn pin_process(pid: u32, cpu: usize) {
+    for e in std::fs::read_dir(format!("/proc/{pid}/task")).expect("list the agent's threads").flatten() {
+        if let Some(tid) = e.file_name().to_str().and_then(|t| t.parse().ok()) {
+            pin(tid, cpu);
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -152,7 +191,10 @@ fn setsockopt<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, v: &T) -> 
 /// joined to group 7, 8 MiB receive buffer, 250 ms receive timeout. Returns it and its port.
 fn responder_socket() -> (OwnedFd, u32) {
     // SAFETY: plain socket(2).
-    let fd = cvt(unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, NETLINK_CONNECTOR) }, "socket");
+    let fd = cvt(
+        unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, NETLINK_CONNECTOR) },
+        "socket",
+    );
     // SAFETY: fresh fd, owned here.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: all-zero sockaddr_nl is valid.
@@ -170,7 +212,10 @@ fn responder_socket() -> (OwnedFd, u32) {
     cvt(setsockopt(&fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv), "SO_RCVTIMEO");
     let mut len = sl;
     // SAFETY: out-params of the right size.
-    cvt(unsafe { libc::getsockname(fd.as_raw_fd(), (&mut sa as *mut libc::sockaddr_nl).cast(), &mut len) }, "getsockname");
+    cvt(
+        unsafe { libc::getsockname(fd.as_raw_fd(), (&mut sa as *mut libc::sockaddr_nl).cast(), &mut len) },
+        "getsockname",
+    );
     (fd, sa.nl_pid)
 }
 
@@ -188,7 +233,10 @@ fn constant_payload(request_type: u32) -> &'static [u8] {
 }
 
 /// The responder thread: answers every request datagram until `stop`.
-fn responder(fd: OwnedFd, port: u32, stop: Arc<AtomicBool>, tid: Arc<AtomicU64>) -> u64 {
+fn responder(fd: OwnedFd, port: u32, stop: Arc<AtomicBool>, tid: Arc<AtomicU64>, cpu: Option<usize>) -> u64 {
+    if let Some(cpu) = cpu {
+        pin(0, cpu);
+    }
     // SAFETY: plain syscall.
     tid.store(unsafe { libc::gettid() } as u64, Ordering::Release);
     let mut buf = vec![0u8; 64 * 1024];
@@ -200,7 +248,14 @@ fn responder(fd: OwnedFd, port: u32, stop: Arc<AtomicBool>, tid: Arc<AtomicU64>)
         let mut flen = std::mem::size_of::<libc::sockaddr_nl>() as u32;
         // SAFETY: valid buffers of the lengths passed.
         let n = unsafe {
-            libc::recvfrom(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0, (&mut from as *mut libc::sockaddr_nl).cast(), &mut flen)
+            libc::recvfrom(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+                (&mut from as *mut libc::sockaddr_nl).cast(),
+                &mut flen,
+            )
         };
         if n < (ULOG_OFFSET + ULOG_REQUEST_LEN) as isize {
             continue; // timeout, EINTR, or not a request
@@ -222,7 +277,14 @@ fn responder(fd: OwnedFd, port: u32, stop: Arc<AtomicBool>, tid: Arc<AtomicU64>)
         to.nl_pid = from.nl_pid;
         // SAFETY: valid buffer and address.
         let r = unsafe {
-            libc::sendto(fd.as_raw_fd(), out.as_ptr().cast(), len, 0, (&to as *const libc::sockaddr_nl).cast(), std::mem::size_of::<libc::sockaddr_nl>() as u32)
+            libc::sendto(
+                fd.as_raw_fd(),
+                out.as_ptr().cast(),
+                len,
+                0,
+                (&to as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
         };
         if r >= 0 {
             answered += 1;
@@ -238,6 +300,9 @@ fn responder(fd: OwnedFd, port: u32, stop: Arc<AtomicBool>, tid: Arc<AtomicU64>)
 /// completed requests, and the time they took.
 struct Sample {
     lat: Vec<u64>,
+    /// MARK+FLUSH workloads: the MARKs' and the FLUSHes' latencies.
+    mark_lat: Vec<u64>,
+    flush_lat: Vec<u64>,
     pair_lat: Vec<u64>,
     requests: u64,
     elapsed: Duration,
@@ -300,12 +365,16 @@ impl Gen {
                 self.in_sync.payload.copy_from_slice(&r.to_ne_bytes());
                 (&self.in_sync, false)
             }
-            Workload::MarkFlush => {
+            Workload::MarkFlush | Workload::MarkFlushSeq => {
                 self.mark_next = !self.mark_next;
                 if !self.mark_next {
                     // Odd multiplier: a permutation of 0..2^21, so every MARK dirties a clean
                     // region (until 2^21 marks; a round never gets near that).
-                    let r = self.fresh.wrapping_mul(0x5851_f42d) % REGIONS;
+                    let r = if self.wl == Workload::MarkFlushSeq {
+                        (self.fresh + 1_000_000) % REGIONS
+                    } else {
+                        self.fresh.wrapping_mul(0x5851_f42d) % REGIONS
+                    };
                     self.fresh += 1;
                     self.mark.payload.copy_from_slice(&r.to_ne_bytes());
                     (&self.mark, true)
@@ -323,10 +392,20 @@ fn check(reply: &ulog_agent::kernel_peer::Reply, what: &str) {
 
 /// Runs `gen` against whoever answers `peer` for `dur` (after a warm-up of `warm`), with
 /// `depth` requests in flight.
-fn measure(peer: &mut KernelPeer, gen: &mut Gen, depth: usize, dur: Duration, warm: Duration, server_cpu: &dyn Fn() -> u64) -> Sample {
+fn measure(
+    peer: &mut KernelPeer,
+    gen: &mut Gen,
+    depth: usize,
+    dur: Duration,
+    warm: Duration,
+    server_cpu: &dyn Fn() -> u64,
+) -> Sample {
     let what = format!("{} {} depth {depth}", gen.uuid, gen.wl.name());
+    let mark_flush = gen.wl != Workload::InSync;
     let mut s = Sample {
         lat: Vec::new(),
+        mark_lat: Vec::new(),
+        flush_lat: Vec::new(),
         pair_lat: Vec::new(),
         requests: 0,
         elapsed: Duration::ZERO,
@@ -336,6 +415,7 @@ fn measure(peer: &mut KernelPeer, gen: &mut Gen, depth: usize, dur: Duration, wa
     for warming in [true, false] {
         let limit = if warming { warm } else { dur };
         let mut lat = Vec::with_capacity(1 << 16);
+        let (mut mark_lat, mut flush_lat) = (Vec::new(), Vec::new());
         let mut pair_lat = Vec::new();
         let (cpu0, ccpu0) = (server_cpu(), this_thread_cpu_ns());
         let start = Instant::now();
@@ -350,6 +430,9 @@ fn measure(peer: &mut KernelPeer, gen: &mut Gen, depth: usize, dur: Duration, wa
                 assert_eq!(r.seq, seq, "{what}: reply to another seq");
                 check(&r, &what);
                 lat.push((t1 - t0).as_nanos() as u64);
+                if is_mark {
+                    mark_lat.push((t1 - t0).as_nanos() as u64);
+                }
                 done += 1;
                 if is_mark {
                     // The FLUSH that completes the pair.
@@ -360,21 +443,22 @@ fn measure(peer: &mut KernelPeer, gen: &mut Gen, depth: usize, dur: Duration, wa
                     assert_eq!(r.seq, seq, "{what}: reply to another seq");
                     check(&r, &what);
                     lat.push((t2 - t1).as_nanos() as u64);
+                    flush_lat.push((t2 - t1).as_nanos() as u64);
                     pair_lat.push((t2 - t0).as_nanos() as u64);
                     done += 1;
                 }
             }
         } else {
             const RING: usize = 4096;
-            let mut sent_at: Vec<Option<Instant>> = vec![None; RING];
+            let mut sent_at: Vec<Option<(Instant, bool)>> = vec![None; RING];
             let mut outstanding = 0usize;
             let mut sending = true;
             loop {
                 while sending && outstanding < depth {
-                    let (req, _) = gen.next();
+                    let (req, is_mark) = gen.next();
                     let t = Instant::now();
                     let seq = peer.send(req).expect("send");
-                    sent_at[seq as usize % RING] = Some(t);
+                    sent_at[seq as usize % RING] = Some((t, is_mark));
                     outstanding += 1;
                 }
                 if outstanding == 0 {
@@ -383,8 +467,16 @@ fn measure(peer: &mut KernelPeer, gen: &mut Gen, depth: usize, dur: Duration, wa
                 let r = peer.recv_reply(REPLY_TIMEOUT).unwrap_or_else(|e| panic!("{what}: {e}"));
                 let t1 = Instant::now();
                 check(&r, &what);
-                let t0 = sent_at[r.seq as usize % RING].take().unwrap_or_else(|| panic!("{what}: reply to unknown seq {}", r.seq));
-                lat.push((t1 - t0).as_nanos() as u64);
+                let (t0, is_mark) = sent_at[r.seq as usize % RING]
+                    .take()
+                    .unwrap_or_else(|| panic!("{what}: reply to unknown seq {}", r.seq));
+                let ns = (t1 - t0).as_nanos() as u64;
+                lat.push(ns);
+                if is_mark {
+                    mark_lat.push(ns);
+                } else if mark_flush {
+                    flush_lat.push(ns);
+                }
                 outstanding -= 1;
                 done += 1;
                 if start.elapsed() >= limit {
@@ -397,6 +489,8 @@ fn measure(peer: &mut KernelPeer, gen: &mut Gen, depth: usize, dur: Duration, wa
             let (cpu1, ccpu1) = (server_cpu(), this_thread_cpu_ns());
             s = Sample {
                 lat,
+                mark_lat,
+                flush_lat,
                 pair_lat,
                 requests: done,
                 elapsed,
@@ -453,9 +547,9 @@ fn ok_call(peer: &mut KernelPeer, req: Request, what: &str) {
 }
 
 /// A fresh log for `target` in the agent: CTR + RESUME. Returns (uuid, luid).
-fn create_log(peer: &mut KernelPeer, target: &Target, round: usize) -> (String, u64) {
-    let uuid = format!("LVM-ulog-bench-roundtrip-{}-{round:03}", target.name());
-    let luid = 0xffff_8880_0000_0000 + ((round as u64) << 12) + target.name().len() as u64;
+fn create_log(peer: &mut KernelPeer, target: &Target, round: usize, wl: usize) -> (String, u64) {
+    let uuid = format!("LVM-ulog-bench-roundtrip-{}-{round:03}-{wl}", target.name());
+    let luid = 0xffff_8880_0000_0000 + ((round as u64) << 16) + ((wl as u64) << 12) + target.name().len() as u64;
     let ctr = target.ctr().expect("agent target");
     ok_call(peer, Request::ctr(&uuid, luid, &ctr), "CTR");
     ok_call(peer, Request::new(RequestType::Resume, &uuid, luid, vec![]), "RESUME");
@@ -475,6 +569,10 @@ struct Agg {
     rps: Vec<f64>,
     pair_p50: Vec<f64>,
     pair_p99: Vec<f64>,
+    mark_p50: Vec<f64>,
+    mark_p99: Vec<f64>,
+    flush_p50: Vec<f64>,
+    flush_p99: Vec<f64>,
     scpu: Vec<f64>,
     ccpu: Vec<f64>,
     requests: u64,
@@ -541,6 +639,10 @@ fn main() {
     agent_peer.set_call_timeout(REPLY_TIMEOUT);
     let exe = env!("CARGO_BIN_EXE_ulog-agent");
     let agent = AgentProcess::spawn_ready(exe, &mut agent_peer, Vec::<String>::new()).expect("start the agent");
+    if cfg.pin {
+        pin_process(agent.pid(), 1);
+        pin(0, 0);
+    }
 
     // Namespace B: the baseline responder and its peer.
     enter_private_netns().expect("private netns for the baseline");
@@ -550,7 +652,11 @@ fn main() {
     let tid = Arc::new(AtomicU64::new(0));
     let resp: JoinHandle<u64> = {
         let (stop, tid) = (Arc::clone(&stop), Arc::clone(&tid));
-        std::thread::Builder::new().name("baseline".into()).spawn(move || responder(fd, port, stop, tid)).expect("responder thread")
+        let cpu = cfg.pin.then_some(1);
+        std::thread::Builder::new()
+            .name("baseline".into())
+            .spawn(move || responder(fd, port, stop, tid, cpu))
+            .expect("responder thread")
     };
     while tid.load(Ordering::Acquire) == 0 {
         std::thread::yield_now();
@@ -562,7 +668,8 @@ fn main() {
     assert_eq!(base_peer.group_listeners().expect("listeners"), 1, "exactly the responder listens in namespace B");
     assert_eq!(agent_peer.group_listeners().expect("listeners"), 1, "exactly the agent listens in namespace A");
 
-    let loop_desc = targets.iter().find_map(|t| if let Target::DiskLoop(p) = t { Some(p.display().to_string()) } else { None });
+    let loop_desc =
+        targets.iter().find_map(|t| if let Target::DiskLoop(p) = t { Some(p.display().to_string()) } else { None });
     results.push(&[
         ("bench", "roundtrip".into()),
         ("kind", "meta".into()),
@@ -574,35 +681,47 @@ fn main() {
         ("loop_device", loop_desc.unwrap_or_else(|| "none".into()).into()),
         ("agent", exe.into()),
         ("notes", notes.join("; ").into()),
+        ("pinned", cfg.pin.into()),
     ]);
 
     let workloads = cfg.workloads.clone();
     let mut agg: std::collections::BTreeMap<(String, &'static str, usize), Agg> = Default::default();
     for round in 0..cfg.rounds {
-        // A fresh log per agent target and round.
-        let logs: Vec<Option<(String, u64)>> = targets
-            .iter()
-            .map(|t| match t {
-                Target::Baseline => None,
-                t => Some(create_log(&mut agent_peer, t, round)),
-            })
-            .collect();
-        for &wl in &workloads {
+        for (wi, &wl) in workloads.iter().enumerate() {
+            // A fresh log per agent target, round and workload; one request generator per log,
+            // kept across depths, so MARKs never repeat a region.
+            let logs: Vec<Option<(String, u64)>> = targets
+                .iter()
+                .map(|t| match t {
+                    Target::Baseline => None,
+                    t => Some(create_log(&mut agent_peer, t, round, wi)),
+                })
+                .collect();
+            let mut gens: Vec<Gen> = logs
+                .iter()
+                .map(|l| match l {
+                    None => Gen::new(wl, "LVM-ulog-bench-baseline", 1),
+                    Some((uuid, luid)) => Gen::new(wl, uuid, *luid),
+                })
+                .collect();
             for &depth in &cfg.depths {
                 // Rotate the order so no target always runs first (or right after the disk).
                 let n = targets.len();
                 for k in 0..n {
                     let ti = (k + round) % n;
                     let t = &targets[ti];
-                    let (peer, mut gen, cpu): (_, _, &dyn Fn() -> u64) = match &logs[ti] {
-                        None => (&mut base_peer, Gen::new(wl, "LVM-ulog-bench-baseline", 1), &base_cpu),
-                        Some((uuid, luid)) => (&mut agent_peer, Gen::new(wl, uuid, *luid), &agent_cpu),
+                    let (peer, cpu): (_, &dyn Fn() -> u64) = match &logs[ti] {
+                        None => (&mut base_peer, &base_cpu),
+                        Some(_) => (&mut agent_peer, &agent_cpu),
                     };
-                    let s = measure(peer, &mut gen, depth, dur, warm, cpu);
+                    let s = measure(peer, &mut gens[ti], depth, dur, warm, cpu);
                     let mut lat = s.lat;
                     lat.sort_unstable();
                     let mut pl = s.pair_lat;
                     pl.sort_unstable();
+                    let (mut ml, mut fl) = (s.mark_lat, s.flush_lat);
+                    ml.sort_unstable();
+                    fl.sort_unstable();
                     let rps = s.requests as f64 / s.elapsed.as_secs_f64();
                     let (p50, p99) = (quantile(&lat, 0.5) as f64 / 1e3, quantile(&lat, 0.99) as f64 / 1e3);
                     let scpu = s.server_cpu_ns as f64 / 1e3 / s.requests.max(1) as f64;
@@ -613,6 +732,15 @@ fn main() {
                         wl.name(),
                         s.requests
                     );
+                    if !ml.is_empty() {
+                        println!(
+                            "        MARK p50 {:>8.1} us  p99 {:>8.1} us; FLUSH p50 {:>8.1} us  p99 {:>8.1} us",
+                            quantile(&ml, 0.5) as f64 / 1e3,
+                            quantile(&ml, 0.99) as f64 / 1e3,
+                            quantile(&fl, 0.5) as f64 / 1e3,
+                            quantile(&fl, 0.99) as f64 / 1e3
+                        );
+                    }
                     let mut rec = vec![
                         ("bench", J::from("roundtrip")),
                         ("kind", "round".into()),
@@ -629,6 +757,18 @@ fn main() {
                         ("client_cpu_us_per_req", ccpu.into()),
                     ];
                     let a = agg.entry((t.name().to_string(), wl.name(), depth)).or_default();
+                    if !ml.is_empty() {
+                        let q = |v: &[u64], p: f64| quantile(v, p) as f64 / 1e3;
+                        let (m50, m99, f50, f99) = (q(&ml, 0.5), q(&ml, 0.99), q(&fl, 0.5), q(&fl, 0.99));
+                        rec.push(("mark_p50_us", m50.into()));
+                        rec.push(("mark_p99_us", m99.into()));
+                        rec.push(("flush_p50_us", f50.into()));
+                        rec.push(("flush_p99_us", f99.into()));
+                        a.mark_p50.push(m50);
+                        a.mark_p99.push(m99);
+                        a.flush_p50.push(f50);
+                        a.flush_p99.push(f99);
+                    }
                     if !pl.is_empty() {
                         let (pp50, pp99) = (quantile(&pl, 0.5) as f64 / 1e3, quantile(&pl, 0.99) as f64 / 1e3);
                         rec.push(("pair_p50_us", pp50.into()));
@@ -645,9 +785,9 @@ fn main() {
                     a.requests += s.requests;
                 }
             }
-        }
-        for (uuid, luid) in logs.iter().flatten() {
-            destroy_log(&mut agent_peer, uuid, *luid);
+            for (uuid, luid) in logs.iter().flatten() {
+                destroy_log(&mut agent_peer, uuid, *luid);
+            }
         }
     }
 
@@ -655,12 +795,23 @@ fn main() {
     println!();
     println!(
         "{:<9} {:<10} {:>5} {:>9} {:>9} {:>10} {:>8} {:>8} {:>10} {:>7} {:>10}",
-        "target", "workload", "depth", "p50 us", "p99 us", "req/s", "p50 x", "req/s x", "srv us/req", "srv x", "cli us/req"
+        "target",
+        "workload",
+        "depth",
+        "p50 us",
+        "p99 us",
+        "req/s",
+        "p50 x",
+        "req/s x",
+        "srv us/req",
+        "srv x",
+        "cli us/req"
     );
     for &wl in &workloads {
         for &depth in &cfg.depths {
             let base = &agg[&("baseline".to_string(), wl.name(), depth)];
-            let (bp50, bp99, brps, bscpu) = (median(&base.p50), median(&base.p99), median(&base.rps), median(&base.scpu));
+            let (bp50, bp99, brps, bscpu) =
+                (median(&base.p50), median(&base.p99), median(&base.rps), median(&base.scpu));
             for t in &targets {
                 let a = &agg[&(t.name().to_string(), wl.name(), depth)];
                 let (p50, p99, rps) = (median(&a.p50), median(&a.p99), median(&a.rps));
@@ -695,6 +846,18 @@ fn main() {
                     ("server_cpu_ratio", (scpu / bscpu).into()),
                     ("client_cpu_us_per_req", ccpu.into()),
                 ];
+                if !a.mark_p50.is_empty() {
+                    let m = |v: &[f64]| median(v);
+                    rec.push(("mark_p50_us", m(&a.mark_p50).into()));
+                    rec.push(("mark_p99_us", m(&a.mark_p99).into()));
+                    rec.push(("flush_p50_us", m(&a.flush_p50).into()));
+                    rec.push(("flush_p99_us", m(&a.flush_p99).into()));
+                    rec.push(("baseline_mark_p50_us", m(&base.mark_p50).into()));
+                    rec.push(("baseline_flush_p50_us", m(&base.flush_p50).into()));
+                    rec.push(("mark_p50_ratio", (m(&a.mark_p50) / m(&base.mark_p50)).into()));
+                    rec.push(("mark_p99_ratio", (m(&a.mark_p99) / m(&base.mark_p99)).into()));
+                    rec.push(("flush_p50_ratio", (m(&a.flush_p50) / m(&base.flush_p50)).into()));
+                }
                 if !a.pair_p50.is_empty() {
                     rec.push(("pair_p50_us", median(&a.pair_p50).into()));
                     rec.push(("pair_p99_us", median(&a.pair_p99).into()));

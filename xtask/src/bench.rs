@@ -62,11 +62,8 @@ pub fn run(args: Args) -> Result<()> {
             bail!("unknown benchmark {o:?} (expected one of {})", BENCHES.join(", "));
         }
     }
-    let selected: Vec<&str> = BENCHES
-        .iter()
-        .copied()
-        .filter(|b| args.only.is_empty() || args.only.iter().any(|o| o == b))
-        .collect();
+    let selected: Vec<&str> =
+        BENCHES.iter().copied().filter(|b| args.only.is_empty() || args.only.iter().any(|o| o == b)).collect();
     let needs_root = selected.iter().any(|b| *b != "handling");
     // SAFETY: plain syscall.
     if needs_root && unsafe { libc::geteuid() } != 0 {
@@ -131,7 +128,8 @@ pub fn run(args: Args) -> Result<()> {
         );
         println!("\n==> {bench}");
         run_streaming(&mut cmd).with_context(|| format!("benchmark {bench}"))?;
-        let header = SectionHeader { started, load, command: command.clone(), cargo_line, quick: args.quick, machine: &machine };
+        let header =
+            SectionHeader { started, load, command: command.clone(), cargo_line, quick: args.quick, machine: &machine };
         let body = match bench {
             "handling" => render_handling(&out.join("criterion"))?,
             "roundtrip" => render_roundtrip(&read_jsonl(&jsonl)?),
@@ -181,9 +179,12 @@ impl Machine {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let cpu = cpuinfo
             .lines()
-            .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim().to_string()))
+            .find_map(|l| {
+                l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim().to_string())
+            })
             .unwrap_or_else(|| "unknown".into());
-        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").map_or_else(|_| "unknown".into(), |s| s.trim().to_string());
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map_or_else(|_| "unknown".into(), |s| s.trim().to_string());
         let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
         let mem = meminfo
             .lines()
@@ -239,7 +240,12 @@ impl SectionHeader<'_> {
             _ => "Memory (`benches/memory.rs`)",
         };
         let mut s = format!("## {title}\n\n");
-        let _ = writeln!(s, "- Date: {}{}", self.started, if self.quick { " (**quick run**: short measurements, noisier)" } else { "" });
+        let _ = writeln!(
+            s,
+            "- Date: {}{}",
+            self.started,
+            if self.quick { " (**quick run**: short measurements, noisier)" } else { "" }
+        );
         let _ = writeln!(s, "- Machine: {}; load average at start: {}", self.machine.one_line(), self.load);
         let _ = writeln!(s, "- Reproduce: `{}` (runs `{}`)", self.command, self.cargo_line);
         s.push('\n');
@@ -258,11 +264,11 @@ fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
         .collect()
 }
 
-fn f(v: &Value, k: &str) -> f64 {
+fn jf(v: &Value, k: &str) -> f64 {
     v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN)
 }
 
-fn s<'a>(v: &'a Value, k: &str) -> &'a str {
+fn js<'a>(v: &'a Value, k: &str) -> &'a str {
     v.get(k).and_then(Value::as_str).unwrap_or("")
 }
 
@@ -275,8 +281,9 @@ struct Estimate {
 
 fn estimate(dir: &Path) -> Result<Estimate> {
     let p = dir.join("new").join("estimates.json");
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?)
-        .with_context(|| format!("parsing {}", p.display()))?;
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?)
+            .with_context(|| format!("parsing {}", p.display()))?;
     let m = &v["median"];
     Ok(Estimate {
         median: m["point_estimate"].as_f64().unwrap_or(f64::NAN),
@@ -474,66 +481,70 @@ fn render_roundtrip(lines: &[Value]) -> String {
              round; figures are medians over rounds. Ratios are agent ÷ baseline (latency: > 1 is slower; req/s: < 1 \
              is slower). *server CPU* = CPU time of the agent process (all threads) or of the responder thread per \
              request (`/proc/*/schedstat`); *client CPU* = the client thread's.\n",
-            s(m, "file_fs"),
-            s(m, "file_dir"),
-            s(m, "loop_device"),
-            f(m, "rounds"),
-            f(m, "secs_per_measurement"),
+            js(m, "file_fs"),
+            js(m, "file_dir"),
+            js(m, "loop_device"),
+            jf(m, "rounds"),
+            jf(m, "secs_per_measurement"),
         );
-        if !s(m, "notes").is_empty() {
-            let _ = writeln!(s, "Notes: {}\n", s(m, "notes"));
+        if !js(m, "notes").is_empty() {
+            let _ = writeln!(s, "Notes: {}\n", js(m, "notes"));
         }
     }
     let mut groups: Vec<(String, u64)> = Vec::new();
     for v in &sums {
-        let key = (s(v, "workload").to_string(), f(v, "depth") as u64);
+        let key = (js(v, "workload").to_string(), jf(v, "depth") as u64);
         if !groups.contains(&key) {
             groups.push(key);
         }
     }
     for (wl, depth) in &groups {
         let _ = writeln!(s, "### {wl}, {depth} in flight\n");
-        let pairs = sums.iter().any(|v| s(v, "workload") == wl && f(v, "depth") as u64 == *depth && v.get("pair_p50_us").is_some());
+        let pairs = sums
+            .iter()
+            .any(|v| js(v, "workload") == wl && jf(v, "depth") as u64 == *depth && v.get("pair_p50_us").is_some());
         s.push_str("| target | p50 | p99 | requests/s | p50 × baseline | p99 × baseline | req/s × baseline | server CPU/req | × baseline | client CPU/req |");
         s.push_str(if pairs { " MARK→FLUSH pair p50 | pair × baseline |\n" } else { "\n" });
         s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         s.push_str(if pairs { "---:|---:|\n" } else { "\n" });
-        for v in sums.iter().filter(|v| s(v, "workload") == wl && f(v, "depth") as u64 == *depth) {
+        for v in sums.iter().filter(|v| js(v, "workload") == wl && jf(v, "depth") as u64 == *depth) {
             let _ = write!(
                 s,
                 "| {} | {:.1} µs | {:.1} µs | {} | {:.2} | {:.2} | {:.2} | {:.2} µs | {:.2} | {:.2} µs |",
-                s(v, "target"),
-                f(v, "p50_us"),
-                f(v, "p99_us"),
-                fmt_rate(f(v, "rps")),
-                f(v, "p50_ratio"),
-                f(v, "p99_ratio"),
-                f(v, "rps_ratio"),
-                f(v, "server_cpu_us_per_req"),
-                f(v, "server_cpu_ratio"),
-                f(v, "client_cpu_us_per_req"),
+                js(v, "target"),
+                jf(v, "p50_us"),
+                jf(v, "p99_us"),
+                fmt_rate(jf(v, "rps")),
+                jf(v, "p50_ratio"),
+                jf(v, "p99_ratio"),
+                jf(v, "rps_ratio"),
+                jf(v, "server_cpu_us_per_req"),
+                jf(v, "server_cpu_ratio"),
+                jf(v, "client_cpu_us_per_req"),
             );
             if pairs {
-                let _ = write!(s, " {:.1} µs | {:.2} |", f(v, "pair_p50_us"), f(v, "pair_p50_ratio"));
+                let _ = write!(s, " {:.1} µs | {:.2} |", jf(v, "pair_p50_us"), jf(v, "pair_p50_ratio"));
             }
             s.push('\n');
         }
         s.push('\n');
     }
     // Targets (core log).
-    let find = |t: &str, wl: &str, d: u64| sums.iter().find(|v| s(v, "target") == t && s(v, "workload") == wl && f(v, "depth") as u64 == d);
+    let find = |t: &str, wl: &str, d: u64| {
+        sums.iter().find(|v| js(v, "target") == t && js(v, "workload") == wl && jf(v, "depth") as u64 == d)
+    };
     if let Some(v) = find("core", "IN_SYNC", 1) {
-        let p50 = f(v, "p50_us");
+        let p50 = jf(v, "p50_us");
         let _ = writeln!(
             s,
             "**Target core log p50 ≤ 20 µs: {}** (IN_SYNC, 1 in flight: {p50:.1} µs; baseline {:.1} µs).",
             if p50 <= 20.0 { "met" } else { "NOT met" },
-            f(v, "baseline_p50_us")
+            jf(v, "baseline_p50_us")
         );
     }
     for wl in ["IN_SYNC", "MARK+FLUSH"] {
         if let Some(v) = find("core", wl, 32) {
-            let rps = f(v, "rps");
+            let rps = jf(v, "rps");
             let _ = writeln!(
                 s,
                 "**Target core log ≥ 150 k requests/s with 32 in flight ({wl}): {}** ({} req/s; the constant-answer \
@@ -541,10 +552,10 @@ fn render_roundtrip(lines: &[Value]) -> String {
                  one core could serve ~{} req/s if the client and the transport kept up).",
                 if rps >= 150_000.0 { "met" } else { "NOT met" },
                 fmt_rate(rps),
-                fmt_rate(f(v, "baseline_rps")),
-                f(v, "rps_ratio"),
-                f(v, "server_cpu_us_per_req"),
-                fmt_rate(1e6 / f(v, "server_cpu_us_per_req")),
+                fmt_rate(jf(v, "baseline_rps")),
+                jf(v, "rps_ratio"),
+                jf(v, "server_cpu_us_per_req"),
+                fmt_rate(1e6 / jf(v, "server_cpu_us_per_req")),
             );
         }
     }
@@ -553,7 +564,7 @@ fn render_roundtrip(lines: &[Value]) -> String {
 }
 
 fn s_eq(v: &Value, k: &str, want: &str) -> bool {
-    s(v, k) == want
+    js(v, k) == want
 }
 
 fn render_memory(lines: &[Value]) -> String {
@@ -563,25 +574,27 @@ fn render_memory(lines: &[Value]) -> String {
          then `/proc/<pid>/status`. Each configuration in a fresh agent. Baseline: the same agent idle, before the \
          first CTR; the floor is the two bitmaps per log (2 × 2^21 bits = 0.5 MiB).\n\n",
     );
-    s.push_str("| logs | idle VmRSS | VmRSS | VmHWM | RssAnon | per log | per log ÷ bitmaps | threads | target ≤ 40 MiB |\n");
+    s.push_str(
+        "| logs | idle VmRSS | VmRSS | VmHWM | RssAnon | per log | per log ÷ bitmaps | threads | target ≤ 40 MiB |\n",
+    );
     s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---|\n");
     for v in lines.iter().filter(|v| s_eq(v, "kind", "summary")) {
-        let bitmaps = 2.0 * f(v, "regions_per_log") / 8.0 / 1_048_576.0;
-        let desc = match s(v, "log_type") {
-            "core" => format!("{} × clustered-core", f(v, "logs")),
-            _ => format!("{} × clustered-disk (sparse files on {})", f(v, "logs"), s(v, "file_fs")),
+        let bitmaps = 2.0 * jf(v, "regions_per_log") / 8.0 / 1_048_576.0;
+        let desc = match js(v, "log_type") {
+            "core" => format!("{} × clustered-core", jf(v, "logs")),
+            _ => format!("{} × clustered-disk (sparse files on {})", jf(v, "logs"), js(v, "file_fs")),
         };
         let _ = writeln!(
             s,
             "| {desc} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.2} MiB | {:.2}× | {} | {} |",
-            f(v, "idle_rss_mib"),
-            f(v, "rss_mib"),
-            f(v, "hwm_mib"),
-            f(v, "rss_anon_mib"),
-            f(v, "per_log_mib"),
-            f(v, "per_log_mib") / bitmaps,
-            f(v, "threads"),
-            if f(v, "rss_mib") <= f(v, "target_mib") { "met" } else { "NOT met" },
+            jf(v, "idle_rss_mib"),
+            jf(v, "rss_mib"),
+            jf(v, "hwm_mib"),
+            jf(v, "rss_anon_mib"),
+            jf(v, "per_log_mib"),
+            jf(v, "per_log_mib") / bitmaps,
+            jf(v, "threads"),
+            if jf(v, "rss_mib") <= jf(v, "target_mib") { "met" } else { "NOT met" },
         );
     }
     s.push('\n');

@@ -29,7 +29,8 @@ pub fn target_dir() -> PathBuf {
 /// Where the bench writes its JSON-lines results: `$ULOG_BENCH_OUT_DIR/<name>.jsonl`, by
 /// default `<target>/ulog-bench/<name>.jsonl`.
 pub fn out_path(name: &str) -> PathBuf {
-    let dir = std::env::var_os("ULOG_BENCH_OUT_DIR").map(PathBuf::from).unwrap_or_else(|| target_dir().join("ulog-bench"));
+    let dir =
+        std::env::var_os("ULOG_BENCH_OUT_DIR").map(PathBuf::from).unwrap_or_else(|| target_dir().join("ulog-bench"));
     std::fs::create_dir_all(&dir).expect("create the bench output directory");
     dir.join(format!("{name}.jsonl"))
 }

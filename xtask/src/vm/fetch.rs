@@ -35,15 +35,8 @@ pub const KERNEL_VERSION: &str = "6.1.192-2";
 
 /// Modules the guest needs; their dependency closure goes into the initramfs.
 /// `virtio_pci` is the transport for `virtio_blk` / `virtio_net` (a module in Debian's config).
-pub const MODULES: &[&str] = &[
-    "dm-mirror",
-    "dm-log-userspace",
-    "loop",
-    "dm-flakey",
-    "virtio_pci",
-    "virtio_blk",
-    "virtio_net",
-];
+pub const MODULES: &[&str] =
+    &["dm-mirror", "dm-log-userspace", "loop", "dm-flakey", "virtio_pci", "virtio_blk", "virtio_net"];
 
 /// Bump when the layout of the unpacked kernel folder changes.
 const LAYOUT: u32 = 1;
@@ -169,12 +162,7 @@ pub fn ensure_kernel(verbose: bool) -> Result<Kernel> {
         let _ = fs::remove_dir_all(&staging);
     }
     result?;
-    eprintln!(
-        "vm fetch: kernel {} ready in {} ({:.1} s)",
-        k.kver,
-        final_dir.display(),
-        t0.elapsed().as_secs_f64()
-    );
+    eprintln!("vm fetch: kernel {} ready in {} ({:.1} s)", k.kver, final_dir.display(), t0.elapsed().as_secs_f64());
     Ok(k)
 }
 
@@ -185,12 +173,7 @@ fn stamp_text(abi: &str, ver: &str) -> String {
 fn layout(cache: &Path, abi: &str, ver: &str) -> (PathBuf, Kernel) {
     let kver = format!("{abi}-amd64");
     let dir = cache.join("kernel").join(format!("{kver}_{ver}"));
-    let k = Kernel {
-        vmlinux: dir.join("vmlinux"),
-        bzimage: dir.join("vmlinuz"),
-        modroot: dir.join("modules"),
-        kver,
-    };
+    let k = Kernel { vmlinux: dir.join("vmlinux"), bzimage: dir.join("vmlinuz"), modroot: dir.join("modules"), kver };
     (dir, k)
 }
 

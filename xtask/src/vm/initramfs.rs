@@ -116,12 +116,17 @@ impl Tree {
 
     /// The newc archive (uncompressed).
     pub fn to_cpio(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.nodes.values().map(|n| match n {
-            Node::File { data, .. } => data.len() + 128,
-            _ => 128,
-        }).sum::<usize>() + 1024);
-        let mut ino = 1u32;
-        for (path, node) in &self.nodes {
+        let mut out = Vec::with_capacity(
+            self.nodes
+                .values()
+                .map(|n| match n {
+                    Node::File { data, .. } => data.len() + 128,
+                    _ => 128,
+                })
+                .sum::<usize>()
+                + 1024,
+        );
+        for (ino, (path, node)) in (1u32..).zip(&self.nodes) {
             let name = path.trim_start_matches('/');
             let (mode, data): (u32, &[u8]) = match node {
                 Node::Dir => (0o040755, &[]),
@@ -130,7 +135,6 @@ impl Tree {
             };
             let nlink = if matches!(node, Node::Dir) { 2 } else { 1 };
             cpio_entry(&mut out, ino, name, mode, nlink, data);
-            ino += 1;
         }
         cpio_entry(&mut out, 0, "TRAILER!!!", 0, 1, &[]);
         out
@@ -138,7 +142,7 @@ impl Tree {
 }
 
 fn pad4(out: &mut Vec<u8>) {
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
 }
@@ -212,7 +216,9 @@ pub struct Built {
 /// Build the initramfs at `out`.
 pub fn build(inp: &Inputs, out: &Path) -> Result<Built> {
     let mut t = Tree::default();
-    for d in ["/proc", "/sys", "/dev", "/tmp", "/run", "/root", "/etc", "/bin", "/sbin", "/usr/bin", "/usr/sbin", "/mnt"] {
+    for d in
+        ["/proc", "/sys", "/dev", "/tmp", "/run", "/root", "/etc", "/bin", "/sbin", "/usr/bin", "/usr/sbin", "/mnt"]
+    {
         t.dir(d);
     }
     let busybox = which_host(&["/bin/busybox", "/usr/bin/busybox"])

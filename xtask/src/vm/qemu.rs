@@ -3,13 +3,15 @@
 //! The guest talks to the host only through its serial console (ttyS0 on qemu's stdio). `/init`
 //! prints marker lines, which are matched anywhere in a line because kernel messages can share a
 //! line with them:
-//! - `ULOG-INIT`                    /init is running (boot time is measured to here)
-//! - `ULOG-START <name>`            a scenario starts
-//! - `ULOG-RESULT <name> <exit>`    a scenario finished (0 = passed)
-//! - `ULOG-TIMEOUT <name>`          the guest's watchdog killed a scenario
-//! - `ULOG-RESET`                   the scenario asked for a hard reset (sysrq b); the host kills
-//!                                  qemu if it has not exited 5 s later
-//! - `ULOG-DONE`                    every scenario of this boot ran; `poweroff -f` follows
+//! - `ULOG-INIT`: /init is running (boot time is measured to here)
+//! - `ULOG-START <name>`: a scenario starts
+//! - `ULOG-RESULT <name> <exit>`: a scenario finished (0 = passed); the first one per name counts
+//! - `ULOG-TIMEOUT <name>`: the guest's watchdog killed a scenario
+//! - `ULOG-TAINTED <name> <why>` / `ULOG-WARN ...`: cleanup problems (informational)
+//! - `ULOG-RESET`: the scenario asked for a hard reset (sysrq b; the markers then come through
+//!   the kernel log, since tty output still queued is lost at the reset); the host kills qemu if
+//!   it has not exited 5 s later
+//! - `ULOG-DONE`: every scenario of this boot ran; `poweroff -f` follows
 //!
 //! Every console line goes to the log file with the host's elapsed time in front, and (unless
 //! quiet) to our stdout as is. The host enforces its own timeout and kills qemu (SIGKILL).
@@ -140,7 +142,7 @@ pub fn interactive(m: &Machine, cmdline: &str, disks: &[PathBuf]) -> Result<Exit
     c.args(["-serial", "mon:stdio"]);
     eprintln!("vm shell: {}", describe(&c));
     eprintln!("vm shell: Ctrl-A x quits qemu; `poweroff -f` in the guest too");
-    Ok(c.status().context("spawn qemu-system-x86_64 (Debian package qemu-system-x86)")?)
+    c.status().context("spawn qemu-system-x86_64 (Debian package qemu-system-x86)")
 }
 
 enum Msg {
@@ -250,11 +252,7 @@ pub fn boot(b: &Boot) -> Result<Outcome> {
     }
     out.status = child.wait().ok();
     out.secs = t0.elapsed().as_secs_f64();
-    writeln!(
-        log,
-        "# host: qemu ended ({:?}) after {:.1} s; init at {:?} s",
-        out.status, out.secs, out.init_secs
-    )?;
+    writeln!(log, "# host: qemu ended ({:?}) after {:.1} s; init at {:?} s", out.status, out.secs, out.init_secs)?;
     Ok(out)
 }
 
@@ -264,9 +262,8 @@ pub fn excerpt(path: &Path, name: &str, n: usize) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     let start = lines.iter().position(|l| l.contains(&format!("ULOG-START {name} ")));
-    let end = start.and_then(|s| {
-        lines[s..].iter().position(|l| l.contains(&format!("ULOG-RESULT {name} "))).map(|e| s + e + 1)
-    });
+    let end = start
+        .and_then(|s| lines[s..].iter().position(|l| l.contains(&format!("ULOG-RESULT {name} "))).map(|e| s + e + 1));
     let (from, to) = match (start, end) {
         (Some(s), Some(e)) => (s, e),
         (Some(s), None) => (s, lines.len()),

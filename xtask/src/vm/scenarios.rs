@@ -116,7 +116,12 @@ pub fn plan(chosen: &[&'static Scenario], isolate: bool) -> Vec<Session> {
         if !isolate && s.boots == 1 && s.disks_mib.is_empty() {
             shared.push(s);
         } else {
-            out.push(Session { label: s.name.into(), scenarios: vec![s], boots: s.boots, disks_mib: s.disks_mib.to_vec() });
+            out.push(Session {
+                label: s.name.into(),
+                scenarios: vec![s],
+                boots: s.boots,
+                disks_mib: s.disks_mib.to_vec(),
+            });
         }
     }
     if !shared.is_empty() {
@@ -190,14 +195,8 @@ pub fn run_session(sess: &Session, o: &SessionOpts) -> Result<Vec<Verdict>> {
             sess.boots,
             sess.scenarios.iter().map(|s| s.name).collect::<Vec<_>>().join(" ")
         );
-        let out = qemu::boot(&qemu::Boot {
-            machine: o.machine,
-            cmdline,
-            disks: &disks,
-            timeout,
-            log: &log,
-            echo: o.echo,
-        })?;
+        let out =
+            qemu::boot(&qemu::Boot { machine: o.machine, cmdline, disks: &disks, timeout, log: &log, echo: o.echo })?;
         let boot_note = format!(
             "boot {boot}: /init after {}, qemu ran {:.1} s",
             out.init_secs.map(|s| format!("{s:.1} s")).unwrap_or_else(|| "-".into()),
