@@ -48,40 +48,23 @@ mod ebpf {
         let object = out_dir.join(OBJECT);
         let skip = env::var("AYA_BUILD_SKIP").unwrap_or_default();
         if skip == "1" || skip.eq_ignore_ascii_case("true") {
-            println!(
-                "cargo::warning=AYA_BUILD_SKIP={skip}: eBPF object not built; probes disabled"
-            );
-            return fs::write(&object, b"")
-                .map_err(|e| format!("writing placeholder {}: {e}", object.display()));
+            println!("cargo::warning=AYA_BUILD_SKIP={skip}: eBPF object not built; probes disabled");
+            return fs::write(&object, b"").map_err(|e| format!("writing placeholder {}: {e}", object.display()));
         }
 
-        let linker = toolchain::ebpf_toolchain_ready()
-            .map_err(|e| format!("cannot build the eBPF programs: {e}"))?;
+        let linker = toolchain::ebpf_toolchain_ready().map_err(|e| format!("cannot build the eBPF programs: {e}"))?;
         // A rebuilt bpf-linker (new nightly) must relink the object.
         println!("cargo::rerun-if-changed={}", linker.display());
 
-        let manifest_dir =
-            env::var("CARGO_MANIFEST_DIR").map_err(|e| format!("CARGO_MANIFEST_DIR: {e}"))?;
+        let manifest_dir = env::var("CARGO_MANIFEST_DIR").map_err(|e| format!("CARGO_MANIFEST_DIR: {e}"))?;
         let ebpf_dir = PathBuf::from(manifest_dir).join("../ulog-ebpf");
-        let ebpf_dir = ebpf_dir
-            .canonicalize()
-            .map_err(|e| format!("{}: {e}", ebpf_dir.display()))?;
+        let ebpf_dir = ebpf_dir.canonicalize().map_err(|e| format!("{}: {e}", ebpf_dir.display()))?;
         let root_dir = ebpf_dir.to_str().ok_or("non-UTF-8 path to ulog-ebpf")?;
-        let package = aya_build::Package {
-            name: "ulog-ebpf",
-            root_dir,
-            ..Default::default()
-        };
-        aya_build::build_ebpf(
-            [package],
-            aya_build::Toolchain::Custom(toolchain::EBPF_NIGHTLY),
-        )
-        .map_err(|e| format!("building ulog-ebpf with {}: {e:#}", toolchain::EBPF_NIGHTLY))?;
+        let package = aya_build::Package { name: "ulog-ebpf", root_dir, ..Default::default() };
+        aya_build::build_ebpf([package], aya_build::Toolchain::Custom(toolchain::EBPF_NIGHTLY))
+            .map_err(|e| format!("building ulog-ebpf with {}: {e:#}", toolchain::EBPF_NIGHTLY))?;
         if !object.is_file() {
-            return Err(format!(
-                "aya-build succeeded but left no {}",
-                object.display()
-            ));
+            return Err(format!("aya-build succeeded but left no {}", object.display()));
         }
         Ok(())
     }

@@ -16,11 +16,8 @@ fn main() -> ExitCode {
     if env::var("CARGO_CFG_TARGET_ARCH").as_deref() != Ok("bpf") {
         return ExitCode::SUCCESS;
     }
-    let found = env::var_os("PATH").and_then(|path| {
-        env::split_paths(&path)
-            .map(|d| d.join("bpf-linker"))
-            .find(|p: &PathBuf| p.is_file())
-    });
+    let found = env::var_os("PATH")
+        .and_then(|path| env::split_paths(&path).map(|d| d.join("bpf-linker")).find(|p: &PathBuf| p.is_file()));
     match found {
         Some(linker) => {
             println!("cargo::rerun-if-changed={}", linker.display());

@@ -14,8 +14,8 @@
 //! Replies are built in a fixed-size buffer on the stack: no allocation on the request path.
 
 use ulog_common::{
-    CnMsg, DmUlogRequest, NlMsgHdr, RequestType, CN_MSG_LEN, DM_NAME_LEN, DM_ULOG_CB_ID,
-    NLMSG_DONE, NLMSG_HDRLEN, ULOG_OFFSET, ULOG_REQUEST_LEN,
+    CnMsg, DmUlogRequest, NlMsgHdr, RequestType, CN_MSG_LEN, DM_NAME_LEN, DM_ULOG_CB_ID, NLMSG_DONE, NLMSG_HDRLEN,
+    ULOG_OFFSET, ULOG_REQUEST_LEN,
 };
 
 /// Longest device argument a CTR reply can carry (the NUL takes the 128th byte).
@@ -130,19 +130,14 @@ impl Request<'_> {
 // Both outcomes carry the 160-byte header by value, on purpose: no allocation on any path.
 #[allow(clippy::result_large_err)]
 pub fn decode(buf: &[u8]) -> Result<Request<'_>, Rejected> {
-    let (Some(nlh), Some(cn)) = (NlMsgHdr::read(buf), buf.get(NLMSG_HDRLEN..).and_then(CnMsg::read))
-    else {
+    let (Some(nlh), Some(cn)) = (NlMsgHdr::read(buf), buf.get(NLMSG_HDRLEN..).and_then(CnMsg::read)) else {
         return Err(Rejected { reason: Malformed::Truncated, answer: Answer::Drop });
     };
     if cn.id != DM_ULOG_CB_ID {
         return Err(Rejected { reason: Malformed::ForeignId, answer: Answer::Drop });
     }
     let cn_len = usize::from(cn.len);
-    let header = if cn_len >= ULOG_REQUEST_LEN {
-        buf.get(ULOG_OFFSET..).and_then(DmUlogRequest::read)
-    } else {
-        None
-    };
+    let header = if cn_len >= ULOG_REQUEST_LEN { buf.get(ULOG_OFFSET..).and_then(DmUlogRequest::read) } else { None };
     let reject = |reason| {
         let answer = match header {
             Some(header) => Answer::Full { header, cn_seq: cn.seq },
@@ -204,8 +199,7 @@ impl ReplyBuf {
         let cn_len = ULOG_REQUEST_LEN + payload.len();
         let len = ULOG_OFFSET + cn_len;
         let mut r = Self { buf: [0; REPLY_CAP], len };
-        NlMsgHdr { len: len as u32, kind: NLMSG_DONE, flags: 0, seq: cn_seq, pid: port }
-            .write(&mut r.buf);
+        NlMsgHdr { len: len as u32, kind: NLMSG_DONE, flags: 0, seq: cn_seq, pid: port }.write(&mut r.buf);
         CnMsg { id: DM_ULOG_CB_ID, seq: cn_seq, ack: 0, len: cn_len as u16, flags: 0 }
             .write(&mut r.buf[NLMSG_HDRLEN..]);
         let mut h = *header;
@@ -220,10 +214,8 @@ impl ReplyBuf {
     pub fn ack(cn_seq: u32, errno: u32, port: u32) -> Self {
         let len = NLMSG_HDRLEN + CN_MSG_LEN;
         let mut r = Self { buf: [0; REPLY_CAP], len };
-        NlMsgHdr { len: len as u32, kind: NLMSG_DONE, flags: 0, seq: cn_seq, pid: port }
-            .write(&mut r.buf);
-        CnMsg { id: DM_ULOG_CB_ID, seq: cn_seq, ack: errno, len: 0, flags: 0 }
-            .write(&mut r.buf[NLMSG_HDRLEN..]);
+        NlMsgHdr { len: len as u32, kind: NLMSG_DONE, flags: 0, seq: cn_seq, pid: port }.write(&mut r.buf);
+        CnMsg { id: DM_ULOG_CB_ID, seq: cn_seq, ack: errno, len: 0, flags: 0 }.write(&mut r.buf[NLMSG_HDRLEN..]);
         r
     }
 
@@ -274,8 +266,7 @@ mod tests {
         let mut b = vec![0u8; (len + 3) & !3];
         NlMsgHdr { len: len as u32, kind: NLMSG_DONE, flags: 0, seq, pid: 0 }.write(&mut b);
         let cn_len = (ULOG_REQUEST_LEN + payload.len()) as u16;
-        CnMsg { id: DM_ULOG_CB_ID, seq, ack: 0, len: cn_len, flags: 0 }
-            .write(&mut b[NLMSG_HDRLEN..]);
+        CnMsg { id: DM_ULOG_CB_ID, seq, ack: 0, len: cn_len, flags: 0 }.write(&mut b[NLMSG_HDRLEN..]);
         let mut h = DmUlogRequest::zeroed();
         h.luid = 0xffff_8880_03a1_b000;
         h.set_uuid(b"LVM-cmirrortest0001");

@@ -127,9 +127,9 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
 /// Resolves a table's device argument: a path, or `major:minor` (looked up through sysfs, so
 /// any block device works, not only /dev/mapper ones as in cmirrord).
 pub fn resolve_device(arg: &str) -> Result<PathBuf, StoreError> {
-    let is_majmin = arg.split_once(':').is_some_and(|(a, b)| {
-        !a.is_empty() && !b.is_empty() && a.bytes().chain(b.bytes()).all(|c| c.is_ascii_digit())
-    });
+    let is_majmin = arg
+        .split_once(':')
+        .is_some_and(|(a, b)| !a.is_empty() && !b.is_empty() && a.bytes().chain(b.bytes()).all(|c| c.is_ascii_digit()));
     if !is_majmin {
         return Ok(PathBuf::from(arg));
     }
@@ -234,12 +234,7 @@ impl LogDevice {
         while done < len {
             // SAFETY: the destination range lies inside buf.
             let n = unsafe {
-                libc::pread(
-                    self.file.as_raw_fd(),
-                    buf[done..].as_mut_ptr().cast(),
-                    len - done,
-                    done as libc::off_t,
-                )
+                libc::pread(self.file.as_raw_fd(), buf[done..].as_mut_ptr().cast(), len - done, done as libc::off_t)
             };
             match n {
                 n if n > 0 => done += n as usize,

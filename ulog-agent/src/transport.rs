@@ -62,14 +62,21 @@ impl ConnectorSocket {
     /// requests may be in flight) and a receive timeout for shutdown checks.
     pub fn open(rcvbuf: usize) -> io::Result<Self> {
         // SAFETY: plain socket(2) call; the fd is owned immediately.
-        let fd = cvt(unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, NETLINK_CONNECTOR) })?;
+        let fd =
+            cvt(unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, NETLINK_CONNECTOR) })?;
         // SAFETY: fd was just returned by socket(2) and is owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         // SAFETY: an all-zero sockaddr_nl is valid.
         let mut addr: libc::sockaddr_nl = unsafe { zeroed() };
         addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
         // SAFETY: addr is a valid sockaddr_nl of the given length.
-        cvt(unsafe { libc::bind(fd.as_raw_fd(), (&addr as *const libc::sockaddr_nl).cast(), size_of::<libc::sockaddr_nl>() as u32) })?;
+        cvt(unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_nl).cast(),
+                size_of::<libc::sockaddr_nl>() as u32,
+            )
+        })?;
         let group = CN_IDX_DM as libc::c_int;
         setsockopt(&fd, SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, &group)?;
         let size = libc::c_int::try_from(rcvbuf).unwrap_or(libc::c_int::MAX);
@@ -194,7 +201,10 @@ pub fn serve(socket: &ConnectorSocket, server: &mut LogServer, stop: &AtomicBool
                 Some(libc::ENOBUFS) => {
                     server.counters().dropped(Dropped::ReceiveOverrun);
                     if let Some(sup) = overrun_log.allow(Instant::now()) {
-                        warn!(suppressed = sup, "receive queue overflowed: requests were lost; the kernel resends them after 15 s");
+                        warn!(
+                            suppressed = sup,
+                            "receive queue overflowed: requests were lost; the kernel resends them after 15 s"
+                        );
                     }
                 }
                 _ => return Err(e),

@@ -158,13 +158,7 @@ impl NlMsgHdr {
         if b.len() < NLMSG_HDRLEN {
             return None;
         }
-        Some(Self {
-            len: rd_u32(b, 0),
-            kind: rd_u16(b, 4),
-            flags: rd_u16(b, 6),
-            seq: rd_u32(b, 8),
-            pid: rd_u32(b, 12),
-        })
+        Some(Self { len: rd_u32(b, 0), kind: rd_u16(b, 4), flags: rd_u16(b, 6), seq: rd_u32(b, 8), pid: rd_u32(b, 12) })
     }
 
     /// Writes the header into the first 16 bytes of `out` (which must be that long).
@@ -441,8 +435,8 @@ mod tests {
         header(1, RequestType::Ctr, 2, 27).write(&mut dgram[ULOG_OFFSET..]);
         dgram[ULOG_OFFSET + 160..].copy_from_slice(ctr);
         let expect: [u8; 36] = [
-            0xdf, 0, 0, 0, 3, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0,
-            0, 0, 0, 0, 0xbb, 0, 0, 0,
+            0xdf, 0, 0, 0, 3, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0xbb, 0,
+            0, 0,
         ];
         assert_eq!(&dgram[..36], &expect);
         let u = &dgram[ULOG_OFFSET..];
@@ -465,8 +459,8 @@ mod tests {
             b[160 + 8 * i..168 + 8 * i].copy_from_slice(&r.to_ne_bytes());
         }
         let expect: [u8; 44] = [
-            0x02, 0, 0, 0, 0, 0, 0, 0, 0x07, 0, 0, 0, 0x0a, 0, 0, 0, 0x18, 0, 0, 0, 0, 0, 0, 0, 0,
-            0, 0, 0, 0x05, 0, 0, 0, 0, 0, 0, 0, 0xff, 0x07, 0, 0, 0, 0, 0, 0,
+            0x02, 0, 0, 0, 0, 0, 0, 0, 0x07, 0, 0, 0, 0x0a, 0, 0, 0, 0x18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x05, 0, 0,
+            0, 0, 0, 0, 0, 0xff, 0x07, 0, 0, 0, 0, 0, 0,
         ];
         assert_eq!(&b[140..184], &expect);
         common_prefix(&b);
@@ -479,8 +473,8 @@ mod tests {
         NlMsgHdr { len: 36, kind: NLMSG_DONE, flags: 0, seq: 0, pid: 1234 }.write(&mut b);
         CnMsg { id: DM_ULOG_CB_ID, seq: 9, ack: 0, len: 0, flags: 0 }.write(&mut b[16..]);
         let expect: [u8; 36] = [
-            0x24, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0xd2, 0x04, 0, 0, 7, 0, 0, 0, 1, 0, 0, 0, 9, 0,
-            0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0x24, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0xd2, 0x04, 0, 0, 7, 0, 0, 0, 1, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0,
         ];
         assert_eq!(b, expect);
         // EAGAIN nack: byte 0x1c carries 11.

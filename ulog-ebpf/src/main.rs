@@ -26,8 +26,7 @@ use ulog_common::probes::{request_counter_slot, REQUEST_COUNTER_SLOTS};
 
 /// Requests by type; name and layout shared with the agent through `ulog_common::probes`.
 #[map]
-static REQUESTS_BY_TYPE: PerCpuArray<u64> =
-    PerCpuArray::with_max_entries(REQUEST_COUNTER_SLOTS as u32, 0);
+static REQUESTS_BY_TYPE: PerCpuArray<u64> = PerCpuArray::with_max_entries(REQUEST_COUNTER_SLOTS as u32, 0);
 
 /// Index of `int request_type` among `dm_consult_userspace`'s arguments.
 const ARG_REQUEST_TYPE: usize = 2;

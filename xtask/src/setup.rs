@@ -67,9 +67,7 @@ pub fn repo_root() -> Result<PathBuf> {
 /// exit.
 pub fn run_streaming(cmd: &mut Command) -> Result<()> {
     println!("  $ {}", show(cmd));
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot start {}", show(cmd)))?;
+    let status = cmd.status().with_context(|| format!("cannot start {}", show(cmd)))?;
     if !status.success() {
         bail!("{} failed: {status}", show(cmd));
     }
@@ -78,10 +76,8 @@ pub fn run_streaming(cmd: &mut Command) -> Result<()> {
 
 /// `cmd` as a shell-like line (program and arguments; environment overrides in front).
 pub fn show(cmd: &Command) -> String {
-    let mut parts: Vec<String> = cmd
-        .get_envs()
-        .filter_map(|(k, v)| Some(format!("{}={}", k.to_string_lossy(), v?.to_string_lossy())))
-        .collect();
+    let mut parts: Vec<String> =
+        cmd.get_envs().filter_map(|(k, v)| Some(format!("{}={}", k.to_string_lossy(), v?.to_string_lossy()))).collect();
     parts.push(cmd.get_program().to_string_lossy().into_owned());
     parts.extend(cmd.get_args().map(|a| a.to_string_lossy().into_owned()));
     parts.join(" ")
@@ -95,10 +91,7 @@ pub fn run(args: Args) -> Result<()> {
     timed("bpf-linker", bpf_linker)?;
     // The exact check ulog-agent/build.rs makes before building the eBPF object.
     let linker = toolchain::ebpf_toolchain_ready().map_err(|e| anyhow!(e))?;
-    println!(
-        "setup: eBPF build ready ({EBPF_NIGHTLY} + {})",
-        linker.display()
-    );
+    println!("setup: eBPF build ready ({EBPF_NIGHTLY} + {})", linker.display());
     timed("Debian packages", || apt_packages(args.skip_apt))?;
     println!("setup: done in {:.1?}", t0.elapsed());
     Ok(())
@@ -145,36 +138,21 @@ fn parse_toolchain_file(text: &str) -> Result<(String, Vec<String>)> {
 fn host_toolchain(root: &Path) -> Result<()> {
     let file = root.join("rust-toolchain.toml");
     let text = fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-    let (channel, components) =
-        parse_toolchain_file(&text).with_context(|| format!("parsing {}", file.display()))?;
+    let (channel, components) = parse_toolchain_file(&text).with_context(|| format!("parsing {}", file.display()))?;
     let want: Vec<&str> = components.iter().map(String::as_str).collect();
     if !toolchain::toolchain_installed(&channel).map_err(|e| anyhow!(e))? {
         println!("setup: host toolchain {channel}: installing (from rust-toolchain.toml)");
         // Without arguments rustup (>= 1.28) installs the toolchain the file in the current
         // directory names, with its profile and components.
-        run_streaming(
-            toolchain::rustup()
-                .args(["toolchain", "install"])
-                .current_dir(root),
-        )?;
+        run_streaming(toolchain::rustup().args(["toolchain", "install"]).current_dir(root))?;
     }
     let missing = toolchain::missing_components(&channel, &want).map_err(|e| anyhow!(e))?;
     if missing.is_empty() {
-        println!(
-            "setup: host toolchain {channel}: present, with {}",
-            want.join(", ")
-        );
+        println!("setup: host toolchain {channel}: present, with {}", want.join(", "));
         return Ok(());
     }
-    println!(
-        "setup: host toolchain {channel}: adding {}",
-        missing.join(", ")
-    );
-    run_streaming(
-        toolchain::rustup()
-            .args(["component", "add", "--toolchain", &channel])
-            .args(&missing),
-    )
+    println!("setup: host toolchain {channel}: adding {}", missing.join(", "));
+    run_streaming(toolchain::rustup().args(["component", "add", "--toolchain", &channel]).args(&missing))
 }
 
 fn ebpf_nightly() -> Result<()> {
@@ -190,20 +168,13 @@ fn ebpf_nightly() -> Result<()> {
             "rust-src",
         ]));
     }
-    let missing =
-        toolchain::missing_components(EBPF_NIGHTLY, &["rust-src"]).map_err(|e| anyhow!(e))?;
+    let missing = toolchain::missing_components(EBPF_NIGHTLY, &["rust-src"]).map_err(|e| anyhow!(e))?;
     if missing.is_empty() {
         println!("setup: eBPF toolchain {EBPF_NIGHTLY}: present, with rust-src");
         return Ok(());
     }
     println!("setup: eBPF toolchain {EBPF_NIGHTLY}: adding rust-src");
-    run_streaming(toolchain::rustup().args([
-        "component",
-        "add",
-        "--toolchain",
-        EBPF_NIGHTLY,
-        "rust-src",
-    ]))
+    run_streaming(toolchain::rustup().args(["component", "add", "--toolchain", EBPF_NIGHTLY, "rust-src"]))
 }
 
 /// The cargo features that select bpf-linker's LLVM binding for an LLVM major.
@@ -234,25 +205,13 @@ fn bpf_linker() -> Result<()> {
     let linker = bin_dir.join("bpf-linker");
     let state = toolchain::bpf_linker_state(&linker, &sysroot);
     if state == LinkerState::Ready {
-        println!(
-            "setup: bpf-linker: {} ({})",
-            state.describe(),
-            linker.display()
-        );
+        println!("setup: bpf-linker: {} ({})", state.describe(), linker.display());
     } else {
-        println!(
-            "setup: bpf-linker: {} {}; building it",
-            linker.display(),
-            state.describe()
-        );
+        println!("setup: bpf-linker: {} {}; building it", linker.display(), state.describe());
         build_bpf_linker(&sysroot, &bin_dir)?;
         let state = toolchain::bpf_linker_state(&linker, &sysroot);
         if state != LinkerState::Ready {
-            bail!(
-                "bpf-linker was built but {} {}",
-                linker.display(),
-                state.describe()
-            );
+            bail!("bpf-linker was built but {} {}", linker.display(), state.describe());
         }
         println!("setup: bpf-linker: {}", state.describe());
     }
@@ -268,10 +227,7 @@ fn bpf_linker() -> Result<()> {
                 other.describe()
             ),
         },
-        None => bail!(
-            "{} is not on PATH: add it (e.g. `. ~/.cargo/env`)",
-            bin_dir.display()
-        ),
+        None => bail!("{} is not on PATH: add it (e.g. `. ~/.cargo/env`)", bin_dir.display()),
     }
 }
 
@@ -286,44 +242,29 @@ fn build_bpf_linker(sysroot: &Path, bin_dir: &Path) -> Result<()> {
         .ok_or_else(|| anyhow!("no libLLVM.so.* in {}", lib.display()))?;
     let prefix = env::temp_dir().join(format!("ulog-llvm-prefix-{}", std::process::id()));
     let prefix_lib = prefix.join("lib");
-    fs::create_dir_all(&prefix_lib)
-        .with_context(|| format!("creating {}", prefix_lib.display()))?;
+    fs::create_dir_all(&prefix_lib).with_context(|| format!("creating {}", prefix_lib.display()))?;
     let link = prefix_lib.join("libLLVM.so");
     let _ = fs::remove_file(&link);
-    std::os::unix::fs::symlink(lib.join(&soname), &link)
-        .with_context(|| format!("symlinking {}", link.display()))?;
-    let install_root = bin_dir
-        .parent()
-        .ok_or_else(|| anyhow!("{} has no parent", bin_dir.display()))?;
+    std::os::unix::fs::symlink(lib.join(&soname), &link).with_context(|| format!("symlinking {}", link.display()))?;
+    let install_root = bin_dir.parent().ok_or_else(|| anyhow!("{} has no parent", bin_dir.display()))?;
 
     let mut cmd = Command::new("cargo");
-    cmd.args([
-        "install",
-        &format!("bpf-linker@{BPF_LINKER_VERSION}"),
-        "--locked",
-        "--force",
-    ])
-    .args(features)
-    .arg("--root")
-    .arg(install_root)
-    .env(
-        "RUSTFLAGS",
-        format!("-C link-arg=-Wl,-rpath,{}", lib.display()),
-    )
-    .env("LLVM_PREFIX", &prefix)
-    // A target dir inherited from the caller would be shared with (and locked by) the
-    // workspace build; let cargo install use its own temporary one.
-    .env_remove("CARGO_TARGET_DIR")
-    .env_remove("CARGO_BUILD_TARGET_DIR")
-    .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    cmd.args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--force"])
+        .args(features)
+        .arg("--root")
+        .arg(install_root)
+        .env("RUSTFLAGS", format!("-C link-arg=-Wl,-rpath,{}", lib.display()))
+        .env("LLVM_PREFIX", &prefix)
+        // A target dir inherited from the caller would be shared with (and locked by) the
+        // workspace build; let cargo install use its own temporary one.
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("CARGO_BUILD_TARGET_DIR")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
     let t = Instant::now();
     let result = run_streaming(&mut cmd);
     let _ = fs::remove_dir_all(&prefix);
     result?;
-    println!(
-        "setup: bpf-linker {BPF_LINKER_VERSION} (LLVM {major}) built in {:.1?}",
-        t.elapsed()
-    );
+    println!("setup: bpf-linker {BPF_LINKER_VERSION} (LLVM {major}) built in {:.1?}", t.elapsed());
     Ok(())
 }
 
@@ -333,8 +274,7 @@ fn dpkg_installed(package: &str) -> Result<bool> {
         .output()
         .context("cannot run dpkg-query (not a Debian system? use --skip-apt)")?;
     // Exit 1 with "no packages found" for a package dpkg never heard of: not installed.
-    Ok(out.status.success()
-        && String::from_utf8_lossy(&out.stdout).trim() == "install ok installed")
+    Ok(out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "install ok installed")
 }
 
 fn is_root() -> bool {
@@ -360,10 +300,7 @@ fn apt_packages(skip_apt: bool) -> Result<()> {
         return Ok(());
     }
     if skip_apt {
-        println!(
-            "setup: Debian packages: MISSING {} (--skip-apt: not installing)",
-            missing.join(" ")
-        );
+        println!("setup: Debian packages: MISSING {} (--skip-apt: not installing)", missing.join(" "));
         return Ok(());
     }
     println!("setup: Debian packages: installing {}", missing.join(" "));
@@ -382,15 +319,9 @@ fn apt_packages(skip_apt: bool) -> Result<()> {
     let mut install = apt(&["install", "-y", "--no-install-recommends"]);
     install.args(&missing);
     run_streaming(&mut install)?;
-    let still: Vec<&str> = missing
-        .into_iter()
-        .filter(|p| !dpkg_installed(p).unwrap_or(false))
-        .collect();
+    let still: Vec<&str> = missing.into_iter().filter(|p| !dpkg_installed(p).unwrap_or(false)).collect();
     if !still.is_empty() {
-        bail!(
-            "apt-get install succeeded but these are still not installed: {}",
-            still.join(" ")
-        );
+        bail!("apt-get install succeeded but these are still not installed: {}", still.join(" "));
     }
     Ok(())
 }
@@ -404,10 +335,7 @@ mod tests {
         let root = repo_root().expect("root");
         let text = fs::read_to_string(root.join("rust-toolchain.toml")).expect("read");
         let (channel, components) = parse_toolchain_file(&text).expect("parse");
-        assert!(
-            channel.chars().next().is_some_and(|c| c.is_ascii_digit()),
-            "{channel}"
-        );
+        assert!(channel.chars().next().is_some_and(|c| c.is_ascii_digit()), "{channel}");
         assert!(components.iter().any(|c| c == "clippy"), "{components:?}");
         assert!(components.iter().any(|c| c == "rustfmt"), "{components:?}");
     }
@@ -425,14 +353,8 @@ mod tests {
         let mut sorted = APT_PACKAGES.to_vec();
         sorted.sort_unstable();
         sorted.dedup();
-        assert_eq!(
-            sorted.len(),
-            APT_PACKAGES.len(),
-            "duplicate in APT_PACKAGES"
-        );
-        assert!(APT_PACKAGES
-            .iter()
-            .all(|p| !p.is_empty() && !p.contains(char::is_whitespace)));
+        assert_eq!(sorted.len(), APT_PACKAGES.len(), "duplicate in APT_PACKAGES");
+        assert!(APT_PACKAGES.iter().all(|p| !p.is_empty() && !p.contains(char::is_whitespace)));
     }
 
     #[test]

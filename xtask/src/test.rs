@@ -56,10 +56,7 @@ pub struct Suite {
 /// Further suites, in order. Register new ones here.
 pub const SUITES: &[Suite] = &[
     // qemu with a Debian kernel: dm-mirror + dm-log-userspace against the real kernel, eBPF probes.
-    Suite {
-        name: "vm",
-        cargo_args: &["xtask", "vm", "test"],
-    },
+    Suite { name: "vm", cargo_args: &["xtask", "vm", "test"] },
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -80,11 +77,7 @@ pub fn run(args: Args) -> Result<()> {
     let root = repo_root()?;
     let mut outcomes: Vec<Outcome> = Vec::new();
     let mut record = |name: &str, status: Status, took: Duration| {
-        outcomes.push(Outcome {
-            name: name.to_owned(),
-            status,
-            took,
-        });
+        outcomes.push(Outcome { name: name.to_owned(), status, took });
     };
     let step = |name: &str, f: &mut dyn FnMut() -> Result<()>| {
         println!("\n==> {name}");
@@ -115,26 +108,13 @@ pub fn run(args: Args) -> Result<()> {
     }
 
     let mut steps: Vec<(String, Vec<&str>, bool)> = vec![
-        (
-            "fmt".into(),
-            vec!["fmt", "--all", "--", "--check"],
-            args.skip_lint,
-        ),
-        (
-            "clippy".into(),
-            vec!["clippy", "--all-targets", "--", "-D", "warnings"],
-            args.skip_lint,
-        ),
+        ("fmt".into(), vec!["fmt", "--all", "--", "--check"], args.skip_lint),
+        ("clippy".into(), vec!["clippy", "--all-targets", "--", "-D", "warnings"], args.skip_lint),
         ("cargo test".into(), vec!["test"], false),
     ];
     for suite in SUITES {
-        let skipped = args.skip_suites.iter().any(|s| s == suite.name)
-            || (suite.name == "vm" && args.skip_vm);
-        steps.push((
-            format!("suite {}", suite.name),
-            suite.cargo_args.to_vec(),
-            skipped,
-        ));
+        let skipped = args.skip_suites.iter().any(|s| s == suite.name) || (suite.name == "vm" && args.skip_vm);
+        steps.push((format!("suite {}", suite.name), suite.cargo_args.to_vec(), skipped));
     }
     for (name, cargo_args, skipped) in steps {
         if setup_failed {
@@ -160,12 +140,7 @@ pub fn run(args: Args) -> Result<()> {
         if o.status == Status::Failed {
             failed.push(o.name.as_str());
         }
-        println!(
-            "  {:<14} {:<8} {:>8.1}s",
-            o.name,
-            status,
-            o.took.as_secs_f64()
-        );
+        println!("  {:<14} {:<8} {:>8.1}s", o.name, status, o.took.as_secs_f64());
     }
     println!("  {:<14} {:<8} {:>8.1}s", "total", "", total.as_secs_f64());
     if failed.is_empty() {
@@ -190,8 +165,6 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), SUITES.len());
         assert!(SUITES.iter().all(|s| !s.cargo_args.is_empty()));
-        assert!(SUITES
-            .iter()
-            .any(|s| s.cargo_args == ["xtask", "vm", "test"]));
+        assert!(SUITES.iter().any(|s| s.cargo_args == ["xtask", "vm", "test"]));
     }
 }

@@ -44,16 +44,10 @@ pub const SETUP_HINT: &str = "run `cargo xtask setup` (installs the pinned night
 /// Runs `cmd`, returning its stdout when it exits 0, or a message naming the command otherwise.
 pub fn output_of(cmd: &mut Command) -> Result<String, String> {
     let shown = format!("{cmd:?}");
-    let out = cmd
-        .output()
-        .map_err(|e| format!("cannot run {shown}: {e}"))?;
+    let out = cmd.output().map_err(|e| format!("cannot run {shown}: {e}"))?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        return Err(format!(
-            "{shown} failed ({}): {}",
-            out.status,
-            stderr.trim()
-        ));
+        return Err(format!("{shown} failed ({}): {}", out.status, stderr.trim()));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -71,10 +65,7 @@ pub fn rustup() -> Command {
 /// host triple rustup appends.
 pub fn names(listed: &str, name: &str) -> bool {
     let listed = listed.split_whitespace().next().unwrap_or("");
-    listed == name
-        || listed
-            .strip_prefix(name)
-            .is_some_and(|rest| rest.starts_with('-'))
+    listed == name || listed.strip_prefix(name).is_some_and(|rest| rest.starts_with('-'))
 }
 
 /// Whether rustup has `toolchain` installed. Never installs anything (unlike `rustc +toolchain`,
@@ -86,23 +77,14 @@ pub fn toolchain_installed(toolchain: &str) -> Result<bool, String> {
 
 /// The components installed for `toolchain` (as rustup lists them, host triple included).
 pub fn installed_components(toolchain: &str) -> Result<Vec<String>, String> {
-    let list =
-        output_of(rustup().args(["component", "list", "--installed", "--toolchain", toolchain]))?;
-    Ok(list
-        .lines()
-        .map(|l| l.trim().to_owned())
-        .filter(|l| !l.is_empty())
-        .collect())
+    let list = output_of(rustup().args(["component", "list", "--installed", "--toolchain", toolchain]))?;
+    Ok(list.lines().map(|l| l.trim().to_owned()).filter(|l| !l.is_empty()).collect())
 }
 
 /// `components` that `toolchain` lacks (call only for an installed toolchain).
 pub fn missing_components(toolchain: &str, components: &[&str]) -> Result<Vec<String>, String> {
     let have = installed_components(toolchain)?;
-    Ok(components
-        .iter()
-        .filter(|c| !have.iter().any(|h| names(h, c)))
-        .map(|c| (*c).to_owned())
-        .collect())
+    Ok(components.iter().filter(|c| !have.iter().any(|h| names(h, c))).map(|c| (*c).to_owned()).collect())
 }
 
 /// The sysroot of an installed `toolchain` (its `lib/` holds `libLLVM.so.*`).
@@ -136,9 +118,7 @@ pub fn cargo_bin_dir() -> Result<PathBuf, String> {
 /// The first `name` on `PATH` that is a file, as a shell would find it.
 pub fn find_in_path(name: &str) -> Option<PathBuf> {
     let path = env::var_os("PATH")?;
-    env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
+    env::split_paths(&path).map(|dir| dir.join(name)).find(|p| p.is_file())
 }
 
 /// What a bpf-linker binary is good for.
@@ -214,11 +194,7 @@ pub fn ebpf_toolchain_ready() -> Result<PathBuf, String> {
     let fail = |what: String| Err(format!("{what}; {SETUP_HINT}"));
     match toolchain_installed(EBPF_NIGHTLY) {
         Ok(true) => {}
-        Ok(false) => {
-            return fail(format!(
-                "the eBPF toolchain {EBPF_NIGHTLY} is not installed"
-            ))
-        }
+        Ok(false) => return fail(format!("the eBPF toolchain {EBPF_NIGHTLY} is not installed")),
         Err(e) => return fail(format!("cannot ask rustup for toolchains ({e})")),
     }
     match missing_components(EBPF_NIGHTLY, &["rust-src"]) {
@@ -251,19 +227,10 @@ mod tests {
 
     #[test]
     fn pin_is_a_dated_nightly() {
-        let date = EBPF_NIGHTLY
-            .strip_prefix("nightly-")
-            .expect("nightly-YYYY-MM-DD");
+        let date = EBPF_NIGHTLY.strip_prefix("nightly-").expect("nightly-YYYY-MM-DD");
         let parts: Vec<&str> = date.split('-').collect();
-        assert_eq!(
-            parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
-            [4, 2, 2],
-            "{date}"
-        );
-        assert!(
-            parts.iter().all(|p| p.bytes().all(|b| b.is_ascii_digit())),
-            "{date}"
-        );
+        assert_eq!(parts.iter().map(|p| p.len()).collect::<Vec<_>>(), [4, 2, 2], "{date}");
+        assert!(parts.iter().all(|p| p.bytes().all(|b| b.is_ascii_digit())), "{date}");
     }
 
     #[test]
@@ -276,15 +243,9 @@ mod tests {
 
     #[test]
     fn rustup_list_lines() {
-        assert!(names(
-            "nightly-2026-10-29-x86_64-unknown-linux-gnu (active)",
-            EBPF_NIGHTLY
-        ));
+        assert!(names("nightly-2026-10-29-x86_64-unknown-linux-gnu (active)", EBPF_NIGHTLY));
         assert!(names("nightly-2026-10-29", EBPF_NIGHTLY));
-        assert!(!names(
-            "nightly-2026-10-290-x86_64-unknown-linux-gnu",
-            EBPF_NIGHTLY
-        ));
+        assert!(!names("nightly-2026-10-290-x86_64-unknown-linux-gnu", EBPF_NIGHTLY));
         assert!(!names("nightly-x86_64-unknown-linux-gnu", EBPF_NIGHTLY));
         assert!(names("rust-src", "rust-src"));
         assert!(names("rustfmt-x86_64-unknown-linux-gnu", "rustfmt"));
@@ -305,41 +266,21 @@ mod tests {
             p
         };
         let lib = sysroot.join("lib");
-        let ok = script(
-            "ok",
-            &format!(
-                "echo bpf-linker {BPF_LINKER_VERSION}\nexit 0\n# \0/x/lib:{}\0",
-                lib.display()
-            ),
-        );
+        let ok = script("ok", &format!("echo bpf-linker {BPF_LINKER_VERSION}\nexit 0\n# \0/x/lib:{}\0", lib.display()));
         let other = script("other", &format!("echo bpf-linker {BPF_LINKER_VERSION}"));
         let old = script("old", "echo bpf-linker 0.12.0");
-        let broken = script(
-            "broken",
-            "echo 'libLLVM.so.23.1: cannot open' >&2; exit 127",
-        );
-        assert_eq!(
-            bpf_linker_state(&dir.join("none"), &sysroot),
-            LinkerState::Missing
-        );
+        let broken = script("broken", "echo 'libLLVM.so.23.1: cannot open' >&2; exit 127");
+        assert_eq!(bpf_linker_state(&dir.join("none"), &sysroot), LinkerState::Missing);
         assert_eq!(bpf_linker_state(&ok, &sysroot), LinkerState::Ready);
         assert_eq!(bpf_linker_state(&other, &sysroot), LinkerState::OtherLlvm);
-        assert_eq!(
-            bpf_linker_state(&old, &sysroot),
-            LinkerState::WrongVersion("0.12.0".into())
-        );
-        assert!(
-            matches!(bpf_linker_state(&broken, &sysroot), LinkerState::Broken(m) if m.contains("libLLVM"))
-        );
+        assert_eq!(bpf_linker_state(&old, &sysroot), LinkerState::WrongVersion("0.12.0".into()));
+        assert!(matches!(bpf_linker_state(&broken, &sysroot), LinkerState::Broken(m) if m.contains("libLLVM")));
         let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn runpath_search() {
-        assert!(has_path_entry(
-            b"\x7fELF\0/a/lib:/b/lib\0x",
-            OsStr::new("/b/lib")
-        ));
+        assert!(has_path_entry(b"\x7fELF\0/a/lib:/b/lib\0x", OsStr::new("/b/lib")));
         assert!(has_path_entry(b"\0/b/lib:/a/lib\0", OsStr::new("/b/lib")));
         assert!(!has_path_entry(b"\0/b/lib2\0", OsStr::new("/b/lib")));
         assert!(!has_path_entry(b"xx", OsStr::new("/b/lib")));
