@@ -48,6 +48,10 @@ pub struct Args {
     /// Round trips: skip the loop-device disk log (no `losetup`).
     #[arg(long)]
     no_loop: bool,
+    /// Round trips: pin the client thread to CPU 0 and the server (agent / baseline responder)
+    /// to CPU 1.
+    #[arg(long)]
+    pin: bool,
     /// Memory: skip the 16 disk logs.
     #[arg(long)]
     no_disk: bool,
@@ -103,6 +107,9 @@ pub fn run(args: Args) -> Result<()> {
                 }
                 if args.no_loop {
                     extra.push("--no-loop".into());
+                }
+                if args.pin {
+                    extra.push("--pin".into());
                 }
             }
             "memory" => {
@@ -312,6 +319,16 @@ fn fmt_ns(ns: f64) -> String {
     }
 }
 
+fn fmt_us(us: f64) -> String {
+    if us >= 10_000.0 {
+        format!("{:.1} ms", us / 1e3)
+    } else if us >= 1_000.0 {
+        format!("{:.2} ms", us / 1e3)
+    } else {
+        format!("{us:.1} µs")
+    }
+}
+
 fn fmt_rate(per_s: f64) -> String {
     if per_s >= 1e6 {
         format!("{:.1} M", per_s / 1e6)
@@ -487,6 +504,9 @@ fn render_roundtrip(lines: &[Value]) -> String {
             jf(m, "rounds"),
             jf(m, "secs_per_measurement"),
         );
+        if m.get("pinned").and_then(Value::as_bool) == Some(true) {
+            s.push_str("Pinned: client thread on CPU 0, agent process / responder thread on CPU 1.\n\n");
+        }
         if !js(m, "notes").is_empty() {
             let _ = writeln!(s, "Notes: {}\n", js(m, "notes"));
         }
@@ -500,32 +520,70 @@ fn render_roundtrip(lines: &[Value]) -> String {
     }
     for (wl, depth) in &groups {
         let _ = writeln!(s, "### {wl}, {depth} in flight\n");
-        let pairs = sums
-            .iter()
-            .any(|v| js(v, "workload") == wl && jf(v, "depth") as u64 == *depth && v.get("pair_p50_us").is_some());
-        s.push_str("| target | p50 | p99 | requests/s | p50 × baseline | p99 × baseline | req/s × baseline | server CPU/req | × baseline | client CPU/req |");
-        s.push_str(if pairs { " MARK→FLUSH pair p50 | pair × baseline |\n" } else { "\n" });
-        s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-        s.push_str(if pairs { "---:|---:|\n" } else { "\n" });
-        for v in sums.iter().filter(|v| js(v, "workload") == wl && jf(v, "depth") as u64 == *depth) {
-            let _ = write!(
+        let rows: Vec<&&Value> =
+            sums.iter().filter(|v| js(v, "workload") == wl && jf(v, "depth") as u64 == *depth).collect();
+        let marks = rows.iter().any(|v| v.get("mark_p50_us").is_some());
+        let pairs = rows.iter().any(|v| v.get("pair_p50_us").is_some());
+        if marks {
+            // MARK and FLUSH latencies apart: their mix is bimodal on disk logs.
+            s.push_str("| target | MARK p50 | MARK p99 | FLUSH p50 | FLUSH p99 |");
+            s.push_str(if pairs { " MARK→FLUSH pair p50 |" } else { "" });
+            s.push_str(" requests/s | MARK p50 × baseline | MARK p99 × baseline | FLUSH p50 × baseline |");
+            s.push_str(if pairs { " pair × baseline |" } else { "" });
+            s.push_str(" req/s × baseline | server CPU/req | × baseline | client CPU/req |\n");
+            s.push_str("|---|---:|---:|---:|---:|");
+            s.push_str(if pairs { "---:|" } else { "" });
+            s.push_str("---:|---:|---:|---:|");
+            s.push_str(if pairs { "---:|" } else { "" });
+            s.push_str("---:|---:|---:|---:|\n");
+        } else {
+            s.push_str("| target | p50 | p99 | requests/s | p50 × baseline | p99 × baseline | req/s × baseline | server CPU/req | × baseline | client CPU/req |\n");
+            s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        }
+        for v in rows {
+            let _ = write!(s, "| {} |", js(v, "target"));
+            if marks {
+                let _ = write!(
+                    s,
+                    " {} | {} | {} | {} |",
+                    fmt_us(jf(v, "mark_p50_us")),
+                    fmt_us(jf(v, "mark_p99_us")),
+                    fmt_us(jf(v, "flush_p50_us")),
+                    fmt_us(jf(v, "flush_p99_us"))
+                );
+                if pairs {
+                    let _ = write!(s, " {} |", fmt_us(jf(v, "pair_p50_us")));
+                }
+                let _ = write!(
+                    s,
+                    " {} | {:.2} | {:.2} | {:.2} |",
+                    fmt_rate(jf(v, "rps")),
+                    jf(v, "mark_p50_ratio"),
+                    jf(v, "mark_p99_ratio"),
+                    jf(v, "flush_p50_ratio")
+                );
+                if pairs {
+                    let _ = write!(s, " {:.2} |", jf(v, "pair_p50_ratio"));
+                }
+            } else {
+                let _ = write!(
+                    s,
+                    " {} | {} | {} | {:.2} | {:.2} |",
+                    fmt_us(jf(v, "p50_us")),
+                    fmt_us(jf(v, "p99_us")),
+                    fmt_rate(jf(v, "rps")),
+                    jf(v, "p50_ratio"),
+                    jf(v, "p99_ratio")
+                );
+            }
+            let _ = writeln!(
                 s,
-                "| {} | {:.1} µs | {:.1} µs | {} | {:.2} | {:.2} | {:.2} | {:.2} µs | {:.2} | {:.2} µs |",
-                js(v, "target"),
-                jf(v, "p50_us"),
-                jf(v, "p99_us"),
-                fmt_rate(jf(v, "rps")),
-                jf(v, "p50_ratio"),
-                jf(v, "p99_ratio"),
+                " {:.2} | {:.2} µs | {:.2} | {:.2} µs |",
                 jf(v, "rps_ratio"),
                 jf(v, "server_cpu_us_per_req"),
                 jf(v, "server_cpu_ratio"),
                 jf(v, "client_cpu_us_per_req"),
             );
-            if pairs {
-                let _ = write!(s, " {:.1} µs | {:.2} |", jf(v, "pair_p50_us"), jf(v, "pair_p50_ratio"));
-            }
-            s.push('\n');
         }
         s.push('\n');
     }

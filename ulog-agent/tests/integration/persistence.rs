@@ -270,3 +270,73 @@ fn sigterm_with_no_logs_exits_zero() {
     let st = a.proc.terminate(Duration::from_secs(10)).unwrap_or_else(|e| panic!("{e}"));
     assert!(st.success(), "{st}");
 }
+
+/// A tmpfs of `kib` KiB mounted on a fresh directory, unmounted on drop (the test's way to
+/// make a durable write fail for want of space).
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn mount(dir: &TempDir, kib: u32) -> Self {
+        let p = dir.join("smallfs");
+        std::fs::create_dir_all(&p).unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={kib}k"), "tmpfs"])
+            .arg(&p)
+            .status()
+            .expect("run mount");
+        assert!(st.success(), "mount tmpfs on {}", p.display());
+        Self(p)
+    }
+
+    /// Fills the filesystem with a file until it is full.
+    fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let p = self.0.join("filler");
+        let mut f = std::fs::File::create(&p).unwrap();
+        let chunk = [0xAAu8; 4096];
+        loop {
+            match f.write_all(&chunk).and_then(|()| f.sync_data()) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return p,
+                Err(e) => panic!("filling {}: {e}", p.display()),
+            }
+        }
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_failing_log_device_fails_marks_shows_d_and_recovers() {
+    let mut a = Agent::start();
+    let fs = SmallFs::mount(&a.dir, 128);
+    let disk = fs.0.join("disk");
+    std::fs::write(&disk, [0u8; 16384]).unwrap();
+    write_head(&disk, &image(MAGIC, N, |_| true));
+    let log = Log::nth(0);
+    a.create(&log, &disk_ctr(&disk, ""));
+    let status = |a: &mut Agent| String::from_utf8(a.ok(&log, T::StatusInfo, &[])).unwrap();
+    assert_eq!(status(&mut a), "3 clustered-disk 0:0 A\0");
+    // The device loses its blocks and the filesystem fills up: the next durable write must
+    // allocate and cannot.
+    std::fs::OpenOptions::new().write(true).open(&disk).unwrap().set_len(0).unwrap();
+    let filler = fs.fill();
+    let r = a.call(&log, T::MarkRegion, &regions_payload(&[3]));
+    assert_eq!(r.error, -libc::ENOSPC, "a MARK that is not durable must not be answered with success: {r}");
+    assert_eq!(status(&mut a), "3 clustered-disk 0:0 D\0", "a failed write shows as D");
+    assert!(!a.is_clean(&log, 3), "the mark stays applied in memory (it is retried)");
+    // Space again: the next MARK writes what is still pending, region 3 included.
+    std::fs::remove_file(&filler).unwrap();
+    a.mark(&log, &[4]);
+    assert_eq!(DiskLog::read(&disk).map(N), "1110011111111", "the failed block was written again");
+    assert_eq!(status(&mut a), "3 clustered-disk 0:0 D\0", "D stays until the log is resumed");
+    a.suspend(&log);
+    a.resume(&log);
+    assert_eq!(status(&mut a), "3 clustered-disk 0:0 A\0", "a resume that reads and writes the device clears D");
+    assert!(!a.in_sync(&log, 3) && !a.in_sync(&log, 4), "regions dirty on the device are out of sync after the reload");
+    assert_eq!(a.sync_count(&log), N - 2);
+}
