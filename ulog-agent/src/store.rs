@@ -274,8 +274,17 @@ impl LogDevice {
         Ok(())
     }
 
-    fn write_then_sync(&self, buf: &AlignedBuf, mut at: usize, end: usize) -> io::Result<()> {
+    fn write_then_sync(&self, buf: &AlignedBuf, at: usize, end: usize) -> io::Result<()> {
+        self.write_plain(buf, at, end - at)?;
+        self.sync_data()
+    }
+
+    /// Writes `buf[offset..offset + len]` (clamped to the image) without waiting for stable
+    /// storage: callers follow a batch of these with one [`sync_data`](Self::sync_data).
+    pub fn write_plain(&self, buf: &AlignedBuf, offset: usize, len: usize) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
+        let end = (offset + len).min(self.image_len);
+        let mut at = offset;
         while at < end {
             let n = self.file.write_at(&buf[at..end], at as u64)?;
             if n == 0 {
@@ -283,6 +292,12 @@ impl LogDevice {
             }
             at += n;
         }
+        Ok(())
+    }
+
+    /// `fdatasync`: everything written so far is on stable storage (on a block device this
+    /// also flushes the device's volatile cache).
+    pub fn sync_data(&self) -> io::Result<()> {
         self.file.sync_data()
     }
 }

@@ -386,8 +386,9 @@ pub struct DiskLog {
 }
 
 impl DiskLog {
+    /// Reads the first 64 KiB (enough for 500 000 regions; shorter files are read whole).
     pub fn read(path: &Path) -> Self {
-        let bytes = read_head(path, 4096);
+        let bytes = read_head(path, 65536);
         assert!(bytes.len() >= BITMAP_OFFSET + 8, "log device too short: {} bytes", bytes.len());
         Self {
             magic: u32::from_le_bytes(bytes[0..4].try_into().unwrap()),

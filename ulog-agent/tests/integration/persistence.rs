@@ -340,3 +340,23 @@ fn a_failing_log_device_fails_marks_shows_d_and_recovers() {
     assert!(!a.in_sync(&log, 3) && !a.in_sync(&log, 4), "regions dirty on the device are out of sync after the reload");
     assert_eq!(a.sync_count(&log), N - 2);
 }
+
+#[test]
+fn marks_in_several_image_blocks_are_all_durable_when_answered() {
+    // 100 000 regions: the bitmap spans four 4 KiB blocks, so one MARK of scattered regions is
+    // written as several runs (plain writes, then one fdatasync).
+    const REGIONS: u64 = 100_000;
+    let mut a = Agent::start();
+    let disk = zero_file(&a.dir.join("disk"), 65536);
+    write_head(&disk, &image(MAGIC, REGIONS, |_| true));
+    let log = Log::nth(0);
+    a.create(&log, &format!("{} clustered-disk {} 2", REGIONS * 2, disk.display()));
+    assert_eq!(a.sync_count(&log), REGIONS);
+    let marked = [0u64, 40_000, 99_999];
+    a.mark(&log, &marked);
+    let map = DiskLog::read(&disk).map(REGIONS);
+    for r in [0u64, 1, 39_999, 40_000, 40_001, 70_000, 99_998, 99_999] {
+        let want = if marked.contains(&r) { '0' } else { '1' };
+        assert_eq!(map.as_bytes()[r as usize] as char, want, "region {r} on the device after the MARK reply");
+    }
+}
