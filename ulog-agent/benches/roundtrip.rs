@@ -23,6 +23,10 @@
 //!   with the regions scattered over the log (`MARK+FLUSH`) or consecutive (`MARK+FLUSH seq`:
 //!   32768 regions share one 4 KiB block of the disk image, so a group commit writes one block).
 //!   Each with 1 and with 32 requests in flight.
+//! * Device baseline (disk targets): right before each MARK measurement, 4 KiB durable writes at
+//!   scattered blocks through the agent's own `LogDevice::write_durable` on a probe device of the
+//!   same kind (a second file in the same directory / a second loop device): what a MARK on a
+//!   disk log must wait for.
 //! * Rounds: every round measures every (workload, depth) on the baseline and on every log type,
 //!   in an order rotated per round; results are medians over rounds.
 //!
@@ -44,7 +48,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::{median, quantile, Results, J};
+use ulog_agent::disk_format;
 use ulog_agent::kernel_peer::{enter_private_netns, AgentProcess, KernelPeer, Request};
+use ulog_agent::store::{AlignedBuf, LogDevice};
 use ulog_common::{RequestType, CN_IDX_DM, NETLINK_CONNECTOR, NLMSG_HDRLEN, ULOG_OFFSET, ULOG_REQUEST_LEN};
 
 const REGIONS: u64 = 1 << 21;
@@ -539,6 +545,25 @@ fn log_file(path: &Path) {
     std::fs::File::open(path).and_then(|f| f.sync_all()).expect("sync the log file");
 }
 
+/// Raw durable 4 KiB writes through the agent's own `LogDevice::write_durable` (the
+/// `pwritev2(RWF_DSYNC)` a MARK waits for) to a probe device of the same kind as a disk log's
+/// (a second file in the same directory / a second loop device), at scattered block offsets
+/// inside the image, for `dur`. Latencies in ns.
+fn device_probe(dev: &LogDevice, buf: &AlignedBuf, dur: Duration) -> Vec<u64> {
+    let blocks = dev.image_len() / 4096;
+    let mut lat = Vec::new();
+    let start = Instant::now();
+    let mut i = 0u64;
+    while start.elapsed() < dur {
+        let block = (i.wrapping_mul(0x9e37_79b9) % blocks as u64) as usize;
+        i += 1;
+        let t0 = Instant::now();
+        dev.write_durable(buf, block * 4096, 4096).expect("probe write");
+        lat.push(t0.elapsed().as_nanos() as u64);
+    }
+    lat
+}
+
 // ---------------------------------------------------------------------------------------------
 
 fn ok_call(peer: &mut KernelPeer, req: Request, what: &str) {
@@ -562,6 +587,14 @@ fn destroy_log(peer: &mut KernelPeer, uuid: &str, luid: u64) {
     ok_call(peer, Request::new(RequestType::Dtr, uuid, luid, vec![]), "DTR");
 }
 
+/// The median over rounds of the per-round ratio `a[i] / b[i]` (the agent against the baseline
+/// measured in the same round, seconds apart): robust to a noisy stretch that slows a whole round.
+fn paired(a: &[f64], b: &[f64]) -> f64 {
+    let r: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+    median(&r)
+}
+
+/// Per (target, workload, depth): one value per round, in round order.
 #[derive(Default)]
 struct Agg {
     p50: Vec<f64>,
@@ -573,6 +606,8 @@ struct Agg {
     mark_p99: Vec<f64>,
     flush_p50: Vec<f64>,
     flush_p99: Vec<f64>,
+    /// Disk targets, MARK workloads: the probe device's write p50 measured right before.
+    device_p50: Vec<f64>,
     scpu: Vec<f64>,
     ccpu: Vec<f64>,
     requests: u64,
@@ -602,7 +637,9 @@ fn main() {
     let fs = common::fs_type(&dir);
     let mut notes: Vec<String> = Vec::new();
     let mut targets: Vec<Target> = vec![Target::Baseline];
-    let mut loop_dev: Option<LoopDev> = None;
+    let mut loop_devs: Vec<LoopDev> = Vec::new();
+    // Per disk target: a probe device of the same kind, for the raw durable-write baseline.
+    let mut probes: Vec<(&'static str, LogDevice)> = Vec::new();
     for t in &cfg.targets {
         match t.as_str() {
             "core" => targets.push(Target::Core),
@@ -613,15 +650,23 @@ fn main() {
                 let p = dir.join("roundtrip-disk-file.img");
                 log_file(&p);
                 targets.push(Target::DiskFile(p));
+                let probe = dir.join("roundtrip-probe-file.img");
+                log_file(&probe);
+                probes.push(("disk-file", LogDevice::open(&probe, REGIONS).expect("open the probe file")));
             }
             "disk-loop" if !cfg.use_loop => notes.push("disk-loop: skipped (--no-loop)".into()),
             "disk-loop" => {
                 let p = dir.join("roundtrip-disk-loop.img");
                 log_file(&p);
-                match LoopDev::attach(&p) {
-                    Ok(l) => {
+                let probe = dir.join("roundtrip-probe-loop.img");
+                log_file(&probe);
+                match LoopDev::attach(&p).and_then(|l| Ok((l, LoopDev::attach(&probe)?))) {
+                    Ok((l, pl)) => {
                         targets.push(Target::DiskLoop(l.0.clone()));
-                        loop_dev = Some(l);
+                        probes
+                            .push(("disk-loop", LogDevice::open(&pl.0, REGIONS).expect("open the probe loop device")));
+                        loop_devs.push(l);
+                        loop_devs.push(pl);
                     }
                     Err(e) => notes.push(format!("disk-loop: skipped, {e}")),
                 }
@@ -686,6 +731,10 @@ fn main() {
 
     let workloads = cfg.workloads.clone();
     let mut agg: std::collections::BTreeMap<(String, &'static str, usize), Agg> = Default::default();
+    let probe_buf = AlignedBuf::zeroed(disk_format::image_len(REGIONS, 4096)).expect("probe buffer");
+    let mut device_p50: std::collections::BTreeMap<&'static str, Vec<f64>> = Default::default();
+    let mut device_p99: std::collections::BTreeMap<&'static str, Vec<f64>> = Default::default();
+    let mut device_rate: std::collections::BTreeMap<&'static str, Vec<f64>> = Default::default();
     for round in 0..cfg.rounds {
         for (wi, &wl) in workloads.iter().enumerate() {
             // A fresh log per agent target, round and workload; one request generator per log,
@@ -714,6 +763,35 @@ fn main() {
                         None => (&mut base_peer, &base_cpu),
                         Some(_) => (&mut agent_peer, &agent_cpu),
                     };
+                    // Disk targets, MARK workloads: the raw durable write of a probe device of the
+                    // same kind, measured right before, for a paired ratio.
+                    let probe = probes.iter().find(|(n, _)| *n == t.name()).filter(|_| wl != Workload::InSync);
+                    let device = probe.map(|(name, dev)| {
+                        let mut lat = device_probe(dev, &probe_buf, (dur / 4).max(Duration::from_millis(200)));
+                        lat.sort_unstable();
+                        let total: u64 = lat.iter().sum();
+                        let (p50, p99) = (quantile(&lat, 0.5) as f64 / 1e3, quantile(&lat, 0.99) as f64 / 1e3);
+                        let rate = lat.len() as f64 / (total as f64 / 1e9);
+                        println!(
+                            "round {round} {name:<9} device: 4 KiB durable write p50 {p50:>8.1} us  p99 {p99:>8.1} us  {rate:>7.0} writes/s"
+                        );
+                        results.push(&[
+                            ("bench", J::from("roundtrip")),
+                            ("kind", "device_round".into()),
+                            ("round", round.into()),
+                            ("target", (*name).into()),
+                            ("workload", wl.name().into()),
+                            ("depth", depth.into()),
+                            ("writes", lat.len().into()),
+                            ("p50_us", p50.into()),
+                            ("p99_us", p99.into()),
+                            ("writes_per_s", rate.into()),
+                        ]);
+                        device_p50.entry(name).or_default().push(p50);
+                        device_p99.entry(name).or_default().push(p99);
+                        device_rate.entry(name).or_default().push(rate);
+                        p50
+                    });
                     let s = measure(peer, &mut gens[ti], depth, dur, warm, cpu);
                     let mut lat = s.lat;
                     lat.sort_unstable();
@@ -780,6 +858,9 @@ fn main() {
                     a.p50.push(p50);
                     a.p99.push(p99);
                     a.rps.push(rps);
+                    if let Some(d) = device {
+                        a.device_p50.push(d);
+                    }
                     a.scpu.push(scpu);
                     a.ccpu.push(ccpu);
                     a.requests += s.requests;
@@ -820,9 +901,9 @@ fn main() {
                     "{:<9} {:<10} {depth:>5} {p50:>9.1} {p99:>9.1} {rps:>10.0} {:>8.2} {:>8.2} {scpu:>10.2} {:>7.2} {ccpu:>10.2}",
                     t.name(),
                     wl.name(),
-                    p50 / bp50,
-                    rps / brps,
-                    scpu / bscpu
+                    paired(&a.p50, &base.p50),
+                    paired(&a.rps, &base.rps),
+                    paired(&a.scpu, &base.scpu)
                 );
                 let mut rec = vec![
                     ("bench", J::from("roundtrip")),
@@ -838,12 +919,16 @@ fn main() {
                     ("baseline_p50_us", bp50.into()),
                     ("baseline_p99_us", bp99.into()),
                     ("baseline_rps", brps.into()),
-                    ("p50_ratio", (p50 / bp50).into()),
-                    ("p99_ratio", (p99 / bp99).into()),
-                    ("rps_ratio", (rps / brps).into()),
+                    ("p50_ratio", paired(&a.p50, &base.p50).into()),
+                    ("p99_ratio", paired(&a.p99, &base.p99).into()),
+                    ("rps_ratio", paired(&a.rps, &base.rps).into()),
+                    ("rps_ratio_of_medians", (rps / brps).into()),
+                    ("rps_best", a.rps.iter().copied().fold(0.0, f64::max).into()),
+                    ("baseline_rps_best", base.rps.iter().copied().fold(0.0, f64::max).into()),
+                    ("p50_ratio_of_medians", (p50 / bp50).into()),
                     ("server_cpu_us_per_req", scpu.into()),
                     ("baseline_server_cpu_us_per_req", bscpu.into()),
-                    ("server_cpu_ratio", (scpu / bscpu).into()),
+                    ("server_cpu_ratio", paired(&a.scpu, &base.scpu).into()),
                     ("client_cpu_us_per_req", ccpu.into()),
                 ];
                 if !a.mark_p50.is_empty() {
@@ -854,19 +939,43 @@ fn main() {
                     rec.push(("flush_p99_us", m(&a.flush_p99).into()));
                     rec.push(("baseline_mark_p50_us", m(&base.mark_p50).into()));
                     rec.push(("baseline_flush_p50_us", m(&base.flush_p50).into()));
-                    rec.push(("mark_p50_ratio", (m(&a.mark_p50) / m(&base.mark_p50)).into()));
-                    rec.push(("mark_p99_ratio", (m(&a.mark_p99) / m(&base.mark_p99)).into()));
-                    rec.push(("flush_p50_ratio", (m(&a.flush_p50) / m(&base.flush_p50)).into()));
+                    rec.push(("mark_p50_ratio", paired(&a.mark_p50, &base.mark_p50).into()));
+                    rec.push(("mark_p99_ratio", paired(&a.mark_p99, &base.mark_p99).into()));
+                    rec.push(("flush_p50_ratio", paired(&a.flush_p50, &base.flush_p50).into()));
+                    if !a.device_p50.is_empty() {
+                        // MARK latency against the raw durable write measured right before it.
+                        rec.push(("device_p50_us", median(&a.device_p50).into()));
+                        rec.push(("mark_p50_over_device", paired(&a.mark_p50, &a.device_p50).into()));
+                    }
                 }
                 if !a.pair_p50.is_empty() {
                     rec.push(("pair_p50_us", median(&a.pair_p50).into()));
                     rec.push(("pair_p99_us", median(&a.pair_p99).into()));
                     rec.push(("baseline_pair_p50_us", median(&base.pair_p50).into()));
-                    rec.push(("pair_p50_ratio", (median(&a.pair_p50) / median(&base.pair_p50)).into()));
+                    rec.push(("pair_p50_ratio", paired(&a.pair_p50, &base.pair_p50).into()));
                 }
                 results.push(&rec);
             }
         }
+    }
+
+    for (name, p50) in &device_p50 {
+        let (p99, rate) = (&device_p99[name], &device_rate[name]);
+        println!(
+            "{name:<9} device: 4 KiB durable write p50 {:.1} us  p99 {:.1} us  {:.0} writes/s (medians over rounds)",
+            median(p50),
+            median(p99),
+            median(rate)
+        );
+        results.push(&[
+            ("bench", J::from("roundtrip")),
+            ("kind", "device_summary".into()),
+            ("target", (*name).into()),
+            ("rounds", p50.len().into()),
+            ("p50_us", median(p50).into()),
+            ("p99_us", median(p99).into()),
+            ("writes_per_s", median(rate).into()),
+        ]);
     }
 
     stop.store(true, Ordering::Relaxed);
@@ -875,6 +984,7 @@ fn main() {
     let mut agent = agent;
     let status = agent.terminate(Duration::from_secs(30)).expect("agent exit");
     assert!(status.success(), "agent exited with {status}:\n{}", agent.output());
-    drop(loop_dev);
+    drop(probes);
+    drop(loop_devs);
     results.write();
 }

@@ -4,7 +4,8 @@
 //! reason, so counting costs one uncontended atomic add and never allocates or locks. Readers
 //! (logs now, the metrics exporter later) take unsynchronised snapshots: two counters read
 //! together may be one request apart, which no consumer of rates can notice.
-//! Limits: no per-log breakdown here (per-log state is read from the logs themselves).
+//! Limits: no per-log breakdown here (per-log counters are `metrics::LogMetrics`, kept in each
+//! log's entry).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -42,6 +43,7 @@ pub struct Counters {
     requests: [AtomicU64; REQUEST_TYPE_COUNT + 1],
     errors: [AtomicU64; REQUEST_TYPE_COUNT + 1],
     deferred: [AtomicU64; REQUEST_TYPE_COUNT + 1],
+    without_log: [AtomicU64; REQUEST_TYPE_COUNT + 1],
     malformed: [AtomicU64; Malformed::ALL.len()],
     dropped: [AtomicU64; Dropped::ALL.len()],
     disk_writes: AtomicU64,
@@ -65,6 +67,12 @@ impl Counters {
         if deferred {
             self.deferred[i].fetch_add(1, Relaxed);
         }
+    }
+
+    /// A request answered without a log (unknown (uuid, luid), refused CTR, unknown type).
+    #[inline]
+    pub fn without_log(&self, kind: Option<RequestType>) {
+        self.without_log[slot(kind)].fetch_add(1, Relaxed);
     }
 
     /// A deferred request finished with an error.
@@ -104,6 +112,11 @@ impl Counters {
     /// Requests of a type answered off the receive thread (after disk I/O).
     pub fn deferred_of(&self, kind: Option<RequestType>) -> u64 {
         self.deferred[slot(kind)].load(Relaxed)
+    }
+
+    /// Requests of a type answered without a log.
+    pub fn without_log_of(&self, kind: Option<RequestType>) -> u64 {
+        self.without_log[slot(kind)].load(Relaxed)
     }
 
     /// Malformed datagrams for a reason.

@@ -193,6 +193,20 @@ impl DirtyLog {
         self.sync_count
     }
 
+    /// Copies the clean and in-sync bitmap words from word `first` on (region `64 * first` up)
+    /// into `clean` and `sync`, as many as both hold and exist; returns how many. For readers
+    /// (the HTTP API, the metrics) that must not hold the log's mutex for longer than a copy.
+    pub fn copy_words(&self, first: usize, clean: &mut [u64], sync: &mut [u64]) -> usize {
+        let (c, s) = (self.clean.words(), self.sync.words());
+        if first >= c.len() {
+            return 0;
+        }
+        let n = (c.len() - first).min(clean.len()).min(sync.len());
+        clean[..n].copy_from_slice(&c[first..first + n]);
+        sync[..n].copy_from_slice(&s[first..first + n]);
+        n
+    }
+
     /// Regions with writes outstanding or awaiting resync (not clean).
     pub fn dirty_count(&self) -> u64 {
         self.region_count - self.clean.count_ones()

@@ -3,19 +3,24 @@
 //!
 //! The library holds everything; `main.rs` is thin glue. Reading order: [`protocol`] (wire
 //! codec) -> [`server`] (logs and request semantics, via [`dirty_log`]) -> [`persist`] and
-//! [`store`] (durability) -> [`transport`] (the netlink socket and receive loop).
+//! [`store`] (durability) -> [`transport`] (the netlink socket and receive loop). Observability:
+//! [`metrics`] (what the request path records, the Prometheus exposition) and [`api`] (the HTTP
+//! server; [`status`] is its command-line client).
 #![deny(missing_docs)]
 
+pub mod api;
 pub mod bitmap;
 pub mod counters;
 pub mod ctr;
 pub mod dirty_log;
 pub mod disk_format;
 pub mod kernel_peer;
+pub mod metrics;
 pub mod persist;
 pub mod protocol;
 pub mod ratelimit;
 pub mod server;
+pub mod status;
 pub mod store;
 pub mod telemetry;
 pub mod transport;

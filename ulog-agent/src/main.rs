@@ -1,19 +1,24 @@
 //! `ulog-agent`: the daemon. Thin glue over the `ulog_agent` library: parse flags, set up
-//! logging, open the connector socket, serve on a dedicated thread, and on SIGTERM/SIGINT
-//! stop receiving and flush every persistent log before exiting.
+//! logging, open the connector socket, serve on a dedicated thread, serve the HTTP API
+//! (metrics, status) on the tokio runtime, and on SIGTERM/SIGINT stop receiving and flush every
+//! persistent log before exiting. `ulog-agent status` is the API's command-line client.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use tracing::{error, info, warn};
-use ulog_agent::telemetry::probes::ProbeSet;
-use ulog_common::RequestType;
+use ulog_agent::api;
 use ulog_agent::counters::Counters;
+use ulog_agent::metrics::{self, kernel::KernelSource, Lifecycle, Telemetry};
 use ulog_agent::server::{LogServer, ServerConfig};
+use ulog_agent::status::{self, StatusArgs};
+use ulog_agent::telemetry::probes::ProbeSet;
 use ulog_agent::transport::{self, ConnectorSocket, SocketSink};
+use ulog_common::RequestType;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum LogFormat {
@@ -52,6 +57,25 @@ struct Cli {
     /// Receive queue size in bytes (many requests may be in flight at once).
     #[arg(long, default_value_t = 8 << 20, value_name = "BYTES")]
     rcvbuf: usize,
+
+    /// Address of the HTTP API: /metrics (Prometheus), /healthz, /readyz, /api/v1 (read-only
+    /// JSON). Loopback by default; there is no authentication, bind elsewhere deliberately.
+    #[arg(long, env = "ULOG_HTTP_ADDR", default_value = api::DEFAULT_ADDR, value_name = "ADDR")]
+    http_addr: SocketAddr,
+
+    /// Do not serve the HTTP API.
+    #[arg(long)]
+    no_http: bool,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print a summary of a running agent (logs, sync progress, request rates and latencies),
+    /// read from its HTTP API. Exit status 1: not reachable; 2: reachable but not ready.
+    Status(StatusArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -66,6 +90,9 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Command::Status(args)) = &cli.command {
+        std::process::exit(status::run(args));
+    }
     init_logging(cli.log_format);
     if let Some(dir) = &cli.state_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create state directory {}", dir.display()))?;
@@ -75,9 +102,10 @@ fn main() -> anyhow::Result<()> {
             .context("cannot open the netlink connector socket (ulog-agent must run as root)")?,
     );
     let counters = Arc::new(Counters::default());
+    let telemetry = Arc::new(Telemetry::new(Arc::clone(&counters)));
     let cfg = ServerConfig { state_dir: cli.state_dir.clone(), accept_peer: cli.accept_peer_port };
     let sink = Arc::new(SocketSink::new(Arc::clone(&socket)));
-    let mut server = LogServer::new(cfg, sink, socket.port(), Arc::clone(&counters));
+    let mut server = LogServer::with_telemetry(cfg, sink, socket.port(), Arc::clone(&telemetry));
     if let Some(port) = cli.accept_peer_port {
         info!(port, "also serving a userspace test peer");
     }
@@ -89,18 +117,32 @@ fn main() -> anyhow::Result<()> {
         match ProbeSet::try_start() {
             Ok(p) => {
                 info!("eBPF probe attached to dm_consult_userspace");
-                Some(p)
+                Some(Arc::new(p))
             }
             Err(e) => {
                 warn!(reason = %e.report(), "eBPF probes not attached; serving without kernel-side telemetry");
+                telemetry.set_probes(None, e.report());
                 None
             }
         }
     };
+    if let Some(p) = &probes {
+        telemetry.set_probes(Some(Arc::clone(p) as Arc<dyn KernelSource>), "attached to dm_consult_userspace".into());
+    } else if cli.no_probes {
+        telemetry.set_probes(None, "disabled (--no-probes)".into());
+    }
 
     // Handlers first: once the receive thread runs, clients (and tests) see a live agent and may
     // signal it at once; a SIGTERM before registration would kill it without the final flush.
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    // One worker thread runs signals, the HTTP API and the telemetry's periodic work (also while
+    // the main thread flushes logs at exit); bitmap walks and metric encoding go to at most two
+    // blocking threads. The receive thread never waits for any of it.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("ulog-http")
+        .max_blocking_threads(2)
+        .enable_all()
+        .build()?;
     let (mut term, mut int) = {
         use tokio::signal::unix::{signal, SignalKind};
         let _guard = rt.enter();
@@ -122,6 +164,13 @@ fn main() -> anyhow::Result<()> {
             .context("cannot start the receive thread")?
     };
     info!(port = socket.port(), state_dir = ?cli.state_dir, "serving dm-log-userspace requests");
+    telemetry.set_lifecycle(Lifecycle::Serving);
+    rt.spawn(metrics::background(Arc::clone(&telemetry)));
+    if cli.no_http {
+        info!("HTTP API disabled (--no-http)");
+    } else {
+        rt.spawn(api::serve(Arc::clone(&telemetry), cli.http_addr));
+    }
 
     let served: std::io::Result<()> = rt.block_on(async {
         tokio::select! {
@@ -130,13 +179,14 @@ fn main() -> anyhow::Result<()> {
             r = done_rx => r.unwrap_or(Ok(())),
         }
     });
+    telemetry.set_lifecycle(Lifecycle::Stopping);
     stop.store(true, Ordering::Relaxed);
     let server = receiver.join().map_err(|_| anyhow::anyhow!("receive thread panicked"))?;
     server.shutdown();
     if let Err(e) = &served {
         error!(error = %e, "receive loop failed");
     }
-    log_request_summary(&counters, probes.as_ref());
+    log_request_summary(&counters, probes.as_deref());
     served.context("serving failed")?;
     info!("exited cleanly");
     Ok(())

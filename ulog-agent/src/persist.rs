@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use tracing::{error, info, warn};
 use ulog_common::{DmUlogRequest, RequestType};
@@ -25,6 +26,8 @@ use ulog_common::{DmUlogRequest, RequestType};
 use crate::counters::Counters;
 use crate::dirty_log::{DirtyLog, Snapshot, IMAGE_BLOCK};
 use crate::disk_format::{self, LoadOutcome};
+use crate::metrics::flight::FlightRecord;
+use crate::metrics::{clock, LogState, LogTelemetry, Telemetry};
 use crate::protocol::ReplyBuf;
 use crate::store::{AlignedBuf, LogDevice};
 
@@ -37,7 +40,7 @@ pub trait ReplySink: Send + Sync + 'static {
 /// A log's state as shared between the receive thread and its persister.
 #[derive(Debug)]
 pub struct SharedLog {
-    state: Mutex<DirtyLog>,
+    state: Mutex<LogState>,
     /// A lazy write of clean-going changes is already queued.
     lazy_queued: AtomicBool,
     /// The log device failed a read or write since the last successful resume ('D' in status).
@@ -47,12 +50,14 @@ pub struct SharedLog {
 impl SharedLog {
     /// Wraps a log.
     pub fn new(log: DirtyLog) -> Self {
-        Self { state: Mutex::new(log), lazy_queued: AtomicBool::new(false), device_failed: AtomicBool::new(false) }
+        Self { state: Mutex::new(LogState::new(log)), lazy_queued: AtomicBool::new(false), device_failed: AtomicBool::new(false) }
     }
 
     /// Locks the state. A panic elsewhere while holding the lock leaves a consistent bitmap
     /// (every mutation is a single bit flip plus counters), so poisoning is ignored.
-    pub fn lock(&self) -> MutexGuard<'_, DirtyLog> {
+    /// The guard derefs to the [`DirtyLog`]; the flight recorder and dirty timing are fields of
+    /// [`LogState`].
+    pub fn lock(&self) -> MutexGuard<'_, LogState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -78,6 +83,10 @@ pub struct PendingReply {
     pub header: DmUlogRequest,
     /// The request's cn_msg seq.
     pub cn_seq: u32,
+    /// When the receive thread received it (service time = this to the reply's send).
+    pub received: Instant,
+    /// Its flight-recorder id (`metrics::flight`).
+    pub flight_id: u64,
 }
 
 impl PendingReply {
@@ -118,21 +127,26 @@ struct Worker {
     sink: Arc<dyn ReplySink>,
     counters: Arc<Counters>,
     name: String,
+    telemetry: Arc<Telemetry>,
+    log_tel: Arc<LogTelemetry>,
 }
 
 impl Persister {
-    /// Starts the I/O thread of a log. `name` identifies the log in diagnostics.
+    /// Starts the I/O thread of a log. `name` identifies the log in diagnostics; the replies it
+    /// sends and the writes it makes are recorded in `telemetry` and `log_tel`.
     pub fn start(
         log: Arc<SharedLog>,
         device: LogDevice,
         sink: Arc<dyn ReplySink>,
-        counters: Arc<Counters>,
+        telemetry: Arc<Telemetry>,
+        log_tel: Arc<LogTelemetry>,
         name: String,
     ) -> std::io::Result<Self> {
         let region_count = log.lock().region_count();
         let image = AlignedBuf::zeroed(disk_format::image_len(region_count, IMAGE_BLOCK))?;
         let (tx, rx) = mpsc::channel();
-        let worker = Worker { log, device, image, sink, counters, name };
+        let counters = Arc::clone(telemetry.counters());
+        let worker = Worker { log, device, image, sink, counters, name, telemetry, log_tel };
         let thread = std::thread::Builder::new()
             .name("ulog-persist".into())
             .stack_size(256 * 1024)
@@ -252,6 +266,27 @@ impl Worker {
         if !self.sink.send_reply(r.port, reply.as_bytes()) {
             self.counters.dropped(crate::counters::Dropped::SendFailed);
         }
+        // Telemetry: service time from receipt, the log's result counters, the flight record.
+        let now = Instant::now();
+        let service_ns = now.saturating_duration_since(r.received).as_nanos() as u64;
+        self.telemetry.observe_service(r.kind(), service_ns);
+        if let Some(kind) = r.kind() {
+            self.log_tel.answered(kind, error, clock::ns(now));
+        }
+        if r.flight_id == 0 {
+            return;
+        }
+        self.log.lock().flight.complete(FlightRecord {
+            id: r.flight_id,
+            received_ns: clock::ns(r.received),
+            service_ns,
+            seq: r.header.seq,
+            request_type: r.header.request_type & ulog_common::DM_ULOG_REQUEST_MASK,
+            error,
+            deferred: true,
+            in_sync_arg: -1,
+            ..FlightRecord::default()
+        });
     }
 
     /// Writes every changed block; 0 or a negative errno.
@@ -262,7 +297,15 @@ impl Worker {
             state.snapshot(&mut self.image, release)
         };
         let Some(snap) = snap else { return 0 };
-        match self.write_runs(&snap) {
+        let started = Instant::now();
+        let written = self.write_runs(&snap);
+        let bytes: usize = snap
+            .runs
+            .iter()
+            .map(|&(first, count)| (count * IMAGE_BLOCK).min(self.device.image_len().saturating_sub(first * IMAGE_BLOCK)))
+            .sum();
+        self.log_tel.metrics.flushed(bytes as u64, started.elapsed().as_nanos() as u64, written.is_ok());
+        match written {
             Ok(()) => {
                 self.log.lock().snapshot_written(snap.gen);
                 0

@@ -20,6 +20,8 @@ use ulog_common::RequestType;
 use crate::counters::{Counters, Dropped};
 use crate::ctr::{self, CtrArgs, LogKind, SyncMode};
 use crate::dirty_log::{DirtyLog, LogError, Phase};
+use crate::metrics::flight::{FlightRecord, PENDING};
+use crate::metrics::{clock, LogHandle, LogTelemetry, Telemetry};
 use crate::persist::{PendingReply, Persister, ReplySink, SharedLog};
 use crate::protocol::{self, Answer, ReplyBuf, Request, MAX_REPLY_PAYLOAD};
 use crate::ratelimit::RateLimit;
@@ -109,6 +111,8 @@ struct LogEntry {
     device: Option<(PathBuf, (u32, u32))>,
     /// Short name for diagnostics.
     name: String,
+    /// Request-path telemetry handles, resolved at CTR.
+    tel: Arc<LogTelemetry>,
 }
 
 /// The server's state: every log, and where replies go.
@@ -118,6 +122,7 @@ pub struct LogServer {
     sink: Arc<dyn ReplySink>,
     own_port: u32,
     counters: Arc<Counters>,
+    telemetry: Arc<Telemetry>,
     malformed_log: RateLimit,
     error_log: RateLimit,
     foreign_log: RateLimit,
@@ -126,12 +131,18 @@ pub struct LogServer {
 impl LogServer {
     /// A server with no logs. `own_port` is the socket's netlink port (goes into replies).
     pub fn new(cfg: ServerConfig, sink: Arc<dyn ReplySink>, own_port: u32, counters: Arc<Counters>) -> Self {
+        Self::with_telemetry(cfg, sink, own_port, Arc::new(Telemetry::new(counters)))
+    }
+
+    /// A server with no logs, recording into `telemetry` (which the HTTP API reads).
+    pub fn with_telemetry(cfg: ServerConfig, sink: Arc<dyn ReplySink>, own_port: u32, telemetry: Arc<Telemetry>) -> Self {
         Self {
             logs: HashMap::new(),
             cfg,
             sink,
             own_port,
-            counters,
+            counters: Arc::clone(telemetry.counters()),
+            telemetry,
             malformed_log: RateLimit::new(10, Duration::from_secs(60)),
             error_log: RateLimit::new(20, Duration::from_secs(60)),
             foreign_log: RateLimit::new(5, Duration::from_secs(60)),
@@ -141,6 +152,11 @@ impl LogServer {
     /// The counters.
     pub fn counters(&self) -> &Arc<Counters> {
         &self.counters
+    }
+
+    /// The telemetry.
+    pub fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.telemetry
     }
 
     /// A summary of every log.
@@ -176,6 +192,8 @@ impl LogServer {
     /// Serves one datagram received from netlink port `sender`. `truncated`: the datagram
     /// was larger than the receive buffer and `buf` holds only its start.
     pub fn handle_datagram(&mut self, buf: &[u8], sender: u32, truncated: bool) {
+        let received = Instant::now();
+        self.telemetry.beat(clock::ns(received));
         if sender != 0 && Some(sender) != self.cfg.accept_peer {
             self.counters.dropped(Dropped::ForeignSender);
             if let Some(sup) = self.foreign_log.allow(Instant::now()) {
@@ -192,7 +210,7 @@ impl LogServer {
             other => other,
         };
         match decoded {
-            Ok(req) => self.handle_request(&req, sender),
+            Ok(req) => self.handle_request(&req, sender, received),
             Err(rej) => {
                 self.counters.malformed(rej.reason);
                 if let Some(sup) = self.malformed_log.allow(Instant::now()) {
@@ -213,46 +231,116 @@ impl LogServer {
         }
     }
 
-    fn handle_request(&mut self, req: &Request<'_>, sender: u32) {
-        let pending = PendingReply { port: sender, own_port: self.own_port, header: req.header, cn_seq: req.cn_seq };
-        let outcome = match req.kind {
-            None => Err(-libc::EINVAL),
-            Some(kind) => self.dispatch(kind, req, pending),
+    fn handle_request(&mut self, req: &Request<'_>, sender: u32, received: Instant) {
+        let (uuid, luid) = (req.uuid(), req.header.luid);
+        let pending = |flight_id| PendingReply {
+            port: sender,
+            own_port: self.own_port,
+            header: req.header,
+            cn_seq: req.cn_seq,
+            received,
+            flight_id,
         };
+        let error = match req.kind {
+            Some(RequestType::Ctr) => {
+                let outcome = self.ctr(req);
+                let entry = self.find(uuid, luid);
+                if entry.is_none() {
+                    self.counters.without_log(req.kind);
+                }
+                let id = entry.map_or(0, |e| e.tel.ids.next());
+                self.finish(req, sender, received, entry.map(|e| (&*e.tel, &*e.shared)), id, outcome)
+            }
+            Some(RequestType::Dtr) => {
+                let (outcome, tel) = self.dtr(uuid, luid, pending(0));
+                if tel.is_none() {
+                    self.counters.without_log(req.kind);
+                }
+                // The log is gone: its result is counted, no flight record is kept.
+                if let (Some(tel), Ok(Outcome::Reply(error, _))) = (&tel, &outcome) {
+                    tel.answered(RequestType::Dtr, *error, clock::now_ns());
+                }
+                self.finish(req, sender, received, None, 0, outcome)
+            }
+            Some(kind) => match self.find(uuid, luid) {
+                Some(entry) => {
+                    let id = entry.tel.ids.next();
+                    let outcome = Self::dispatch(entry, kind, req, pending(id));
+                    self.finish(req, sender, received, Some((&*entry.tel, &*entry.shared)), id, outcome)
+                }
+                None => {
+                    self.counters.without_log(req.kind);
+                    self.finish(req, sender, received, None, 0, Err(-libc::EINVAL))
+                }
+            },
+            None => {
+                self.counters.without_log(None);
+                self.finish(req, sender, received, None, 0, Err(-libc::EINVAL))
+            }
+        };
+        self.log_failure(req, error);
+    }
+
+    /// Answers (or records the hand-off of) a request and records its telemetry: counters, the
+    /// service-time histogram, the log's results and its flight record (`log`: the log it was
+    /// served by, if any; `flight_id` 0: no record).
+    /// Returns the error answered (0 for a request handed to a persister).
+    fn finish(
+        &self,
+        req: &Request<'_>,
+        sender: u32,
+        received: Instant,
+        log: Option<(&LogTelemetry, &SharedLog)>,
+        flight_id: u64,
+        outcome: Result<Outcome, i32>,
+    ) -> i32 {
         let (error, payload) = match outcome {
             Ok(Outcome::Deferred) => {
                 self.counters.request(req.kind, 0, true);
-                return;
+                if let (Some((_, shared)), true) = (log, flight_id != 0) {
+                    shared.lock().flight.record(flight_record(req, flight_id, received, PENDING, 0, true, &[]));
+                }
+                return 0;
             }
             Ok(Outcome::Reply(e, p)) => (e, p),
             Err(e) => (e, Payload::none()),
         };
         self.counters.request(req.kind, error, false);
+        let reply = ReplyBuf::full(&req.header, req.cn_seq, error, &payload.buf[..payload.len], self.own_port);
+        self.send(sender, &reply);
+        let now = Instant::now();
+        let service_ns = now.saturating_duration_since(received).as_nanos() as u64;
+        self.telemetry.observe_service(req.kind, service_ns);
+        if let Some((tel, shared)) = log {
+            if let Some(kind) = req.kind {
+                tel.answered(kind, error, clock::ns(now));
+            }
+            if flight_id != 0 {
+                let rec = flight_record(req, flight_id, received, service_ns, error, false, &payload.buf[..payload.len]);
+                shared.lock().flight.record(rec);
+            }
+        }
+        error
+    }
+
+    fn log_failure(&mut self, req: &Request<'_>, error: i32) {
         if error != 0 {
             if let Some(sup) = self.error_log.allow(Instant::now()) {
                 let name = req.kind.map_or("UNKNOWN", RequestType::name);
                 debug!(request = name, raw_type = req.header.request_type, seq = req.header.seq, error, suppressed = sup, uuid = %String::from_utf8_lossy(req.uuid()), luid = req.header.luid, "request failed");
             }
         }
-        let reply = ReplyBuf::full(&req.header, req.cn_seq, error, &payload.buf[..payload.len], self.own_port);
-        self.send(sender, &reply);
     }
 
     fn find(&self, uuid: &[u8], luid: u64) -> Option<&LogEntry> {
         self.logs.get(&luid)?.iter().find(|e| &*e.uuid == uuid)
     }
 
-    fn dispatch(&mut self, kind: RequestType, req: &Request<'_>, pending: PendingReply) -> Result<Outcome, i32> {
+    /// A request for an existing log (CTR and DTR have their own paths).
+    fn dispatch(entry: &LogEntry, kind: RequestType, req: &Request<'_>, pending: PendingReply) -> Result<Outcome, i32> {
         use RequestType::*;
-        let uuid = req.uuid();
-        let luid = req.header.luid;
-        match kind {
-            Ctr => return self.ctr(req),
-            Dtr => return self.dtr(uuid, luid, pending),
-            _ => {}
-        }
-        let entry = self.find(uuid, luid).ok_or(-libc::EINVAL)?;
         let p = req.payload;
+        let now_ns = clock::ns(pending.received);
         match kind {
             Ctr | Dtr => Err(-libc::EINVAL),
             Presuspend => {
@@ -286,7 +374,7 @@ impl LogServer {
                 let durable = {
                     let mut s = entry.shared.lock();
                     if kind == MarkRegion || !p.is_empty() {
-                        s.mark(protocol::regions(p).ok_or(-libc::EINVAL)?)?;
+                        s.mark_timed(protocol::regions(p).ok_or(-libc::EINVAL)?, now_ns, &entry.tel.metrics)?;
                     } else {
                         s.flush()?;
                     }
@@ -295,7 +383,8 @@ impl LogServer {
                 Self::after_change(entry, durable, pending)
             }
             ClearRegion => {
-                entry.shared.lock().clear(protocol::regions(p).ok_or(-libc::EINVAL)?)?;
+                let regions = protocol::regions(p).ok_or(-libc::EINVAL)?;
+                entry.shared.lock().clear_timed(regions, now_ns, &entry.tel.metrics)?;
                 ok(Payload::none())
             }
             GetResyncWork => {
@@ -374,6 +463,9 @@ impl LogServer {
         if let Some(existing) = self.find(uuid, luid) {
             if existing.ctr_text == parsed.text {
                 // A resend after a lost reply, or the reconnect loop: keep the state.
+                if parsed.reconnect {
+                    existing.tel.metrics.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 return ok(reply_payload(&existing.args));
             }
             warn!(uuid = %String::from_utf8_lossy(uuid), luid, "CTR for an existing log with different arguments");
@@ -402,10 +494,22 @@ impl LogServer {
         let log = DirtyLog::new(&args, device.is_some())?;
         let shared = Arc::new(SharedLog::new(log));
         let dev_info = device.as_ref().map(|d| (d.path().to_path_buf(), d.dev));
+        let uuid_text = String::from_utf8_lossy(uuid).into_owned();
+        let tel = self.telemetry.log_telemetry(&uuid_text, parsed.reconnect);
+        if parsed.reconnect {
+            tel.metrics.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let persister = match device {
             Some(d) => Some(
-                Persister::start(Arc::clone(&shared), d, Arc::clone(&self.sink), Arc::clone(&self.counters), name.clone())
-                    .map_err(|e| {
+                Persister::start(
+                    Arc::clone(&shared),
+                    d,
+                    Arc::clone(&self.sink),
+                    Arc::clone(&self.telemetry),
+                    Arc::clone(&tel),
+                    name.clone(),
+                )
+                .map_err(|e| {
                         warn!(log = %name, error = %e, "cannot start the log's I/O thread");
                         -e.raw_os_error().unwrap_or(libc::ENOMEM)
                     })?,
@@ -414,6 +518,18 @@ impl LogServer {
         };
         info!(log = %name, uuid = %String::from_utf8_lossy(uuid), luid, ctr = %parsed.text, regions = args.region_count(), reconnect = parsed.reconnect, "log created");
         let payload = reply_payload(&args);
+        self.telemetry.add_log(Arc::new(LogHandle {
+            uuid: uuid_text,
+            luid,
+            kind: args.type_name(),
+            ctr: parsed.text.clone(),
+            region_size: args.region_size,
+            region_count: args.region_count(),
+            device: dev_info.as_ref().map(|d| d.0.clone()),
+            dev: dev_info.as_ref().map(|d| d.1),
+            shared: Arc::clone(&shared),
+            tel: Arc::clone(&tel),
+        }));
         self.logs.entry(luid).or_default().push(LogEntry {
             uuid: uuid.into(),
             shared,
@@ -422,25 +538,29 @@ impl LogServer {
             args,
             device: dev_info,
             name,
+            tel,
         });
         ok(payload)
     }
 
-    fn dtr(&mut self, uuid: &[u8], luid: u64, pending: PendingReply) -> Result<Outcome, i32> {
-        let entries = self.logs.get_mut(&luid).ok_or(-libc::EINVAL)?;
-        let i = entries.iter().position(|e| &*e.uuid == uuid).ok_or(-libc::EINVAL)?;
+    /// DTR: the outcome, and the telemetry of the log removed (None if there was none).
+    fn dtr(&mut self, uuid: &[u8], luid: u64, pending: PendingReply) -> (Result<Outcome, i32>, Option<Arc<LogTelemetry>>) {
+        let Some(entries) = self.logs.get_mut(&luid) else { return (Err(-libc::EINVAL), None) };
+        let Some(i) = entries.iter().position(|e| &*e.uuid == uuid) else { return (Err(-libc::EINVAL), None) };
         let entry = entries.swap_remove(i);
         if entries.is_empty() {
             self.logs.remove(&luid);
         }
+        self.telemetry.remove_log(&String::from_utf8_lossy(uuid), luid);
         info!(log = %entry.name, "log destroyed");
-        match entry.persister {
+        let outcome = match entry.persister {
             Some(p) => {
                 p.stop(pending);
                 Ok(Outcome::Deferred)
             }
             None => ok(Payload::none()),
-        }
+        };
+        (outcome, Some(entry.tel))
     }
 
     /// Flushes every persistent log and stops its I/O thread (SIGTERM).
@@ -452,6 +572,64 @@ impl LogServer {
             }
         }
     }
+}
+
+/// The flight record of a request (`reply`: the reply's payload).
+fn flight_record(
+    req: &Request<'_>,
+    id: u64,
+    received: Instant,
+    service_ns: u64,
+    error: i32,
+    deferred: bool,
+    reply: &[u8],
+) -> FlightRecord {
+    use RequestType::*;
+    let word = |b: &[u8], at: usize| b.get(at..at + 8).map(|w| u64::from_ne_bytes(w.try_into().unwrap_or([0; 8])));
+    let p = req.payload;
+    let mut rec = FlightRecord {
+        id,
+        received_ns: clock::ns(received),
+        service_ns,
+        seq: req.header.seq,
+        request_type: req.header.request_type & ulog_common::DM_ULOG_REQUEST_MASK,
+        error,
+        deferred,
+        seen: true,
+        payload_bytes: p.len() as u32,
+        in_sync_arg: -1,
+        reply_bytes: reply.len() as u32,
+        ..FlightRecord::default()
+    };
+    match req.kind {
+        Some(InSync | IsClean | IsRemoteRecovering | SetRegionSync) => {
+            if let Some(r) = word(p, 0) {
+                (rec.regions, rec.first_region) = (1, r);
+            }
+            if req.kind == Some(SetRegionSync) {
+                rec.in_sync_arg = word(p, 8).map_or(-1, |v| i8::from(v != 0));
+            }
+        }
+        Some(MarkRegion | ClearRegion | Flush) if p.len() % 8 == 0 => {
+            rec.regions = (p.len() / 8) as u32;
+            rec.first_region = word(p, 0).unwrap_or(0);
+        }
+        _ => {}
+    }
+    if error == 0 {
+        let n = match req.kind {
+            Some(GetRegionSize | IsClean | InSync | GetSyncCount) => 1,
+            Some(GetResyncWork | IsRemoteRecovering) => 2,
+            _ => 0,
+        };
+        for i in 0..n {
+            if let Some(v) = word(reply, i * 8) {
+                rec.reply_values[i] = v;
+                rec.reply_value_count += 1;
+            }
+        }
+    }
+    rec
 }
 
 /// A short, stable name for a log: the uuid's last 12 characters and the luid's low 16 bits.

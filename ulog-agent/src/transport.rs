@@ -189,15 +189,17 @@ impl ReplySink for SocketSink {
     }
 }
 
-/// Serves datagrams until `stop` is set.
+/// Serves datagrams until `stop` is set. The loop's heartbeat (`/healthz`) is stamped by every
+/// datagram (`LogServer::handle_datagram`) and every idle timeout.
 pub fn serve(socket: &ConnectorSocket, server: &mut LogServer, stop: &AtomicBool) -> io::Result<()> {
     let mut buf = vec![0u8; RECV_BUF];
     let mut overrun_log = RateLimit::new(5, std::time::Duration::from_secs(60));
+    server.telemetry().beat(crate::metrics::clock::now_ns());
     while !stop.load(Ordering::Relaxed) {
         match socket.recv(&mut buf) {
             Ok(r) => server.handle_datagram(&buf[..r.len], r.port, r.full_len > r.len),
             Err(e) => match e.raw_os_error() {
-                Some(libc::EAGAIN) | Some(libc::EINTR) => {}
+                Some(libc::EAGAIN) | Some(libc::EINTR) => server.telemetry().beat(crate::metrics::clock::now_ns()),
                 Some(libc::ENOBUFS) => {
                     server.counters().dropped(Dropped::ReceiveOverrun);
                     if let Some(sup) = overrun_log.allow(Instant::now()) {

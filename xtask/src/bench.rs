@@ -58,6 +58,10 @@ pub struct Args {
     /// Print the tables but leave BENCHMARKS.md alone.
     #[arg(long)]
     no_write: bool,
+    /// Run nothing: rewrite the sections from the results the last run left under
+    /// `<target>/ulog-bench/` (after a change to the tables' layout).
+    #[arg(long)]
+    render_only: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -68,7 +72,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     let selected: Vec<&str> =
         BENCHES.iter().copied().filter(|b| args.only.is_empty() || args.only.iter().any(|o| o == b)).collect();
-    let needs_root = selected.iter().any(|b| *b != "handling");
+    let needs_root = !args.render_only && selected.iter().any(|b| *b != "handling");
     // SAFETY: plain syscall.
     if needs_root && unsafe { libc::geteuid() } != 0 {
         bail!("roundtrip and memory need root (network namespaces, connector sockets); run as root or use --only handling");
@@ -86,6 +90,22 @@ pub fn run(args: Args) -> Result<()> {
 
     let mut sections: BTreeMap<&str, String> = BTreeMap::new();
     for &bench in &selected {
+        let jsonl = out.join(format!("{bench}.jsonl"));
+        let run_info = out.join(format!("{bench}.run.json"));
+        if args.render_only {
+            let Ok(text) = std::fs::read_to_string(&run_info) else {
+                println!(
+                    "{bench}: no results from an earlier run ({} missing); section left as it is",
+                    run_info.display()
+                );
+                continue;
+            };
+            let header: SectionHeader = SectionHeader::from_json(&serde_json::from_str(&text)?);
+            let text = format!("{}{}", header.render(bench), render(bench, &out, &jsonl)?);
+            println!("\n{text}");
+            sections.insert(bench, text);
+            continue;
+        }
         let started = utc_now();
         let load = machine_load();
         let mut extra: Vec<String> = Vec::new();
@@ -119,8 +139,8 @@ pub fn run(args: Args) -> Result<()> {
             }
             _ => unreachable!(),
         }
-        let jsonl = out.join(format!("{bench}.jsonl"));
         let _ = std::fs::remove_file(&jsonl);
+        let _ = std::fs::remove_file(&run_info);
         let mut cmd = Command::new(cargo());
         cmd.current_dir(&root)
             .args(["bench", "-p", "ulog-agent", "--bench", bench])
@@ -135,15 +155,17 @@ pub fn run(args: Args) -> Result<()> {
         );
         println!("\n==> {bench}");
         run_streaming(&mut cmd).with_context(|| format!("benchmark {bench}"))?;
-        let header =
-            SectionHeader { started, load, command: command.clone(), cargo_line, quick: args.quick, machine: &machine };
-        let body = match bench {
-            "handling" => render_handling(&out.join("criterion"))?,
-            "roundtrip" => render_roundtrip(&read_jsonl(&jsonl)?),
-            "memory" => render_memory(&read_jsonl(&jsonl)?),
-            _ => unreachable!(),
+        let header = SectionHeader {
+            started,
+            load,
+            command: command.clone(),
+            cargo_line,
+            quick: args.quick,
+            machine: machine.one_line(),
         };
-        let text = format!("{}{}", header.render(bench), body);
+        std::fs::write(&run_info, header.to_json().to_string())
+            .with_context(|| format!("writing {}", run_info.display()))?;
+        let text = format!("{}{}", header.render(bench), render(bench, &out, &jsonl)?);
         println!("\n{text}");
         sections.insert(bench, text);
     }
@@ -157,6 +179,16 @@ pub fn run(args: Args) -> Result<()> {
     std::fs::write(&path, new).with_context(|| format!("writing {}", path.display()))?;
     println!("\nwrote {}", path.display());
     Ok(())
+}
+
+/// A benchmark's section body from its results.
+fn render(bench: &str, out: &Path, jsonl: &Path) -> Result<String> {
+    Ok(match bench {
+        "handling" => render_handling(&out.join("criterion"))?,
+        "roundtrip" => render_roundtrip(&read_jsonl(jsonl)?),
+        "memory" => render_memory(&read_jsonl(jsonl)?),
+        _ => unreachable!(),
+    })
 }
 
 fn cargo() -> String {
@@ -230,16 +262,39 @@ fn utc_now() -> String {
     format!("{y:04}-{m:02}-{d:02} {:02}:{:02} UTC", rem / 3600, rem % 3600 / 60)
 }
 
-struct SectionHeader<'a> {
+/// What a section says about its run; saved next to the results (`<bench>.run.json`).
+struct SectionHeader {
     started: String,
     load: String,
     command: String,
     cargo_line: String,
     quick: bool,
-    machine: &'a Machine,
+    machine: String,
 }
 
-impl SectionHeader<'_> {
+impl SectionHeader {
+    fn to_json(&self) -> Value {
+        serde_json::json!({
+            "started": self.started,
+            "load": self.load,
+            "command": self.command,
+            "cargo_line": self.cargo_line,
+            "quick": self.quick,
+            "machine": self.machine,
+        })
+    }
+
+    fn from_json(v: &Value) -> Self {
+        Self {
+            started: js(v, "started").into(),
+            load: js(v, "load").into(),
+            command: js(v, "command").into(),
+            cargo_line: js(v, "cargo_line").into(),
+            quick: v.get("quick").and_then(Value::as_bool).unwrap_or(false),
+            machine: js(v, "machine").into(),
+        }
+    }
+
     fn render(&self, bench: &str) -> String {
         let title = match bench {
             "handling" => "In-process request handling (`benches/handling.rs`)",
@@ -253,7 +308,7 @@ impl SectionHeader<'_> {
             self.started,
             if self.quick { " (**quick run**: short measurements, noisier)" } else { "" }
         );
-        let _ = writeln!(s, "- Machine: {}; load average at start: {}", self.machine.one_line(), self.load);
+        let _ = writeln!(s, "- Machine: {}; load average at start: {}", self.machine, self.load);
         let _ = writeln!(s, "- Reproduce: `{}` (runs `{}`)", self.command, self.cargo_line);
         s.push('\n');
         s
@@ -496,7 +551,8 @@ fn render_roundtrip(lines: &[Value]) -> String {
              file on {} ({}); *disk-loop* = the same on {} over such a file; MARKs are answered after \
              `pwritev2(RWF_DSYNC)`. {} rounds × {} s per measurement, targets interleaved in an order rotated per \
              round; figures are medians over rounds. Ratios are agent ÷ baseline (latency: > 1 is slower; req/s: < 1 \
-             is slower). *server CPU* = CPU time of the agent process (all threads) or of the responder thread per \
+             is slower), taken per round against the baseline measured seconds apart, then the median over rounds \
+             (a noisy stretch on the shared machine slows both sides of a round's ratio). *server CPU* = CPU time of the agent process (all threads) or of the responder thread per \
              request (`/proc/*/schedstat`); *client CPU* = the client thread's.\n",
             js(m, "file_fs"),
             js(m, "file_dir"),
@@ -528,17 +584,17 @@ fn render_roundtrip(lines: &[Value]) -> String {
             // MARK and FLUSH latencies apart: their mix is bimodal on disk logs.
             s.push_str("| target | MARK p50 | MARK p99 | FLUSH p50 | FLUSH p99 |");
             s.push_str(if pairs { " MARK→FLUSH pair p50 |" } else { "" });
-            s.push_str(" requests/s | MARK p50 × baseline | MARK p99 × baseline | FLUSH p50 × baseline |");
+            s.push_str(" requests/s | best round | MARK p50 × baseline | MARK p99 × baseline | FLUSH p50 × baseline |");
             s.push_str(if pairs { " pair × baseline |" } else { "" });
             s.push_str(" req/s × baseline | server CPU/req | × baseline | client CPU/req |\n");
             s.push_str("|---|---:|---:|---:|---:|");
             s.push_str(if pairs { "---:|" } else { "" });
-            s.push_str("---:|---:|---:|---:|");
+            s.push_str("---:|---:|---:|---:|---:|");
             s.push_str(if pairs { "---:|" } else { "" });
             s.push_str("---:|---:|---:|---:|\n");
         } else {
-            s.push_str("| target | p50 | p99 | requests/s | p50 × baseline | p99 × baseline | req/s × baseline | server CPU/req | × baseline | client CPU/req |\n");
-            s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+            s.push_str("| target | p50 | p99 | requests/s | best round | p50 × baseline | p99 × baseline | req/s × baseline | server CPU/req | × baseline | client CPU/req |\n");
+            s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         }
         for v in rows {
             let _ = write!(s, "| {} |", js(v, "target"));
@@ -556,8 +612,9 @@ fn render_roundtrip(lines: &[Value]) -> String {
                 }
                 let _ = write!(
                     s,
-                    " {} | {:.2} | {:.2} | {:.2} |",
+                    " {} | {} | {:.2} | {:.2} | {:.2} |",
                     fmt_rate(jf(v, "rps")),
+                    fmt_rate(jf(v, "rps_best")),
                     jf(v, "mark_p50_ratio"),
                     jf(v, "mark_p99_ratio"),
                     jf(v, "flush_p50_ratio")
@@ -568,10 +625,11 @@ fn render_roundtrip(lines: &[Value]) -> String {
             } else {
                 let _ = write!(
                     s,
-                    " {} | {} | {} | {:.2} | {:.2} |",
+                    " {} | {} | {} | {} | {:.2} | {:.2} |",
                     fmt_us(jf(v, "p50_us")),
                     fmt_us(jf(v, "p99_us")),
                     fmt_rate(jf(v, "rps")),
+                    fmt_rate(jf(v, "rps_best")),
                     jf(v, "p50_ratio"),
                     jf(v, "p99_ratio")
                 );
@@ -583,6 +641,30 @@ fn render_roundtrip(lines: &[Value]) -> String {
                 jf(v, "server_cpu_us_per_req"),
                 jf(v, "server_cpu_ratio"),
                 jf(v, "client_cpu_us_per_req"),
+            );
+        }
+        s.push('\n');
+    }
+    let devices: Vec<&Value> = lines.iter().filter(|v| s_eq(v, "kind", "device_summary")).collect();
+    if !devices.is_empty() {
+        s.push_str(
+            "### Raw device writes (disk targets, context)\n\nRight before each MARK measurement on a disk log, 4 KiB durable \
+             writes at scattered blocks through the agent's own `LogDevice::write_durable` (`pwritev2(RWF_DSYNC)`; \
+             `O_DIRECT` on the loop device), back to back from the bench process, on a probe device of the same kind \
+             (a second file in the same directory, a second loop device). Not a floor on this VM: these tight-loop \
+             writes often took one 250 Hz tick (~4 ms, quantised) while the agent's own MARKs, whose reply waits for \
+             the same kind of write, completed in ~0.1 ms in the adjacent measurement; the shared disk's latency \
+             swings by 10-40× within minutes. The per-round pairs are in the JSON (`mark_p50_over_device`).\n\n\
+             | device | write p50 | write p99 | writes/s (one at a time) |\n|---|---:|---:|---:|\n",
+        );
+        for v in devices {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} |",
+                js(v, "target"),
+                fmt_us(jf(v, "p50_us")),
+                fmt_us(jf(v, "p99_us")),
+                fmt_rate(jf(v, "writes_per_s"))
             );
         }
         s.push('\n');
@@ -605,12 +687,21 @@ fn render_roundtrip(lines: &[Value]) -> String {
             let rps = jf(v, "rps");
             let _ = writeln!(
                 s,
-                "**Target core log ≥ 150 k requests/s with 32 in flight ({wl}): {}** ({} req/s; the constant-answer \
-                 baseline reaches {} req/s with the same client, ratio {:.2}; agent CPU per request {:.2} µs, i.e. \
-                 one core could serve ~{} req/s if the client and the transport kept up).",
-                if rps >= 150_000.0 { "met" } else { "NOT met" },
+                "**Target core log ≥ 150 k requests/s with 32 in flight ({wl}): {}** (median over rounds {} req/s, \
+                 best round {}; the constant-answer baseline: median {}, best round {}, with the same client; \
+                 agent ÷ baseline {:.2}; agent CPU per request {:.2} µs, i.e. one core could serve ~{} req/s if the \
+                 client and the transport kept up).",
+                if rps >= 150_000.0 {
+                    "met"
+                } else if jf(v, "rps_best") >= 150_000.0 {
+                    "met in the best round only"
+                } else {
+                    "NOT met"
+                },
                 fmt_rate(rps),
+                fmt_rate(jf(v, "rps_best")),
                 fmt_rate(jf(v, "baseline_rps")),
+                fmt_rate(jf(v, "baseline_rps_best")),
                 jf(v, "rps_ratio"),
                 jf(v, "server_cpu_us_per_req"),
                 fmt_rate(1e6 / jf(v, "server_cpu_us_per_req")),

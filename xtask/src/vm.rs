@@ -10,6 +10,9 @@
 //!   `cargo xtask vm test`).
 //! - `shell [--disk MIB]...`: the same guest with an interactive busybox shell on this terminal.
 //! - `build`: only build the initramfs (prints its path); `list`: the scenarios.
+//! - `bench`: fio on mirrors with the kernel's logs, ulog-agent and a constant-answer responder,
+//!   one boot with its own initramfs (fio and its libraries only there); writes
+//!   `benchmarks/vm.md` (see [`bench`]).
 //!
 //! Design:
 //! - Everything comes from Debian packages; nothing touches the host kernel. The cache
@@ -48,9 +51,9 @@
 //! Limits: x86_64 only; no network in the guest yet (virtio_net is in the initramfs; add
 //! `-netdev user,...,hostfwd=...` in [`qemu`] when a scenario needs it); a guest process stuck in
 //! D state cannot be cleaned up (see [`scenarios`]); tools beyond busybox/dmsetup/ulog-agent
-//! (fio, bpftool) are not in the guest yet: add them like dmsetup in [`initramfs::build`]
-//! (a host binary + its `ldd` closure; on Debian 12, `apt-get install fio` adds librados2,
-//! librbd1, glusterfs and boost libraries: ~39 MB installed).
+//! (bpftool) are not in the test guest: add them like dmsetup in [`initramfs::build`] (a host
+//! binary + its `ldd` closure), or for one kind of boot only through `Inputs::extra`, as
+//! [`bench`] does for Debian's fio (fetched into the cache, not installed on the host).
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -58,6 +61,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Subcommand, ValueEnum};
 
+mod bench;
 mod fetch;
 mod initramfs;
 mod qemu;
@@ -86,6 +90,9 @@ enum Cmd {
     Build(BuildOpts),
     /// List the scenarios.
     List,
+    /// fio on mirrors with the kernel's logs, ulog-agent and a constant responder (one boot,
+    /// minutes under TCG); writes benchmarks/vm.md. See xtask/src/vm/bench.rs.
+    Bench(bench::Args),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -176,6 +183,7 @@ pub fn run(args: Args) -> Result<()> {
             println!("{}", p.display());
             Ok(())
         }
+        Cmd::Bench(a) => bench::run(a),
         Cmd::List => {
             for s in scenarios::SCENARIOS {
                 let xf = scenarios::expected_failure(s.name)
@@ -295,6 +303,7 @@ fn build_initramfs(k: &fetch::Kernel, b: &BuildOpts) -> Result<PathBuf> {
             scenarios_dir: &scenarios_dir(),
             agent: agent.as_deref(),
             compression: b.compression,
+            extra: None,
         },
         &out,
     )?;

@@ -324,3 +324,241 @@ hard_reset() {
     sleep 10
     fail "still running after sysrq b"
 }
+
+# ---- ulog-agent: JSON log, request totals, restarts ------------------------------------------
+# These helpers read the agent log in JSON form: start the agent with ulog_start (which passes
+# --log-format json and marks where this instance's lines begin in $AGENT_LOG).
+
+# agent_log_mark; ...; agent_log_since_mark: the agent log lines written after the mark.
+agent_log_mark() { _AGENT_MARK=$(cat "$AGENT_LOG" 2>/dev/null | wc -l); }
+agent_log_since_mark() { tail -n +"$((${_AGENT_MARK:-0} + 1))" "$AGENT_LOG" 2>/dev/null; }
+
+# ulog_start [ARGS...]: agent_log_mark, then agent_start --log-format json ARGS (RUST_LOG
+# defaults to debug, so failed requests are logged: "request failed"), then wait until the agent
+# says it is serving: it joins the connector group (where agent_start stops waiting) before it
+# attaches its eBPF probe, so requests sent in between are served but not counted as sent.
+ulog_start() {
+    agent_log_mark
+    agent_start --log-format json "$@"
+    _n=0
+    until agent_log_since_mark | grep -q '"message":"serving dm-log-userspace requests"'; do
+        agent_alive || fail "ulog-agent exited before serving"
+        [ "$_n" -lt 100 ] || fail "ulog-agent did not log 'serving dm-log-userspace requests' within 10 s"
+        usleep 100000
+        _n=$((_n + 1))
+    done
+}
+
+# ulog_restart_after_kill PAUSE_US [ARGS...]: SIGKILL the agent (like a crash), wait PAUSE_US
+# microseconds, start a new one (ulog_start ARGS). The kernel keeps its logs: it reconnects
+# (CTR + RESUME, then the pending request) when a request finds no server or fails with -ESRCH.
+ulog_restart_after_kill() {
+    _pause=$1
+    shift
+    agent_stop KILL
+    log "ulog-agent killed (SIGKILL); restarting after ${_pause} us"
+    usleep "$_pause"
+    ulog_start "$@"
+}
+
+# agent_json_lines MESSAGE: this instance's log lines whose message is MESSAGE.
+agent_json_lines() { agent_log_since_mark | grep -F "\"message\":\"$1\""; }
+
+# agent_request_errors: this instance's "request failed" lines (debug level), except -ESRCH
+# answers: those send the kernel into its reconnect loop (CTR + RESUME, then the request again),
+# which is how a log the agent does not know (yet) gets reconnected.
+agent_request_errors() { agent_json_lines "request failed" | grep -vF '"error":-3,'; }
+
+# wait_agent_line MESSAGE FILTER SECS: wait until this instance logged MESSAGE on a line also
+# containing FILTER (fixed string, "" for any); fails after SECS seconds, or at once when the
+# instance answers a request with an error other than -ESRCH (FAIL_ON_REQUEST_ERROR=1, the
+# default), with that line.
+wait_agent_line() {
+    _t0=$(now_cs)
+    while :; do
+        agent_json_lines "$1" | grep -qF -- "$2" && return 0
+        if [ "${FAIL_ON_REQUEST_ERROR:-1}" = 1 ] && agent_request_errors | grep -q .; then
+            fail "ulog-agent answered a request with an error while waiting for '$1': $(agent_request_errors | head -n 3)"
+        fi
+        agent_alive || fail "ulog-agent died while waiting for '$1'"
+        [ $(($(now_cs) - _t0)) -lt $(($3 * 100)) ] || fail "ulog-agent did not log '$1' ($2) within $3 s"
+        usleep 100000
+    done
+}
+
+# wait_reconnect SECS: until the kernel's reconnect CTR reached this agent instance (the agent
+# logs "log created" with reconnect=true); see wait_agent_line for the failure cases.
+wait_reconnect() {
+    wait_agent_line "log created" '"reconnect":true' "$1"
+    log "the kernel reconnected to the new agent"
+}
+
+# ulog_totals FILE: after `agent_stop TERM` of an agent started with ulog_start, the summary it
+# logged on exit ("request totals"), one "TYPE SERVED ERRORS KERNEL_SENT" line per request type
+# into FILE (KERNEL_SENT is "-" when the probe did not attach). Fails without a summary.
+ulog_totals() {
+    agent_log_since_mark | awk '
+        function val(k,   i, s) {
+            i = index($0, "\"" k "\":")
+            if (i == 0) return ""
+            s = substr($0, i + length(k) + 3)
+            sub(/[,}].*/, "", s)
+            gsub(/"/, "", s)
+            return s
+        }
+        /"message":"request totals"/ {
+            ks = val("kernel_sent")
+            if (ks ~ /^Some\(/) { sub(/^Some\(/, "", ks); sub(/\)$/, "", ks) } else ks = "-"
+            print val("request"), val("served"), val("errors"), ks
+        }' >"$1"
+    grep -q . "$1" || fail "no 'request totals' lines in the agent log (did it exit through SIGTERM?)"
+    log "request totals (type served errors kernel_sent): $(tr '\n' ';' <"$1")"
+}
+
+# total FILE TYPE [FIELD]: from a ulog_totals file, TYPE's served count (FIELD 2, default),
+# errors (3) or kernel_sent (4); 0 for a type that is not listed.
+total() { awk -v t="$2" -v f="${3:-2}" '$1 == t { v = $f } END { print (v == "" ? 0 : v) }' "$1"; }
+
+# ulog_probe_state: "attached", "build" (this agent was built without the eBPF programs) or
+# fails: the probe should attach in the test kernel, so any other reason is an error to report.
+ulog_probe_state() {
+    if agent_log_since_mark | grep -q '"message":"eBPF probe attached'; then
+        echo attached
+    elif agent_log_since_mark | grep '"message":"eBPF probes not attached' | grep -q 'without the `ebpf` feature\|AYA_BUILD_SKIP'; then
+        echo build
+    else
+        echo "[$NAME] eBPF probes did not attach: $(agent_log_since_mark | grep 'eBPF prob' | head -n 1)" >&2
+        echo other
+    fi
+}
+
+# assert_totals FILE EXACT TYPE...: every request type in FILE has errors=0, each TYPE was
+# served at least once, and, if EXACT=exact and the probe attached, served == kernel_sent for
+# every type (the kernel sent exactly what the agent served: nothing lost, nothing invented).
+# Use EXACT=exact only when no request could find the agent missing (no restarts).
+assert_totals() {
+    _f=$1
+    _exact=$2
+    shift 2
+    while read -r _t _s _e _k; do
+        [ "$_e" = 0 ] || fail "ulog-agent answered $_e $_t request(s) with an error (totals: $(tr '\n' ';' <"$_f"))"
+    done <"$_f"
+    for _t in "$@"; do
+        [ "$(total "$_f" "$_t")" -gt 0 ] || fail "ulog-agent served no $_t request (totals: $(tr '\n' ';' <"$_f"))"
+    done
+    [ "$_exact" = exact ] || return 0
+    case $(ulog_probe_state) in
+        attached) ;;
+        build) log "warning: agent built without eBPF: kernel_sent not compared"; return 0 ;;
+        *) fail "the eBPF probe did not attach (see the line above)" ;;
+    esac
+    while read -r _t _s _e _k; do
+        [ "$_k" != - ] || fail "probe attached but no kernel_sent for $_t"
+        [ "$_s" = "$_k" ] || fail "$_t: the agent served $_s request(s), the kernel sent $_k (totals: $(tr '\n' ';' <"$_f"))"
+    done <"$_f"
+    log "totals: no errors; served == kernel_sent for every type"
+}
+
+# ulog_stop_totals FILE: agent_stop TERM, assert it exited 0, write its totals to FILE.
+ulog_stop_totals() {
+    agent_stop TERM
+    assert_eq "$AGENT_RC" 0 "ulog-agent exit status after SIGTERM"
+    ulog_totals "$1"
+}
+
+# ---- mirrors: sync counts, device numbers ---------------------------------------------------
+
+# mirror_in_sync NAME: the in-sync region count of the status line (the N of N/M).
+mirror_in_sync() { _r=$(mirror_sync_ratio "$1"); echo "${_r%/*}"; }
+
+# devnum DEV: "major:minor" of a block device, as dm tables and status lines print it.
+devnum() { printf '%d:%d\n' "0x$(stat -L -c %t "$1")" "0x$(stat -L -c %T "$1")"; }
+
+# ---- disk-format logs (dm-log.c layout, also ulog's clustered-disk and state files) ----------
+
+# disk_log_dirty VAR DEV REGIONS: VAR := the regions whose clean bit is 0 on the log DEV
+# (ascending, space-separated; "" when all are clean). Reads with O_DIRECT unless DEV is a
+# regular file. Bit r is bit r%8 of byte 1024 + r/8 (little-endian bit order).
+disk_log_dirty() {
+    _bytes=$((($3 + 7) / 8))
+    if [ -b "$2" ]; then
+        dd if="$2" of=./.logimg bs=4096 count=$(((1024 + _bytes + 4095) / 4096)) iflag=direct status=none ||
+            fail "cannot read the log device $2"
+    else
+        cp "$2" ./.logimg || fail "cannot read $2"
+    fi
+    _v=$(od -An -v -tu1 -j1024 -N"$_bytes" ./.logimg | awk -v n="$3" '
+        { for (i = 1; i <= NF; i++) b[c++] = $i }
+        END {
+            s = ""
+            for (r = 0; r < n; r++) {
+                v = b[int(r / 8)] + 0
+                for (k = 0; k < r % 8; k++) v = int(v / 2)   # busybox awk has no ^
+                if (v % 2 == 0) s = s (s == "" ? "" : " ") r
+            }
+            print s
+        }') || fail "disk_log_dirty: cannot decode the bitmap of $2"
+    eval "$1=\$_v"
+}
+
+# assert_disk_log_header DEV REGIONS WHAT: magic "MiRr" (le32 0x4D695272), version 2, nr_regions.
+assert_disk_log_header() {
+    dd if="$1" of=./.loghdr bs=4096 count=1 iflag=direct status=none || fail "cannot read $1"
+    assert_eq "$(od -An -tx4 -N4 ./.loghdr | tr -d ' ')" 4d695272 "$3: magic"
+    assert_eq "$(od -An -tu4 -j4 -N4 ./.loghdr | tr -d ' ')" 2 "$3: version"
+    assert_eq "$(od -An -tu8 -j8 -N8 ./.loghdr | tr -d ' ')" "$2" "$3: nr_regions"
+}
+
+# wait_disk_log_dirty DEV REGIONS EXPECTED SECS: until the dirty set on DEV is EXPECTED.
+wait_disk_log_dirty() {
+    _t0=$(now_cs)
+    while :; do
+        disk_log_dirty _dirty "$1" "$2"
+        [ "$_dirty" = "$3" ] && break
+        [ $(($(now_cs) - _t0)) -lt $(($4 * 100)) ] || fail "dirty regions on $1: '$_dirty', expected '$3' (waited $4 s)"
+        usleep 100000
+    done
+    log "dirty regions on $1: '$_dirty'"
+}
+
+# ---- region-addressed writes -----------------------------------------------------------------
+
+# write_region_block DEV REGION_SECTORS R SRC: write 4 KiB block R of SRC at the start of region
+# R of DEV (O_DIRECT). Run it in the background to keep it in flight.
+write_region_block() {
+    dd if="$4" of="$1" bs=4096 skip="$3" seek=$(($3 * $2 / 8)) count=1 oflag=direct conv=notrunc status=none
+}
+
+# expect_region_blocks FILE REGION_SECTORS SRC R...: put block R of SRC at region R's start in
+# FILE (the expected image of a device after write_region_block).
+expect_region_blocks() {
+    _f=$1
+    _rs=$2
+    _src=$3
+    shift 3
+    for _r in "$@"; do
+        dd if="$_src" of="$_f" bs=4096 skip="$_r" seek=$((_r * _rs / 8)) count=1 conv=notrunc status=none ||
+            fail "expect_region_blocks $_f $_r"
+    done
+    rm -f "$_f.md5"
+}
+
+# wait_region_blocks DEV REGION_SECTORS SRC SECS R...: until DEV (read with O_DIRECT) holds
+# block R of SRC at region R's start, for every R.
+wait_region_blocks() {
+    _dev=$1
+    _rs=$2
+    _src=$3
+    _secs=$4
+    shift 4
+    _t0=$(now_cs)
+    for _r in "$@"; do
+        dd if="$_src" of=./.want bs=4096 skip="$_r" count=1 status=none
+        while :; do
+            dd if="$_dev" of=./.got bs=4096 skip=$((_r * _rs / 8)) count=1 iflag=direct status=none
+            cmp -s ./.want ./.got && break
+            [ $(($(now_cs) - _t0)) -lt $((_secs * 100)) ] || fail "$_dev: region $_r does not hold its new block after $_secs s"
+            usleep 100000
+        done
+    done
+}

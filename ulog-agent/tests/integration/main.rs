@@ -2,6 +2,7 @@
 //! over a real `NETLINK_CONNECTOR` socket by the kernel-peer harness (`ulog_agent::kernel_peer`).
 //! They need root. Run with `cargo test -p ulog-agent --test integration`.
 
+mod api;
 mod common;
 mod ctr;
 mod lifecycle;

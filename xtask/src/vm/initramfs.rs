@@ -200,6 +200,9 @@ pub struct Inputs<'a> {
     /// `ulog-agent` to install as /bin/ulog-agent (None: the guest has none).
     pub agent: Option<&'a Path>,
     pub compression: Compression,
+    /// Adds files for one kind of boot only (`vm bench`: fio and its libraries, the benchmark
+    /// script), so the test initramfs stays small.
+    pub extra: Option<&'a dyn Fn(&mut Tree) -> Result<()>>,
 }
 
 pub fn which_host(names: &[&str]) -> Option<PathBuf> {
@@ -245,6 +248,10 @@ pub fn build(inp: &Inputs, out: &Path) -> Result<Built> {
         if name.ends_with(".sh") {
             t.bytes(&format!("/scenarios/{name}"), fs::read(e.path())?, 0o755);
         }
+    }
+
+    if let Some(extra) = inp.extra {
+        extra(&mut t)?;
     }
 
     let cpio = t.to_cpio();

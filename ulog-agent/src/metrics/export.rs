@@ -1,0 +1,434 @@
+//! The Prometheus exposition: every `ulog_*` family built at scrape time from the telemetry
+//! (relaxed atomic loads, log snapshots taken a chunk at a time), plus the `process_*` families
+//! of the `prometheus` crate's process collector, encoded by its `TextEncoder`.
+//!
+//! Naming follows the Prometheus conventions: one `ulog_` prefix, base units (`_seconds`,
+//! `_bytes`), `_total` on counters, `_info` for the label-carrying mapping. Labels: `log` (the
+//! short name of [`super::short_name`]), `type` (the kernel's request type name, `UNKNOWN` for
+//! types outside 1..17), `result` (`ok`/`error`), `state`, `reason`, `stage`; never a region or a
+//! sequence number. [`FAMILIES`] lists every family (the README's table is checked against it).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use prometheus::core::Collector;
+use prometheus::proto::{Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType};
+use ulog_common::{RequestType, REQUEST_TYPE_COUNT};
+
+use super::histogram::HistSnapshot;
+use super::kernel::{Retry, Stage};
+use super::regions::RegionState;
+use super::{clock, mirror, primary, type_label, LogHandle, Telemetry};
+use crate::counters::Dropped;
+use crate::dirty_log::Phase;
+use crate::protocol::Malformed;
+
+/// Every `ulog_*` family: (name, type, labels, when it is exported).
+pub const FAMILIES: &[(&str, &str, &str, &str)] = &[
+    ("ulog_build_info", "gauge", "version, ebpf", "always"),
+    ("ulog_probe_attached", "gauge", "", "always"),
+    ("ulog_logs", "gauge", "type, state", "always"),
+    ("ulog_requests_total", "counter", "log, type, result", "per log"),
+    ("ulog_requests_without_log_total", "counter", "type", "always"),
+    ("ulog_request_duration_seconds", "histogram", "type", "types seen"),
+    ("ulog_malformed_messages_total", "counter", "reason", "always"),
+    ("ulog_dropped_messages_total", "counter", "reason", "always"),
+    ("ulog_kernel_reconnects_total", "counter", "log", "per log"),
+    ("ulog_regions", "gauge", "log, state", "per log"),
+    ("ulog_region_size_bytes", "gauge", "log", "per log"),
+    ("ulog_resync_progress_ratio", "gauge", "log", "per log"),
+    ("ulog_resync_remaining_seconds", "gauge", "log", "per log, when estimable"),
+    ("ulog_region_dirty_duration_seconds", "histogram", "log", "per log"),
+    ("ulog_region_dirty_untimed_total", "counter", "log", "per log"),
+    ("ulog_log_last_resume_timestamp_seconds", "gauge", "log", "per log, once resumed"),
+    ("ulog_log_info", "gauge", "log, uuid, type, device, mirror", "per log"),
+    ("ulog_log_device_failed", "gauge", "log", "persistent logs"),
+    ("ulog_disk_flush_duration_seconds", "histogram", "log", "persistent logs"),
+    ("ulog_disk_flush_bytes_total", "counter", "log", "persistent logs"),
+    ("ulog_disk_flush_errors_total", "counter", "log", "persistent logs"),
+    ("ulog_mirror_writes_total", "counter", "log", "logs whose mirror device is found"),
+    ("ulog_mirror_written_bytes_total", "counter", "log", "logs whose mirror device is found"),
+    ("ulog_kernel_requests_total", "counter", "type", "probe attached"),
+    ("ulog_kernel_request_duration_seconds", "histogram", "type", "probe attached, latency probes"),
+    ("ulog_kernel_request_stage_duration_seconds", "histogram", "type, stage", "probe attached, latency probes"),
+    ("ulog_kernel_request_retries_total", "counter", "type, reason", "probe attached, retry probes"),
+    ("ulog_kernel_reconnect_attempts_total", "counter", "", "probe attached, retry probes"),
+];
+
+struct Fam(MetricFamily);
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            let mut l = LabelPair::default();
+            l.set_name((*k).to_string());
+            l.set_value((*v).to_string());
+            l
+        })
+        .collect()
+}
+
+impl Fam {
+    fn new(name: &str, help: &str, ty: MetricType) -> Self {
+        let mut mf = MetricFamily::default();
+        mf.set_name(name.to_string());
+        mf.set_help(help.to_string());
+        mf.set_field_type(ty);
+        Self(mf)
+    }
+    fn counter(name: &str, help: &str) -> Self {
+        Self::new(name, help, MetricType::COUNTER)
+    }
+    fn gauge(name: &str, help: &str) -> Self {
+        Self::new(name, help, MetricType::GAUGE)
+    }
+    fn histogram(name: &str, help: &str) -> Self {
+        Self::new(name, help, MetricType::HISTOGRAM)
+    }
+    fn add_counter(&mut self, l: &[(&str, &str)], v: u64) {
+        let mut c = Counter::default();
+        c.set_value(v as f64);
+        let mut m = Metric::from_label(labels(l));
+        m.set_counter(c);
+        self.0.mut_metric().push(m);
+    }
+    fn add_gauge(&mut self, l: &[(&str, &str)], v: f64) {
+        if !v.is_finite() {
+            return;
+        }
+        let mut g = Gauge::default();
+        g.set_value(v);
+        let mut m = Metric::from_label(labels(l));
+        m.set_gauge(g);
+        self.0.mut_metric().push(m);
+    }
+    fn add_histogram(&mut self, l: &[(&str, &str)], s: &HistSnapshot) {
+        let mut h = Histogram::default();
+        h.set_bucket(
+            s.cumulative()
+                .into_iter()
+                .map(|(le, n)| {
+                    let mut b = Bucket::default();
+                    b.set_upper_bound(le);
+                    b.set_cumulative_count(n);
+                    b
+                })
+                .collect(),
+        );
+        h.set_sample_count(s.count());
+        h.set_sample_sum(s.sum_seconds());
+        let mut m = Metric::from_label(labels(l));
+        m.set_histogram(h);
+        self.0.mut_metric().push(m);
+    }
+    fn done(self, out: &mut Vec<MetricFamily>) {
+        if !self.0.get_metric().is_empty() {
+            out.push(self.0);
+        }
+    }
+}
+
+/// Builds the exposition.
+pub struct Exporter {
+    tel: Arc<Telemetry>,
+    process: Option<prometheus::process_collector::ProcessCollector>,
+}
+
+impl std::fmt::Debug for Exporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exporter").finish_non_exhaustive()
+    }
+}
+
+/// The kernel-side `type` label of a probe counter slot (wire type; 0 = others): the agent's own
+/// names, `UNKNOWN` for slot 0, so kernel and agent series join on `type`.
+fn kernel_type_label(slot: usize) -> &'static str {
+    u32::try_from(slot).ok().and_then(RequestType::from_raw).map_or("UNKNOWN", |t| t.name())
+}
+
+impl Exporter {
+    /// An exporter of `tel`, with the process collector.
+    pub fn new(tel: Arc<Telemetry>) -> Self {
+        Self { tel, process: Some(prometheus::process_collector::ProcessCollector::for_self()) }
+    }
+
+    /// The text exposition (`text/plain; version=0.0.4`).
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(64 * 1024);
+        if let Err(e) = prometheus::TextEncoder::new().encode_utf8(&self.gather(), &mut out) {
+            tracing::warn!(error = %e, "encoding the metrics failed");
+        }
+        out
+    }
+
+    /// Every family, sorted by name.
+    pub fn gather(&self) -> Vec<MetricFamily> {
+        let mut out = Vec::new();
+        self.global(&mut out);
+        self.per_log(&mut out);
+        self.kernel(&mut out);
+        if let Some(p) = &self.process {
+            out.extend(p.collect());
+        }
+        out.sort_by(|a, b| a.name().cmp(b.name()));
+        out
+    }
+
+    fn global(&self, out: &mut Vec<MetricFamily>) {
+        let t = &self.tel;
+        let c = t.counters();
+        let mut f = Fam::gauge("ulog_build_info", "ulog-agent's version, and whether its eBPF programs are embedded.");
+        f.add_gauge(&[("version", env!("CARGO_PKG_VERSION")), ("ebpf", if cfg!(feature = "ebpf") { "true" } else { "false" })], 1.0);
+        f.done(out);
+        let mut f = Fam::gauge(
+            "ulog_probe_attached",
+            "1 if the eBPF probe on dm_consult_userspace is attached (kernel-side families exported), else 0.",
+        );
+        f.add_gauge(&[], if t.probe_attached() { 1.0 } else { 0.0 });
+        f.done(out);
+
+        let logs = t.logs();
+        let mut f = Fam::gauge("ulog_logs", "Logs served, by log type and life-cycle state.");
+        for kind in ["clustered-core", "clustered-disk"] {
+            for phase in [Phase::Constructed, Phase::Resumed, Phase::Suspended] {
+                let n = logs.iter().filter(|h| h.kind == kind && h.shared.lock().phase() == phase).count();
+                f.add_gauge(&[("type", kind), ("state", phase.name())], n as f64);
+            }
+        }
+        f.done(out);
+
+        let mut f = Fam::counter(
+            "ulog_requests_without_log_total",
+            "Requests answered without a log: refused CTRs, requests for a (uuid, luid) the agent does not have (-EINVAL), and request types outside 1..17 (type UNKNOWN).",
+        );
+        for slot in 0..=REQUEST_TYPE_COUNT {
+            let kind = RequestType::ALL.get(slot).copied();
+            f.add_counter(&[("type", type_label(slot))], c.without_log_of(kind));
+        }
+        f.done(out);
+
+        let mut f = Fam::histogram(
+            "ulog_request_duration_seconds",
+            "Agent service time: request received to reply sent (after the durable write for requests that wait for one), by request type.",
+        );
+        for slot in 0..=REQUEST_TYPE_COUNT {
+            let s = t.service(slot).snapshot();
+            if s.count() > 0 {
+                f.add_histogram(&[("type", type_label(slot))], &s);
+            }
+        }
+        f.done(out);
+
+        let mut f = Fam::counter(
+            "ulog_malformed_messages_total",
+            "Malformed datagrams, by reason (answered -EINVAL where a reply can be matched, else dropped).",
+        );
+        for m in Malformed::ALL {
+            f.add_counter(&[("reason", m.name())], c.malformed_of(m));
+        }
+        f.done(out);
+        let mut f = Fam::counter(
+            "ulog_dropped_messages_total",
+            "Datagrams not served or replies not delivered, by reason (receive_overrun: the kernel's requests were lost to a full receive queue).",
+        );
+        for d in Dropped::ALL {
+            f.add_counter(&[("reason", d.name())], c.dropped_of(d));
+        }
+        f.done(out);
+    }
+
+    fn per_log(&self, out: &mut Vec<MetricFamily>) {
+        let logs = self.tel.logs();
+        let mirrors = self.tel.mirrors();
+        let mut by_name: BTreeMap<&str, Vec<&Arc<LogHandle>>> = BTreeMap::new();
+        for h in logs.iter() {
+            by_name.entry(&h.tel.name).or_default().push(h);
+        }
+        let mut requests = Fam::counter(
+            "ulog_requests_total",
+            "Requests answered for a log, by request type and result (ok, or error: a negative errno). Divide by ulog_mirror_writes_total for the log requests each mirror write costs.",
+        );
+        let mut reconnects = Fam::counter(
+            "ulog_kernel_reconnects_total",
+            "Reconnect-form CTRs for this log (payload NUL-terminated): the kernel had lost its log server (agent down, or a request lost to a full receive queue) and re-created the log.",
+        );
+        let mut regions = Fam::gauge(
+            "ulog_regions",
+            "Regions by state: out_of_sync (awaiting resync), dirty (in sync, writes outstanding), clean. They add up to the log's region count.",
+        );
+        let mut region_size = Fam::gauge("ulog_region_size_bytes", "Region size.");
+        let mut progress =
+            Fam::gauge("ulog_resync_progress_ratio", "Regions in sync divided by all regions (1: fully in sync).");
+        let mut eta = Fam::gauge(
+            "ulog_resync_remaining_seconds",
+            "Estimated time until every region is in sync, from the resync rate over the last 30 s (0 when in sync; absent while no progress is seen).",
+        );
+        let mut dirty = Fam::histogram(
+            "ulog_region_dirty_duration_seconds",
+            "How long regions stayed dirty: from the MARK that made a region dirty to the CLEAR that made it clean.",
+        );
+        let mut untimed = Fam::counter(
+            "ulog_region_dirty_untimed_total",
+            "Regions made dirty while the dirty-time table was full (not in ulog_region_dirty_duration_seconds).",
+        );
+        let mut resumed = Fam::gauge(
+            "ulog_log_last_resume_timestamp_seconds",
+            "When the log was last resumed (a RESUME answered successfully), seconds since the epoch.",
+        );
+        let mut info = Fam::gauge(
+            "ulog_log_info",
+            "Maps the log label to the log's dm uuid, type, log device or state file, and the dm name of its mirror (empty until found).",
+        );
+        let mut failed = Fam::gauge(
+            "ulog_log_device_failed",
+            "1 if the log device failed a read or write since the last successful resume (status D), else 0.",
+        );
+        let mut flush = Fam::histogram(
+            "ulog_disk_flush_duration_seconds",
+            "Durable writes of a persistent log's device or state file (one per group commit): duration.",
+        );
+        let mut flush_bytes = Fam::counter("ulog_disk_flush_bytes_total", "Bytes written by durable writes.");
+        let mut flush_errors = Fam::counter("ulog_disk_flush_errors_total", "Durable writes that failed.");
+        let mut writes = Fam::counter(
+            "ulog_mirror_writes_total",
+            "Writes completed by the log's mirror dm device (its /sys/block stat), the cost model's denominator.",
+        );
+        let mut written = Fam::counter("ulog_mirror_written_bytes_total", "Bytes written to the log's mirror dm device.");
+
+        for (name, hs) in by_name {
+            let Some(p) = primary(hs.iter().copied()) else { continue };
+            let l = [("log", name)];
+            let m = &p.tel.metrics;
+            for t in RequestType::ALL {
+                let (ok, err) = m.requests_of(t);
+                requests.add_counter(&[("log", name), ("type", t.name()), ("result", "ok")], ok);
+                requests.add_counter(&[("log", name), ("type", t.name()), ("result", "error")], err);
+            }
+            reconnects.add_counter(&l, m.reconnects.load(std::sync::atomic::Ordering::Relaxed));
+            let counts = p.tel.region_counts(&p.shared, p.region_count);
+            for s in RegionState::ALL {
+                regions.add_gauge(&[("log", name), ("state", s.name())], counts.get(s) as f64);
+            }
+            region_size.add_gauge(&l, (p.region_size * 512) as f64);
+            let sync = p.shared.lock().sync_count();
+            if p.region_count > 0 {
+                progress.add_gauge(&l, sync as f64 / p.region_count as f64);
+            }
+            if let (_, Some(s)) = p.tel.resync_estimate(p.region_count, sync) {
+                eta.add_gauge(&l, s);
+            }
+            dirty.add_histogram(&l, &m.dirty.snapshot());
+            untimed.add_counter(&l, m.dirty_untimed.load(std::sync::atomic::Ordering::Relaxed));
+            let r = p.tel.resumed_ns.load(std::sync::atomic::Ordering::Relaxed);
+            if r != 0 {
+                resumed.add_gauge(&l, clock::unix_seconds(r));
+            }
+            let device = p.device.as_ref().map(|d| d.display().to_string()).unwrap_or_default();
+            let mirror = mirrors.by_uuid.get(&p.uuid);
+            info.add_gauge(
+                &[
+                    ("log", name),
+                    ("uuid", &p.uuid),
+                    ("type", p.kind),
+                    ("device", &device),
+                    ("mirror", mirror.map_or("", |m| m.name.as_str())),
+                ],
+                1.0,
+            );
+            if hs.iter().any(|h| h.persistent()) {
+                failed.add_gauge(&l, if p.shared.device_failed() { 1.0 } else { 0.0 });
+                flush.add_histogram(&l, &m.flush.snapshot());
+                flush_bytes.add_counter(&l, m.flush_bytes.load(std::sync::atomic::Ordering::Relaxed));
+                flush_errors.add_counter(&l, m.flush_errors.load(std::sync::atomic::Ordering::Relaxed));
+            }
+            if let Some(md) = mirror {
+                if let Ok(st) = mirror::write_stats(md.major, md.minor) {
+                    writes.add_counter(&l, st.writes);
+                    written.add_counter(&l, st.sectors * 512);
+                }
+            }
+        }
+        for f in [
+            requests,
+            reconnects,
+            regions,
+            region_size,
+            progress,
+            eta,
+            dirty,
+            untimed,
+            resumed,
+            info,
+            failed,
+            flush,
+            flush_bytes,
+            flush_errors,
+            writes,
+            written,
+        ] {
+            f.done(out);
+        }
+    }
+
+    fn kernel(&self, out: &mut Vec<MetricFamily>) {
+        let Some(src) = self.tel.kernel_source() else { return };
+        let k = src.kernel_stats();
+        let mut f = Fam::counter(
+            "ulog_kernel_requests_total",
+            "Requests the kernel sent (dm_consult_userspace calls, seen by the eBPF probe since it was attached), by request type.",
+        );
+        for (slot, &n) in k.requests.iter().enumerate() {
+            f.add_counter(&[("type", kernel_type_label(slot))], n);
+        }
+        f.done(out);
+        if let Some(rt) = &k.round_trip {
+            let mut f = Fam::histogram(
+                "ulog_kernel_request_duration_seconds",
+                "Kernel-side round trip of a request (dm_consult_userspace entry to return), by request type. Log2 buckets only.",
+            );
+            for (slot, h) in rt.iter().enumerate() {
+                let s = HistSnapshot::from_kernel_slots(&h.slots, h.sum_ns);
+                if s.count() > 0 {
+                    f.add_histogram(&[("type", kernel_type_label(slot))], &s);
+                }
+            }
+            f.done(out);
+        }
+        if let Some(stages) = &k.stages {
+            let mut f = Fam::histogram(
+                "ulog_kernel_request_stage_duration_seconds",
+                "The stages of the kernel-side round trip: send (request queued to the connector), server (until the reply arrives), wakeup (until the waiting kernel thread runs). Log2 buckets only.",
+            );
+            for (stage, per_type) in Stage::ALL.iter().zip(stages.iter()) {
+                for (slot, h) in per_type.iter().enumerate() {
+                    let s = HistSnapshot::from_kernel_slots(&h.slots, h.sum_ns);
+                    if s.count() > 0 {
+                        f.add_histogram(&[("type", kernel_type_label(slot)), ("stage", stage.name())], &s);
+                    }
+                }
+            }
+            f.done(out);
+        }
+        if let Some(retries) = &k.retries {
+            let mut f = Fam::counter(
+                "ulog_kernel_request_retries_total",
+                "Requests the kernel sent again: after its 15 s timeout, or at once after -EAGAIN.",
+            );
+            for (slot, per_reason) in retries.iter().enumerate() {
+                for (reason, &n) in Retry::ALL.iter().zip(per_reason) {
+                    f.add_counter(&[("type", kernel_type_label(slot)), ("reason", reason.name())], n);
+                }
+            }
+            f.done(out);
+        }
+        if let Some(n) = k.reconnect_attempts {
+            let mut f = Fam::counter(
+                "ulog_kernel_reconnect_attempts_total",
+                "CTRs sent by the kernel's -ESRCH reconnect loop (every 2 s while no log server answers), answered or not.",
+            );
+            f.add_counter(&[], n);
+            f.done(out);
+        }
+    }
+}

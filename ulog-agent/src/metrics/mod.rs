@@ -1,0 +1,674 @@
+//! Telemetry: what the request path records, the registry of logs the HTTP API reads, and the
+//! Prometheus exposition ([`export`]).
+//!
+//! # Design
+//! * **Request path** (receive thread, and a persistent log's I/O thread for the requests it
+//!   answers): per-request figures are relaxed atomics in handles resolved once, at CTR, and kept
+//!   in the log's entry ([`LogTelemetry`], [`LogMetrics`]); the service-time histograms are
+//!   [`histogram::AtomicHistogram`]s indexed by request type. The flight recorder
+//!   ([`flight`]) and the dirty-time table ([`dirty`]) live inside the log's mutex
+//!   ([`LogState`]), written in critical sections the request path takes anyway (plus one short
+//!   one to record the request after its reply is sent). Nothing allocates per request.
+//! * **Registry** ([`Telemetry::logs`]): an immutable list of [`LogHandle`]s replaced
+//!   (copy-on-write) at CTR and DTR by the receive thread; readers take a mutex only to clone an
+//!   `Arc`. Reading a log's state = lock its mutex, copy, unlock ([`regions`]).
+//! * **Names**: the `log` label is a short, stable name derived from the dm uuid alone
+//!   ([`short_name`]), shared by the logs of one uuid (a table reload's two logs), so a mirror's
+//!   series survive reloads; `ulog_log_info` maps it back to the uuid, the log device and the
+//!   mirror's dm name.
+//! * **Off the request path**: a 1 s sampler (resync rate and ETA) and a 5 s mirror-device
+//!   refresh ([`mirror`]) run on the runtime's blocking pool; the exporter reads everything at
+//!   scrape time.
+
+pub mod dirty;
+pub mod export;
+pub mod flight;
+pub mod histogram;
+pub mod kernel;
+pub mod mirror;
+pub mod regions;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::ops::{Deref, DerefMut};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use ulog_common::{RequestType, REQUEST_TYPE_COUNT};
+
+use crate::counters::Counters;
+use crate::dirty_log::{DirtyLog, LogError};
+use crate::persist::SharedLog;
+use dirty::DirtyTracker;
+use flight::{FlightIds, FlightRing};
+use histogram::{AtomicHistogram, DIRTY_EDGES_NS};
+use kernel::KernelSource;
+use mirror::MirrorDevice;
+use regions::RegionCounts;
+
+/// The process clock: nanoseconds since the telemetry epoch (taken once, at first use), and the
+/// wall-clock time of that epoch, so records keep monotonic `u64`s and are shown as dates.
+pub mod clock {
+    use std::sync::OnceLock;
+    use std::time::{Duration, Instant, SystemTime};
+
+    static EPOCH: OnceLock<(Instant, SystemTime)> = OnceLock::new();
+
+    /// The epoch (set on first use).
+    pub fn epoch() -> (Instant, SystemTime) {
+        *EPOCH.get_or_init(|| (Instant::now(), SystemTime::now()))
+    }
+
+    /// `t` in nanoseconds since the epoch (0 for instants before it).
+    #[inline]
+    pub fn ns(t: Instant) -> u64 {
+        t.saturating_duration_since(epoch().0).as_nanos() as u64
+    }
+
+    /// Now, in nanoseconds since the epoch.
+    pub fn now_ns() -> u64 {
+        ns(Instant::now())
+    }
+
+    /// The wall-clock time of a clock value.
+    pub fn system(ns: u64) -> SystemTime {
+        epoch().1 + Duration::from_nanos(ns)
+    }
+
+    /// Seconds since 1970 of a clock value.
+    pub fn unix_seconds(ns: u64) -> f64 {
+        system(ns).duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+    }
+}
+
+/// The index of a request type in per-type tables (unknown types: the last slot).
+#[inline]
+pub fn type_slot(kind: Option<RequestType>) -> usize {
+    kind.map_or(REQUEST_TYPE_COUNT, RequestType::index)
+}
+
+/// The `type` label of a per-type slot.
+pub fn type_label(slot: usize) -> &'static str {
+    RequestType::ALL.get(slot).map_or("UNKNOWN", |t| t.name())
+}
+
+/// A short, stable name for the log(s) of a dm uuid, for the `log` label: the uuid without an
+/// `LVM-` prefix if that leaves at most 24 characters, else its last 16 characters (for LVM's
+/// `LVM-<vg uuid><lv uuid>`, the end of the LV's uuid). `taken` says whether a name is used by
+/// another uuid; on a clash the tail grows (32 characters, then the whole uuid).
+pub fn short_name(uuid: &str, taken: impl Fn(&str) -> bool) -> String {
+    let body = uuid.strip_prefix("LVM-").unwrap_or(uuid);
+    let chars: Vec<char> = body.chars().collect();
+    if chars.len() <= 24 && !body.is_empty() && !taken(body) {
+        return body.to_string();
+    }
+    for n in [16, 32] {
+        if chars.len() > n {
+            let tail: String = chars[chars.len() - n..].iter().collect();
+            if !taken(&tail) {
+                return tail;
+            }
+        }
+    }
+    if !taken(uuid) {
+        return uuid.to_string();
+    }
+    (2u32..).map(|k| format!("{uuid}~{k}")).find(|n| !taken(n)).unwrap_or_default()
+}
+
+/// Per-log counters and histograms, shared by every log of one uuid (their series continue across
+/// a table reload). All relaxed atomics.
+#[derive(Debug)]
+pub struct LogMetrics {
+    /// `[type][0 = ok, 1 = error]`.
+    requests: [[AtomicU64; 2]; REQUEST_TYPE_COUNT],
+    /// Reconnect-form CTRs (the kernel had lost its server).
+    pub reconnects: AtomicU64,
+    /// How long regions stayed dirty (MARK to CLEAR).
+    pub dirty: AtomicHistogram,
+    /// Regions made dirty while the timing table was full.
+    pub dirty_untimed: AtomicU64,
+    /// Durable writes of the log device (one per group commit).
+    pub flush: AtomicHistogram,
+    /// Bytes written by them.
+    pub flush_bytes: AtomicU64,
+    /// Failed durable writes.
+    pub flush_errors: AtomicU64,
+}
+
+impl Default for LogMetrics {
+    fn default() -> Self {
+        Self {
+            requests: Default::default(),
+            reconnects: AtomicU64::new(0),
+            dirty: AtomicHistogram::new(&DIRTY_EDGES_NS),
+            dirty_untimed: AtomicU64::new(0),
+            flush: AtomicHistogram::latency(),
+            flush_bytes: AtomicU64::new(0),
+            flush_errors: AtomicU64::new(0),
+        }
+    }
+}
+
+impl LogMetrics {
+    /// One answered request.
+    #[inline]
+    pub fn request(&self, kind: RequestType, error: i32) {
+        self.requests[kind.index()][usize::from(error != 0)].fetch_add(1, Relaxed);
+    }
+
+    /// `(ok, error)` answers of a type.
+    pub fn requests_of(&self, kind: RequestType) -> (u64, u64) {
+        let r = &self.requests[kind.index()];
+        (r[0].load(Relaxed), r[1].load(Relaxed))
+    }
+
+    /// A durable write of `bytes` that took `ns`.
+    pub fn flushed(&self, bytes: u64, ns: u64, ok: bool) {
+        self.flush.observe_ns(ns);
+        self.flush_bytes.fetch_add(bytes, Relaxed);
+        if !ok {
+            self.flush_errors.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// The telemetry of one log (one (uuid, luid)).
+#[derive(Debug)]
+pub struct LogTelemetry {
+    /// The `log` label.
+    pub name: Arc<str>,
+    /// Counters shared by the logs of this uuid.
+    pub metrics: Arc<LogMetrics>,
+    /// Flight-recorder ids.
+    pub ids: FlightIds,
+    /// When it was constructed ([`clock`] ns).
+    pub created_ns: u64,
+    /// When a RESUME was last answered successfully (0: never).
+    pub resumed_ns: AtomicU64,
+    /// Constructed by a reconnect-form CTR.
+    pub by_reconnect: bool,
+    history: Mutex<SyncHistory>,
+}
+
+impl LogTelemetry {
+    /// A request of this log was answered (receive thread or I/O thread).
+    #[inline]
+    pub fn answered(&self, kind: RequestType, error: i32, now_ns: u64) {
+        self.metrics.request(kind, error);
+        if kind == RequestType::Resume && error == 0 {
+            self.resumed_ns.store(now_ns.max(1), Relaxed);
+        }
+    }
+
+    /// Regions per state (counted now, a chunk of the bitmaps per lock).
+    pub fn region_counts(&self, log: &SharedLog, region_count: u64) -> RegionCounts {
+        regions::count(log, region_count)
+    }
+
+    /// Resync speed (regions/s over the sampling window) and estimated seconds to completion,
+    /// given the current sync count. `(None, None)` without enough samples or progress;
+    /// `eta` is 0 once everything is in sync.
+    pub fn resync_estimate(&self, region_count: u64, sync_count: u64) -> (Option<f64>, Option<f64>) {
+        let remaining = region_count.saturating_sub(sync_count);
+        let rate = lock(&self.history).rate();
+        let eta = if remaining == 0 { Some(0.0) } else { rate.filter(|r| *r > 0.0).map(|r| remaining as f64 / r) };
+        (rate, eta)
+    }
+
+    fn sample(&self, now_ns: u64, sync_count: u64) {
+        lock(&self.history).push(now_ns, sync_count);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Sync-count samples, one per second, for the resync rate.
+#[derive(Debug, Default)]
+struct SyncHistory {
+    samples: VecDeque<(u64, u64)>,
+}
+
+/// Window of the resync rate.
+const RATE_WINDOW_NS: u64 = 30_000_000_000;
+
+impl SyncHistory {
+    fn push(&mut self, now_ns: u64, sync: u64) {
+        // A drop (a region failed, a reload) starts the window again.
+        if self.samples.back().is_some_and(|&(_, s)| sync < s) {
+            self.samples.clear();
+        }
+        self.samples.push_back((now_ns, sync));
+        while self.samples.front().is_some_and(|&(t, _)| now_ns.saturating_sub(t) > RATE_WINDOW_NS) {
+            self.samples.pop_front();
+        }
+    }
+
+    fn rate(&self) -> Option<f64> {
+        let (&(t0, s0), &(t1, s1)) = (self.samples.front()?, self.samples.back()?);
+        (t1 >= t0 + 2_000_000_000).then(|| (s1 - s0) as f64 / ((t1 - t0) as f64 / 1e9))
+    }
+}
+
+/// What a log's mutex protects: the log itself, and its request-path telemetry.
+#[derive(Debug)]
+pub struct LogState {
+    log: DirtyLog,
+    /// The flight recorder.
+    pub flight: FlightRing,
+    /// MARK times of dirty regions.
+    pub dirty: DirtyTracker,
+}
+
+impl LogState {
+    /// Wraps a log.
+    pub fn new(log: DirtyLog) -> Self {
+        let dirty = DirtyTracker::new(log.region_count());
+        Self { log, flight: FlightRing::new(), dirty }
+    }
+
+    fn all_valid(&self, regions: impl Iterator<Item = u64>) -> bool {
+        self.log.phase() == crate::dirty_log::Phase::Resumed && regions.into_iter().all(|r| r < self.log.region_count())
+    }
+
+    /// [`DirtyLog::mark`], timing the regions it makes dirty.
+    pub fn mark_timed(
+        &mut self,
+        regions: impl Iterator<Item = u64> + Clone,
+        now_ns: u64,
+        m: &LogMetrics,
+    ) -> Result<(), LogError> {
+        if self.all_valid(regions.clone()) {
+            for r in regions.clone() {
+                if self.log.is_clean(r) == Ok(true) && !self.dirty.start(r, now_ns) {
+                    m.dirty_untimed.fetch_add(1, Relaxed);
+                }
+            }
+        }
+        self.log.mark(regions)
+    }
+
+    /// [`DirtyLog::clear`], observing how long each region it makes clean was dirty.
+    pub fn clear_timed(
+        &mut self,
+        regions: impl Iterator<Item = u64> + Clone,
+        now_ns: u64,
+        m: &LogMetrics,
+    ) -> Result<(), LogError> {
+        self.log.clear(regions.clone())?;
+        if !self.dirty.is_empty() {
+            for r in regions {
+                if self.log.is_clean(r) == Ok(true) {
+                    if let Some(since) = self.dirty.finish(r) {
+                        m.dirty.observe_ns(now_ns.saturating_sub(since));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Deref for LogState {
+    type Target = DirtyLog;
+    fn deref(&self) -> &DirtyLog {
+        &self.log
+    }
+}
+
+impl DerefMut for LogState {
+    fn deref_mut(&mut self) -> &mut DirtyLog {
+        &mut self.log
+    }
+}
+
+/// A log as the API and the exporter see it.
+#[derive(Debug)]
+pub struct LogHandle {
+    /// dm uuid.
+    pub uuid: String,
+    /// Kernel log id.
+    pub luid: u64,
+    /// clustered-core / clustered-disk.
+    pub kind: &'static str,
+    /// The constructor string.
+    pub ctr: String,
+    /// Region size in sectors.
+    pub region_size: u64,
+    /// Regions.
+    pub region_count: u64,
+    /// The log device or state file.
+    pub device: Option<PathBuf>,
+    /// Its device number (0:0 for regular files).
+    pub dev: Option<(u32, u32)>,
+    /// The log's state.
+    pub shared: Arc<SharedLog>,
+    /// Its telemetry.
+    pub tel: Arc<LogTelemetry>,
+}
+
+impl LogHandle {
+    /// Whether the log keeps its state on a device or file.
+    pub fn persistent(&self) -> bool {
+        self.device.is_some()
+    }
+}
+
+struct Named {
+    name: Arc<str>,
+    metrics: Arc<LogMetrics>,
+    instances: usize,
+}
+
+#[derive(Default)]
+struct Registry {
+    logs: Arc<Vec<Arc<LogHandle>>>,
+    by_uuid: HashMap<String, Named>,
+}
+
+/// Agent life cycle, for `/readyz`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// The receive loop has not started.
+    Starting,
+    /// Serving.
+    Serving,
+    /// SIGTERM/SIGINT: flushing and exiting.
+    Stopping,
+}
+
+/// The root of the telemetry, shared by the receive thread, the I/O threads and the HTTP API.
+pub struct Telemetry {
+    counters: Arc<Counters>,
+    service: Box<[AtomicHistogram]>,
+    registry: Mutex<Registry>,
+    heartbeat_ns: AtomicU64,
+    lifecycle: AtomicU8,
+    probe_attached: AtomicBool,
+    kernel: Mutex<Option<Arc<dyn KernelSource>>>,
+    probe_status: Mutex<String>,
+    mirrors: Mutex<Arc<MirrorView>>,
+    http_addr: Mutex<Option<SocketAddr>>,
+}
+
+/// The cached log-uuid -> mirror mapping.
+#[derive(Clone, Debug, Default)]
+pub struct MirrorView {
+    /// Mirrors by log uuid.
+    pub by_uuid: HashMap<String, MirrorDevice>,
+    /// When it was refreshed (0: never).
+    pub refreshed_ns: u64,
+    /// Why the last refresh failed, if it did.
+    pub error: Option<String>,
+}
+
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Telemetry").finish_non_exhaustive()
+    }
+}
+
+impl Telemetry {
+    /// Telemetry around the request-path counters.
+    pub fn new(counters: Arc<Counters>) -> Self {
+        clock::epoch();
+        Self {
+            counters,
+            service: (0..=REQUEST_TYPE_COUNT).map(|_| AtomicHistogram::latency()).collect(),
+            registry: Mutex::new(Registry::default()),
+            heartbeat_ns: AtomicU64::new(0),
+            lifecycle: AtomicU8::new(0),
+            probe_attached: AtomicBool::new(false),
+            kernel: Mutex::new(None),
+            probe_status: Mutex::new("not started".into()),
+            mirrors: Mutex::new(Arc::default()),
+            http_addr: Mutex::new(None),
+        }
+    }
+
+    /// The request-path counters.
+    pub fn counters(&self) -> &Arc<Counters> {
+        &self.counters
+    }
+
+    /// Agent service time (receive to reply sent) of one request.
+    #[inline]
+    pub fn observe_service(&self, kind: Option<RequestType>, ns: u64) {
+        self.service[type_slot(kind)].observe_ns(ns);
+    }
+
+    /// The service-time histogram of a type slot ([`type_slot`]).
+    pub fn service(&self, slot: usize) -> &AtomicHistogram {
+        &self.service[slot]
+    }
+
+    /// The receive loop is alive (it beats at least every 250 ms).
+    #[inline]
+    pub fn beat(&self, now_ns: u64) {
+        self.heartbeat_ns.store(now_ns.max(1), Relaxed);
+    }
+
+    /// Last heartbeat (0: none yet).
+    pub fn heartbeat_ns(&self) -> u64 {
+        self.heartbeat_ns.load(Relaxed)
+    }
+
+    /// Sets the life-cycle phase.
+    pub fn set_lifecycle(&self, l: Lifecycle) {
+        self.lifecycle.store(l as u8, Relaxed);
+    }
+
+    /// The life-cycle phase.
+    pub fn lifecycle(&self) -> Lifecycle {
+        match self.lifecycle.load(Relaxed) {
+            0 => Lifecycle::Starting,
+            1 => Lifecycle::Serving,
+            _ => Lifecycle::Stopping,
+        }
+    }
+
+    /// The probes: attached (`Some`, the source of kernel figures) or not, and why, for display.
+    pub fn set_probes(&self, source: Option<Arc<dyn KernelSource>>, status: String) {
+        self.probe_attached.store(source.is_some(), Relaxed);
+        *lock(&self.kernel) = source;
+        *lock(&self.probe_status) = status;
+    }
+
+    /// Whether the eBPF probe is attached.
+    pub fn probe_attached(&self) -> bool {
+        self.probe_attached.load(Relaxed)
+    }
+
+    /// What the probes say (or why there are none).
+    pub fn probe_status(&self) -> String {
+        lock(&self.probe_status).clone()
+    }
+
+    /// The kernel source, if attached.
+    pub fn kernel_source(&self) -> Option<Arc<dyn KernelSource>> {
+        lock(&self.kernel).clone()
+    }
+
+    /// The mirror mapping.
+    pub fn mirrors(&self) -> Arc<MirrorView> {
+        Arc::clone(&lock(&self.mirrors))
+    }
+
+    /// Replaces the mirror mapping.
+    pub fn set_mirrors(&self, v: MirrorView) {
+        *lock(&self.mirrors) = Arc::new(v);
+    }
+
+    /// The HTTP server's address, once bound.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        *lock(&self.http_addr)
+    }
+
+    /// Records the HTTP server's address.
+    pub fn set_http_addr(&self, a: Option<SocketAddr>) {
+        *lock(&self.http_addr) = a;
+    }
+
+    /// Every log, sorted by name and luid (a snapshot: holding it never blocks the request path).
+    pub fn logs(&self) -> Arc<Vec<Arc<LogHandle>>> {
+        Arc::clone(&lock(&self.registry).logs)
+    }
+
+    /// The telemetry of a log about to be constructed (CTR). The log's name and counters are
+    /// those of any live log with the same uuid. Nothing is registered until [`Self::add_log`].
+    pub fn log_telemetry(&self, uuid: &str, by_reconnect: bool) -> Arc<LogTelemetry> {
+        let reg = lock(&self.registry);
+        let (name, metrics) = match reg.by_uuid.get(uuid) {
+            Some(n) => (Arc::clone(&n.name), Arc::clone(&n.metrics)),
+            None => {
+                let name = short_name(uuid, |cand| reg.by_uuid.values().any(|n| &*n.name == cand));
+                (Arc::from(name), Arc::default())
+            }
+        };
+        Arc::new(LogTelemetry {
+            name,
+            metrics,
+            ids: FlightIds::default(),
+            created_ns: clock::now_ns(),
+            resumed_ns: AtomicU64::new(0),
+            by_reconnect,
+            history: Mutex::default(),
+        })
+    }
+
+    /// Registers a constructed log.
+    pub fn add_log(&self, h: Arc<LogHandle>) {
+        let mut reg = lock(&self.registry);
+        let named = reg.by_uuid.entry(h.uuid.clone()).or_insert_with(|| Named {
+            name: Arc::clone(&h.tel.name),
+            metrics: Arc::clone(&h.tel.metrics),
+            instances: 0,
+        });
+        named.instances += 1;
+        let mut logs: Vec<Arc<LogHandle>> = reg.logs.iter().cloned().collect();
+        logs.push(h);
+        logs.sort_by(|a, b| (&a.tel.name, a.tel.created_ns, a.luid).cmp(&(&b.tel.name, b.tel.created_ns, b.luid)));
+        reg.logs = Arc::new(logs);
+    }
+
+    /// Unregisters a destroyed log.
+    pub fn remove_log(&self, uuid: &str, luid: u64) {
+        let mut reg = lock(&self.registry);
+        let logs: Vec<Arc<LogHandle>> = reg.logs.iter().filter(|h| !(h.uuid == uuid && h.luid == luid)).cloned().collect();
+        if logs.len() != reg.logs.len() {
+            if let Some(n) = reg.by_uuid.get_mut(uuid) {
+                n.instances -= 1;
+                if n.instances == 0 {
+                    reg.by_uuid.remove(uuid);
+                }
+            }
+        }
+        reg.logs = Arc::new(logs);
+    }
+
+    /// Samples every log's sync count (the resync rate). Called once a second, off the request
+    /// path.
+    pub fn sample(&self) {
+        let now = clock::now_ns();
+        for h in self.logs().iter() {
+            let sync = h.shared.lock().sync_count();
+            h.tel.sample(now, sync);
+        }
+    }
+
+    /// Refreshes the mirror mapping from device-mapper (blocking ioctls: call it off the async
+    /// runtime and off the request path). Logs what changed.
+    pub fn refresh_mirrors(&self) {
+        let now = clock::now_ns();
+        let old = self.mirrors();
+        let view = match mirror::discover() {
+            Ok(by_uuid) => MirrorView { by_uuid, refreshed_ns: now, error: None },
+            Err(e) => MirrorView {
+                by_uuid: HashMap::new(),
+                refreshed_ns: now,
+                error: Some(format!("{}: {e}", mirror::DM_CONTROL)),
+            },
+        };
+        match (&old.error, &view.error) {
+            (_, Some(e)) if old.error.as_ref() != Some(e) => {
+                tracing::info!(error = %e, "mirror devices not discovered: no ulog_mirror_* metrics until device-mapper answers")
+            }
+            _ => {}
+        }
+        for (uuid, m) in &view.by_uuid {
+            if old.by_uuid.get(uuid) != Some(m) {
+                tracing::info!(uuid = %uuid, mirror = %m.name, dev = %format!("{}:{}", m.major, m.minor), "found the mirror device of a log");
+            }
+        }
+        self.set_mirrors(view);
+    }
+}
+
+/// The telemetry's periodic work, off the request path: sync-count samples every second, the
+/// mirror-device mapping every 5 s (both on the runtime's blocking pool). Runs until the runtime
+/// stops.
+pub async fn background(tel: Arc<Telemetry>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for n in 0u64.. {
+        tick.tick().await;
+        let t = Arc::clone(&tel);
+        let _ = tokio::task::spawn_blocking(move || {
+            t.sample();
+            if n % 5 == 0 {
+                t.refresh_mirrors();
+            }
+        })
+        .await;
+    }
+}
+
+/// The log of `logs` that stands for `name` in per-log gauges: the resumed one, else the most
+/// recently constructed.
+pub fn primary<'a>(logs: impl IntoIterator<Item = &'a Arc<LogHandle>>) -> Option<&'a Arc<LogHandle>> {
+    logs.into_iter().max_by_key(|h| {
+        let resumed = h.shared.lock().phase() == crate::dirty_log::Phase::Resumed;
+        (resumed, h.tel.created_ns, h.luid)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_names() {
+        let none = |_: &str| false;
+        assert_eq!(short_name("LVM-ulogexample0001", none), "ulogexample0001");
+        let lvm = "LVM-Xq3m1eN0bTz9kF5yHdC2wLp8RvGs4Ua7tYj6KiOe0MnBc1ZxVl3QwSd5Fg7Hh9Jk";
+        assert_eq!(short_name(lvm, none), lvm[lvm.len() - 16..]);
+        // A clash makes the tail longer, then the whole uuid.
+        let taken16 = |n: &str| n.len() == 16;
+        assert_eq!(short_name(lvm, taken16).len(), 32);
+        assert_eq!(short_name(lvm, |n: &str| n.len() <= 32), lvm);
+        assert_eq!(short_name("LVM-", none), "LVM-");
+        assert_eq!(short_name("LVM-abc", |n: &str| n == "abc"), "LVM-abc");
+        assert_eq!(short_name("abc", |n: &str| n == "abc"), "abc~2");
+    }
+
+    #[test]
+    fn resync_rate_over_the_window() {
+        let mut h = SyncHistory::default();
+        assert_eq!(h.rate(), None);
+        h.push(0, 100);
+        h.push(1_000_000_000, 150);
+        assert_eq!(h.rate(), None, "less than 2 s of samples");
+        h.push(2_000_000_000, 200);
+        assert_eq!(h.rate(), Some(50.0));
+        h.push(3_000_000_000, 10);
+        assert_eq!(h.rate(), None, "a drop restarts the window");
+        for s in 0..40u64 {
+            h.push(4_000_000_000 + s * 1_000_000_000, 10 + s * 7);
+        }
+        assert_eq!(h.rate(), Some(7.0));
+        assert!(h.samples.len() <= 31);
+    }
+}

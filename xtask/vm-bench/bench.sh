@@ -1,0 +1,274 @@
+# vm-bench: the guest side of `cargo xtask vm bench` (xtask/src/vm/bench.rs). Installed as
+# /scenarios/vm-bench.sh in the bench boot's initramfs only, with /bench/params.sh (written by the
+# host), fio and its libraries, and /bin/const-responder (ulog-agent/examples/const_responder.rs).
+#
+# One boot runs everything; the host parses nothing from the console but progress: all results go
+# to /tmp/results and, at the end, as a tar archive onto the results disk (/dev/vdc), which the
+# host unpacks after qemu exits.
+#
+# Every run builds its own world: start the config's server (none, ulog-agent or the constant
+# responder), create a fresh mirror with `nosync` (no resync traffic), run one fio job, read the
+# dm device's write count, remove the mirror, stop the server (which prints its request counts).
+# Runs are interleaved: for each round, for each job, every config in an order rotated per round.
+#
+# Modes: iops (nothing traced), rtt (kprobe + kretprobe on dm_consult_userspace only), breakdown
+# (also cn_netlink_send, the server's recvfrom exit / sendto entry, cn_ulog_callback).
+# Trace timestamps are raw TSC (trace_clock x86-tsc, cycle resolution; the default clocks print
+# microseconds); TRACE-CAL lines (TSC of a trace marker, /proc/uptime) let the host convert.
+. /scenarios/lib.sh
+. /bench/params.sh
+
+OUT=/tmp/results
+mkdir -p "$OUT"
+T=/sys/kernel/tracing
+KLOG_DEV=/dev/vda   # the kernel disk log's device (virtio, host file)
+ULOG_DEV=/dev/vdb   # ulog clustered-disk's log device (virtio, host file)
+RES_DEV=/dev/vdc    # results archive
+SECTORS=$((SIZE_MIB * 2048))
+UUID=LVM-ulogvmbench0001
+DEV=bench
+
+for d in "$KLOG_DEV" "$ULOG_DEV" "$RES_DEV"; do [ -b "$d" ] || fail "$d missing"; done
+[ -x /usr/bin/fio ] || fail "no fio in the initramfs"
+
+{
+    echo "kernel $(uname -r)"
+    echo "cpus $(grep -c ^processor /proc/cpuinfo)"
+    echo "mem_kib $(awk '/MemTotal/ { print $2 }' /proc/meminfo)"
+    echo "fio $(fio --version)"
+    echo "clocksource $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+    dmesg | grep -i 'tsc' | sed 's/^/dmesg /'
+} >"$OUT/guest-info.txt"
+cat "$OUT/guest-info.txt"
+
+# Legs: loop devices over files in the guest's tmpfs, written once in full so no run pays for
+# tmpfs page allocation.
+loop_create L0 leg0.img "$SIZE_MIB"
+loop_create L1 leg1.img "$SIZE_MIB"
+for l in "$L0" "$L1"; do
+    dd if=/dev/zero of="$l" bs=1M count="$SIZE_MIB" oflag=direct status=none || fail "fill $l"
+done
+dd if=/dev/zero of="$KLOG_DEV" bs=64k count=16 oflag=direct status=none
+dd if=/dev/zero of="$ULOG_DEV" bs=64k count=16 oflag=direct status=none
+
+table() {
+    case $1 in
+        lin) echo "0 $SECTORS linear $L0 0" ;;
+        core) echo "0 $SECTORS mirror core 2 $REGION nosync 2 $L0 0 $L1 0" ;;
+        disk) echo "0 $SECTORS mirror disk 3 $KLOG_DEV $REGION nosync 2 $L0 0 $L1 0" ;;
+        ucore | rcore) echo "0 $SECTORS mirror userspace 4 $UUID clustered-core $REGION nosync 2 $L0 0 $L1 0" ;;
+        uif | rif) echo "0 $SECTORS mirror userspace 5 $UUID integrated_flush clustered-core $REGION nosync 2 $L0 0 $L1 0" ;;
+        udisk) echo "0 $SECTORS mirror userspace 5 $UUID clustered-disk $ULOG_DEV $REGION nosync 2 $L0 0 $L1 0" ;;
+        *) fail "unknown config $1" ;;
+    esac
+}
+
+server_of() {
+    case $1 in
+        ucore | uif | udisk) echo agent ;;
+        rcore | rif) echo responder ;;
+        *) echo none ;;
+    esac
+}
+
+SERVER_PID=
+server_start() { # KIND LOGFILE
+    case $1 in
+        agent) RUST_LOG=info /bin/ulog-agent -f --no-probes --log-format json >"$2" 2>&1 & ;;
+        responder) /bin/const-responder >"$2" 2>&1 & ;;
+        *) return 0 ;;
+    esac
+    SERVER_PID=$!
+    _n=0
+    until ulog_listener_present; do
+        kill -0 "$SERVER_PID" 2>/dev/null || { cat "$2"; fail "$1 exited before listening"; }
+        [ "$_n" -lt 200 ] || fail "$1 not listening after 10 s"
+        usleep 50000
+        _n=$((_n + 1))
+    done
+}
+
+server_stop() {
+    [ -n "$SERVER_PID" ] || return 0
+    kill -TERM "$SERVER_PID" 2>/dev/null
+    wait "$SERVER_PID"
+    _rc=$?
+    SERVER_PID=
+    [ "$_rc" -eq 0 ] || fail "server exited with $_rc"
+    # The listener must be gone before the next server starts.
+    _n=0
+    while ulog_listener_present && [ "$_n" -lt 100 ]; do usleep 50000; _n=$((_n + 1)); done
+}
+on_exit "server_stop"
+
+# Sum of on-CPU nanoseconds of all threads of a process (/proc/PID/task/*/schedstat field 1).
+cpu_ns() {
+    [ -n "$1" ] || { echo 0; return; }
+    cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{ s += $1 } END { printf "%.0f\n", s }'
+}
+
+# "busy total" jiffies of all CPUs from /proc/stat.
+cpu_jiffies() {
+    awk '/^cpu / { t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t }' /proc/stat
+}
+
+fio_job() { # JOB FILE RUNTIME OUTPUT
+    case $1 in
+        rand4k-qd1) _a="--rw=randwrite --bs=4k --iodepth=1" ;;
+        rand4k-qd32) _a="--rw=randwrite --bs=4k --iodepth=32" ;;
+        seq64k-qd8) _a="--rw=write --bs=64k --iodepth=8" ;;
+        *) fail "unknown job $1" ;;
+    esac
+    # shellcheck disable=SC2086
+    fio --name="$1" --filename="$2" --ioengine=libaio --direct=1 $_a --time_based \
+        --runtime="$3" --ramp_time="$RAMP" --norandommap --randrepeat=0 \
+        --output-format=json --output="$4" >/dev/null 2>"$4.err" || { cat "$4.err"; fail "fio $1 failed"; }
+}
+
+# ---- tracing ---------------------------------------------------------------------------------
+TRACE_READY=
+trace_setup() {
+    [ -n "$TRACE_READY" ] && return 0
+    [ -d "$T/events" ] || fail "no tracefs at $T"
+    grep -q x86-tsc "$T/trace_clock" || fail "trace_clock has no x86-tsc: $(cat $T/trace_clock)"
+    echo 0 >"$T/tracing_on"
+    echo x86-tsc >"$T/trace_clock"
+    echo "$TRACE_BUF_KB" >"$T/buffer_size_kb"
+    # dm_consult_userspace(uuid, luid, request_type, data, data_size, rdata, rdata_size)
+    echo 'p:ulogb/consult dm_consult_userspace type=%dx:s32' >>"$T/kprobe_events" || fail "kprobe consult"
+    echo 'r:ulogb/consult_ret dm_consult_userspace ret=$retval:s32' >>"$T/kprobe_events" || fail "kretprobe"
+    # cn_netlink_send(struct cn_msg *msg, ...): cb_id.idx +0, seq +8; the request's type at
+    # 20 (cn_msg) + 152.
+    echo 'p:ulogb/cnsend cn_netlink_send idx=+0(%di):u32 seq=+8(%di):u32 type=+172(%di):u32' >>"$T/kprobe_events" || fail "kprobe cn_netlink_send"
+    echo 'idx == 7' >"$T/events/ulogb/cnsend/filter"
+    # cn_ulog_callback(struct cn_msg *msg, struct netlink_skb_parms *nsp): the reply reaches dm.
+    echo 'p:ulogb/cb cn_ulog_callback seq=+8(%di):u32 len=+16(%di):u16' >>"$T/kprobe_events" || fail "kprobe cn_ulog_callback"
+    [ -d "$T/events/syscalls/sys_exit_recvfrom" ] || fail "no syscall tracepoints"
+    TRACE_READY=1
+}
+
+trace_events() { # MODE: the events of that mode
+    case $1 in
+        rtt) echo "ulogb/consult ulogb/consult_ret" ;;
+        breakdown) echo "ulogb/consult ulogb/consult_ret ulogb/cnsend ulogb/cb syscalls/sys_exit_recvfrom syscalls/sys_enter_sendto" ;;
+    esac
+}
+
+trace_marker() {
+    read -r _up _ </proc/uptime
+    echo "TRACE-CAL $_up" >"$T/trace_marker"
+}
+
+trace_begin() { # MODE SERVER_PID
+    trace_setup
+    if [ "$1" = breakdown ]; then
+        _f=
+        for _t in /proc/"$2"/task/*; do
+            _f="${_f:+$_f || }common_pid == ${_t##*/}"
+        done
+        echo "$_f" >"$T/events/syscalls/sys_exit_recvfrom/filter"
+        echo "$_f" >"$T/events/syscalls/sys_enter_sendto/filter"
+    fi
+    echo >"$T/trace"
+    for _e in $(trace_events "$1"); do echo 1 >"$T/events/$_e/enable"; done
+    echo 1 >"$T/tracing_on"
+    trace_marker
+}
+
+trace_end() { # MODE OUTFILE
+    trace_marker
+    echo 0 >"$T/tracing_on"
+    for _e in $(trace_events "$1"); do echo 0 >"$T/events/$_e/enable"; done
+    cat "$T/trace" >"$2"
+    echo >"$T/trace"
+}
+
+# ---- one run -----------------------------------------------------------------------------
+RUNS=0
+one_run() { # MODE CONFIG JOB RUNTIME ROUND
+    _mode=$1
+    _cfg=$2
+    _job=$3
+    _tag="$1.$2.$3.r$5"
+    _kind=$(server_of "$_cfg")
+    server_start "$_kind" "$OUT/$_tag.server"
+    run_limited 30 dmsetup create "$DEV" --table "$(table "$_cfg")"
+    _dm=
+    for _d in /sys/block/dm-*; do
+        [ "$(cat "$_d/dm/name" 2>/dev/null)" = "$DEV" ] && _dm=${_d##*/}
+    done
+    [ -n "$_dm" ] || fail "no /sys/block/dm-* named $DEV"
+    [ "$_mode" = iops ] || trace_begin "$_mode" "$SERVER_PID"
+    _c0=$(cpu_ns "$SERVER_PID")
+    # The host timestamps these console lines and samples qemu's CPU time meanwhile.
+    echo "BENCH-MARK start $_tag"
+    _j0=$(cpu_jiffies)
+    _t0=$(now_cs)
+    fio_job "$_job" "/dev/mapper/$DEV" "$4" "$OUT/$_tag.json"
+    _t1=$(now_cs)
+    _j1=$(cpu_jiffies)
+    echo "BENCH-MARK end $_tag"
+    _c1=$(cpu_ns "$SERVER_PID")
+    [ "$_mode" = iops ] || trace_end "$_mode" "$OUT/$_tag.trace"
+    # /sys/block/dm-N/stat field 1 = reads completed, 5 = writes completed (since creation).
+    _writes=$(awk '{ print $5 }' "/sys/block/$_dm/stat")
+    echo "writes $_writes" >"$OUT/$_tag.stat"
+    echo "server_cpu_ns $((_c1 - _c0))" >>"$OUT/$_tag.stat"
+    echo "cpu_jiffies $_j0 $_j1" >>"$OUT/$_tag.stat"
+    echo "wall_cs $((_t1 - _t0))" >>"$OUT/$_tag.stat"
+    run_limited 30 dmsetup remove "$DEV"
+    server_stop
+    RUNS=$((RUNS + 1))
+    log "run $RUNS/$TOTAL_RUNS $_tag: $(sed -n 's/.*"iops" : \([0-9.]*\).*/\1/p' "$OUT/$_tag.json" | sed -n 2p) IOPS, $_writes writes"
+}
+
+# rotate N WORD...: the words rotated left by N.
+rotate() {
+    _n=$1
+    shift
+    _c=$#
+    _k=0
+    _res=
+    while [ "$_k" -lt "$_c" ]; do
+        _idx=$(((_k + _n) % _c + 1))
+        eval "_w=\${$_idx}"
+        _res="$_res $_w"
+        _k=$((_k + 1))
+    done
+    echo "$_res"
+}
+
+set -- $CONFIGS
+NCONF=$#
+set -- $JOBS
+NJOBS=$#
+set -- $TRACE_CONFIGS
+NTRACE=$#
+set -- $BREAKDOWN_JOBS
+NBD=$#
+TOTAL_RUNS=$((ROUNDS * NJOBS * NCONF + NTRACE * (NJOBS + NBD)))
+log "plan: $ROUNDS rounds x $NJOBS jobs x $NCONF configs of ${RUNTIME}s, then $NTRACE traced configs x ($NJOBS + $NBD) runs of ${TRACE_RUNTIME}s: $TOTAL_RUNS runs"
+
+round=1
+while [ "$round" -le "$ROUNDS" ]; do
+    for job in $JOBS; do
+        # shellcheck disable=SC2086
+        for cfg in $(rotate $((round - 1)) $CONFIGS); do
+            one_run iops "$cfg" "$job" "$RUNTIME" "$round"
+        done
+    done
+    round=$((round + 1))
+done
+if [ "$NTRACE" -gt 0 ]; then
+    for job in $JOBS; do
+        for cfg in $TRACE_CONFIGS; do one_run rtt "$cfg" "$job" "$TRACE_RUNTIME" 1; done
+    done
+    for job in $BREAKDOWN_JOBS; do
+        for cfg in $TRACE_CONFIGS; do one_run breakdown "$cfg" "$job" "$TRACE_RUNTIME" 1; done
+    done
+fi
+
+log "writing $(du -sk "$OUT" | cut -f1) KiB of results to $RES_DEV"
+(cd /tmp && tar -cf "$RES_DEV" results) || fail "tar to $RES_DEV failed"
+sync
+log "done"
