@@ -40,7 +40,9 @@ use std::time::{Duration, Instant};
 
 use common::{median, quantile, Results, J};
 use ulog_agent::counters::Counters;
-use ulog_agent::kernel_peer::{encode_request, enter_private_netns, regions_payload, AgentProcess, KernelPeer, Request};
+use ulog_agent::kernel_peer::{
+    encode_request, enter_private_netns, regions_payload, AgentProcess, KernelPeer, Request,
+};
 use ulog_agent::metrics::export::Exporter;
 use ulog_agent::persist::ReplySink;
 use ulog_agent::server::{LogServer, ServerConfig};
@@ -283,7 +285,8 @@ impl ReplySink for CountingSink {
 
 fn in_process(results: &mut Results) {
     let quick = common::quick();
-    let rounds: usize = arg_value("--rounds").map(|v| v.parse().expect("--rounds N")).unwrap_or(if quick { 4 } else { 12 });
+    let rounds: usize =
+        arg_value("--rounds").map(|v| v.parse().expect("--rounds N")).unwrap_or(if quick { 4 } else { 12 });
     let window = Duration::from_secs_f64(if quick { 0.5 } else { 1.0 });
     let sink = Arc::new(CountingSink::default());
     let mut server = LogServer::new(ServerConfig::default(), sink.clone(), 4242, Arc::new(Counters::default()));
@@ -298,7 +301,11 @@ fn in_process(results: &mut Results) {
         server.handle_datagram(&enc(&Request::ctr(&uuid, luid, &ctr)), 0, false);
         server.handle_datagram(&enc(&Request::new(RequestType::Resume, &uuid, luid, vec![])), 0, false);
         let regions: Vec<u64> = (0..32).map(|k| (k * 65_537 + i * 7) % REGIONS).collect();
-        server.handle_datagram(&enc(&Request::new(RequestType::MarkRegion, &uuid, luid, regions_payload(&regions))), 0, false);
+        server.handle_datagram(
+            &enc(&Request::new(RequestType::MarkRegion, &uuid, luid, regions_payload(&regions))),
+            0,
+            false,
+        );
     }
     let mut rng = 0x2545_f491_4f6c_dd1du64;
     let pool: Vec<Vec<u8>> = (0..1024)
@@ -338,16 +345,46 @@ fn in_process(results: &mut Results) {
         ("region_count_cpu_ms", count_cpu_ms.into()),
         ("series", series.into()),
     ]);
-    let periods: [Option<Duration>; 5] = [
-        None,
-        Some(Duration::from_secs(1)),
-        Some(Duration::from_millis(100)),
-        Some(Duration::from_millis(10)),
-        Some(Duration::from_millis(1)),
-    ];
+    // The longest the exporter holds a log's mutex: one chunk copy (lock + copy_words of
+    // CHUNK_WORDS words of both bitmaps).
+    let hold_ns = {
+        let h = Arc::clone(&tel.logs()[0]);
+        let (mut c, mut sy) = (
+            vec![0u64; ulog_agent::metrics::regions::CHUNK_WORDS],
+            vec![0u64; ulog_agent::metrics::regions::CHUNK_WORDS],
+        );
+        let mut worst = 0u64;
+        let mut all = Vec::new();
+        for i in 0..200 {
+            let t = Instant::now();
+            let n = h.shared.lock().copy_words((i % 8) * c.len(), &mut c, &mut sy);
+            let ns = t.elapsed().as_nanos() as u64;
+            assert!(n > 0);
+            worst = worst.max(ns);
+            all.push(ns);
+        }
+        all.sort_unstable();
+        (quantile(&all, 0.5), worst)
+    };
+    println!(
+        "one chunk under the log's mutex: median {:.1} µs, worst {:.1} µs of 200",
+        hold_ns.0 as f64 / 1e3,
+        hold_ns.1 as f64 / 1e3
+    );
+    results.push(&[
+        ("bench", J::from("scrape")),
+        ("kind", "lock_hold".into()),
+        ("chunk_copy_us_median", (hold_ns.0 as f64 / 1e3).into()),
+        ("chunk_copy_us_worst", (hold_ns.1 as f64 / 1e3).into()),
+    ]);
+    let periods: [Option<Duration>; 4] =
+        [None, Some(Duration::from_secs(1)), Some(Duration::from_millis(100)), Some(Duration::from_millis(10))];
     let name = |p: Option<Duration>| p.map_or("none".to_string(), |d| format!("every {} ms", d.as_millis()));
-    // rates[config][round] = requests/s; renders[config] = (renders, render ns).
+    // rates[config][round] = requests/s; cpus[config][round] = the receive path's CPU ns per
+    // request (its thread's CPU clock: the machine's other load does not count, cache misses
+    // and lock handoffs do); renders[config] = (renders, render ns).
     let mut rates = vec![Vec::new(); periods.len()];
+    let mut cpus = vec![Vec::new(); periods.len()];
     let mut render_ns = vec![(0u64, 0u64); periods.len()];
     for round in 0..rounds {
         for k in 0..periods.len() {
@@ -356,7 +393,8 @@ fn in_process(results: &mut Results) {
             let renders = Arc::new(AtomicU64::new(0));
             let spent = Arc::new(AtomicU64::new(0));
             let scraper = {
-                let (stop, renders, spent, ex) = (Arc::clone(&stop), Arc::clone(&renders), Arc::clone(&spent), Arc::clone(&exporter));
+                let (stop, renders, spent, ex) =
+                    (Arc::clone(&stop), Arc::clone(&renders), Arc::clone(&spent), Arc::clone(&exporter));
                 let period = periods[ci];
                 std::thread::spawn(move || {
                     let mut next = Instant::now();
@@ -371,72 +409,105 @@ fn in_process(results: &mut Results) {
                             next += Duration::from_secs(1);
                         }
                         while Instant::now() < next && !stop.load(Ordering::Relaxed) {
-                            std::thread::sleep(Duration::from_millis(50).min(next.saturating_duration_since(Instant::now())));
+                            std::thread::sleep(
+                                Duration::from_millis(50).min(next.saturating_duration_since(Instant::now())),
+                            );
                         }
                     }
                 })
             };
             let t0 = Instant::now();
+            let c0 = thread_cpu_now();
             let mut n = 0u64;
             while t0.elapsed() < window {
-                for d in pool.iter().take(256) {
+                for d in &pool {
                     server.handle_datagram(d, 0, false);
                 }
-                n += 256;
+                n += pool.len() as u64;
             }
             let rate = n as f64 / t0.elapsed().as_secs_f64();
+            let cpu = (thread_cpu_now() - c0) as f64 / n as f64;
+            cpus[ci].push(cpu);
             stop.store(true, Ordering::Relaxed);
             scraper.join().unwrap();
             let (r, sp) = (renders.load(Ordering::Relaxed), spent.load(Ordering::Relaxed));
             render_ns[ci].0 += r;
             render_ns[ci].1 += sp;
-            eprintln!("in-process round {round} {:>13}: {:>10.0} req/s, {r} renders", name(periods[ci]), rate);
+            eprintln!(
+                "in-process round {round} {:>13}: {:>10.0} req/s, {cpu:>6.1} ns CPU/req, {r} renders",
+                name(periods[ci]),
+                rate
+            );
             rates[ci].push(rate);
         }
     }
-    // Paired loss per round against the unscraped run of the same round; slope over scrapes/s.
-    let mut points = Vec::new();
-    for (ci, p) in periods.iter().enumerate().skip(1) {
-        let per_s = 1.0 / p.unwrap().as_secs_f64();
-        for (r, b) in rates[ci].iter().zip(&rates[0]) {
-            points.push((per_s, 1.0 - r / b));
+    // Per round, paired against the unscraped run of the same round: the throughput loss and the
+    // increase of the receive path's CPU per request; their slopes over the scrape rate (least
+    // squares through the origin) are the cost of one scrape per second.
+    let paired = |v: &Vec<Vec<f64>>, ci: usize, f: &dyn Fn(f64, f64) -> f64| -> Vec<f64> {
+        v[ci].iter().zip(&v[0]).map(|(x, b)| f(*x, *b)).collect()
+    };
+    let slope = |v: &Vec<Vec<f64>>, f: &dyn Fn(f64, f64) -> f64| -> f64 {
+        let (mut sxy, mut sxx) = (0.0, 0.0);
+        for (ci, p) in periods.iter().enumerate().skip(1) {
+            let x = 1.0 / p.unwrap().as_secs_f64();
+            for y in paired(v, ci, f) {
+                sxy += x * y;
+                sxx += x * x;
+            }
         }
-    }
-    let (sx, sy, sxx, sxy) = points.iter().fold((0.0, 0.0, 0.0, 0.0), |(a, b, c, d), &(x, y)| (a + x, b + y, c + x * x, d + x * y));
-    let n = points.len() as f64;
-    let slope = (n * sxy - sx * sy) / (n * sxx - sx * sx);
+        sxy / sxx
+    };
+    let loss = |x: f64, b: f64| 1.0 - x / b;
+    let gain = |x: f64, b: f64| x / b - 1.0;
     let base = median(&rates[0]);
-    println!("
-In process: {series} series, {LOGS} logs of 2^21 regions; receive path unscraped: {base:.0} req/s on one thread");
-    println!("{:<14} {:>14} {:>14} {:>14}", "scrape", "req/s", "loss", "render");
+    println!("\nIn process: {series} series, {LOGS} logs of 2^21 regions; receive path unscraped: {base:.0} req/s on one thread, {:.1} ns CPU/req", median(&cpus[0]));
+    println!(
+        "{:<14} {:>12} {:>16} {:>14} {:>22} {:>12}",
+        "scrape", "req/s", "throughput loss", "CPU/req", "CPU/req increase", "render"
+    );
     for (ci, p) in periods.iter().enumerate() {
-        let loss = 1.0 - median(&rates[ci].iter().zip(&rates[0]).map(|(r, b)| r / b).collect::<Vec<_>>());
+        let l = median(&paired(&rates, ci, &loss));
+        let g = median(&paired(&cpus, ci, &gain));
         let (r, sp) = render_ns[ci];
         let render_ms = if r > 0 { sp as f64 / r as f64 / 1e6 } else { f64::NAN };
-        println!("{:<14} {:>14.0} {:>13.3}% {:>11.2} ms", name(*p), median(&rates[ci]), loss * 100.0, render_ms);
+        println!(
+            "{:<14} {:>12.0} {:>15.2}% {:>11.1} ns {:>21.2}% {:>9.2} ms",
+            name(*p),
+            median(&rates[ci]),
+            l * 100.0,
+            median(&cpus[ci]),
+            g * 100.0,
+            render_ms
+        );
         results.push(&[
             ("bench", J::from("scrape")),
             ("kind", "in_process".into()),
             ("config", name(*p).into()),
             ("req_per_s_median", median(&rates[ci]).into()),
-            ("loss_ratio_median", loss.into()),
-            ("render_ms", render_ms.into()),
+            ("throughput_loss_ratio_median", l.into()),
+            ("cpu_ns_per_req_median", median(&cpus[ci]).into()),
+            ("cpu_per_req_increase_ratio_median", g.into()),
+            ("render_wall_ms", render_ms.into()),
             ("rounds", rounds.into()),
-            ("series", series.into()),
         ]);
     }
+    let (thr_slope, cpu_slope) = (slope(&rates, &loss), slope(&cpus, &gain));
     println!(
-        "cost of scraping: {:.4}% of the receive path's throughput per scrape/s (least squares over {} paired points); at 1 scrape/s: {:.4}%",
-        slope * 100.0,
-        points.len(),
-        slope * 100.0
+        "cost of one scrape per second to the receive path: throughput {:.3}%, CPU per request {:.3}% (slopes over {} rounds x {} scrape rates)",
+        thr_slope * 100.0,
+        cpu_slope * 100.0,
+        rounds,
+        periods.len() - 1
     );
     results.push(&[
         ("bench", J::from("scrape")),
         ("kind", "in_process_summary".into()),
-        ("loss_per_scrape_per_s_ratio", slope.into()),
-        ("loss_at_1_per_s_ratio", slope.into()),
+        ("throughput_loss_at_1_per_s_ratio", thr_slope.into()),
+        ("cpu_per_req_increase_at_1_per_s_ratio", cpu_slope.into()),
         ("unscraped_req_per_s", base.into()),
+        ("unscraped_cpu_ns_per_req", median(&cpus[0]).into()),
+        ("render_cpu_ms", render_cpu_ms.into()),
         ("series", series.into()),
         ("logs", LOGS.into()),
         ("regions_per_log", REGIONS.into()),
@@ -446,7 +517,8 @@ In process: {series} series, {LOGS} logs of 2^21 regions; receive path unscraped
 
 fn end_to_end(results: &mut Results) {
     let quick = common::quick();
-    let rounds: usize = arg_value("--rounds").map(|v| v.parse().expect("--rounds N")).unwrap_or(if quick { 3 } else { 8 });
+    let rounds: usize =
+        arg_value("--rounds").map(|v| v.parse().expect("--rounds N")).unwrap_or(if quick { 3 } else { 8 });
     let secs: f64 = arg_value("--secs").map(|v| v.parse().expect("--secs S")).unwrap_or(if quick { 2.0 } else { 5.0 });
 
     enter_private_netns().expect("private netns");
@@ -465,7 +537,8 @@ fn end_to_end(results: &mut Results) {
         }
         let regions: Vec<u64> = (0..32).map(|k| (k * 65_537 + i * 7) % REGIONS).collect();
         for chunk in [&regions[..16], &regions[16..]] {
-            let r = peer.call_request(&Request::new(RequestType::MarkRegion, &uuid, luid, regions_payload(chunk))).unwrap();
+            let r =
+                peer.call_request(&Request::new(RequestType::MarkRegion, &uuid, luid, regions_payload(chunk))).unwrap();
             assert_eq!(r.error, 0, "{r}");
         }
     }
@@ -559,9 +632,19 @@ fn end_to_end(results: &mut Results) {
     }
     let base_rps = median(&base.iter().map(|m| m.req_per_s).collect::<Vec<_>>());
     println!("\nScraping /metrics ({series} series, {LOGS} logs of 2^21 regions) under {DEPTH} IN_SYNC in flight; unscraped: {base_rps:.0} req/s");
-    println!("{:<16} {:>16} {:>22} {:>12} {:>16} {:>16}", "scrape", "throughput loss", "recv-thread CPU/req", "p99", "scrape latency", "scrape CPU");
+    println!(
+        "{:<16} {:>16} {:>22} {:>12} {:>16} {:>16}",
+        "scrape", "throughput loss", "recv-thread CPU/req", "p99", "scrape latency", "scrape CPU"
+    );
     for (name, thr, cpu, p99, lat, cpu_ms, _) in &summary {
-        println!("{name:<16} {:>15.2}% {:>21.2}% {:>11.1}% {:>13.2} ms {:>13.2} ms", thr * 100.0, cpu * 100.0, p99 * 100.0, lat, cpu_ms);
+        println!(
+            "{name:<16} {:>15.2}% {:>21.2}% {:>11.1}% {:>13.2} ms {:>13.2} ms",
+            thr * 100.0,
+            cpu * 100.0,
+            p99 * 100.0,
+            lat,
+            cpu_ms
+        );
     }
     if let Some(fast) = summary.iter().find(|s| s.6 > 1.5) {
         let extrapolated = fast.1 / fast.6;

@@ -610,7 +610,7 @@ fn flight_record(
                 rec.in_sync_arg = word(p, 8).map_or(-1, |v| i8::from(v != 0));
             }
         }
-        Some(MarkRegion | ClearRegion | Flush) if p.len() % 8 == 0 => {
+        Some(MarkRegion | ClearRegion | Flush) if p.len().is_multiple_of(8) => {
             rec.regions = (p.len() / 8) as u32;
             rec.first_region = word(p, 0).unwrap_or(0);
         }

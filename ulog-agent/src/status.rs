@@ -32,7 +32,8 @@ struct Client {
 
 impl Client {
     fn new(addr: &str) -> Self {
-        let base = if addr.starts_with("http://") { addr.trim_end_matches('/').to_string() } else { format!("http://{addr}") };
+        let base =
+            if addr.starts_with("http://") { addr.trim_end_matches('/').to_string() } else { format!("http://{addr}") };
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_secs(5)))
             .http_status_as_error(false)
@@ -61,7 +62,8 @@ struct Sample {
 fn sample(c: &Client) -> Result<Sample> {
     let (_, agent): (_, AgentInfo) = c.get("/api/v1/agent")?;
     let (_, list): (_, serde_json::Value) = c.get("/api/v1/logs")?;
-    let summaries: Vec<LogSummary> = serde_json::from_value(list["logs"].clone()).context("/api/v1/logs: unexpected document")?;
+    let summaries: Vec<LogSummary> =
+        serde_json::from_value(list["logs"].clone()).context("/api/v1/logs: unexpected document")?;
     let mut logs = Vec::new();
     for s in summaries {
         // A log may go away between the two calls.
@@ -190,7 +192,8 @@ fn render(before: Option<&Sample>, now: &Sample, elapsed: Option<f64>, ready: &H
         }
         _ => String::new(),
     };
-    let _ = writeln!(o, "Requests: {rate}{total} since start ({errors} errors); malformed {malformed}, dropped {dropped}");
+    let _ =
+        writeln!(o, "Requests: {rate}{total} since start ({errors} errors); malformed {malformed}, dropped {dropped}");
     if let Some(e) = &a.mirror_discovery.error {
         let _ = writeln!(o, "Mirror devices: not discovered ({e})");
     }
@@ -214,11 +217,17 @@ fn render(before: Option<&Sample>, now: &Sample, elapsed: Option<f64>, ready: &H
             let (req_rate, per_write) = match (prev, elapsed) {
                 (Some(p), Some(dt)) => {
                     let dr = reqs(l).saturating_sub(reqs(p));
-                    let dw = match (s.mirror.as_ref().and_then(|m| m.writes), p.summary.mirror.as_ref().and_then(|m| m.writes)) {
+                    let dw = match (
+                        s.mirror.as_ref().and_then(|m| m.writes),
+                        p.summary.mirror.as_ref().and_then(|m| m.writes),
+                    ) {
                         (Some(w1), Some(w0)) => w1.saturating_sub(w0),
                         _ => 0,
                     };
-                    (format!("{:.1}", dr as f64 / dt), if dw > 0 { format!("{:.2}", dr as f64 / dw as f64) } else { "-".into() })
+                    (
+                        format!("{:.1}", dr as f64 / dt),
+                        if dw > 0 { format!("{:.2}", dr as f64 / dw as f64) } else { "-".into() },
+                    )
                 }
                 _ => ("-".into(), "-".into()),
             };
@@ -251,7 +260,11 @@ fn render(before: Option<&Sample>, now: &Sample, elapsed: Option<f64>, ready: &H
         Some(dt) => format!("over the last {dt:.1} s; * = since start"),
         None => "since start".to_string(),
     };
-    let _ = writeln!(o, "{:<22} {:>9} {:>12} {:>7} {:>11} {:>11}   (agent service time {window})", "REQUEST", "REQ/S", "TOTAL", "ERRORS", "P50", "P99");
+    let _ = writeln!(
+        o,
+        "{:<22} {:>9} {:>12} {:>7} {:>11} {:>11}   (agent service time {window})",
+        "REQUEST", "REQ/S", "TOTAL", "ERRORS", "P50", "P99"
+    );
     for t in &a.requests {
         let prev = before.and_then(|b| b.agent.requests.iter().find(|p| p.kind == t.kind));
         let rate = match (prev, elapsed) {
@@ -260,12 +273,26 @@ fn render(before: Option<&Sample>, now: &Sample, elapsed: Option<f64>, ready: &H
             _ => "-".into(),
         };
         let interval = elapsed.is_some().then(|| prev.map(|p| &p.service_time));
-        let (p50, p99, star) = match interval.map(|e| (quantile(&t.service_time, e, 0.5), quantile(&t.service_time, e, 0.99))) {
-            Some((Some(a), Some(b))) => (Some(a), Some(b), ""),
-            _ => (quantile(&t.service_time, None, 0.5), quantile(&t.service_time, None, 0.99), if elapsed.is_some() { "*" } else { "" }),
-        };
+        let (p50, p99, star) =
+            match interval.map(|e| (quantile(&t.service_time, e, 0.5), quantile(&t.service_time, e, 0.99))) {
+                Some((Some(a), Some(b))) => (Some(a), Some(b), ""),
+                _ => (
+                    quantile(&t.service_time, None, 0.5),
+                    quantile(&t.service_time, None, 0.99),
+                    if elapsed.is_some() { "*" } else { "" },
+                ),
+            };
         let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{}{star}", secs(v)));
-        let _ = writeln!(o, "{:<22} {:>9} {:>12} {:>7} {:>11} {:>11}", t.kind, rate, t.requests, t.errors, fmt(p50), fmt(p99));
+        let _ = writeln!(
+            o,
+            "{:<22} {:>9} {:>12} {:>7} {:>11} {:>11}",
+            t.kind,
+            rate,
+            t.requests,
+            t.errors,
+            fmt(p50),
+            fmt(p99)
+        );
     }
     o
 }

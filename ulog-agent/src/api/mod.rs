@@ -98,7 +98,9 @@ fn no_store(mut r: Response) -> Response {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = ErrorBody { error: ErrorDetail { status: self.status.as_u16(), code: self.code.into(), message: self.message } };
+        let body = ErrorBody {
+            error: ErrorDetail { status: self.status.as_u16(), code: self.code.into(), message: self.message },
+        };
         no_store((self.status, Json(body)).into_response())
     }
 }
@@ -179,7 +181,12 @@ async fn not_found(uri: axum::http::Uri) -> ApiError {
 }
 
 async fn method_not_allowed(method: axum::http::Method) -> Response {
-    let mut r = ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", format!("{method} is not allowed: the API is read-only (GET, HEAD)")).into_response();
+    let mut r = ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed: the API is read-only (GET, HEAD)"),
+    )
+    .into_response();
     r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
     r
 }
@@ -245,10 +252,15 @@ async fn logs(State(app): State<App>) -> Result<Response, ApiError> {
 /// one (else the newest) of the logs sharing the name.
 fn find(tel: &Telemetry, key: &str, luid: Option<&str>) -> Result<Arc<LogHandle>, ApiError> {
     let luid = luid
-        .map(|s| parse_luid(s).ok_or_else(|| ApiError::bad_request(format!("luid {s:?} is not a number (0x-prefixed hex or decimal)"))))
+        .map(|s| {
+            parse_luid(s).ok_or_else(|| {
+                ApiError::bad_request(format!("luid {s:?} is not a number (0x-prefixed hex or decimal)"))
+            })
+        })
         .transpose()?;
     let logs = tel.logs();
-    let found = primary(logs.iter().filter(|h| (&*h.tel.name == key || h.uuid == key) && luid.is_none_or(|l| h.luid == l)));
+    let found =
+        primary(logs.iter().filter(|h| (&*h.tel.name == key || h.uuid == key) && luid.is_none_or(|l| h.luid == l)));
     found.cloned().ok_or_else(|| {
         let what = match luid {
             Some(l) => format!("no log named {key:?} with luid {}", model::luid_hex(l)),
@@ -296,7 +308,11 @@ async fn log_regions(State(app): State<App>, LogKey(key): LogKey, Q(q): Q<Region
     Ok(json(page))
 }
 
-async fn log_requests(State(app): State<App>, LogKey(key): LogKey, Q(q): Q<RequestsQuery>) -> Result<Response, ApiError> {
+async fn log_requests(
+    State(app): State<App>,
+    LogKey(key): LogKey,
+    Q(q): Q<RequestsQuery>,
+) -> Result<Response, ApiError> {
     let h = find(&app.tel, &key, q.luid.as_deref())?;
     let limit = q.limit.unwrap_or(FLIGHT_SLOTS);
     if !(1..=FLIGHT_SLOTS).contains(&limit) {
@@ -317,7 +333,12 @@ async fn log_requests(State(app): State<App>, LogKey(key): LogKey, Q(q): Q<Reque
     let mut recs = Vec::with_capacity(FLIGHT_SLOTS);
     h.shared.lock().flight.copy_into(&mut recs);
     let requests = newest_first(recs, limit, kind).iter().map(RequestRecord::of).collect();
-    Ok(json(RequestLog { log: h.tel.name.to_string(), luid: model::luid_hex(h.luid), capacity: FLIGHT_SLOTS, requests }))
+    Ok(json(RequestLog {
+        log: h.tel.name.to_string(),
+        luid: model::luid_hex(h.luid),
+        capacity: FLIGHT_SLOTS,
+        requests,
+    }))
 }
 
 /// Binds `addr` (retrying every 5 s while that fails) and serves the API until the runtime
@@ -328,7 +349,7 @@ pub async fn serve(tel: Arc<Telemetry>, addr: SocketAddr) {
         match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => break l,
             Err(e) => {
-                if failures % 60 == 0 {
+                if failures.is_multiple_of(60) {
                     warn!(%addr, error = %e, "cannot listen for the HTTP API (metrics, status); retrying every 5 s, the log server is unaffected");
                 }
                 failures += 1;

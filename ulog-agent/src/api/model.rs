@@ -339,7 +339,8 @@ pub struct RequestRecord {
 impl RequestRecord {
     /// From a flight record.
     pub fn of(r: &FlightRecord) -> Self {
-        let kind = RequestType::from_raw(r.request_type).map_or_else(|| format!("type {}", r.request_type), |t| t.name().to_string());
+        let kind = RequestType::from_raw(r.request_type)
+            .map_or_else(|| format!("type {}", r.request_type), |t| t.name().to_string());
         Self {
             id: r.id,
             seq: r.seq,

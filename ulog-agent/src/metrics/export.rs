@@ -179,7 +179,10 @@ impl Exporter {
         let t = &self.tel;
         let c = t.counters();
         let mut f = Fam::gauge("ulog_build_info", "ulog-agent's version, and whether its eBPF programs are embedded.");
-        f.add_gauge(&[("version", env!("CARGO_PKG_VERSION")), ("ebpf", if cfg!(feature = "ebpf") { "true" } else { "false" })], 1.0);
+        f.add_gauge(
+            &[("version", env!("CARGO_PKG_VERSION")), ("ebpf", if cfg!(feature = "ebpf") { "true" } else { "false" })],
+            1.0,
+        );
         f.done(out);
         let mut f = Fam::gauge(
             "ulog_probe_attached",
@@ -294,7 +297,8 @@ impl Exporter {
             "ulog_mirror_writes_total",
             "Writes completed by the log's mirror dm device (its /sys/block stat), the cost model's denominator.",
         );
-        let mut written = Fam::counter("ulog_mirror_written_bytes_total", "Bytes written to the log's mirror dm device.");
+        let mut written =
+            Fam::counter("ulog_mirror_written_bytes_total", "Bytes written to the log's mirror dm device.");
 
         for (name, hs) in by_name {
             let Some(p) = primary(hs.iter().copied()) else { continue };

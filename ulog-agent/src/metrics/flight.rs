@@ -139,7 +139,7 @@ impl FlightRing {
 /// Records of `copy` newest first, at most `limit`, optionally of one raw request type.
 pub fn newest_first(mut recs: Vec<FlightRecord>, limit: usize, request_type: Option<u32>) -> Vec<FlightRecord> {
     recs.retain(|r| r.id != 0 && request_type.is_none_or(|t| t == r.request_type));
-    recs.sort_unstable_by(|a, b| b.id.cmp(&a.id));
+    recs.sort_unstable_by_key(|r| std::cmp::Reverse(r.id));
     recs.truncate(limit);
     recs
 }
@@ -169,8 +169,23 @@ mod tests {
 
     #[test]
     fn deferred_completion_merges_in_either_order() {
-        let done = FlightRecord { id: 7, service_ns: 900, error: -5, seq: 107, request_type: 10, deferred: true, ..Default::default() };
-        let seen = FlightRecord { service_ns: PENDING, deferred: true, regions: 3, first_region: 42, request_type: 10, ..rec(7) };
+        let done = FlightRecord {
+            id: 7,
+            service_ns: 900,
+            error: -5,
+            seq: 107,
+            request_type: 10,
+            deferred: true,
+            ..Default::default()
+        };
+        let seen = FlightRecord {
+            service_ns: PENDING,
+            deferred: true,
+            regions: 3,
+            first_region: 42,
+            request_type: 10,
+            ..rec(7)
+        };
         // Receive thread first, then the I/O thread.
         let mut a = FlightRing::new();
         a.record(seen);

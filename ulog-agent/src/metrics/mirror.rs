@@ -139,8 +139,7 @@ fn answer_data(answer: &[u8]) -> &[u8] {
 pub fn parse_name_list(data: &[u8]) -> Vec<(String, u64)> {
     let mut out = Vec::new();
     let mut at = 0usize;
-    loop {
-        let (Some(dev), Some(next)) = (get_u64(data, at), get_u32(data, at + 8)) else { break };
+    while let (Some(dev), Some(next)) = (get_u64(data, at), get_u32(data, at + 8)) {
         if dev == 0 && next == 0 && out.is_empty() {
             break;
         }

@@ -557,7 +557,8 @@ impl Telemetry {
     /// Unregisters a destroyed log.
     pub fn remove_log(&self, uuid: &str, luid: u64) {
         let mut reg = lock(&self.registry);
-        let logs: Vec<Arc<LogHandle>> = reg.logs.iter().filter(|h| !(h.uuid == uuid && h.luid == luid)).cloned().collect();
+        let logs: Vec<Arc<LogHandle>> =
+            reg.logs.iter().filter(|h| !(h.uuid == uuid && h.luid == luid)).cloned().collect();
         if logs.len() != reg.logs.len() {
             if let Some(n) = reg.by_uuid.get_mut(uuid) {
                 n.instances -= 1;
@@ -613,12 +614,14 @@ impl Telemetry {
 pub async fn background(tel: Arc<Telemetry>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    for n in 0u64.. {
+    let mut n = 0u64;
+    loop {
         tick.tick().await;
+        n += 1;
         let t = Arc::clone(&tel);
         let _ = tokio::task::spawn_blocking(move || {
             t.sample();
-            if n % 5 == 0 {
+            if n % 5 == 1 {
                 t.refresh_mirrors();
             }
         })

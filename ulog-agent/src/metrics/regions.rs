@@ -114,17 +114,16 @@ fn walk(log: &SharedLog, region_count: u64, first_word: usize, mut f: impl FnMut
     }
 }
 
-/// Regions per state (`region_count` is the log's).
+/// Regions per state (`region_count` is the log's). Two popcounts per word (bits beyond
+/// `region_count` are zero in both bitmaps, so they count as neither clean nor in sync).
 pub fn count(log: &SharedLog, region_count: u64) -> RegionCounts {
-    let mut c = RegionCounts::default();
-    walk(log, region_count, 0, |w, clean, sync| {
-        let m = valid_mask(w, region_count);
-        c.clean += u64::from((clean & sync & m).count_ones());
-        c.dirty += u64::from((!clean & sync & m).count_ones());
-        c.out_of_sync += u64::from((!sync & m).count_ones());
+    let (mut in_sync, mut clean) = (0u64, 0u64);
+    walk(log, region_count, 0, |_, c, s| {
+        in_sync += u64::from(s.count_ones());
+        clean += u64::from((c & s).count_ones());
         true
     });
-    c
+    RegionCounts { clean, dirty: in_sync - clean, out_of_sync: region_count - in_sync }
 }
 
 /// A page of regions.
@@ -215,7 +214,12 @@ mod tests {
         let p = list(&l, n, 0, 4, None, u64::MAX);
         assert_eq!(
             p.regions,
-            vec![(0, RegionState::OutOfSync), (1, RegionState::Dirty), (2, RegionState::Dirty), (3, RegionState::OutOfSync)]
+            vec![
+                (0, RegionState::OutOfSync),
+                (1, RegionState::Dirty),
+                (2, RegionState::Dirty),
+                (3, RegionState::OutOfSync)
+            ]
         );
         assert_eq!(p.next, Some(4));
         let p = list(&l, n, 2, 2, Some(RegionState::Dirty), u64::MAX);

@@ -100,10 +100,13 @@ fn start(core: Core) -> (Agent, Http) {
     }
 }
 
+/// One sample: metric name, labels, value.
+type Sample = (String, Vec<(String, String)>, f64);
+
 /// A parsed text exposition.
 struct Scrape {
     text: String,
-    samples: Vec<(String, Vec<(String, String)>, f64)>,
+    samples: Vec<Sample>,
 }
 
 impl Scrape {
@@ -128,7 +131,9 @@ impl Scrape {
     fn matching<'a>(&'a self, name: &'a str, labels: &'a [(&'a str, &'a str)]) -> impl Iterator<Item = f64> + 'a {
         self.samples
             .iter()
-            .filter(move |(n, ls, _)| n == name && labels.iter().all(|(k, v)| ls.iter().any(|(lk, lv)| lk == k && lv == v)))
+            .filter(move |(n, ls, _)| {
+                n == name && labels.iter().all(|(k, v)| ls.iter().any(|(lk, lv)| lk == k && lv == v))
+            })
             .map(|s| s.2)
     }
 
@@ -251,7 +256,10 @@ fn scrape_and_api_match_the_traffic_sent() {
     assert_eq!(s.get("ulog_region_dirty_duration_seconds_count", &[("log", name)]), 2.0, "1 and 2: MARK to CLEAR");
     assert_eq!(s.get("ulog_region_dirty_untimed_total", &[("log", name)]), 0.0);
     assert_eq!(
-        s.get("ulog_log_info", &[("log", name), ("uuid", &log.uuid), ("type", "clustered-core"), ("device", ""), ("mirror", "")]),
+        s.get(
+            "ulog_log_info",
+            &[("log", name), ("uuid", &log.uuid), ("type", "clustered-core"), ("device", ""), ("mirror", "")]
+        ),
         1.0
     );
     assert!(s.get("ulog_log_last_resume_timestamp_seconds", &[("log", name)]) > 1.7e9);
@@ -288,7 +296,10 @@ fn scrape_and_api_match_the_traffic_sent() {
     // The flight recorder has the MARK, with its seq, regions and timing.
     let recs = http.ok(&format!("/api/v1/logs/{name}/requests?type=MARK_REGION"));
     let m = &recs["requests"][0];
-    assert_eq!((m["seq"].as_u64(), m["regions"].as_u64(), m["first_region"].as_u64()), (Some(u64::from(mark_seq)), Some(3), Some(1)));
+    assert_eq!(
+        (m["seq"].as_u64(), m["regions"].as_u64(), m["first_region"].as_u64()),
+        (Some(u64::from(mark_seq)), Some(3), Some(1))
+    );
     assert_eq!((m["error"].as_i64(), m["deferred"].as_bool()), (Some(0), Some(false)));
     assert!(m["service_time_seconds"].as_f64().unwrap() > 0.0);
 }
@@ -308,7 +319,9 @@ fn persistent_logs_export_their_durable_writes() {
     }
     let s = http.scrape();
     let l = [("log", "apidisk0001")];
-    assert!(s.get("ulog_disk_flush_duration_seconds_count", &l) > before.get("ulog_disk_flush_duration_seconds_count", &l));
+    assert!(
+        s.get("ulog_disk_flush_duration_seconds_count", &l) > before.get("ulog_disk_flush_duration_seconds_count", &l)
+    );
     let bytes = s.get("ulog_disk_flush_bytes_total", &l);
     assert!(bytes >= 4096.0 && bytes % 1.0 == 0.0, "{bytes}");
     assert_eq!(s.get("ulog_disk_flush_errors_total", &l), 0.0);
@@ -354,14 +367,24 @@ fn promtool_accepts_a_real_scrape_and_the_rules_use_real_bucket_edges() {
         .args(["check", "metrics"])
         .stdin(std::fs::File::open(&path).unwrap())
         .output()
-        .unwrap_or_else(|e| panic!("cannot run promtool ({e}): install Debian's `prometheus` package (`cargo xtask setup`)"));
+        .unwrap_or_else(|e| {
+            panic!("cannot run promtool ({e}): install Debian's `prometheus` package (`cargo xtask setup`)")
+        });
     let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     eprintln!("promtool check metrics: exit {}; output: {report:?}", out.status);
-    assert!(out.status.success() && report.trim().is_empty(), "promtool check metrics:\n{report}\n--- scrape ---\n{text}");
+    assert!(
+        out.status.success() && report.trim().is_empty(),
+        "promtool check metrics:\n{report}\n--- scrape ---\n{text}"
+    );
 
     let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/../dashboards/ulog-rules.yml");
     let out = Command::new("promtool").args(["check", "rules", rules]).output().unwrap();
-    assert!(out.status.success(), "promtool check rules:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "promtool check rules:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Every SLO threshold of the rules is an exact bucket edge of the histogram it reads.
     let s = Scrape::parse(&text);
@@ -369,7 +392,10 @@ fn promtool_accepts_a_real_scrape_and_the_rules_use_real_bucket_edges() {
     let kernel_les: BTreeSet<String> = KERNEL_EDGES_NS.iter().map(|&e| edge_seconds(e).to_string()).collect();
     let rules_text = std::fs::read_to_string(rules).unwrap();
     let mut checked = 0;
-    for (family, les) in [("ulog_request_duration_seconds_bucket{", &agent_les), ("ulog_kernel_request_duration_seconds_bucket{", &kernel_les)] {
+    for (family, les) in [
+        ("ulog_request_duration_seconds_bucket{", &agent_les),
+        ("ulog_kernel_request_duration_seconds_bucket{", &kernel_les),
+    ] {
         for (at, _) in rules_text.match_indices(family) {
             let sel = &rules_text[at + family.len()..];
             let sel = &sel[..sel.find('}').unwrap()];
@@ -412,7 +438,11 @@ fn validate(doc: &Value, schema: &Value, instance: &Value, what: &str) {
     obj.insert("components".into(), doc["components"].clone());
     let v = jsonschema::validator_for(&root).unwrap_or_else(|e| panic!("{what}: bad schema: {e}"));
     let errors: Vec<String> = v.iter_errors(instance).map(|e| format!("{} at {}", e, e.instance_path())).collect();
-    assert!(errors.is_empty(), "{what}: the response does not match the document:\n{}\n{instance:#}", errors.join("\n"));
+    assert!(
+        errors.is_empty(),
+        "{what}: the response does not match the document:\n{}\n{instance:#}",
+        errors.join("\n")
+    );
 }
 
 #[test]
@@ -470,7 +500,8 @@ fn the_openapi_document_describes_the_server() {
     for (path, template, want) in &cases {
         let (status, ct, body) = http.get(path);
         assert_eq!(status, *want, "GET {path}: {body}");
-        let schema = response_schema(&doc, template, status).unwrap_or_else(|| panic!("{template}: status {status} undocumented"));
+        let schema = response_schema(&doc, template, status)
+            .unwrap_or_else(|| panic!("{template}: status {status} undocumented"));
         if template == &"/metrics" {
             assert!(ct.starts_with("text/plain") && body.contains("ulog_build_info"), "{ct}");
             continue;
@@ -488,7 +519,9 @@ fn the_openapi_document_describes_the_server() {
     assert_eq!((status, v["error"]["code"].as_str()), (404, Some("not_found")));
     validate(&doc, &error_schema, &v, "GET /api/v1/nope");
     for method in ["POST", "PUT", "DELETE", "PATCH"] {
-        let r = http.agent.run(ureq::http::Request::builder().method(method).uri(format!("http://{ADDR}/api/v1/logs")).body(()).unwrap());
+        let r = http.agent.run(
+            ureq::http::Request::builder().method(method).uri(format!("http://{ADDR}/api/v1/logs")).body(()).unwrap(),
+        );
         let mut r = r.unwrap();
         assert_eq!(r.status().as_u16(), 405, "{method}");
         assert_eq!(r.headers().get("allow").unwrap(), "GET, HEAD");
@@ -518,7 +551,9 @@ fn region_pages_and_filters_are_exact() {
             let p = http.ok(&format!("/api/v1/logs/apiregions/regions?state={state}&start={s}&limit={limit}"));
             let regions = p["regions"].as_array().unwrap();
             assert!(regions.len() <= limit);
-            out.extend(regions.iter().map(|r| (r["region"].as_u64().unwrap(), r["state"].as_str().unwrap().to_string())));
+            out.extend(
+                regions.iter().map(|r| (r["region"].as_u64().unwrap(), r["state"].as_str().unwrap().to_string())),
+            );
             start = p["next"].as_u64();
             pages += 1;
             assert!(pages < 1000);
@@ -564,13 +599,19 @@ fn the_flight_recorder_keeps_the_newest_requests() {
     assert_eq!(recs.len(), 128, "the ring keeps 128");
     assert_eq!(recs[0]["type"], "GET_RESYNC_WORK");
     assert_eq!(recs[0]["seq"].as_u64(), Some(u64::from(work.seq)));
-    let (i, r) = (i64::from_ne_bytes(work.payload[..8].try_into().unwrap()), u64::from_ne_bytes(work.payload[8..].try_into().unwrap()));
+    let (i, r) = (
+        i64::from_ne_bytes(work.payload[..8].try_into().unwrap()),
+        u64::from_ne_bytes(work.payload[8..].try_into().unwrap()),
+    );
     assert_eq!(recs[0]["reply"], serde_json::json!([i, r]));
     let ids: Vec<u64> = recs.iter().map(|r| r["id"].as_u64().unwrap()).collect();
     assert!(ids.windows(2).all(|w| w[0] == w[1] + 1), "newest first, consecutive");
     for (rec, seq) in recs[1..].iter().zip(seqs.iter().rev()) {
         assert_eq!(rec["seq"].as_u64(), Some(u64::from(*seq)));
-        assert_eq!((rec["type"].as_str(), rec["regions"].as_u64(), rec["reply_bytes"].as_u64()), (Some("IN_SYNC"), Some(1), Some(8)));
+        assert_eq!(
+            (rec["type"].as_str(), rec["regions"].as_u64(), rec["reply_bytes"].as_u64()),
+            (Some("IN_SYNC"), Some(1), Some(8))
+        );
         assert_eq!(rec["reply"], serde_json::json!([0]), "nothing is in sync");
         assert!(rec["service_time_seconds"].as_f64().unwrap() > 0.0);
     }
@@ -629,8 +670,15 @@ fn hostile_http_clients_do_not_stall_the_log_server() {
         .collect();
     in_sync_burst(&mut a, "while the API scans a 2^21-region log back to back");
     assert!(served.load(Ordering::Relaxed) > 0, "the scans ran meanwhile");
-    // Now every slot is taken (the hammers' connections are refused from here on).
-    idle.extend(connect_idle(16));
+    stop.store(true, Ordering::Relaxed);
+    for h in hammers {
+        h.join().unwrap();
+    }
+    // Now every slot is taken by idle clients (the hammers' connections are gone; wait for the
+    // server to see them close).
+    std::thread::sleep(Duration::from_millis(300));
+    idle.extend(connect_idle(20));
+    std::thread::sleep(Duration::from_millis(100));
     in_sync_burst(&mut a, "with every HTTP connection slot held by idle clients");
     // A new client is turned away at once rather than left hanging.
     let t = Instant::now();
@@ -642,10 +690,6 @@ fn hostile_http_clients_do_not_stall_the_log_server() {
     assert!(n == 0 && t.elapsed() < Duration::from_secs(3), "a connection beyond the limit is closed ({n} bytes)");
     // Once the idle clients go, the API serves again.
     drop(idle);
-    stop.store(true, Ordering::Relaxed);
-    for h in hammers {
-        h.join().unwrap();
-    }
     let deadline = Instant::now() + Duration::from_secs(10);
     while http.agent.get(format!("http://{ADDR}/healthz")).call().map(|r| r.status().as_u16()).unwrap_or(0) != 200 {
         assert!(Instant::now() < deadline, "the API did not recover");
