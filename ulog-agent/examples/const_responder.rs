@@ -27,8 +27,7 @@ use std::mem::{size_of, zeroed};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use ulog_common::{
-    offsets, RequestType, CN_IDX_DM, NETLINK_CONNECTOR, NLMSG_HDRLEN, REQUEST_TYPE_COUNT, ULOG_OFFSET,
-    ULOG_REQUEST_LEN,
+    offsets, RequestType, CN_IDX_DM, NETLINK_CONNECTOR, NLMSG_HDRLEN, REQUEST_TYPE_COUNT, ULOG_OFFSET, ULOG_REQUEST_LEN,
 };
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -77,7 +76,10 @@ fn main() {
     let sl = size_of::<libc::sockaddr_nl>() as libc::socklen_t;
     // SAFETY: a valid address of the length passed.
     check(unsafe { libc::bind(fd, (&sa as *const libc::sockaddr_nl).cast(), sl) }, "bind");
-    check(setsockopt(fd, 270 /* SOL_NETLINK */, 1 /* NETLINK_ADD_MEMBERSHIP */, &(CN_IDX_DM as libc::c_int)), "join group 7");
+    check(
+        setsockopt(fd, 270 /* SOL_NETLINK */, 1 /* NETLINK_ADD_MEMBERSHIP */, &(CN_IDX_DM as libc::c_int)),
+        "join group 7",
+    );
     let rcvbuf: libc::c_int = 8 << 20;
     if setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &rcvbuf) < 0 {
         setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &rcvbuf);
@@ -101,7 +103,14 @@ fn main() {
         let mut flen = sl;
         // SAFETY: buffers valid for the lengths passed.
         let n = unsafe {
-            libc::recvfrom(fd, buf.as_mut_ptr().cast(), buf.len(), 0, (&mut from as *mut libc::sockaddr_nl).cast(), &mut flen)
+            libc::recvfrom(
+                fd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+                (&mut from as *mut libc::sockaddr_nl).cast(),
+                &mut flen,
+            )
         };
         if n < (ULOG_OFFSET + ULOG_REQUEST_LEN) as isize {
             continue; // timeout, EINTR, or not a request
@@ -157,7 +166,7 @@ fn main() {
         let mut to: libc::sockaddr_nl = unsafe { zeroed() };
         to.nl_family = libc::AF_NETLINK as libc::sa_family_t;
         to.nl_pid = from.nl_pid; // the sender's port (0 = the kernel), group cleared
-        // SAFETY: a valid buffer and address of the lengths passed.
+                                 // SAFETY: a valid buffer and address of the lengths passed.
         unsafe { libc::sendto(fd, out.as_ptr().cast(), total, 0, (&to as *const libc::sockaddr_nl).cast(), sl) };
     }
     let mut so = std::io::stdout().lock();

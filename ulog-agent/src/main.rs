@@ -97,18 +97,8 @@ fn main() -> anyhow::Result<()> {
     if let Some(dir) = &cli.state_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create state directory {}", dir.display()))?;
     }
-    let socket = Arc::new(
-        ConnectorSocket::open(cli.rcvbuf)
-            .context("cannot open the netlink connector socket (ulog-agent must run as root)")?,
-    );
     let counters = Arc::new(Counters::default());
     let telemetry = Arc::new(Telemetry::new(Arc::clone(&counters)));
-    let cfg = ServerConfig { state_dir: cli.state_dir.clone(), accept_peer: cli.accept_peer_port };
-    let sink = Arc::new(SocketSink::new(Arc::clone(&socket)));
-    let mut server = LogServer::with_telemetry(cfg, sink, socket.port(), Arc::clone(&telemetry));
-    if let Some(port) = cli.accept_peer_port {
-        info!(port, "also serving a userspace test peer");
-    }
 
     let probes = if cli.no_probes {
         info!("eBPF probes disabled (--no-probes)");
@@ -130,6 +120,19 @@ fn main() -> anyhow::Result<()> {
         telemetry.set_probes(Some(Arc::clone(p) as Arc<dyn KernelSource>), "attached to dm_consult_userspace".into());
     } else if cli.no_probes {
         telemetry.set_probes(None, "disabled (--no-probes)".into());
+    }
+
+    // The socket only now: the kernel starts sending as soon as we join group 7, and the probe
+    // must already count those requests (kernel-side and agent-side counts must agree).
+    let socket = Arc::new(
+        ConnectorSocket::open(cli.rcvbuf)
+            .context("cannot open the netlink connector socket (ulog-agent must run as root)")?,
+    );
+    let cfg = ServerConfig { state_dir: cli.state_dir.clone(), accept_peer: cli.accept_peer_port };
+    let sink = Arc::new(SocketSink::new(Arc::clone(&socket)));
+    let mut server = LogServer::with_telemetry(cfg, sink, socket.port(), Arc::clone(&telemetry));
+    if let Some(port) = cli.accept_peer_port {
+        info!(port, "also serving a userspace test peer");
     }
 
     // Handlers first: once the receive thread runs, clients (and tests) see a live agent and may

@@ -50,7 +50,11 @@ pub struct SharedLog {
 impl SharedLog {
     /// Wraps a log.
     pub fn new(log: DirtyLog) -> Self {
-        Self { state: Mutex::new(LogState::new(log)), lazy_queued: AtomicBool::new(false), device_failed: AtomicBool::new(false) }
+        Self {
+            state: Mutex::new(LogState::new(log)),
+            lazy_queued: AtomicBool::new(false),
+            device_failed: AtomicBool::new(false),
+        }
     }
 
     /// Locks the state. A panic elsewhere while holding the lock leaves a consistent bitmap
@@ -83,8 +87,9 @@ pub struct PendingReply {
     pub header: DmUlogRequest,
     /// The request's cn_msg seq.
     pub cn_seq: u32,
-    /// When the receive thread received it (service time = this to the reply's send).
-    pub received: Instant,
+    /// When the receive thread received it ([`crate::metrics::clock`] ns; service time = this
+    /// to the reply's send).
+    pub received_ns: u64,
     /// Its flight-recorder id (`metrics::flight`).
     pub flight_id: u64,
 }
@@ -267,18 +272,18 @@ impl Worker {
             self.counters.dropped(crate::counters::Dropped::SendFailed);
         }
         // Telemetry: service time from receipt, the log's result counters, the flight record.
-        let now = Instant::now();
-        let service_ns = now.saturating_duration_since(r.received).as_nanos() as u64;
+        let now = clock::now_ns();
+        let service_ns = now.saturating_sub(r.received_ns);
         self.telemetry.observe_service(r.kind(), service_ns);
         if let Some(kind) = r.kind() {
-            self.log_tel.answered(kind, error, clock::ns(now));
+            self.log_tel.answered(kind, error, now);
         }
         if r.flight_id == 0 {
             return;
         }
         self.log.lock().flight.complete(FlightRecord {
             id: r.flight_id,
-            received_ns: clock::ns(r.received),
+            received_ns: r.received_ns,
             service_ns,
             seq: r.header.seq,
             request_type: r.header.request_type & ulog_common::DM_ULOG_REQUEST_MASK,
@@ -302,7 +307,9 @@ impl Worker {
         let bytes: usize = snap
             .runs
             .iter()
-            .map(|&(first, count)| (count * IMAGE_BLOCK).min(self.device.image_len().saturating_sub(first * IMAGE_BLOCK)))
+            .map(|&(first, count)| {
+                (count * IMAGE_BLOCK).min(self.device.image_len().saturating_sub(first * IMAGE_BLOCK))
+            })
             .sum();
         self.log_tel.metrics.flushed(bytes as u64, started.elapsed().as_nanos() as u64, written.is_ok());
         match written {
@@ -364,7 +371,9 @@ impl Worker {
         };
         match outcome {
             LoadOutcome::Loaded { nr_regions } => info!(log = %self.name, nr_regions, "loaded log"),
-            LoadOutcome::Fresh => info!(log = %self.name, "no valid log on the device (or sync/nosync given): initialised"),
+            LoadOutcome::Fresh => {
+                info!(log = %self.name, "no valid log on the device (or sync/nosync given): initialised")
+            }
             LoadOutcome::BadVersion(v) => {
                 warn!(log = %self.name, version = v, "unknown log version; every region will be resynchronised");
                 self.log.device_failed.store(true, Ordering::Relaxed);

@@ -135,7 +135,12 @@ impl LogServer {
     }
 
     /// A server with no logs, recording into `telemetry` (which the HTTP API reads).
-    pub fn with_telemetry(cfg: ServerConfig, sink: Arc<dyn ReplySink>, own_port: u32, telemetry: Arc<Telemetry>) -> Self {
+    pub fn with_telemetry(
+        cfg: ServerConfig,
+        sink: Arc<dyn ReplySink>,
+        own_port: u32,
+        telemetry: Arc<Telemetry>,
+    ) -> Self {
         Self {
             logs: HashMap::new(),
             cfg,
@@ -192,12 +197,16 @@ impl LogServer {
     /// Serves one datagram received from netlink port `sender`. `truncated`: the datagram
     /// was larger than the receive buffer and `buf` holds only its start.
     pub fn handle_datagram(&mut self, buf: &[u8], sender: u32, truncated: bool) {
-        let received = Instant::now();
-        self.telemetry.beat(clock::ns(received));
+        let received = clock::now_ns();
+        self.telemetry.beat(received);
         if sender != 0 && Some(sender) != self.cfg.accept_peer {
             self.counters.dropped(Dropped::ForeignSender);
             if let Some(sup) = self.foreign_log.allow(Instant::now()) {
-                warn!(sender, suppressed = sup, "ignored a request from a userspace process (only the kernel is served; see --accept-peer-port)");
+                warn!(
+                    sender,
+                    suppressed = sup,
+                    "ignored a request from a userspace process (only the kernel is served; see --accept-peer-port)"
+                );
             }
             return;
         }
@@ -231,14 +240,14 @@ impl LogServer {
         }
     }
 
-    fn handle_request(&mut self, req: &Request<'_>, sender: u32, received: Instant) {
+    fn handle_request(&mut self, req: &Request<'_>, sender: u32, received: u64) {
         let (uuid, luid) = (req.uuid(), req.header.luid);
         let pending = |flight_id| PendingReply {
             port: sender,
             own_port: self.own_port,
             header: req.header,
             cn_seq: req.cn_seq,
-            received,
+            received_ns: received,
             flight_id,
         };
         let error = match req.kind {
@@ -289,7 +298,7 @@ impl LogServer {
         &self,
         req: &Request<'_>,
         sender: u32,
-        received: Instant,
+        received: u64,
         log: Option<(&LogTelemetry, &SharedLog)>,
         flight_id: u64,
         outcome: Result<Outcome, i32>,
@@ -308,15 +317,16 @@ impl LogServer {
         self.counters.request(req.kind, error, false);
         let reply = ReplyBuf::full(&req.header, req.cn_seq, error, &payload.buf[..payload.len], self.own_port);
         self.send(sender, &reply);
-        let now = Instant::now();
-        let service_ns = now.saturating_duration_since(received).as_nanos() as u64;
+        let now = clock::now_ns();
+        let service_ns = now.saturating_sub(received);
         self.telemetry.observe_service(req.kind, service_ns);
         if let Some((tel, shared)) = log {
             if let Some(kind) = req.kind {
-                tel.answered(kind, error, clock::ns(now));
+                tel.answered(kind, error, now);
             }
             if flight_id != 0 {
-                let rec = flight_record(req, flight_id, received, service_ns, error, false, &payload.buf[..payload.len]);
+                let rec =
+                    flight_record(req, flight_id, received, service_ns, error, false, &payload.buf[..payload.len]);
                 shared.lock().flight.record(rec);
             }
         }
@@ -340,7 +350,7 @@ impl LogServer {
     fn dispatch(entry: &LogEntry, kind: RequestType, req: &Request<'_>, pending: PendingReply) -> Result<Outcome, i32> {
         use RequestType::*;
         let p = req.payload;
-        let now_ns = clock::ns(pending.received);
+        let now_ns = pending.received_ns;
         match kind {
             Ctr | Dtr => Err(-libc::EINVAL),
             Presuspend => {
@@ -434,7 +444,11 @@ impl LogServer {
     }
 
     /// After a MARK or FLUSH: answer now, or once the marks are durable.
-    fn after_change(entry: &LogEntry, (need, unwritten): (Option<u64>, bool), pending: PendingReply) -> Result<Outcome, i32> {
+    fn after_change(
+        entry: &LogEntry,
+        (need, unwritten): (Option<u64>, bool),
+        pending: PendingReply,
+    ) -> Result<Outcome, i32> {
         let Some(persister) = &entry.persister else { return ok(Payload::none()) };
         if let Some(gen) = need {
             return if persister.when_durable(gen, pending) { Ok(Outcome::Deferred) } else { Err(-libc::EIO) };
@@ -455,9 +469,7 @@ impl LogServer {
         // The device name goes back so the kernel takes a reference on it (protocol v2+),
         // except to the reconnect loop's CTR, which has no room for a reply.
         let reply_payload = |args: &CtrArgs| match &args.kind {
-            LogKind::Disk { device } if req.header.version > 1 && !parsed.reconnect => {
-                Payload::text(device)
-            }
+            LogKind::Disk { device } if req.header.version > 1 && !parsed.reconnect => Payload::text(device),
             _ => Payload::none(),
         };
         if let Some(existing) = self.find(uuid, luid) {
@@ -510,9 +522,9 @@ impl LogServer {
                     name.clone(),
                 )
                 .map_err(|e| {
-                        warn!(log = %name, error = %e, "cannot start the log's I/O thread");
-                        -e.raw_os_error().unwrap_or(libc::ENOMEM)
-                    })?,
+                    warn!(log = %name, error = %e, "cannot start the log's I/O thread");
+                    -e.raw_os_error().unwrap_or(libc::ENOMEM)
+                })?,
             ),
             None => None,
         };
@@ -544,7 +556,12 @@ impl LogServer {
     }
 
     /// DTR: the outcome, and the telemetry of the log removed (None if there was none).
-    fn dtr(&mut self, uuid: &[u8], luid: u64, pending: PendingReply) -> (Result<Outcome, i32>, Option<Arc<LogTelemetry>>) {
+    fn dtr(
+        &mut self,
+        uuid: &[u8],
+        luid: u64,
+        pending: PendingReply,
+    ) -> (Result<Outcome, i32>, Option<Arc<LogTelemetry>>) {
         let Some(entries) = self.logs.get_mut(&luid) else { return (Err(-libc::EINVAL), None) };
         let Some(i) = entries.iter().position(|e| &*e.uuid == uuid) else { return (Err(-libc::EINVAL), None) };
         let entry = entries.swap_remove(i);
@@ -578,7 +595,7 @@ impl LogServer {
 fn flight_record(
     req: &Request<'_>,
     id: u64,
-    received: Instant,
+    received_ns: u64,
     service_ns: u64,
     error: i32,
     deferred: bool,
@@ -589,7 +606,7 @@ fn flight_record(
     let p = req.payload;
     let mut rec = FlightRecord {
         id,
-        received_ns: clock::ns(received),
+        received_ns,
         service_ns,
         seq: req.header.seq,
         request_type: req.header.request_type & ulog_common::DM_ULOG_REQUEST_MASK,
@@ -677,8 +694,7 @@ mod tests {
         let payload = prop_oneof![
             Just(vec![]),
             (0usize..6).prop_map(|i| CTRS[i].as_bytes().to_vec()),
-            proptest::collection::vec(0u64..600, 0..5)
-                .prop_map(|rs| rs.iter().flat_map(|r| r.to_ne_bytes()).collect()),
+            proptest::collection::vec(0u64..600, 0..5).prop_map(|rs| rs.iter().flat_map(|r| r.to_ne_bytes()).collect()),
             proptest::collection::vec(any::<u8>(), 0..40),
         ];
         (prop_oneof![1u32..=17, 0u32..20, any::<u32>()], 0usize..2, 1u64..3, payload)

@@ -7,7 +7,10 @@
 //! 2. `cargo fmt --all -- --check`;
 //! 3. `cargo clippy --all-targets -- -D warnings` (default members; ulog-ebpf is linted only
 //!    through the eBPF build, which denies nothing extra);
-//! 4. `cargo test` (default members, default features: builds and embeds the eBPF object);
+//! 4. `cargo test` (default members, default features: builds and embeds the eBPF object); it
+//!    includes `promtool check metrics` on a live agent's scrape and `promtool check rules` on
+//!    `dashboards/ulog-rules.yml` (ulog-agent/tests/integration/api.rs; promtool comes from
+//!    Debian's `prometheus` package, which `setup` installs);
 //! 5. the suites in [`SUITES`], each a `cargo ...` command run from the repo root (the VM suite is
 //!    `cargo xtask vm test`; it is called as a command, not a function, so it can change freely).
 //!

@@ -41,8 +41,10 @@
 //! fetch cold 5.7-12.3 s (download 1.7 s, `dpkg -x` + depmod 2.9-7.4 s, vmlinux 0.8 s), warm
 //! 0.05 s; initramfs 0.1-0.45 s (8 MB cpio without the agent, 44 MB with its debug info; zstd -3:
 //! 3.5 / 11.6 MB; zstd boots no slower than plain cpio and keeps the file small, so it is the
-//! default); qemu start to /init 2.9-5.4 s; the suite (4 scenarios, 3 boots) 45-75 s plus the
-//! agent build.
+//! default); qemu start to /init 2.9-12 s; the suite (one shared VM, then kernel-disk-reboot and
+//! ulog-disk-restart on their own disks: 6 boots) 265-360 s plus the agent build, measured at
+//! load 4-8 with 13-14 scenarios (`vm test` prints per-scenario times). The longest is
+//! ulog-agent-kill (ten agent kills; a request left in flight costs the kernel's 15 s resend).
 //!
 //! Host packages: apt, dpkg, kmod (depmod), xz-utils, zstd, qemu-system-x86 (+ qemu-system-data
 //! for qboot), busybox-static, dmsetup, libc-bin (ldd). The guest gets copies of the host's

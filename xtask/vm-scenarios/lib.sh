@@ -334,11 +334,13 @@ agent_log_mark() { _AGENT_MARK=$(cat "$AGENT_LOG" 2>/dev/null | wc -l); }
 agent_log_since_mark() { tail -n +"$((${_AGENT_MARK:-0} + 1))" "$AGENT_LOG" 2>/dev/null; }
 
 # ulog_start [ARGS...]: agent_log_mark, then agent_start --log-format json ARGS (RUST_LOG
-# defaults to debug, so failed requests are logged: "request failed"), then wait until the agent
+# defaults to debug without aya's loader chatter, so failed requests are logged: "request
+# failed"), then wait until the agent
 # says it is serving: it joins the connector group (where agent_start stops waiting) before it
 # attaches its eBPF probe, so requests sent in between are served but not counted as sent.
 ulog_start() {
     agent_log_mark
+    : "${RUST_LOG:=debug,aya=info,aya_obj=info}"
     agent_start --log-format json "$@"
     _n=0
     until agent_log_since_mark | grep -q '"message":"serving dm-log-userspace requests"'; do

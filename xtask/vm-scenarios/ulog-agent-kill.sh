@@ -7,7 +7,7 @@
 # pattern P rotated by n 64 KiB chunks; P's blocks are all distinct), so a region that one leg
 # missed is detected at the end.
 # Kill moments are chosen, not left to chance:
-# - kills 1-9 "between requests": 40 ms into a pause of the writer (its last write done and the
+# - kills 1-9 "between requests": 80 ms into a pause of the writer (its last write done and the
 #   kernel's clear answered); the kernel's next request finds no server and starts its
 #   reconnect loop (CTR + RESUME every 2 s), which reaches the new agent;
 # - kill 10 "mid-request": the agent is frozen (SIGSTOP) in a pause of the writer, so the next
@@ -77,7 +77,7 @@ cleanup_writer() {
     kill -CONT "$AGENT_PID" 2>/dev/null
     agent_alive || ulog_start $ARGS >/dev/null 2>&1
     _n=0
-    while kill -0 "$WRITER" 2>/dev/null && [ "$_n" -lt 200 ]; do usleep 100000; _n=$((_n + 1)); done
+    while kill -0 "$WRITER" 2>/dev/null && [ "$_n" -lt 50 ]; do usleep 100000; _n=$((_n + 1)); done
 }
 on_exit cleanup_writer
 # wait_progress SECS: until the writer finished one more pass.
@@ -92,7 +92,7 @@ wait_progress() {
 }
 # kernel_waiters: threads blocked in dm_consult_userspace (a log request sent, no answer yet).
 kernel_waiters() { grep -l dm_consult_userspace /proc/[0-9]*/stack 2>/dev/null | wc -l; }
-# kill_agent_at idle|busy: SIGKILL the agent 40 ms into a pause of the writer (idle), or once it
+# kill_agent_at idle|busy: SIGKILL the agent 80 ms into a pause of the writer (idle), or once it
 # is frozen with the kernel waiting for its answer (busy). Sets IN_FLIGHT (waiters just after).
 kill_agent_at() {
     rm -f gap
@@ -103,7 +103,7 @@ kill_agent_at() {
         usleep 10000
         _n=$((_n + 1))
     done
-    usleep 40000
+    usleep 80000
     case $1 in
         busy)
             kill -STOP "$AGENT_PID"

@@ -1,4 +1,4 @@
-# ulog-core: ulog-agent serving `clustered-core` mirrors over two loop devices.
+# ulog-core: ulog-agent serving `clustered-core` mirrors over two loop devices (8 MiB, 32 regions).
 # 1. Default sync mode: leg 0 = pattern A, leg 1 = zeros. Create; the resync copies leg 0 to
 #    leg 1 and reaches N/N; `dmsetup status` ends with ulog's STATUS_INFO text "1 clustered-core";
 #    `dmsetup table` shows the userspace log arguments exactly; the legs are byte-identical and
@@ -8,9 +8,9 @@
 #    SET_REGION_SYNC at all); a write through it reaches both legs.
 . /scenarios/lib.sh
 
-MIB=16
+MIB=8
 SECTORS=$((MIB * 2048))
-REGION=1024
+REGION=512                        # 256 KiB
 REGIONS=$((SECTORS / REGION))   # 32
 
 loop_create L0 leg0.img "$MIB"

@@ -1,14 +1,15 @@
 # ulog-traffic: the request traffic of writes and reads through a clustered-core mirror.
-# Resync to N/N; write pattern W (4 MiB at 4 MiB, 64 KiB O_DIRECT writes) through the mirror;
+# 8 MiB legs, 32 regions. Resync to N/N; write pattern W (4 MiB at 4 MiB = regions 16-31, 64 KiB
+# O_DIRECT writes) through the mirror;
 # read it back through the mirror; the legs are identical and hold A with W at 4 MiB. After
 # remove and SIGTERM, the agent's exit summary must show MARK_REGION, CLEAR_REGION, FLUSH and
 # IN_SYNC (and the create/resync/remove requests) served with errors=0, and, with the eBPF probe
 # attached, served == kernel_sent for every request type.
 . /scenarios/lib.sh
 
-MIB=16
+MIB=8
 SECTORS=$((MIB * 2048))
-REGION=1024
+REGION=512                         # 256 KiB: 32 regions
 UUID=LVM-ulogtraffic00001
 DEV=utraffic
 

@@ -10,7 +10,6 @@ use ulog_common::{RequestType, REQUEST_TYPE_COUNT};
 use crate::kernel_peer::errno_name;
 use crate::metrics::flight::{FlightRecord, PENDING};
 use crate::metrics::histogram::HistSnapshot;
-use crate::metrics::regions::RegionState;
 use crate::metrics::{clock, mirror, type_label, LogHandle, Telemetry};
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ`.
@@ -510,11 +509,6 @@ pub fn agent(tel: &Telemetry) -> AgentInfo {
             error: mirrors.error.clone(),
         },
     }
-}
-
-/// The JSON name of a region state.
-pub fn state_name(s: RegionState) -> String {
-    s.name().to_string()
 }
 
 #[cfg(test)]

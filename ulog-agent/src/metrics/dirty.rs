@@ -4,7 +4,7 @@
 //! A fixed open-addressing table (region -> when it became dirty), allocated at CTR and used
 //! under the log's mutex by the MARK and CLEAR handlers: a few probes per region, no allocation.
 //! It holds up to 3/4 of its capacity ([`MAX_CAPACITY`] slots at most, so at most 3072 regions
-//! dirty at once are timed; a 2^21-region log costs 48 KiB). Regions made dirty while it is full
+//! dirty at once are timed; a 2^21-region log costs 64 KiB). Regions made dirty while it is full
 //! are counted as untracked and not timed. Only MARK-initiated dirtiness is timed: regions found
 //! dirty at a disk log's load, or made out of sync by SET_REGION_SYNC(0), have no start time.
 
@@ -13,12 +13,17 @@ pub const MAX_CAPACITY: usize = 4096;
 
 const EMPTY: u32 = 0;
 
+/// One slot: region + 1 (0 = empty) and when it became dirty; key and time share a cache line.
+#[derive(Clone, Copy, Debug, Default)]
+struct Slot {
+    key: u32,
+    since: u64,
+}
+
 /// Region -> dirty-since (ns).
 #[derive(Clone, Debug)]
 pub struct DirtyTracker {
-    /// region + 1; 0 = empty.
-    keys: Box<[u32]>,
-    since: Box<[u64]>,
+    slots: Box<[Slot]>,
     len: usize,
     shift: u32,
 }
@@ -28,12 +33,7 @@ impl DirtyTracker {
     pub fn new(region_count: u64) -> Self {
         let want = usize::try_from(region_count.saturating_mul(2)).unwrap_or(usize::MAX);
         let cap = want.clamp(16, MAX_CAPACITY).next_power_of_two();
-        Self {
-            keys: vec![EMPTY; cap].into_boxed_slice(),
-            since: vec![0; cap].into_boxed_slice(),
-            len: 0,
-            shift: 64 - cap.trailing_zeros(),
-        }
+        Self { slots: vec![Slot::default(); cap].into_boxed_slice(), len: 0, shift: 64 - cap.trailing_zeros() }
     }
 
     /// Regions being timed.
@@ -48,7 +48,7 @@ impl DirtyTracker {
 
     /// Slots.
     pub fn capacity(&self) -> usize {
-        self.keys.len()
+        self.slots.len()
     }
 
     #[inline]
@@ -66,20 +66,19 @@ impl DirtyTracker {
     #[inline]
     pub fn start(&mut self, region: u64, now_ns: u64) -> bool {
         let Some(key) = Self::key(region) else { return false };
-        let mask = self.keys.len() - 1;
+        let mask = self.slots.len() - 1;
         let mut i = self.home(key);
         loop {
-            match self.keys[i] {
+            match self.slots[i].key {
                 EMPTY => break,
                 k if k == key => return true,
                 _ => i = (i + 1) & mask,
             }
         }
-        if (self.len + 1) * 4 > self.keys.len() * 3 {
+        if (self.len + 1) * 4 > self.slots.len() * 3 {
             return false;
         }
-        self.keys[i] = key;
-        self.since[i] = now_ns;
+        self.slots[i] = Slot { key, since: now_ns };
         self.len += 1;
         true
     }
@@ -88,39 +87,38 @@ impl DirtyTracker {
     #[inline]
     pub fn finish(&mut self, region: u64) -> Option<u64> {
         let key = Self::key(region)?;
-        let mask = self.keys.len() - 1;
+        let mask = self.slots.len() - 1;
         let mut i = self.home(key);
         loop {
-            match self.keys[i] {
+            match self.slots[i].key {
                 EMPTY => return None,
                 k if k == key => break,
                 _ => i = (i + 1) & mask,
             }
         }
-        let since = self.since[i];
+        let since = self.slots[i].since;
         // Backward-shift deletion: move later members of the probe run into the hole when
         // their home position allows it, so lookups never stop early.
         let mut hole = i;
         let mut j = (i + 1) & mask;
-        while self.keys[j] != EMPTY {
-            let home = self.home(self.keys[j]);
+        while self.slots[j].key != EMPTY {
+            let home = self.home(self.slots[j].key);
             // j may move to the hole if its home is not in (hole, j] (cyclically).
             let between = if hole <= j { hole < home && home <= j } else { hole < home || home <= j };
             if !between {
-                self.keys[hole] = self.keys[j];
-                self.since[hole] = self.since[j];
+                self.slots[hole] = self.slots[j];
                 hole = j;
             }
             j = (j + 1) & mask;
         }
-        self.keys[hole] = EMPTY;
+        self.slots[hole].key = EMPTY;
         self.len -= 1;
         Some(since)
     }
 
     /// Forgets every region (the log's state was replaced).
     pub fn reset(&mut self) {
-        self.keys.fill(EMPTY);
+        self.slots.fill(Slot::default());
         self.len = 0;
     }
 }

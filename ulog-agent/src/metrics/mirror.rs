@@ -230,12 +230,6 @@ pub fn write_stats(major: u32, minor: u32) -> io::Result<WriteStats> {
     parse_stat(&text).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unreadable stat file"))
 }
 
-/// The dm name of a device-mapper device, from sysfs (`/sys/dev/block/<maj>:<min>/dm/name`).
-pub fn dm_name_of(major: u32, minor: u32) -> Option<String> {
-    let n = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/dm/name")).ok()?;
-    Some(n.trim_end().to_string()).filter(|n| !n.is_empty())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

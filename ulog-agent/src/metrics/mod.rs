@@ -125,7 +125,8 @@ pub struct LogMetrics {
     requests: [[AtomicU64; 2]; REQUEST_TYPE_COUNT],
     /// Reconnect-form CTRs (the kernel had lost its server).
     pub reconnects: AtomicU64,
-    /// How long regions stayed dirty (MARK to CLEAR).
+    /// How long regions stayed dirty (MARK to CLEAR). Written by the receive thread only (CLEAR
+    /// is answered there), so with [`AtomicHistogram::observe_ns_single_writer`].
     pub dirty: AtomicHistogram,
     /// Regions made dirty while the timing table was full.
     pub dirty_untimed: AtomicU64,
@@ -270,25 +271,29 @@ impl LogState {
         Self { log, flight: FlightRing::new(), dirty }
     }
 
-    fn all_valid(&self, regions: impl Iterator<Item = u64>) -> bool {
-        self.log.phase() == crate::dirty_log::Phase::Resumed && regions.into_iter().all(|r| r < self.log.region_count())
-    }
-
-    /// [`DirtyLog::mark`], timing the regions it makes dirty.
+    /// [`DirtyLog::mark`], timing the regions it makes dirty (the first 64 of a request: the
+    /// kernel sends at most 32).
     pub fn mark_timed(
         &mut self,
         regions: impl Iterator<Item = u64> + Clone,
         now_ns: u64,
         m: &LogMetrics,
     ) -> Result<(), LogError> {
-        if self.all_valid(regions.clone()) {
-            for r in regions.clone() {
-                if self.log.is_clean(r) == Ok(true) && !self.dirty.start(r, now_ns) {
+        let mut was_clean = 0u64;
+        for (i, r) in regions.clone().take(64).enumerate() {
+            if self.log.is_clean(r) == Ok(true) {
+                was_clean |= 1 << i;
+            }
+        }
+        self.log.mark(regions.clone())?;
+        if was_clean != 0 {
+            for (i, r) in regions.take(64).enumerate() {
+                if was_clean & (1 << i) != 0 && !self.dirty.start(r, now_ns) {
                     m.dirty_untimed.fetch_add(1, Relaxed);
                 }
             }
         }
-        self.log.mark(regions)
+        Ok(())
     }
 
     /// [`DirtyLog::clear`], observing how long each region it makes clean was dirty.
@@ -303,7 +308,7 @@ impl LogState {
             for r in regions {
                 if self.log.is_clean(r) == Ok(true) {
                     if let Some(since) = self.dirty.finish(r) {
-                        m.dirty.observe_ns(now_ns.saturating_sub(since));
+                        m.dirty.observe_ns_single_writer(now_ns.saturating_sub(since));
                     }
                 }
             }

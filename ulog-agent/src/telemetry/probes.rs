@@ -33,9 +33,7 @@
 use std::sync::Mutex;
 
 use thiserror::Error;
-pub use ulog_common::probes::{
-    DM_CONSULT_USERSPACE, DM_LOG_USERSPACE_MODULE, REQUESTS_BY_TYPE, REQUEST_COUNTER_SLOTS,
-};
+pub use ulog_common::probes::{DM_CONSULT_USERSPACE, DM_LOG_USERSPACE_MODULE, REQUESTS_BY_TYPE, REQUEST_COUNTER_SLOTS};
 
 /// Exists when the kernel has the kprobe PMU aya attaches kprobes through.
 pub const KPROBE_PMU_TYPE: &str = "/sys/bus/event_source/devices/kprobe/type";
@@ -199,35 +197,19 @@ impl ProbeSet {
         let program = DM_CONSULT_USERSPACE;
         let kprobe: &mut KProbe = ebpf
             .program_mut(program)
-            .ok_or(ProbeError::Missing {
-                kind: "program",
-                name: program,
-            })?
+            .ok_or(ProbeError::Missing { kind: "program", name: program })?
             .try_into()
             .map_err(|source| ProbeError::ProgramLoad { program, source })?;
-        kprobe
-            .load()
-            .map_err(|source| ProbeError::ProgramLoad { program, source })?;
-        kprobe
-            .attach(DM_CONSULT_USERSPACE, 0)
-            .map_err(|source| ProbeError::Attach {
-                program,
-                function: DM_CONSULT_USERSPACE,
-                source,
-            })?;
-        let map = ebpf.take_map(REQUESTS_BY_TYPE).ok_or(ProbeError::Missing {
-            kind: "map",
-            name: REQUESTS_BY_TYPE,
-        })?;
-        let requests = aya::maps::PerCpuArray::try_from(map).map_err(|source| ProbeError::Map {
-            map: REQUESTS_BY_TYPE,
+        kprobe.load().map_err(|source| ProbeError::ProgramLoad { program, source })?;
+        kprobe.attach(DM_CONSULT_USERSPACE, 0).map_err(|source| ProbeError::Attach {
+            program,
+            function: DM_CONSULT_USERSPACE,
             source,
         })?;
-        Ok(ProbeSet {
-            requests,
-            _ebpf: ebpf,
-            last: Mutex::new([0; REQUEST_COUNTER_SLOTS]),
-        })
+        let map = ebpf.take_map(REQUESTS_BY_TYPE).ok_or(ProbeError::Missing { kind: "map", name: REQUESTS_BY_TYPE })?;
+        let requests = aya::maps::PerCpuArray::try_from(map)
+            .map_err(|source| ProbeError::Map { map: REQUESTS_BY_TYPE, source })?;
+        Ok(ProbeSet { requests, _ebpf: ebpf, last: Mutex::new([0; REQUEST_COUNTER_SLOTS]) })
     }
 
     /// Requests by type since the probe was attached, summed over CPUs (index = slot, see
@@ -255,13 +237,8 @@ impl ProbeSet {
         {
             let mut out = [0u64; REQUEST_COUNTER_SLOTS];
             for (slot, total) in (0u32..).zip(out.iter_mut()) {
-                let per_cpu = self
-                    .requests
-                    .get(&slot, 0)
-                    .map_err(|source| ProbeError::Map {
-                        map: REQUESTS_BY_TYPE,
-                        source,
-                    })?;
+                let per_cpu =
+                    self.requests.get(&slot, 0).map_err(|source| ProbeError::Map { map: REQUESTS_BY_TYPE, source })?;
                 *total = per_cpu.iter().fold(0u64, |a, &v| a.wrapping_add(v));
             }
             Ok(out)
@@ -277,60 +254,42 @@ impl ProbeSet {
 #[cfg_attr(not(feature = "ebpf"), allow(dead_code))]
 fn check_kernel() -> Result<(), ProbeError> {
     if !std::path::Path::new(KPROBE_PMU_TYPE).exists() {
-        return Err(ProbeError::KprobesUnsupported {
-            path: KPROBE_PMU_TYPE,
-        });
+        return Err(ProbeError::KprobesUnsupported { path: KPROBE_PMU_TYPE });
     }
-    let modules = std::fs::read_to_string(PROC_MODULES).map_err(|source| ProbeError::Io {
-        path: PROC_MODULES,
-        source,
-    })?;
+    let modules =
+        std::fs::read_to_string(PROC_MODULES).map_err(|source| ProbeError::Io { path: PROC_MODULES, source })?;
     if module_listed(&modules, DM_LOG_USERSPACE_MODULE) {
         return Ok(());
     }
     // Built in (CONFIG_DM_LOG_USERSPACE=y): not a module, but its symbols are in kallsyms.
-    let kallsyms = std::fs::read_to_string(PROC_KALLSYMS).map_err(|source| ProbeError::Io {
-        path: PROC_KALLSYMS,
-        source,
-    })?;
+    let kallsyms =
+        std::fs::read_to_string(PROC_KALLSYMS).map_err(|source| ProbeError::Io { path: PROC_KALLSYMS, source })?;
     if kallsyms_has(&kallsyms, DM_CONSULT_USERSPACE) {
         return Ok(());
     }
-    Err(ProbeError::ModuleNotLoaded {
-        module: DM_LOG_USERSPACE_MODULE,
-    })
+    Err(ProbeError::ModuleNotLoaded { module: DM_LOG_USERSPACE_MODULE })
 }
 
 /// Whether `/proc/modules` text lists `module` (first field of a line).
 fn module_listed(proc_modules: &str, module: &str) -> bool {
-    proc_modules
-        .lines()
-        .any(|l| l.split_whitespace().next() == Some(module))
+    proc_modules.lines().any(|l| l.split_whitespace().next() == Some(module))
 }
 
 /// Whether `/proc/kallsyms` text has a symbol named `symbol` (third field; a fourth, `[module]`,
 /// follows for module symbols).
 fn kallsyms_has(kallsyms: &str, symbol: &str) -> bool {
-    kallsyms
-        .lines()
-        .any(|l| l.split_whitespace().nth(2) == Some(symbol))
+    kallsyms.lines().any(|l| l.split_whitespace().nth(2) == Some(symbol))
 }
 
 /// Lifts `RLIMIT_MEMLOCK`, as the aya examples do: kernels before 5.11 charge BPF maps against
 /// it. Failure is not fatal (newer kernels do not need it; loading then reports the real error).
 #[cfg(feature = "ebpf")]
 fn raise_memlock_rlimit() {
-    let rlim = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
+    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
     // SAFETY: setrlimit reads the struct we pass and has no other memory effects.
     let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
     if ret != 0 {
-        tracing::debug!(
-            "removing the RLIMIT_MEMLOCK limit failed: {}",
-            std::io::Error::last_os_error()
-        );
+        tracing::debug!("removing the RLIMIT_MEMLOCK limit failed: {}", std::io::Error::last_os_error());
     }
 }
 
@@ -369,21 +328,12 @@ mod tests {
     fn proc_parsing() {
         let modules = "dm_mirror 28672 0 - Live 0x0\ndm_log_userspace 24576 1 - Live 0x0\n";
         assert!(module_listed(modules, DM_LOG_USERSPACE_MODULE));
-        assert!(!module_listed(
-            "dm_log_userspace_x 1 0 - Live 0x0\n",
-            DM_LOG_USERSPACE_MODULE
-        ));
+        assert!(!module_listed("dm_log_userspace_x 1 0 - Live 0x0\n", DM_LOG_USERSPACE_MODULE));
         assert!(!module_listed("", DM_LOG_USERSPACE_MODULE));
         let syms = "ffffffffc0a01000 t dm_consult_userspace\t[dm_log_userspace]\n";
         assert!(kallsyms_has(syms, DM_CONSULT_USERSPACE));
-        assert!(kallsyms_has(
-            "0000000000000000 T dm_consult_userspace\n",
-            DM_CONSULT_USERSPACE
-        ));
-        assert!(!kallsyms_has(
-            "0 T dm_consult_userspace2\n",
-            DM_CONSULT_USERSPACE
-        ));
+        assert!(kallsyms_has("0000000000000000 T dm_consult_userspace\n", DM_CONSULT_USERSPACE));
+        assert!(!kallsyms_has("0 T dm_consult_userspace2\n", DM_CONSULT_USERSPACE));
     }
 
     #[test]
@@ -398,10 +348,8 @@ mod tests {
 
     #[test]
     fn errors_chain_their_causes() {
-        let e = ProbeError::Io {
-            path: PROC_MODULES,
-            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
-        };
+        let e =
+            ProbeError::Io { path: PROC_MODULES, source: std::io::Error::from(std::io::ErrorKind::PermissionDenied) };
         assert_eq!(e.report(), "cannot read /proc/modules: permission denied");
     }
 
@@ -427,11 +375,7 @@ mod tests {
             assert_eq!(&obj[..4], b"\x7fELF", "ELF magic");
             assert_eq!(obj[4], 2, "ELFCLASS64");
             assert_eq!(obj[5], 1, "little endian (bpfel)");
-            assert_eq!(
-                u16::from_le_bytes([obj[18], obj[19]]),
-                247,
-                "e_machine EM_BPF"
-            );
+            assert_eq!(u16::from_le_bytes([obj[18], obj[19]]), 247, "e_machine EM_BPF");
             for name in [DM_CONSULT_USERSPACE, REQUESTS_BY_TYPE, "license"] {
                 assert!(contains(obj, name.as_bytes()), "{name} not in the object");
             }
@@ -454,23 +398,13 @@ mod tests {
                 Ok(e) => e,
                 Err(e) => panic!("{}", ProbeError::Load(e).report()),
             };
-            assert!(matches!(
-                ebpf.map(REQUESTS_BY_TYPE),
-                Some(Map::PerCpuArray(_))
-            ));
+            assert!(matches!(ebpf.map(REQUESTS_BY_TYPE), Some(Map::PerCpuArray(_))));
             let Some(Program::KProbe(kprobe)) = ebpf.program_mut(DM_CONSULT_USERSPACE) else {
                 panic!("no kprobe program {DM_CONSULT_USERSPACE}");
             };
             // The development kernel loads kprobe programs (only attaching fails there).
             if let Err(source) = kprobe.load() {
-                panic!(
-                    "{}",
-                    ProbeError::ProgramLoad {
-                        program: DM_CONSULT_USERSPACE,
-                        source
-                    }
-                    .report()
-                );
+                panic!("{}", ProbeError::ProgramLoad { program: DM_CONSULT_USERSPACE, source }.report());
             }
         }
     }

@@ -707,17 +707,28 @@ fn the_status_command_summarises_the_agent() {
     for r in 0..50 {
         a.in_sync(&log, r % 125);
     }
-    let out = Command::new(agent_bin())
-        .args(["status", "--addr", ADDR, "--interval", "0.2"])
+    // Traffic while it samples, so it has rates to show.
+    let child = Command::new(agent_bin())
+        .args(["status", "--addr", ADDR, "--interval", "0.5"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .output()
+        .spawn()
         .unwrap();
+    let t = Instant::now();
+    let mut i = 0u64;
+    while t.elapsed() < Duration::from_millis(1500) {
+        a.in_sync(&log, i % 125);
+        i += 1;
+    }
+    let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "status: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
     for want in ["ulog-agent", "ready", "apistatus", "resumed", "1 (0.8%)", "IN_SYNC", "REQ/S", "P99"] {
         assert!(text.contains(want), "{want:?} missing from:\n{text}");
     }
+    let row = text.lines().find(|l| l.starts_with("IN_SYNC")).unwrap();
+    let rate: f64 = row.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(rate > 0.0, "an IN_SYNC rate was measured: {row}");
     eprintln!("{text}");
     let out = Command::new(agent_bin()).args(["status", "--addr", "127.0.0.1:1", "--interval", "0"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));

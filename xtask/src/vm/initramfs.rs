@@ -202,8 +202,11 @@ pub struct Inputs<'a> {
     pub compression: Compression,
     /// Adds files for one kind of boot only (`vm bench`: fio and its libraries, the benchmark
     /// script), so the test initramfs stays small.
-    pub extra: Option<&'a dyn Fn(&mut Tree) -> Result<()>>,
+    pub extra: Option<ExtraFiles<'a>>,
 }
+
+/// A function that adds boot-specific files to the tree.
+pub type ExtraFiles<'a> = &'a dyn Fn(&mut Tree) -> Result<()>;
 
 pub fn which_host(names: &[&str]) -> Option<PathBuf> {
     names.iter().map(Path::new).find(|p| p.exists()).map(Path::to_path_buf)
