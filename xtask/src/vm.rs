@@ -330,6 +330,7 @@ fn machine(k: &fetch::Kernel, initrd: PathBuf, m: &MachineOpts) -> Result<Machin
         accel: m.accel,
         memory_mib: m.memory,
         smp: m.smp,
+        extra_args: vec![],
     })
 }
 

@@ -101,6 +101,11 @@ pub struct Args {
     /// (clock_gettime then costs a system call plus that), unlike any real machine.
     #[arg(long, value_name = "ARGS", default_value = "tsc=reliable")]
     append: String,
+    /// Run qemu with `-icount shift=N`: guest time advances by 2^N ns per executed instruction
+    /// (and with real time only while the guest idles), so CPU-bound figures no longer depend on
+    /// the host's load; single-threaded TCG, slower. Without it: wall-clock time.
+    #[arg(long, value_name = "SHIFT")]
+    icount: Option<u32>,
     #[arg(long, value_enum, default_value_t = qemu::Accel::Auto)]
     accel: qemu::Accel,
     #[command(flatten)]
@@ -279,7 +284,10 @@ pub fn run(a: Args) -> Result<()> {
     fs::create_dir_all(&dir)?;
     let command = reproduce_command();
     fs::write(dir.join("command.txt"), &command)?;
-    fs::write(dir.join("params.sh"), plan.params_sh())?;
+    fs::write(
+        dir.join("params.sh"),
+        format!("{}ICOUNT={}\n", plan.params_sh(), a.icount.map_or(String::new(), |n| n.to_string())),
+    )?;
     fs::write(dir.join("source.txt"), source_version())?;
 
     // Binaries for the guest, debug info stripped (44 MB less to unpack at boot).
@@ -332,7 +340,12 @@ pub fn run(a: Args) -> Result<()> {
         t.elapsed().as_secs_f64()
     );
     let mopts = MachineOpts { accel: a.accel, memory: a.memory, smp: a.smp, bzimage: false, seabios: false };
-    let m = machine(&k, initrd.clone(), &mopts)?;
+    let mut m = machine(&k, initrd.clone(), &mopts)?;
+    if let Some(shift) = a.icount {
+        ensure!(a.accel != qemu::Accel::Kvm, "--icount needs TCG");
+        m.accel = qemu::Accel::Tcg;
+        m.extra_args.extend(["-icount".to_string(), format!("shift={shift}")]);
+    }
 
     // Disks: sparse files on the target dir's file system.
     let mut disks = Vec::new();
@@ -1058,6 +1071,7 @@ fn report(dir: &Path, a: &Args, command: &str) -> Result<()> {
         })
         .collect();
     let windows = run_windows(&fs::read_to_string(dir.join("console.log")).unwrap_or_default());
+    let icount = params.lines().find_map(|l| l.strip_prefix("ICOUNT=")).unwrap_or("").trim().to_string();
     let smp: u32 = info.lines().find_map(|l| l.strip_prefix("cpus ")).and_then(|n| n.trim().parse().ok()).unwrap_or(0);
 
     // Every run present, by (mode, config, job) -> rounds.
@@ -1070,7 +1084,11 @@ fn report(dir: &Path, a: &Args, command: &str) -> Result<()> {
         let [mode, c, j, round] = parts[..] else { continue };
         let mut r = read_run(&res, tag)?;
         r.round = round.trim_start_matches('r').parse().unwrap_or(0);
-        normalise(&mut r, windows.get(tag).copied(), &samples, smp);
+        if icount.is_empty() {
+            normalise(&mut r, windows.get(tag).copied(), &samples, smp);
+        } else {
+            (r.host_share, r.iops_norm) = (f64::NAN, f64::NAN);
+        }
         runs.entry((mode.into(), c.into(), j.into())).or_default().push(r);
         let tp = res.join(format!("{tag}.trace"));
         if tp.is_file() {

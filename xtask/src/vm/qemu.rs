@@ -63,6 +63,8 @@ pub struct Machine {
     pub accel: Accel,
     pub memory_mib: u32,
     pub smp: u32,
+    /// Further qemu arguments (`vm bench --icount`).
+    pub extra_args: Vec<String>,
 }
 
 /// One boot's configuration.
@@ -108,6 +110,7 @@ fn base_command(m: &Machine, cmdline: &str, disks: &[PathBuf]) -> Command {
     };
     c.args(["-m", &m.memory_mib.to_string(), "-smp", &m.smp.to_string()]);
     c.args(["-nodefaults", "-nographic", "-no-reboot"]);
+    c.args(&m.extra_args);
     if let Some(b) = &m.bios {
         c.arg("-bios").arg(b);
     }
