@@ -106,6 +106,15 @@ impl Tracker {
         self.changed[block / 64] |= 1 << (block % 64);
         self.any_changed = true;
     }
+
+    /// Every one of the image's `blocks` changed.
+    fn mark_all(&mut self, blocks: usize) {
+        self.changed.fill(0);
+        for b in 0..blocks {
+            self.changed[b / 64] |= 1 << (b % 64);
+        }
+        self.any_changed = true;
+    }
 }
 
 /// A set of image blocks to write, produced by [`DirtyLog::snapshot`].
@@ -135,6 +144,10 @@ pub struct DirtyLog {
     phase: Phase,
     tracker: Option<Tracker>,
     image_blocks: usize,
+    /// Regions to record out of sync at the next RESUME (`out_of_sync_at_resume`).
+    out_of_sync_at_resume: Vec<u64>,
+    /// Every region, at the next RESUME.
+    all_out_of_sync_at_resume: bool,
 }
 
 /// What GET_RESYNC_WORK answers: `Some(region)` to recover, `None` for no work.
@@ -170,7 +183,21 @@ impl DirtyLog {
             phase: Phase::Constructed,
             tracker,
             image_blocks,
+            out_of_sync_at_resume: Vec::new(),
+            all_out_of_sync_at_resume: false,
         })
+    }
+
+    /// Records region `r` (every region for `None`) out of sync, and not clean, at the next
+    /// RESUME, after the log's state is loaded: the kernel wrote it to one leg only while the
+    /// log could not tell it (an IN_SYNC it could not answer, see `LogServer`). Regions out of
+    /// range are ignored (the request that named them came before the log was known).
+    pub fn out_of_sync_at_resume(&mut self, r: Option<u64>) {
+        match r {
+            Some(r) if r < self.region_count => self.out_of_sync_at_resume.push(r),
+            Some(_) => {}
+            None => self.all_out_of_sync_at_resume = true,
+        }
     }
 
     /// Region size in sectors.
@@ -380,6 +407,23 @@ impl DirtyLog {
         self.recovery_halted = false;
         self.recovering = None;
         self.resync_cursor = 0;
+        if std::mem::take(&mut self.all_out_of_sync_at_resume) {
+            self.out_of_sync_at_resume.clear();
+            self.clean.fill(false);
+            self.sync.fill(false);
+            self.sync_count = 0;
+            self.in_sync_floor = 0;
+            if let Some(t) = &mut self.tracker {
+                t.mark_all(self.image_blocks);
+                t.dirty_gen += 1;
+            }
+        }
+        for r in std::mem::take(&mut self.out_of_sync_at_resume) {
+            self.set_sync_bit(r, false);
+            if self.clean.set(r, false) {
+                self.became_dirty(r);
+            }
+        }
     }
 
     /// RESUME of a persistent log: replace the state with the image read from its device
@@ -407,11 +451,7 @@ impl DirtyLog {
         self.in_sync_floor = 0;
         self.resume_in_memory();
         if let Some(t) = &mut self.tracker {
-            t.changed.fill(0);
-            for b in 0..self.image_blocks {
-                t.changed[b / 64] |= 1 << (b % 64);
-            }
-            t.any_changed = true;
+            t.mark_all(self.image_blocks);
             t.dirty_gen += 1;
             t.owns_device = true;
         }

@@ -126,6 +126,43 @@ pub struct LogServer {
     malformed_log: RateLimit,
     error_log: RateLimit,
     foreign_log: RateLimit,
+    /// Regions whose IN_SYNC was answered -ESRCH because their log was unknown, by (uuid,
+    /// luid): see [`LogServer::unknown_log`].
+    orphaned_in_sync: HashMap<(Box<[u8]>, u64), OutOfSyncNote>,
+}
+
+/// Regions a log must record out of sync when it is created (see [`LogServer::unknown_log`]).
+#[derive(Debug)]
+enum OutOfSyncNote {
+    Regions(Vec<u64>),
+    /// More than [`ORPHAN_REGIONS_PER_LOG`]: resync the whole log.
+    All,
+}
+
+/// Bounds on what [`LogServer::unknown_log`] remembers (only the kernel reaches it: these
+/// bound a misbehaving kernel, not a hostile peer).
+const ORPHAN_REGIONS_PER_LOG: usize = 64;
+const ORPHAN_LOGS: usize = 4096;
+
+/// The request types the kernel sends through `userspace_do_request`: on `-ESRCH` it runs
+/// its reconnect loop (CTR in the reconnect form, RESUME) and sends the request again.
+/// The others (CTR, DTR, PRESUSPEND, POSTSUSPEND, RESUME, GET_REGION_SIZE, STATUS_TABLE) are
+/// sent directly and simply fail.
+fn kernel_reconnects_on_esrch(kind: RequestType) -> bool {
+    use RequestType::*;
+    matches!(
+        kind,
+        IsClean
+            | InSync
+            | Flush
+            | MarkRegion
+            | ClearRegion
+            | GetResyncWork
+            | SetRegionSync
+            | GetSyncCount
+            | StatusInfo
+            | IsRemoteRecovering
+    )
 }
 
 impl LogServer {
@@ -151,6 +188,7 @@ impl LogServer {
             malformed_log: RateLimit::new(10, Duration::from_secs(60)),
             error_log: RateLimit::new(20, Duration::from_secs(60)),
             foreign_log: RateLimit::new(5, Duration::from_secs(60)),
+            orphaned_in_sync: HashMap::new(),
         }
     }
 
@@ -279,7 +317,8 @@ impl LogServer {
                 }
                 None => {
                     self.counters.without_log(req.kind);
-                    self.finish(req, sender, received, None, 0, Err(-libc::EINVAL))
+                    let error = self.unknown_log(kind, req);
+                    self.finish(req, sender, received, None, 0, Err(error))
                 }
             },
             None => {
@@ -340,6 +379,43 @@ impl LogServer {
                 debug!(request = name, raw_type = req.header.request_type, seq = req.header.seq, error, suppressed = sup, uuid = %String::from_utf8_lossy(req.uuid()), luid = req.header.luid, "request failed");
             }
         }
+    }
+
+    /// The error for a request of `kind` (not CTR or DTR) for a (uuid, luid) the server does
+    /// not know: the kernel has a log the server lost, because the agent restarted while that
+    /// request was in flight (the kernel resends it after 15 s, to the new agent).
+    ///
+    /// `-ESRCH` where the kernel answers it with its reconnect loop (CTR + RESUME, then the
+    /// request again), which re-creates the log; `-EINVAL` otherwise (it would only fail).
+    ///
+    /// The kernel (6.1) resends the request with a reply capacity of 0 after an -ESRCH reply,
+    /// so a resent IN_SYNC cannot be answered: the kernel takes it as "not in sync" and writes
+    /// that region to its default leg only. The region is remembered here and recorded out of
+    /// sync when the log is re-created (at its RESUME), so it is resynchronised, not left
+    /// claiming to be in sync with one leg stale.
+    fn unknown_log(&mut self, kind: RequestType, req: &Request<'_>) -> i32 {
+        if !kernel_reconnects_on_esrch(kind) {
+            return -libc::EINVAL;
+        }
+        if kind == RequestType::InSync {
+            let key = (Box::<[u8]>::from(req.uuid()), req.header.luid);
+            let region = protocol::one_u64(req.payload);
+            if self.orphaned_in_sync.len() < ORPHAN_LOGS || self.orphaned_in_sync.contains_key(&key) {
+                let note = self.orphaned_in_sync.entry(key).or_insert_with(|| OutOfSyncNote::Regions(Vec::new()));
+                match (note, region) {
+                    (OutOfSyncNote::Regions(v), Some(r)) if v.len() < ORPHAN_REGIONS_PER_LOG => {
+                        if !v.contains(&r) {
+                            v.push(r);
+                        }
+                    }
+                    (OutOfSyncNote::Regions(v), Some(r)) if v.contains(&r) => {}
+                    (note, _) => *note = OutOfSyncNote::All,
+                }
+            } else {
+                warn!(uuid = %String::from_utf8_lossy(req.uuid()), luid = req.header.luid, "too many unknown logs: an IN_SYNC answered -ESRCH is not remembered");
+            }
+        }
+        -libc::ESRCH
     }
 
     fn find(&self, uuid: &[u8], luid: u64) -> Option<&LogEntry> {
@@ -503,7 +579,14 @@ impl LogServer {
             warn!(log = %name, error = %e, "CTR refused: log device unusable");
             -e.errno()
         })?;
-        let log = DirtyLog::new(&args, device.is_some())?;
+        let mut log = DirtyLog::new(&args, device.is_some())?;
+        if let Some(note) = self.orphaned_in_sync.remove(&(Box::<[u8]>::from(uuid), luid)) {
+            warn!(log = %name, regions = ?note, "the kernel reconnected after an IN_SYNC this agent could not answer: those regions will be resynchronised");
+            match note {
+                OutOfSyncNote::Regions(regions) => regions.into_iter().for_each(|r| log.out_of_sync_at_resume(Some(r))),
+                OutOfSyncNote::All => log.out_of_sync_at_resume(None),
+            }
+        }
         let shared = Arc::new(SharedLog::new(log));
         let dev_info = device.as_ref().map(|d| (d.path().to_path_buf(), d.dev));
         let uuid_text = String::from_utf8_lossy(uuid).into_owned();

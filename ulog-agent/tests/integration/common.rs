@@ -32,6 +32,8 @@ pub const CORE: &str = "100 clustered-core 8";
 pub const N: u64 = 13;
 /// Negative errnos as replies carry them.
 pub const EINVAL: i32 = -libc::EINVAL;
+/// -ESRCH: "no server", what makes the kernel run its reconnect loop.
+pub const ESRCH: i32 = -libc::ESRCH;
 /// -EEXIST.
 pub const EEXIST: i32 = -libc::EEXIST;
 /// How long "no reply" is waited for after a sentinel request has been answered.

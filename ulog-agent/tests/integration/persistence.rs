@@ -182,6 +182,79 @@ fn restart_scenario(a: &mut Agent, ctr: &str, disk: Option<&Path>) {
     assert_eq!(a.resync_work(&log), (1, 9));
 }
 
+/// The agent dies while the kernel waits for its answer to an IN_SYNC; the kernel resends it
+/// after 15 s to the new agent, which does not know the log yet. What the kernel (6.1) does:
+/// on -ESRCH it reconnects (CTR in the reconnect form, RESUME) and resends the IN_SYNC with a
+/// reply capacity of 0, so that answer is lost ("Insufficient space"), it takes the region as
+/// not in sync and writes it to its default leg only. The log must then record the region out
+/// of sync (and not clean, on disk), or a later crash or the final resync would leave the legs
+/// different in a region the log calls in sync.
+fn restart_with_in_sync_in_flight(a: &mut Agent, ctr: &str, disk: Option<&Path>) {
+    let log = Log::nth(0);
+    a.create(&log, ctr);
+    for r in 0..N {
+        a.recover(&log, r);
+    }
+    a.suspend(&log); // everything durable
+    a.resume(&log);
+    a.restart_after_kill9();
+    // The resent IN_SYNC (the kernel's retry after its 15 s timeout), and another for a
+    // region out of range, which the re-created log must ignore.
+    a.expect_err(&log, T::InSync, &7u64.to_ne_bytes(), ESRCH, "unknown log: make the kernel reconnect");
+    a.expect_err(&log, T::InSync, &(N + 3).to_ne_bytes(), ESRCH, "unknown log, region out of range");
+    a.expect_err(&log, T::MarkRegion, &regions_payload(&[2]), ESRCH, "unknown log");
+    let r = a.request(&Request::ctr_reconnect(&log.uuid, log.luid, ctr));
+    assert_eq!((r.error, r.payload.len()), (0, 0), "reconnect CTR after the restart: {r}");
+    a.resume(&log);
+    // The kernel retries the IN_SYNC with no room for the answer: it reads an error.
+    let r = a.request(
+        &Request::new(T::InSync, &log.uuid, log.luid, 7u64.to_ne_bytes().to_vec()).capacity(Capacity::Bytes(0)),
+    );
+    assert_ne!(r.error, 0, "the retried IN_SYNC has no room for its answer: {r}");
+    assert_eq!(a.sync_map(&log, N), "1111111011111", "region 7 went to one leg only: out of sync");
+    assert_eq!(a.resync_work(&log), (1, 7));
+    if let Some(d) = disk {
+        assert_eq!(DiskLog::read(d).map(N), "1111111011111", "the device says region 7 needs a resync");
+    }
+    // The MARK that was answered -ESRCH is resent after the reconnect and served.
+    a.mark(&log, &[2]);
+    a.clear(&log, &[2]);
+    // Once resynchronised, the region is in sync again, also after a suspend/resume (which
+    // reloads a persistent log from its device): the note was applied once, not kept.
+    a.recover(&log, 7);
+    a.suspend(&log);
+    a.resume(&log);
+    assert_eq!(a.sync_map(&log, N), "1".repeat(N as usize));
+}
+
+#[test]
+fn restart_with_in_sync_in_flight_core_log_in_state_dir() {
+    let mut a = Agent::start_with(Core::StateDir);
+    restart_with_in_sync_in_flight(&mut a, CORE, None);
+}
+
+#[test]
+fn restart_with_in_sync_in_flight_disk_log() {
+    let mut a = Agent::start();
+    let disk = zero_file(&a.dir.join("disk"), 65536);
+    restart_with_in_sync_in_flight(&mut a, &disk_ctr(&disk, ""), Some(&disk));
+}
+
+#[test]
+fn restart_with_in_sync_in_flight_nosync_core_log_in_memory() {
+    // A fresh in-memory `nosync` log would call every region in sync: region 7 must not be.
+    let mut a = Agent::start();
+    let log = Log::nth(0);
+    let ctr = "100 clustered-core 8 nosync";
+    a.create(&log, ctr);
+    a.restart_after_kill9();
+    a.expect_err(&log, T::InSync, &7u64.to_ne_bytes(), ESRCH, "unknown log");
+    a.request(&Request::ctr_reconnect(&log.uuid, log.luid, ctr));
+    a.resume(&log);
+    assert_eq!(a.sync_map(&log, N), "1111111011111");
+    assert_eq!(a.sync_count(&log), N - 1);
+}
+
 #[test]
 fn restart_core_log_in_state_dir() {
     let mut a = Agent::start_with(Core::StateDir);

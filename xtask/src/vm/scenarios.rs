@@ -171,17 +171,7 @@ pub const SCENARIOS: &[Scenario] = &[
 /// of one of these is reported as XFAIL and does not fail the suite; a pass is reported as XPASS
 /// (remove the entry then). `vm run` ignores this list: it reports what happened.
 /// Example entry: `("ulog-smoke", "ulog-agent is being written")` (passes since the server core landed).
-pub const EXPECTED_TO_FAIL: &[(&str, &str)] = &[
-    // The agent answers requests for a (uuid, luid) it does not know with -EINVAL. After a
-    // restart the kernel only reconnects (CTR + RESUME, then the request again) on -ESRCH, so a
-    // log whose request was in flight when the agent died is never reconnected: every later
-    // request fails (IN_SYNC then reads "not in sync" and writes go to leg 0 only, unrecorded).
-    // Answering -ESRCH alone is not enough on 6.1: the retried IN_SYNC gets a reply capacity of
-    // 0 ("Insufficient space to receive package [8] (8 vs 0)"), fails, and that write goes to
-    // leg 0 only while the log keeps the region in sync (seen with a patched agent: legs differ
-    // in the written region after the final resync).
-    ("ulog-agent-kill", "a restarted agent answers -EINVAL for the kernel's live logs, so the kernel never reconnects"),
-];
+pub const EXPECTED_TO_FAIL: &[(&str, &str)] = &[];
 
 pub fn find(name: &str) -> Option<&'static Scenario> {
     SCENARIOS.iter().find(|s| s.name == name)
