@@ -374,7 +374,7 @@ pub fn run(a: Args) -> Result<()> {
             Err(e) => eprintln!("demo: no report: {e:#}"),
         }
         if a.check {
-            check(port, &prom)?;
+            check(port, &prom, a.scrape_interval)?;
         }
         Ok(())
     })();
@@ -408,7 +408,7 @@ fn print_status(prom: &Prom) {
 }
 
 /// `--check`: the forwarded /metrics and Prometheus show what the kernel did.
-fn check(port: u16, prom: &Prom) -> Result<()> {
+fn check(port: u16, prom: &Prom, scrape_s: u64) -> Result<()> {
     let (status, metrics) = http_get(port, "/metrics")?;
     ensure!(status == 200, "GET /metrics through the forwarded port: {status}");
     let writes: f64 = metrics
@@ -435,10 +435,57 @@ fn check(port: u16, prom: &Prom) -> Result<()> {
             grep(&metrics, "ulog_probe")
         );
     }
+    check_dashboard(prom, scrape_s)?;
     println!(
         "demo check: passed (mirror writes {writes}, requests/s {rate:.1}, probe {})",
         if ebpf { "attached" } else { "not built" }
     );
+    Ok(())
+}
+
+/// Queries that may be empty on the real kernel: the kernel-side latency, retry and reconnect
+/// families (exported once the eBPF latency probes exist and are attached), and the resync ETA
+/// (only while a resync is making progress; the demo's finishes in seconds).
+fn may_be_empty(title: &str, expr: &str) -> bool {
+    [
+        "ulog_kernel_request_duration",
+        "ulog_kernel_request_stage",
+        "ulog_kernel_request_retries",
+        "ulog_kernel_reconnect_attempts",
+    ]
+    .iter()
+    .any(|f| expr.contains(f))
+        || title == "Resync ETA"
+}
+
+/// Every query of dashboards/ulog.json against the real kernel's data: each parses, and each
+/// returns data except those [`may_be_empty`] allows.
+fn check_dashboard(prom: &Prom, scrape_s: u64) -> Result<()> {
+    let path = super::workspace_root().join("dashboards/ulog.json");
+    let d: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    let mut bad = Vec::new();
+    let mut empty_ok = Vec::new();
+    let mut n = 0;
+    for p in d["panels"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        let title = p["title"].as_str().unwrap_or("");
+        for t in p["targets"].as_array().map(Vec::as_slice).unwrap_or_default() {
+            let expr = t["expr"].as_str().unwrap_or("");
+            let q = report::substitute(expr, scrape_s);
+            let what = format!("{title}/{}", t["refId"].as_str().unwrap_or(""));
+            n += 1;
+            match prom.query(&q) {
+                Err(e) => bad.push(format!("{what}: {e:#}")),
+                Ok(r) if r.is_empty() && may_be_empty(title, expr) => empty_ok.push(what),
+                Ok(r) if r.is_empty() => bad.push(format!("{what}: no data: {q}")),
+                Ok(_) => {}
+            }
+        }
+    }
+    println!(
+        "demo check: {n} dashboard queries, {} with data; empty (allowed): {empty_ok:?}",
+        n - bad.len() - empty_ok.len()
+    );
+    ensure!(bad.is_empty(), "dashboard queries failing on the real kernel's data:\n{}", bad.join("\n"));
     Ok(())
 }
 
