@@ -22,7 +22,7 @@ struct Cli {
 enum Cmd {
     /// Install the pinned toolchains, bpf-linker and the Debian packages the tests need (idempotent).
     Setup(setup::Args),
-    /// Set up, build and run the agent in the foreground (the README's first command).
+    /// Set up, build and run the agent in the foreground (the README's second command).
     Run(run::Args),
     /// Set up, then run every test suite (the README's test command).
     Test(test::Args),

@@ -417,12 +417,14 @@ fn traffic_round(a: &mut Agent, logs: &[&Log], round: u64, regions: u64) {
 fn prometheus_runs_every_dashboard_and_rule_query_on_live_traffic() {
     let t0 = Instant::now();
     let (mut a, _http) = api::start(Core::InMemory);
-    let disk = zero_file(&a.dir.join("disk"), 65536);
+    let disk = zero_file(&a.dir.join("disk"), 1 << 20);
     let core = Log::new("LVM-dashcore", LUID);
     let dlog = Log::new("LVM-dashdisk", LUID + 1);
-    const REGIONS: u64 = 1000;
-    a.create(&core, "8000 clustered-core 8");
-    a.create(&dlog, &format!("8000 clustered-disk {} 8", disk.display()));
+    // Enough regions that the resync never finishes during the test (a finished resync has no
+    // ETA): a region a round, ~200 rounds a second.
+    const REGIONS: u64 = 100_000;
+    a.create(&core, "800000 clustered-core 8");
+    a.create(&dlog, &format!("800000 clustered-disk {} 8", disk.display()));
     let prom_dir = TempDir::new();
     let prom = Prometheus::start(&prom_dir, api::ADDR);
 
