@@ -326,12 +326,13 @@ pub fn run(a: Args) -> Result<()> {
             "\n=== ulog demo: a real 6.1 kernel (qemu) with dm-mirror on ulog-agent, writes running ===\n\
              agent API (forwarded):  http://127.0.0.1:{port}/api/v1/logs   http://127.0.0.1:{port}/api/v1/agent\n\
              metrics:                http://127.0.0.1:{port}/metrics\n\
-             status summary:         target/release/ulog-agent status --addr 127.0.0.1:{port}\n\
+             status summary:         {agent} status --addr 127.0.0.1:{port}\n\
              Prometheus UI:          http://127.0.0.1:{prom_port}/graph   (alerts: /alerts, rules: /rules)\n\
              Grafana (elsewhere):    import dashboards/ulog.json with a data source at http://127.0.0.1:{prom_port}\n\
              files:                  {out}  (console.log, prometheus.yml, report.html at the end)\n\
              {stop}\n",
             out = out.display(),
+            agent = super::target_dir().join("release/ulog-agent").display(),
             stop = match a.duration {
                 Some(d) => format!("stops by itself after {d} s (Ctrl-C stops it earlier)"),
                 None => "Ctrl-C stops everything (the report is written first)".to_string(),
@@ -362,7 +363,7 @@ pub fn run(a: Args) -> Result<()> {
         }
         let end = now_secs();
         let report_path = out.join("report.html");
-        match report::write(
+        let drawn = match report::write(
             &prom,
             &super::workspace_root().join("dashboards/ulog.json"),
             start,
@@ -370,10 +371,19 @@ pub fn run(a: Args) -> Result<()> {
             a.scrape_interval,
             &report_path,
         ) {
-            Ok(n) => println!("demo: report with {n} panels: {}", report_path.display()),
-            Err(e) => eprintln!("demo: no report: {e:#}"),
-        }
+            Ok(n) => {
+                println!("demo: report with {n} panels: {}", report_path.display());
+                n
+            }
+            Err(e) => {
+                eprintln!("demo: no report: {e:#}");
+                0
+            }
+        };
         if a.check {
+            // All but the kernel-side stages panel, which needs the eBPF latency probes.
+            let want = report::PANELS.len() - 1;
+            ensure!(drawn >= want, "the report drew {drawn} panels with data, expected at least {want}");
             check(port, &prom, a.scrape_interval)?;
         }
         Ok(())
