@@ -91,7 +91,8 @@ fn fmt_value(v: f64, unit: &str) -> String {
         "percentunit" => format!("{:.2}%", v * 100.0),
         "bytes" => format!("{:.1} MiB", v / 1048576.0),
         "reqps" => format!("{v:.1}/s"),
-        _ if v.abs() >= 1000.0 => format!("{v:.0}"),
+        _ if v.abs() >= 1000.0 || v == v.round() => format!("{v:.0}"),
+        _ if v.abs() >= 10.0 => format!("{v:.1}"),
         _ => format!("{v:.3}"),
     }
 }
@@ -130,8 +131,18 @@ fn svg(series: &[Series], t0: f64, t1: f64, unit: &str) -> String {
     let span = t1 - t0;
     for i in 0..=4 {
         let t = t0 + span * f64::from(i) / 4.0;
-        let _ =
-            write!(s, "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">+{:.0} s</text>", x(t), h - 6.0, t - t0);
+        let _ = write!(
+            s,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"{}\">+{:.0} s</text>",
+            x(t),
+            h - 6.0,
+            match i {
+                0 => "start",
+                4 => "end",
+                _ => "middle",
+            },
+            t - t0
+        );
     }
     for (i, se) in series.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
@@ -266,6 +277,10 @@ mod tests {
         assert_eq!(legend("{{log}} {{state}}", &m), "a");
         assert_eq!(fmt_value(0.000_05, "s"), "50.0 µs");
         assert_eq!(fmt_value(0.5, "percentunit"), "50.00%");
+        assert_eq!(
+            (fmt_value(768.0, "short"), fmt_value(12.34, "short"), fmt_value(0.5, "short")),
+            ("768".into(), "12.3".into(), "0.500".into())
+        );
         assert_eq!(substitute("rate(x{log=~\"$log\"}[$__rate_interval])", 2), "rate(x{log=~\".*\"}[8s])");
     }
 
