@@ -22,10 +22,13 @@ struct Cli {
 enum Cmd {
     /// Install the pinned toolchains, bpf-linker and the Debian packages the tests need (idempotent).
     Setup(setup::Args),
-    /// Set up, build and run the agent in the foreground (the README's first command).
+    /// Set up, build and run the agent in the foreground (the README's second command).
     Run(run::Args),
     /// Set up, then run every test suite (the README's test command).
     Test(test::Args),
+    /// Set up, boot the VM with mirrors on ulog-agent under writes, forward its API, run
+    /// Prometheus on the host; Ctrl-C stops everything (the README's first command).
+    Demo(vm::demo::Args),
     /// The qemu harness: a Debian kernel with dm-mirror and dm-log-userspace.
     Vm(vm::Args),
     /// Run the cargo-fuzz targets for a bounded time each.
@@ -39,6 +42,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Setup(a) => setup::run(a),
         Cmd::Run(a) => run::run(a),
         Cmd::Test(a) => test::run(a),
+        Cmd::Demo(a) => vm::demo::run(a),
         Cmd::Vm(a) => vm::run(a),
         Cmd::Fuzz(a) => fuzz::run(a),
         Cmd::Bench(a) => bench::run(a),

@@ -1,5 +1,5 @@
 //! `cargo xtask run [-- AGENT FLAGS]`: set up, build the agent in release mode, and run it in
-//! the foreground (the README's first command). The agent replaces this process (exec), so
+//! the foreground (the README's second command). The agent replaces this process (exec), so
 //! signals (Ctrl-C, SIGTERM) reach it directly and it flushes its logs before exiting.
 
 use std::os::unix::process::CommandExt;

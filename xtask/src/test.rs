@@ -12,7 +12,8 @@
 //!    `dashboards/ulog-rules.yml` (ulog-agent/tests/integration/api.rs; promtool comes from
 //!    Debian's `prometheus` package, which `setup` installs);
 //! 5. the suites in [`SUITES`], each a `cargo ...` command run from the repo root (the VM suite is
-//!    `cargo xtask vm test`; it is called as a command, not a function, so it can change freely).
+//!    `cargo xtask vm test`, then a 20 s smoke run of `cargo xtask demo --check`; they are called
+//!    as commands, not functions, so they can change freely; `--skip-vm` skips both).
 //!
 //! After a failure in steps 2-5 the remaining steps still run, so one run reports everything. At
 //! the end a summary lists every step with its status and duration; the exit status is 1 if any
@@ -37,7 +38,7 @@ pub struct Args {
     /// Skip `cargo fmt --check` and `cargo clippy`.
     #[arg(long)]
     pub skip_lint: bool,
-    /// Skip the VM suite (`cargo xtask vm test`).
+    /// Skip the suites that boot VMs (`cargo xtask vm test`, the demo smoke run).
     #[arg(long)]
     pub skip_vm: bool,
     /// Skip a further suite by name (repeatable); see `SUITES` in xtask/src/test.rs.
@@ -60,6 +61,9 @@ pub struct Suite {
 pub const SUITES: &[Suite] = &[
     // qemu with a Debian kernel: dm-mirror + dm-log-userspace against the real kernel, eBPF probes.
     Suite { name: "vm", cargo_args: &["xtask", "vm", "test"] },
+    // `cargo xtask demo` for 20 s of workload: the forwarded /metrics and the host's Prometheus
+    // must show the mirror writes, the rules evaluate, the probe is attached (one boot).
+    Suite { name: "demo", cargo_args: &["xtask", "demo", "--skip-setup", "--duration", "20", "--check"] },
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -116,7 +120,8 @@ pub fn run(args: Args) -> Result<()> {
         ("cargo test".into(), vec!["test"], false),
     ];
     for suite in SUITES {
-        let skipped = args.skip_suites.iter().any(|s| s == suite.name) || (suite.name == "vm" && args.skip_vm);
+        let skipped = args.skip_suites.iter().any(|s| s == suite.name)
+            || ((suite.name == "vm" || suite.name == "demo") && args.skip_vm);
         steps.push((format!("suite {}", suite.name), suite.cargo_args.to_vec(), skipped));
     }
     for (name, cargo_args, skipped) in steps {

@@ -50,8 +50,8 @@
 //! for qboot), busybox-static, dmsetup, libc-bin (ldd). The guest gets copies of the host's
 //! busybox and dmsetup (+ libraries), so the host must be x86_64 (Debian 12 was tested).
 //!
-//! Limits: x86_64 only; no network in the guest yet (virtio_net is in the initramfs; add
-//! `-netdev user,...,hostfwd=...` in [`qemu`] when a scenario needs it); a guest process stuck in
+//! Limits: x86_64 only; no network in the test guest (virtio_net is in the initramfs; only
+//! [`demo`] adds `-netdev user,...,hostfwd=...` through `Machine::extra_args`); a guest process stuck in
 //! D state cannot be cleaned up (see [`scenarios`]); tools beyond busybox/dmsetup/ulog-agent
 //! (bpftool) are not in the test guest: add them like dmsetup in [`initramfs::build`] (a host
 //! binary + its `ldd` closure), or for one kind of boot only through `Inputs::extra`, as
@@ -64,6 +64,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::{Subcommand, ValueEnum};
 
 mod bench;
+pub mod demo;
 mod fetch;
 mod initramfs;
 mod qemu;

@@ -21,10 +21,10 @@ use ulog_agent::metrics::histogram::{edge_seconds, KERNEL_EDGES_NS};
 
 use crate::common::*;
 
-const ADDR: &str = "127.0.0.1:9477";
+pub(crate) const ADDR: &str = "127.0.0.1:9477";
 
 /// Brings the loopback interface of the calling thread's network namespace up.
-fn lo_up() {
+pub(crate) fn lo_up() {
     // SAFETY: plain socket/ioctl calls on a zeroed ifreq naming "lo".
     unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
@@ -41,12 +41,12 @@ fn lo_up() {
 }
 
 /// An HTTP client of the agent's API.
-struct Http {
-    agent: ureq::Agent,
+pub(crate) struct Http {
+    pub(crate) agent: ureq::Agent,
 }
 
 impl Http {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_secs(10)))
             .http_status_as_error(false)
@@ -56,7 +56,7 @@ impl Http {
     }
 
     /// (status, content type, body).
-    fn get(&self, path: &str) -> (u16, String, String) {
+    pub(crate) fn get(&self, path: &str) -> (u16, String, String) {
         let url = format!("http://{ADDR}{path}");
         let mut r = self.agent.get(&url).call().unwrap_or_else(|e| panic!("GET {url}: {e}"));
         let ct = r.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
@@ -84,7 +84,7 @@ impl Http {
 }
 
 /// An agent serving its API in a private namespace, with the kernel peer.
-fn start(core: Core) -> (Agent, Http) {
+pub(crate) fn start(core: Core) -> (Agent, Http) {
     let mut a = Agent::start_with(core);
     lo_up();
     a.proc.terminate(Duration::from_secs(10)).unwrap_or_else(|e| panic!("{e}"));

@@ -5,6 +5,7 @@
 mod api;
 mod common;
 mod ctr;
+mod dashboards;
 mod lifecycle;
 mod persistence;
 mod recovery;

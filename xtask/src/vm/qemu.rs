@@ -102,7 +102,7 @@ pub struct Outcome {
     pub secs: f64,
 }
 
-fn base_command(m: &Machine, cmdline: &str, disks: &[PathBuf]) -> Command {
+pub(super) fn base_command(m: &Machine, cmdline: &str, disks: &[PathBuf]) -> Command {
     let mut c = Command::new("qemu-system-x86_64");
     match m.accel.resolve() {
         Accel::Kvm => c.args(["-accel", "kvm", "-cpu", "host"]),
