@@ -117,12 +117,14 @@ pub struct Request<'a> {
     pub kind: Option<RequestType>,
     /// Exactly `data_size` bytes.
     pub payload: &'a [u8],
+    /// Length of the uuid in `header` without its NUL (found once, at decoding).
+    uuid_len: u8,
 }
 
 impl Request<'_> {
     /// The uuid without its NUL (decoding guarantees it has one).
     pub fn uuid(&self) -> &[u8] {
-        self.header.uuid_bytes().unwrap_or(&[])
+        &self.header.uuid[..usize::from(self.uuid_len)]
     }
 }
 
@@ -164,15 +166,17 @@ pub fn decode(buf: &[u8]) -> Result<Request<'_>, Rejected> {
     if data_size != have {
         return reject(Malformed::BadCnLen);
     }
-    if header.uuid_bytes().is_none() {
+    let Some(uuid_len) = memchr::memchr(0, &header.uuid) else {
         return reject(Malformed::UnterminatedUuid);
-    }
+    };
     let start = ULOG_OFFSET + ULOG_REQUEST_LEN;
     Ok(Request {
         cn_seq: cn.seq,
         header,
         kind: RequestType::from_raw(header.request_type),
         payload: &buf[start..start + data_size],
+        // A NUL among the 129 bytes: at most 128.
+        uuid_len: uuid_len as u8,
     })
 }
 
