@@ -496,6 +496,12 @@ fn the_openapi_document_describes_the_server() {
         ("/api/v1/logs/openapicore/requests?limit=129".into(), "/api/v1/logs/{log}/requests", 400),
         ("/api/v1/logs/openapicore/requests?type=NOPE".into(), "/api/v1/logs/{log}/requests", 400),
         ("/api/v1/logs/nosuchlog/requests".into(), "/api/v1/logs/{log}/requests", 404),
+        ("/api/v1/kernel/slow".into(), "/api/v1/kernel/slow", 200),
+        ("/api/v1/kernel/slow?all=true&limit=3".into(), "/api/v1/kernel/slow", 200),
+        ("/api/v1/kernel/slow?limit=0".into(), "/api/v1/kernel/slow", 400),
+        ("/api/v1/kernel/slow?limit=257".into(), "/api/v1/kernel/slow", 400),
+        ("/api/v1/kernel/slow?all=maybe".into(), "/api/v1/kernel/slow", 400),
+        ("/api/v1/kernel/slow?verbose=1".into(), "/api/v1/kernel/slow", 400),
     ];
     for (path, template, want) in &cases {
         let (status, ct, body) = http.get(path);
