@@ -61,6 +61,11 @@ struct Cli {
     #[arg(long)]
     no_bpf_stats: bool,
 
+    /// Turn on the eBPF programs' own diagnostics (aya-log; rare events such as resends and
+    /// reconnect CTRs), logged with target `ulog_ebpf`. Off by default.
+    #[arg(long)]
+    probe_log: bool,
+
     /// Keep requests whose kernel-side round trip took at least this long (µs) for
     /// `/api/v1/kernel/slow`.
     #[arg(long, default_value_t = 1000, value_name = "MICROSECONDS")]
@@ -114,7 +119,7 @@ fn main() -> anyhow::Result<()> {
 
     let kernel = Arc::new(KernelTelemetry::new(cli.slow_request_us.saturating_mul(1000)));
     let probe_cfg = ManagerConfig {
-        opts: ProbeOptions { bpf_stats: !cli.no_bpf_stats },
+        opts: ProbeOptions { bpf_stats: !cli.no_bpf_stats, log: cli.probe_log },
         module_poll: std::time::Duration::from_secs(2),
     };
     let adopted = if cli.no_probes {

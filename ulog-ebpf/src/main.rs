@@ -20,6 +20,12 @@
 //!   receive and reply times. A full ring buffer loses the event, counted
 //!   (`COUNTERS[C_EVENTS_LOST]`); the histograms and counters never depend on the ring.
 //!
+//! # Diagnostics
+//! Rare conditions (a resend, a reconnect CTR, an insert failure, a lost event, a return
+//! without an entry, -ESRCH) are logged with aya-log. The agent loads the object with
+//! `AYA_LOG_LEVEL` 0 unless it runs with `--probe-log`, so by default every log statement is a
+//! load and a branch.
+//!
 //! # Limits
 //! Attaching needs a kernel with kprobes and the module loaded; a module unloaded and reloaded
 //! drops the probes (the agent reattaches). Per-CPU counters are incremented without atomics: a
@@ -34,6 +40,7 @@ use aya_ebpf::{
     maps::{LruHashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, RetProbeContext},
 };
+use aya_log_ebpf::{debug, info, warn};
 use ulog_common::{
     offsets,
     probes::{
@@ -101,6 +108,7 @@ pub fn dm_consult_userspace(ctx: ProbeContext) -> u32 {
     if raw == RequestType::Ctr.raw() && rdata == 0 {
         flags |= EV_RECONNECT;
         add(&COUNTERS, C_RECONNECT_ATTEMPTS, 1);
+        info!(&ctx, "reconnect loop: CTR without a reply buffer");
     }
     let ev = RequestEvent {
         luid: ctx.arg::<u64>(ARG_LUID).unwrap_or(0),
@@ -112,6 +120,7 @@ pub fn dm_consult_userspace(ctx: ProbeContext) -> u32 {
     let key = bpf_get_current_pid_tgid();
     if INFLIGHT.insert(&key, &ev, BPF_ANY as u64).is_err() {
         add(&COUNTERS, C_INFLIGHT_FULL, 1);
+        warn!(&ctx, "in-flight table insert failed: type {} not timed", raw);
     }
     0
 }
@@ -140,6 +149,7 @@ pub fn cn_netlink_send(ctx: ProbeContext) -> u32 {
     let key = bpf_get_current_pid_tgid();
     let Some(call) = INFLIGHT.get_ptr_mut(&key) else {
         add(&COUNTERS, C_SENDS_UNMATCHED, 1);
+        debug!(&ctx, "send of seq {} outside a timed call", st[0]);
         return 0;
     };
     // SAFETY: a value of this task's entry; only this task (this call) writes it, and the
@@ -150,13 +160,15 @@ pub fn cn_netlink_send(ctx: ProbeContext) -> u32 {
     } else {
         // A resend within the same call: classify by the time since the previous send.
         let slot = request_counter_slot(st[1] & DM_ULOG_REQUEST_MASK);
-        if now.saturating_sub(call.send_ns) >= TIMEOUT_RESEND_MIN_NS {
+        let gap = now.saturating_sub(call.send_ns);
+        if gap >= TIMEOUT_RESEND_MIN_NS {
             call.timeouts = call.timeouts.saturating_add(1);
             add(&RETRIES, slot * 2 + RETRY_TIMEOUT as u32, 1);
         } else {
             call.eagains = call.eagains.saturating_add(1);
             add(&RETRIES, slot * 2 + RETRY_EAGAIN as u32, 1);
         }
+        info!(&ctx, "resend: seq {} after seq {}, {} ns later", st[0], call.last_seq, gap);
     }
     call.attempts += 1;
     call.last_seq = st[0];
@@ -172,6 +184,7 @@ pub fn dm_consult_userspace_ret(ctx: RetProbeContext) -> u32 {
     let key = bpf_get_current_pid_tgid();
     let Some(call) = INFLIGHT.get_ptr(&key) else {
         add(&COUNTERS, C_UNMATCHED_RETURNS, 1);
+        debug!(&ctx, "return without a recorded entry");
         return 0;
     };
     // SAFETY: this task's own entry (see cn_netlink_send); copied before it is removed.
@@ -186,6 +199,7 @@ pub fn dm_consult_userspace_ret(ctx: RetProbeContext) -> u32 {
     add(&LATENCY_SUM, slot, ns);
     if ev.ret == -ESRCH {
         add(&COUNTERS, C_ESRCH_RETURNS, 1);
+        debug!(&ctx, "type {} returned -ESRCH: no log server", ev.request_type);
     }
     match EVENTS.reserve::<RequestEvent>(0) {
         Some(mut entry) => {
@@ -196,7 +210,10 @@ pub fn dm_consult_userspace_ret(ctx: RetProbeContext) -> u32 {
             let wake = if used >= (EVENTS_BYTES / 4) as u64 { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
             entry.submit(wake as u64);
         }
-        None => add(&COUNTERS, C_EVENTS_LOST, 1),
+        None => {
+            add(&COUNTERS, C_EVENTS_LOST, 1);
+            warn!(&ctx, "event ring full: event of seq {} lost", ev.last_seq);
+        }
     }
     0
 }

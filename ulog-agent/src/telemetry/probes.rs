@@ -181,6 +181,9 @@ pub struct ProbeOptions {
     /// [`ProbeSet::program_runs`] measures the programs' own cost. Costs two clock reads per
     /// program run.
     pub bpf_stats: bool,
+    /// Turn on the programs' own aya-log diagnostics (loaded with `AYA_LOG_LEVEL` 0 otherwise)
+    /// and forward them to the agent's log (target `ulog_ebpf`).
+    pub log: bool,
 }
 
 /// The probes' raw map contents (summed over CPUs), since they were attached.
@@ -245,9 +248,9 @@ impl RawCounts {
 pub struct ProbeSet {
     #[cfg(feature = "ebpf")]
     maps: Maps,
-    /// The event ring, until [`ProbeSet::take_events`] hands it to its reader.
+    /// The event ring (and the log reader), until [`ProbeSet::take_events`] hands them over.
     #[cfg(feature = "ebpf")]
-    events: Option<aya::maps::RingBuf<aya::maps::MapData>>,
+    events: Option<EventReader>,
     /// Keeps the kernel's BPF statistics on while attached.
     #[cfg(feature = "ebpf")]
     _stats: Option<std::os::fd::OwnedFd>,
@@ -277,6 +280,30 @@ impl std::fmt::Debug for ProbeSet {
 #[cfg(feature = "ebpf")]
 pub struct EventReader {
     ring: aya::maps::RingBuf<aya::maps::MapData>,
+    logger: Option<aya_log::EbpfLogger<TracingLog>>,
+}
+
+/// Forwards the eBPF programs' aya-log records to `tracing` (target `ulog_ebpf`).
+#[cfg(feature = "ebpf")]
+#[derive(Clone, Copy, Debug)]
+pub struct TracingLog;
+
+#[cfg(feature = "ebpf")]
+impl log::Log for TracingLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        let msg = record.args();
+        match record.level() {
+            log::Level::Error => tracing::error!(target: "ulog_ebpf", "{msg}"),
+            log::Level::Warn => tracing::warn!(target: "ulog_ebpf", "{msg}"),
+            log::Level::Info => tracing::info!(target: "ulog_ebpf", "{msg}"),
+            log::Level::Debug => tracing::debug!(target: "ulog_ebpf", "{msg}"),
+            log::Level::Trace => tracing::trace!(target: "ulog_ebpf", "{msg}"),
+        }
+    }
+    fn flush(&self) {}
 }
 
 /// Reads the events of a [`ProbeSet`] (on the probe thread).
@@ -303,6 +330,14 @@ impl EventReader {
             let mut pfd = libc::pollfd { fd: self.ring.as_raw_fd(), events: libc::POLLIN, revents: 0 };
             // SAFETY: one valid pollfd; the result only tells us to look at the ring.
             unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+            if let Some(logger) = self.logger.as_mut() {
+                // aya-log unwraps while decoding a record; a record our programs did not write
+                // must not take the agent down: drop the logger instead.
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| logger.flush())).is_err() {
+                    tracing::warn!("undecodable eBPF log record: probe diagnostics turned off");
+                    self.logger = None;
+                }
+            }
             let mut n = 0;
             while let Some(item) = self.ring.next() {
                 if item.len() >= std::mem::size_of::<RequestEvent>() {
@@ -352,7 +387,23 @@ impl ProbeSet {
         }
         check_kernel()?;
         raise_memlock_rlimit();
-        let mut ebpf = aya::Ebpf::load(object).map_err(ProbeError::Load)?;
+        // The programs' log statements are live only at a level above 0 (aya-log-ebpf's global).
+        let level: u8 = if opts.log { 5 } else { 0 };
+        let mut ebpf = aya::EbpfLoader::new()
+            .override_global(aya_log::LEVEL, &level, true)
+            .load(object)
+            .map_err(ProbeError::Load)?;
+        let logger = if opts.log {
+            match aya_log::EbpfLogger::init_with_logger(&mut ebpf, TracingLog) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the eBPF programs' log: probe diagnostics off");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         for (program, function, _) in PROGRAMS {
             let kprobe: &mut KProbe = ebpf
                 .program_mut(program)
@@ -386,14 +437,20 @@ impl ProbeSet {
         } else {
             None
         };
-        Ok(ProbeSet { maps, events: Some(ring), _stats: stats, ebpf, last: Mutex::new(RawCounts::default()) })
+        Ok(ProbeSet {
+            maps,
+            events: Some(EventReader { ring, logger }),
+            _stats: stats,
+            ebpf,
+            last: Mutex::new(RawCounts::default()),
+        })
     }
 
     /// The event ring's reader (once; `None` afterwards).
     pub fn take_events(&mut self) -> Option<EventReader> {
         #[cfg(feature = "ebpf")]
         {
-            self.events.take().map(|ring| EventReader { ring })
+            self.events.take()
         }
         #[cfg(not(feature = "ebpf"))]
         {
@@ -650,7 +707,8 @@ mod tests {
                 return;
             }
             raise_memlock_rlimit();
-            let mut ebpf = match aya::Ebpf::load(obj) {
+            // As start_with loads it: the aya-log level global must exist (must_exist = true).
+            let mut ebpf = match aya::EbpfLoader::new().override_global(aya_log::LEVEL, &0u8, true).load(obj) {
                 Ok(e) => e,
                 Err(e) => panic!("{}", ProbeError::Load(e).report()),
             };
@@ -658,6 +716,8 @@ mod tests {
                 assert!(matches!(ebpf.map(map), Some(Map::PerCpuArray(_))), "{map}");
             }
             assert!(matches!(ebpf.map(EVENTS), Some(Map::RingBuf(_))));
+            // Held until the end: the programs refer to the log ring by its fd when they load.
+            let _logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, TracingLog).expect("AYA_LOGS ring");
             assert!(matches!(ebpf.map(ulog_common::probes::INFLIGHT), Some(Map::LruHashMap(_))));
             // The development kernel loads kprobe programs (only attaching fails there): each
             // goes through the verifier.

@@ -110,6 +110,14 @@ pub const SCENARIOS: &[Scenario] = &[
         suite: true,
     },
     Scenario {
+        name: "ulog-kernel-retry",
+        about: "a request frozen past the kernel's 15 s timeout: one timeout resend counted by type, listed with 2 attempts (kernel total >= 15 s), reported by the programs' aya-log (--probe-log)",
+        boots: 1,
+        disks_mib: &[],
+        timeout_s: 60,
+        suite: true,
+    },
+    Scenario {
         name: "ulog-reload",
         about: "suspend/resume and a same-uuid table reload under writes, then integrated_flush: data intact, legs equal",
         boots: 1,
