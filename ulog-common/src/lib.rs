@@ -545,10 +545,12 @@ pub mod probes {
     pub const CN_NETLINK_SEND: &str = "cn_netlink_send";
     /// Name of the kretprobe program on [`DM_CONSULT_USERSPACE`].
     pub const DM_CONSULT_USERSPACE_RET: &str = "dm_consult_userspace_ret";
-    /// `LruHashMap<u64, RequestEvent>`: the calls in progress, by `pid_tgid` of the calling task
-    /// (`dm_consult_userspace` sleeps until the answer; it never nests within a task). LRU, so
-    /// the entry of a call whose return was missed (more concurrent calls than the kretprobe's
-    /// `maxactive`) cannot fill it up.
+    /// `HashMap<u64, RequestEvent>`: the calls in progress, by `pid_tgid` of the calling task
+    /// (`dm_consult_userspace` sleeps until the answer; it never nests within a task). A plain
+    /// preallocated hash (per-CPU free lists), not LRU (whose common LRU list takes a global lock
+    /// per insert): the entry of a call whose return was missed (more concurrent calls than the
+    /// kretprobe's `maxactive`) is overwritten by the task's next call, and stays only if that
+    /// task exits; a full table makes inserts fail, counted (`C_INFLIGHT_FULL`).
     pub const INFLIGHT: &str = "INFLIGHT";
     /// Capacity of [`INFLIGHT`]: far more tasks than ever wait on the log server at once.
     pub const INFLIGHT_ENTRIES: u32 = 4096;

@@ -37,7 +37,7 @@ use aya_ebpf::{
     bindings::{BPF_ANY, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{kprobe, kretprobe, map},
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, RetProbeContext},
 };
 use aya_log_ebpf::{debug, info, warn};
@@ -58,7 +58,7 @@ static REQUESTS_BY_TYPE: PerCpuArray<u64> = PerCpuArray::with_max_entries(REQUES
 
 /// Calls in progress, by pid_tgid.
 #[map]
-static INFLIGHT: LruHashMap<u64, RequestEvent> = LruHashMap::with_max_entries(INFLIGHT_ENTRIES, 0);
+static INFLIGHT: HashMap<u64, RequestEvent> = HashMap::with_max_entries(INFLIGHT_ENTRIES, 0);
 
 /// Round-trip histograms: `slot * HIST_SLOTS + log2 slot`.
 #[map]

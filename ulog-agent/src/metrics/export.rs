@@ -193,7 +193,7 @@ impl Exporter {
         f.done(out);
         let mut f = Fam::gauge(
             "ulog_probe_attached",
-            "1 if the eBPF probe on dm_consult_userspace is attached (kernel-side families exported), else 0.",
+            "1 while the eBPF probes (dm_consult_userspace entry and return, cn_netlink_send) are attached, else 0 (the reason is logged and in /api/v1/agent). Kernel-side families keep their last values while detached.",
         );
         f.add_gauge(&[], if t.probe_attached() { 1.0 } else { 0.0 });
         f.done(out);

@@ -718,7 +718,7 @@ mod tests {
             assert!(matches!(ebpf.map(EVENTS), Some(Map::RingBuf(_))));
             // Held until the end: the programs refer to the log ring by its fd when they load.
             let _logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, TracingLog).expect("AYA_LOGS ring");
-            assert!(matches!(ebpf.map(ulog_common::probes::INFLIGHT), Some(Map::LruHashMap(_))));
+            assert!(matches!(ebpf.map(ulog_common::probes::INFLIGHT), Some(Map::HashMap(_))));
             // The development kernel loads kprobe programs (only attaching fails there): each
             // goes through the verifier.
             for (program, _, kind) in PROGRAMS {
