@@ -484,6 +484,7 @@ impl ProbeSet {
 
     /// Like [`ProbeSet::request_counts`], but reports a failed read.
     pub fn try_request_counts(&self) -> Result<[u64; REQUEST_COUNTER_SLOTS], ProbeError> {
+        #[cfg_attr(not(feature = "ebpf"), allow(unused_mut))]
         let mut out = [0u64; REQUEST_COUNTER_SLOTS];
         #[cfg(feature = "ebpf")]
         read_into(&self.maps.requests, REQUESTS_BY_TYPE, &mut out)?;
@@ -492,6 +493,7 @@ impl ProbeSet {
 
     /// Every map, summed over CPUs, or the first failed read.
     pub fn try_counts(&self) -> Result<RawCounts, ProbeError> {
+        #[cfg_attr(not(feature = "ebpf"), allow(unused_mut))]
         let mut c = RawCounts::default();
         #[cfg(feature = "ebpf")]
         {
