@@ -10,13 +10,15 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use tracing::{error, info, warn};
+use tracing::{error, info};
 use ulog_agent::api;
 use ulog_agent::counters::Counters;
-use ulog_agent::metrics::{self, kernel::KernelSource, Lifecycle, Telemetry};
+use ulog_agent::metrics::{self, Lifecycle, Telemetry};
 use ulog_agent::server::{LogServer, ServerConfig};
 use ulog_agent::status::{self, StatusArgs};
-use ulog_agent::telemetry::probes::ProbeSet;
+use ulog_agent::telemetry::manager::{self, ManagerConfig};
+use ulog_agent::telemetry::probes::{ProbeOptions, ProbeSet};
+use ulog_agent::telemetry::KernelTelemetry;
 use ulog_agent::transport::{self, ConnectorSocket, SocketSink};
 use ulog_common::RequestType;
 
@@ -53,6 +55,21 @@ struct Cli {
     /// Do not load the eBPF probes (kernel-side request counts and latency).
     #[arg(long)]
     no_probes: bool,
+
+    /// Do not turn on the kernel's BPF run-time statistics while the probes are attached (they
+    /// measure the probes' own cost, `ulog_probe_run_seconds_total`, for two clock reads per run).
+    #[arg(long)]
+    no_bpf_stats: bool,
+
+    /// Turn on the eBPF programs' own diagnostics (aya-log; rare events such as resends and
+    /// reconnect CTRs), logged with target `ulog_ebpf`. Off by default.
+    #[arg(long)]
+    probe_log: bool,
+
+    /// Keep requests whose kernel-side round trip took at least this long (µs) for
+    /// `/api/v1/kernel/slow`.
+    #[arg(long, default_value_t = 1000, value_name = "MICROSECONDS")]
+    slow_request_us: u64,
 
     /// Receive queue size in bytes (many requests may be in flight at once).
     #[arg(long, default_value_t = 8 << 20, value_name = "BYTES")]
@@ -100,27 +117,18 @@ fn main() -> anyhow::Result<()> {
     let counters = Arc::new(Counters::default());
     let telemetry = Arc::new(Telemetry::new(Arc::clone(&counters)));
 
-    let probes = if cli.no_probes {
+    let kernel = Arc::new(KernelTelemetry::new(cli.slow_request_us.saturating_mul(1000)));
+    let probe_cfg = ManagerConfig {
+        opts: ProbeOptions { bpf_stats: !cli.no_bpf_stats, log: cli.probe_log },
+        module_poll: std::time::Duration::from_secs(2),
+    };
+    let adopted = if cli.no_probes {
         info!("eBPF probes disabled (--no-probes)");
+        telemetry.set_probe_state(false, "disabled (--no-probes)".into());
         None
     } else {
-        match ProbeSet::try_start() {
-            Ok(p) => {
-                info!("eBPF probe attached to dm_consult_userspace");
-                Some(Arc::new(p))
-            }
-            Err(e) => {
-                warn!(reason = %e.report(), "eBPF probes not attached; serving without kernel-side telemetry");
-                telemetry.set_probes(None, e.report());
-                None
-            }
-        }
+        Some(manager::adopt(&kernel, &telemetry, ProbeSet::start(probe_cfg.opts)))
     };
-    if let Some(p) = &probes {
-        telemetry.set_probes(Some(Arc::clone(p) as Arc<dyn KernelSource>), "attached to dm_consult_userspace".into());
-    } else if cli.no_probes {
-        telemetry.set_probes(None, "disabled (--no-probes)".into());
-    }
 
     // The socket only now: the kernel starts sending as soon as we join group 7, and the probe
     // must already count those requests (kernel-side and agent-side counts must agree).
@@ -166,6 +174,11 @@ fn main() -> anyhow::Result<()> {
             })
             .context("cannot start the receive thread")?
     };
+    let probe_thread = match adopted {
+        Some(a) => manager::spawn(Arc::clone(&kernel), Arc::clone(&telemetry), probe_cfg, a, Arc::clone(&stop))
+            .context("cannot start the probe thread")?,
+        None => None,
+    };
     info!(port = socket.port(), state_dir = ?cli.state_dir, "serving dm-log-userspace requests");
     telemetry.set_lifecycle(Lifecycle::Serving);
     rt.spawn(metrics::background(Arc::clone(&telemetry)));
@@ -189,7 +202,10 @@ fn main() -> anyhow::Result<()> {
     if let Err(e) = &served {
         error!(error = %e, "receive loop failed");
     }
-    log_request_summary(&counters, probes.as_deref());
+    if let Some(t) = probe_thread {
+        let _ = t.join();
+    }
+    log_request_summary(&counters, (kernel.attachments() > 0).then_some(&*kernel));
     served.context("serving failed")?;
     info!("exited cleanly");
     Ok(())
@@ -197,11 +213,13 @@ fn main() -> anyhow::Result<()> {
 
 /// One line per request type seen: what the agent served and, with the probe attached, what
 /// the kernel sent (they differ by the requests the kernel sent while no agent was running).
-fn log_request_summary(counters: &Counters, probes: Option<&ProbeSet>) {
+fn log_request_summary(counters: &Counters, probes: Option<&KernelTelemetry>) {
     let kernel = probes.map(|p| p.request_counts());
     for t in RequestType::ALL {
         let served = counters.requests_of(Some(t));
-        let sent = kernel.map(|k| k[ulog_common::probes::request_counter_slot(t.raw()) as usize]);
+        let sent = kernel
+            .as_ref()
+            .map(|k| k.get(ulog_common::probes::request_counter_slot(t.raw()) as usize).copied().unwrap_or(0));
         if served == 0 && sent.unwrap_or(0) == 0 {
             continue;
         }

@@ -268,6 +268,7 @@ impl Worker {
         if error != 0 {
             self.counters.deferred_error(r.kind());
         }
+        self.telemetry.about_to_reply(r.header.seq, r.received_ns);
         if !self.sink.send_reply(r.port, reply.as_bytes()) {
             self.counters.dropped(crate::counters::Dropped::SendFailed);
         }

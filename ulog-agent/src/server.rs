@@ -379,6 +379,7 @@ impl LogServer {
         };
         self.counters.request(req.kind, error, false);
         let reply = ReplyBuf::full(&req.header, req.cn_seq, error, &payload.buf[..payload.len], self.own_port);
+        self.telemetry.about_to_reply(req.header.seq, received);
         self.send(sender, &reply);
         let now = clock::now_ns();
         let service_ns = now.saturating_sub(received);

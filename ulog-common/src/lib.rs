@@ -140,6 +140,11 @@ const _: () = assert!(core::mem::offset_of!(DmUlogRequest, data_size) == offsets
 // (the sizes are asserted above), valid for every bit pattern.
 unsafe impl aya::Pod for CnMsg {}
 
+#[cfg(feature = "user")]
+// SAFETY: `#[repr(C)]` integers only, size asserted (64, no implicit padding), valid for every
+// bit pattern.
+unsafe impl aya::Pod for probes::RequestEvent {}
+
 fn rd_u16(b: &[u8], at: usize) -> u16 {
     u16::from_ne_bytes([b[at], b[at + 1]])
 }
@@ -534,6 +539,158 @@ pub mod probes {
     /// Slots of [`REQUESTS_BY_TYPE`]: one per request type (1..=17) plus slot 0 for anything else.
     pub const REQUEST_COUNTER_SLOTS: usize = REQUEST_TYPE_COUNT + 1;
 
+    /// Kernel function the send probe hooks: `int cn_netlink_send(struct cn_msg *msg, u32 portid,
+    /// u32 group, gfp_t gfp_mask)`, called once per request attempt (a resend after a timeout or
+    /// -EAGAIN calls it again with a new seq). Other connector users call it too: the probe keeps
+    /// only messages whose id is [`crate::DM_ULOG_CB_ID`].
+    pub const CN_NETLINK_SEND: &str = "cn_netlink_send";
+    /// Name of the kretprobe program on [`DM_CONSULT_USERSPACE`].
+    pub const DM_CONSULT_USERSPACE_RET: &str = "dm_consult_userspace_ret";
+    /// `HashMap<u64, RequestEvent>`: the calls in progress, by `pid_tgid` of the calling task
+    /// (`dm_consult_userspace` sleeps until the answer; it never nests within a task). A plain
+    /// preallocated hash (per-CPU free lists), not LRU (whose common LRU list takes a global lock
+    /// per insert): the entry of a call whose return was missed (more concurrent calls than the
+    /// kretprobe's `maxactive`) is overwritten by the task's next call, and stays only if that
+    /// task exits; a full table makes inserts fail, counted (`C_INFLIGHT_FULL`).
+    pub const INFLIGHT: &str = "INFLIGHT";
+    /// Capacity of [`INFLIGHT`]: far more tasks than ever wait on the log server at once.
+    pub const INFLIGHT_ENTRIES: u32 = 4096;
+    /// `PerCpuArray<u64>` of round-trip histograms: index `slot * HIST_SLOTS + k`, where `slot` is
+    /// the [`request_counter_slot`] and `k` the [`log2_slot`] of the duration.
+    pub const LATENCY_HIST: &str = "LATENCY_HIST";
+    /// Log2 slots per histogram (more than any `u64` duration in ns needs).
+    pub const HIST_SLOTS: usize = 64;
+    /// `PerCpuArray<u64>` of round-trip sums in ns, by [`request_counter_slot`].
+    pub const LATENCY_SUM: &str = "LATENCY_SUM";
+    /// `PerCpuArray<u64>` of resends: index `slot * 2 + reason` (reason [`RETRY_TIMEOUT`] or
+    /// [`RETRY_EAGAIN`]), counted when the resend is sent.
+    pub const RETRIES: &str = "RETRIES";
+    /// Resend after the 15 s timeout.
+    pub const RETRY_TIMEOUT: usize = 0;
+    /// Resend after an -EAGAIN answer.
+    pub const RETRY_EAGAIN: usize = 1;
+    /// A resend this long (ns) after the previous attempt's send is a timeout resend: the kernel
+    /// waits `DM_ULOG_RETRY_TIMEOUT` (15 s) before one; an -EAGAIN resend follows the answer at once.
+    pub const TIMEOUT_RESEND_MIN_NS: u64 = 10_000_000_000;
+    /// `PerCpuArray<u64>` of single counters, indexed by the `C_*` constants.
+    pub const COUNTERS: &str = "COUNTERS";
+    /// [`COUNTERS`]: CTR calls of the kernel's -ESRCH reconnect loop (`userspace_do_request`
+    /// calls `dm_consult_userspace(CTR)` with `rdata == NULL`; the constructor's own CTR passes a
+    /// reply buffer), answered or not.
+    pub const C_RECONNECT_ATTEMPTS: u32 = 0;
+    /// [`COUNTERS`]: calls that returned -ESRCH (no log server listening).
+    pub const C_ESRCH_RETURNS: u32 = 1;
+    /// [`COUNTERS`]: events the ring buffer had no room for (`bpf_ringbuf_reserve` failed).
+    pub const C_EVENTS_LOST: u32 = 2;
+    /// [`COUNTERS`]: calls not timed because [`INFLIGHT`] was full.
+    pub const C_INFLIGHT_FULL: u32 = 3;
+    /// [`COUNTERS`]: returns without a recorded entry (the probe attached during the call).
+    pub const C_UNMATCHED_RETURNS: u32 = 4;
+    /// [`COUNTERS`]: dm-log-userspace messages seen by the send probe.
+    pub const C_SENDS: u32 = 5;
+    /// [`COUNTERS`]: dm-log-userspace sends outside a timed call.
+    pub const C_SENDS_UNMATCHED: u32 = 6;
+    /// Slots of [`COUNTERS`].
+    pub const COUNTER_SLOTS: u32 = 8;
+    /// `RingBuf` of [`RequestEvent`]s, one per returned call.
+    pub const EVENTS: &str = "EVENTS";
+    /// Size of [`EVENTS`] in bytes: 16384 events of 64 bytes (+8 bytes of header each), enough
+    /// for about 0.3 s of the fastest request stream the agent serves, drained every 50 ms.
+    pub const EVENTS_BYTES: u32 = 2 << 20;
+    /// Global (`.rodata`) of the programs: 1 enables their aya-log diagnostics.
+    pub const LOG_ENABLED: &str = "LOG_ENABLED";
+    /// `errno` values as the kernel returns them.
+    pub const ESRCH: i32 = 3;
+    /// `EAGAIN`.
+    pub const EAGAIN: i32 = 11;
+
+    /// [`RequestEvent::flags`]: a CTR of the kernel's reconnect loop.
+    pub const EV_RECONNECT: u32 = 1;
+    /// [`RequestEvent::flags`]: the send probe saw at least one attempt (`last_seq` is valid).
+    pub const EV_SEQ: u32 = 2;
+
+    /// One `dm_consult_userspace` call: kept in [`INFLIGHT`] while it runs, sent through
+    /// [`EVENTS`] when it returns. Times are `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct RequestEvent {
+        /// The log's luid (argument 1).
+        pub luid: u64,
+        /// Entry of the call.
+        pub entry_ns: u64,
+        /// Return of the call (0 while in flight).
+        pub exit_ns: u64,
+        /// The last attempt's `cn_netlink_send` (0: none seen).
+        pub send_ns: u64,
+        /// Seq of the first attempt.
+        pub first_seq: u32,
+        /// Seq of the last attempt (the one answered).
+        pub last_seq: u32,
+        /// Request type, masked with [`DM_ULOG_REQUEST_MASK`].
+        pub request_type: u32,
+        /// Return value: 0 or a negative errno.
+        pub ret: i32,
+        /// Attempts sent (`cn_netlink_send` calls).
+        pub attempts: u32,
+        /// Of which resends after a timeout.
+        pub timeouts: u16,
+        /// Of which resends after -EAGAIN.
+        pub eagains: u16,
+        /// `EV_*` bits.
+        pub flags: u32,
+        /// Zero.
+        pub _pad: u32,
+    }
+
+    /// Size of [`RequestEvent`].
+    pub const REQUEST_EVENT_LEN: usize = 64;
+    const _: () = assert!(core::mem::size_of::<RequestEvent>() == REQUEST_EVENT_LEN);
+
+    /// The log2 slot of a duration of `ns` nanoseconds: slot 0 up to and including 1 µs, slot
+    /// `k >= 1` for `(2^(k-1) µs, 2^k µs]`, so the cumulative count of slots `0..=k` is the
+    /// Prometheus bucket `le = 2^k µs`, edges included (the agent's `histogram::kernel_slot` is
+    /// the reference; a test pins them together). Branch-only arithmetic, for the verifier.
+    #[inline(always)]
+    pub const fn log2_slot(ns: u64) -> u32 {
+        let c = ns.div_ceil(1000);
+        if c <= 1 {
+            return 0;
+        }
+        // Bit length of c - 1 (>= 1), by halving.
+        let mut x = c - 1;
+        let mut n = 0u32;
+        if x >= 1 << 32 {
+            n += 32;
+            x >>= 32;
+        }
+        if x >= 1 << 16 {
+            n += 16;
+            x >>= 16;
+        }
+        if x >= 1 << 8 {
+            n += 8;
+            x >>= 8;
+        }
+        if x >= 1 << 4 {
+            n += 4;
+            x >>= 4;
+        }
+        if x >= 1 << 2 {
+            n += 2;
+            x >>= 2;
+        }
+        if x >= 1 << 1 {
+            n += 1;
+            x >>= 1;
+        }
+        let bits = n + x as u32;
+        if bits as usize >= HIST_SLOTS {
+            (HIST_SLOTS - 1) as u32
+        } else {
+            bits
+        }
+    }
+
     /// The [`REQUESTS_BY_TYPE`] slot counting a request of wire type `request_type`: the type
     /// itself (after [`DM_ULOG_REQUEST_MASK`]) for a known type, 0 for anything else.
     #[inline(always)]
@@ -550,6 +707,18 @@ pub mod probes {
     mod tests {
         use super::*;
         use crate::RequestType;
+
+        #[test]
+        fn log2_slots() {
+            assert_eq!(log2_slot(0), 0);
+            assert_eq!(log2_slot(1000), 0);
+            assert_eq!(log2_slot(1001), 1);
+            assert_eq!(log2_slot(2000), 1);
+            assert_eq!(log2_slot(2001), 2);
+            assert_eq!(log2_slot(1000 << 24), 24);
+            assert_eq!(log2_slot((1000 << 24) + 1), 25);
+            assert!((log2_slot(u64::MAX) as usize) < HIST_SLOTS);
+        }
 
         #[test]
         fn slots() {

@@ -56,7 +56,7 @@ table() {
         lin) echo "0 $SECTORS linear $L0 0" ;;
         core) echo "0 $SECTORS mirror core 2 $REGION nosync 2 $L0 0 $L1 0" ;;
         disk) echo "0 $SECTORS mirror disk 3 $KLOG_DEV $REGION nosync 2 $L0 0 $L1 0" ;;
-        ucore | rcore) echo "0 $SECTORS mirror userspace 4 $UUID clustered-core $REGION nosync 2 $L0 0 $L1 0" ;;
+        ucore | pcore | qcore | rcore) echo "0 $SECTORS mirror userspace 4 $UUID clustered-core $REGION nosync 2 $L0 0 $L1 0" ;;
         uif | rif) echo "0 $SECTORS mirror userspace 5 $UUID integrated_flush clustered-core $REGION nosync 2 $L0 0 $L1 0" ;;
         udisk) echo "0 $SECTORS mirror userspace 5 $UUID clustered-disk $ULOG_DEV $REGION nosync 2 $L0 0 $L1 0" ;;
         *) fail "unknown config $1" ;;
@@ -66,6 +66,8 @@ table() {
 server_of() {
     case $1 in
         ucore | uif | udisk) echo agent ;;
+        pcore) echo agent-probes ;;
+        qcore) echo agent-probes-nostats ;;
         rcore | rif) echo responder ;;
         *) echo none ;;
     esac
@@ -75,6 +77,9 @@ SERVER_PID=
 server_start() { # KIND LOGFILE
     case $1 in
         agent) RUST_LOG=info /bin/ulog-agent -f --no-probes --log-format json >"$2" 2>&1 & ;;
+        # As shipped: eBPF probes attached, kernel BPF statistics on (their own cost measured).
+        agent-probes) RUST_LOG=info /bin/ulog-agent -f --log-format json >"$2" 2>&1 & ;;
+        agent-probes-nostats) RUST_LOG=info /bin/ulog-agent -f --no-bpf-stats --log-format json >"$2" 2>&1 & ;;
         responder) /bin/const-responder >"$2" 2>&1 & ;;
         *) return 0 ;;
     esac
@@ -216,6 +221,12 @@ one_run() { # MODE CONFIG JOB RUNTIME ROUND
     echo "server_cpu_ns $((_c1 - _c0))" >>"$OUT/$_tag.stat"
     echo "cpu_jiffies $_j0 $_j1" >>"$OUT/$_tag.stat"
     echo "wall_cs $((_t1 - _t0))" >>"$OUT/$_tag.stat"
+    if [ "$_kind" = agent-probes ] || [ "$_kind" = agent-probes-nostats ]; then
+        # The probes' own cost (kernel BPF statistics) and counts, for the report.
+        wget -q -O - http://127.0.0.1:9477/metrics 2>/dev/null |
+            grep -E '^ulog_(probe_|kernel_requests_total|kernel_request_duration_seconds_(sum|count)|kernel_events_lost)' >"$OUT/$_tag.probes"
+        grep -q '^ulog_probe_attached 1' "$OUT/$_tag.probes" || fail "$_tag: probes not attached: $(grep 'eBPF' "$OUT/$_tag.server" | head -n 2)"
+    fi
     run_limited 30 dmsetup remove "$DEV"
     server_stop
     RUNS=$((RUNS + 1))

@@ -66,6 +66,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("/api/v1/logs/{log}", "get"),
     ("/api/v1/logs/{log}/regions", "get"),
     ("/api/v1/logs/{log}/requests", "get"),
+    ("/api/v1/kernel/slow", "get"),
 ];
 
 #[derive(Clone)]
@@ -159,6 +160,13 @@ struct RequestsQuery {
     kind: Option<String>,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SlowQuery {
+    limit: Option<usize>,
+    all: Option<bool>,
+}
+
 /// The router of the whole API.
 pub fn router(tel: Arc<Telemetry>) -> Router {
     let app = App { exporter: Arc::new(Exporter::new(Arc::clone(&tel))), tel };
@@ -171,6 +179,7 @@ pub fn router(tel: Arc<Telemetry>) -> Router {
         .route("/api/v1/logs/{log}", get(log))
         .route("/api/v1/logs/{log}/regions", get(log_regions))
         .route("/api/v1/logs/{log}/requests", get(log_requests))
+        .route("/api/v1/kernel/slow", get(kernel_slow))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(app)
@@ -338,6 +347,27 @@ async fn log_requests(
         luid: model::luid_hex(h.luid),
         capacity: FLIGHT_SLOTS,
         requests,
+    }))
+}
+
+async fn kernel_slow(State(app): State<App>, Q(q): Q<SlowQuery>) -> Result<Response, ApiError> {
+    use crate::telemetry::correlate::{RECENT_KEPT, SLOW_KEPT};
+    let all = q.all.unwrap_or(false);
+    let capacity = if all { RECENT_KEPT } else { SLOW_KEPT };
+    let limit = q.limit.unwrap_or(capacity);
+    if !(1..=capacity).contains(&limit) {
+        return Err(ApiError::bad_request(format!("limit {limit} is not in 1..={capacity}")));
+    }
+    let (threshold_ns, recs) = match app.tel.kernel_source() {
+        Some(src) => src.recent_requests(!all),
+        None => (0, Vec::new()),
+    };
+    Ok(json(model::KernelRequests {
+        attached: app.tel.probe_attached(),
+        threshold_seconds: threshold_ns as f64 / 1e9,
+        capacity,
+        kind: if all { "all" } else { "slow" }.into(),
+        requests: recs.iter().take(limit).map(model::KernelRequest::of).collect(),
     }))
 }
 

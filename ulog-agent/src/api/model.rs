@@ -372,6 +372,69 @@ pub struct RequestLog {
     pub requests: Vec<RequestRecord>,
 }
 
+/// `GET /api/v1/kernel/slow`: kernel requests correlated by seq with the agent.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KernelRequests {
+    /// Whether the probes are attached now.
+    pub attached: bool,
+    /// Requests with a kernel round trip at least this long are kept as slow.
+    pub threshold_seconds: f64,
+    /// Requests kept.
+    pub capacity: usize,
+    /// `slow` (only those over the threshold) or `all` (every correlated request).
+    pub kind: String,
+    /// Newest first.
+    pub requests: Vec<KernelRequest>,
+}
+
+/// One kernel request, correlated with the agent's receive and reply.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KernelRequest {
+    /// Seq of the answered attempt.
+    pub seq: u32,
+    /// Seq of the first attempt (differs after a resend).
+    pub first_seq: u32,
+    /// Request type name.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The log's luid.
+    pub luid: String,
+    /// What dm_consult_userspace returned (0 or a negative errno).
+    pub result: i32,
+    /// Attempts sent (more than 1 after a timeout or -EAGAIN).
+    pub attempts: u32,
+    /// When the kernel entered dm_consult_userspace.
+    pub entered_at: String,
+    /// Entry to return.
+    pub kernel_seconds: f64,
+    /// The answered attempt's send to the agent's receive.
+    pub send_seconds: f64,
+    /// In the agent: received to the reply's sendto.
+    pub server_seconds: f64,
+    /// The reply's sendto to the kernel's return.
+    pub wakeup_seconds: f64,
+}
+
+impl KernelRequest {
+    /// From a correlated request.
+    pub fn of(c: &crate::telemetry::correlate::Correlated) -> Self {
+        let s = |ns: u64| ns as f64 / 1e9;
+        Self {
+            seq: c.seq,
+            first_seq: c.first_seq,
+            kind: ulog_common::RequestType::from_raw(c.request_type).map_or("UNKNOWN", |t| t.name()).into(),
+            luid: luid_hex(c.luid),
+            result: c.ret,
+            attempts: c.attempts,
+            entered_at: rfc3339(clock::system(c.entry_ns)),
+            kernel_seconds: s(c.total_ns),
+            send_seconds: s(c.send_ns),
+            server_seconds: s(c.server_ns),
+            wakeup_seconds: s(c.wakeup_ns),
+        }
+    }
+}
+
 /// The body of every error (4xx, 5xx).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -474,7 +537,7 @@ pub fn detail(h: &LogHandle, tel: &Telemetry) -> LogDetail {
 /// The agent document.
 pub fn agent(tel: &Telemetry) -> AgentInfo {
     let c = tel.counters();
-    let (start, start_wall) = clock::epoch();
+    let (_, start_wall) = clock::epoch();
     let requests = (0..=REQUEST_TYPE_COUNT)
         .map(|slot| {
             let kind = RequestType::ALL.get(slot).copied();
@@ -495,7 +558,7 @@ pub fn agent(tel: &Telemetry) -> AgentInfo {
         version: env!("CARGO_PKG_VERSION").into(),
         pid: std::process::id(),
         started_at: rfc3339(start_wall),
-        uptime_seconds: start.elapsed().as_secs_f64(),
+        uptime_seconds: clock::now_ns() as f64 / 1e9,
         state: format!("{:?}", tel.lifecycle()).to_lowercase(),
         receive_loop_idle_seconds: (hb != 0).then(|| clock::now_ns().saturating_sub(hb) as f64 / 1e9),
         probe: ProbeInfo { attached: tel.probe_attached(), status: tel.probe_status() },

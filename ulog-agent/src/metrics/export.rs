@@ -53,6 +53,13 @@ pub const FAMILIES: &[(&str, &str, &str, &str)] = &[
     ("ulog_kernel_request_stage_duration_seconds", "histogram", "type, stage", "probe attached, latency probes"),
     ("ulog_kernel_request_retries_total", "counter", "type, reason", "probe attached, retry probes"),
     ("ulog_kernel_reconnect_attempts_total", "counter", "", "probe attached, retry probes"),
+    ("ulog_kernel_esrch_returns_total", "counter", "", "probe attached"),
+    ("ulog_kernel_events_lost_total", "counter", "", "probe attached"),
+    ("ulog_kernel_requests_correlated_total", "counter", "type", "probe attached"),
+    ("ulog_kernel_requests_uncorrelated_total", "counter", "reason", "probe attached"),
+    ("ulog_kernel_correlation_inversions_total", "counter", "", "probe attached"),
+    ("ulog_probe_run_seconds_total", "counter", "program", "probe attached, BPF statistics on"),
+    ("ulog_probe_runs_total", "counter", "program", "probe attached, BPF statistics on"),
 ];
 
 struct Fam(MetricFamily);
@@ -186,7 +193,7 @@ impl Exporter {
         f.done(out);
         let mut f = Fam::gauge(
             "ulog_probe_attached",
-            "1 if the eBPF probe on dm_consult_userspace is attached (kernel-side families exported), else 0.",
+            "1 while the eBPF probes (dm_consult_userspace entry and return, cn_netlink_send) are attached, else 0 (the reason is logged and in /api/v1/agent). Kernel-side families keep their last values while detached.",
         );
         f.add_gauge(&[], if t.probe_attached() { 1.0 } else { 0.0 });
         f.done(out);
@@ -402,7 +409,7 @@ impl Exporter {
         if let Some(stages) = &k.stages {
             let mut f = Fam::histogram(
                 "ulog_kernel_request_stage_duration_seconds",
-                "The stages of the kernel-side round trip: send (request queued to the connector), server (until the reply arrives), wakeup (until the waiting kernel thread runs). Log2 buckets only.",
+                "The stages of kernel-side round trips correlated by seq with the agent: send (the answered attempt's cn_netlink_send to the agent's receive), server (in the agent, to the reply's sendto), wakeup (until dm_consult_userspace returns). Log2 buckets only.",
             );
             for (stage, per_type) in Stage::ALL.iter().zip(stages.iter()) {
                 for (slot, h) in per_type.iter().enumerate() {
@@ -433,6 +440,69 @@ impl Exporter {
             );
             f.add_counter(&[], n);
             f.done(out);
+        }
+        let single = |out: &mut Vec<MetricFamily>, name: &str, help: &str, v: Option<u64>| {
+            if let Some(n) = v {
+                let mut f = Fam::counter(name, help);
+                f.add_counter(&[], n);
+                f.done(out);
+            }
+        };
+        single(
+            out,
+            "ulog_kernel_esrch_returns_total",
+            "dm_consult_userspace calls that returned -ESRCH: no log server was listening.",
+            k.esrch_returns,
+        );
+        single(
+            out,
+            "ulog_kernel_events_lost_total",
+            "Per-request events the probes' ring buffer had no room for (the histograms and counters are unaffected; only correlation loses them).",
+            k.events_lost,
+        );
+        if let Some(c) = &k.correlation {
+            let mut f = Fam::counter(
+                "ulog_kernel_requests_correlated_total",
+                "Kernel requests matched by seq with the agent's receive and reply (the stage histograms count these), by request type.",
+            );
+            for (slot, &n) in c.correlated.iter().enumerate() {
+                f.add_counter(&[("type", kernel_type_label(slot))], n);
+            }
+            f.done(out);
+            let mut f = Fam::counter(
+                "ulog_kernel_requests_uncorrelated_total",
+                "Kernel requests not matched with the agent: no_send (nothing was sent), no_server (-ESRCH), not_seen (not answered by this agent).",
+            );
+            for (reason, n) in &c.uncorrelated {
+                f.add_counter(&[("reason", reason)], *n);
+            }
+            f.done(out);
+            single(
+                out,
+                "ulog_kernel_correlation_inversions_total",
+                "Correlated requests whose kernel round trip was shorter than the agent's service time (impossible with one clock: should stay 0).",
+                Some(c.inversions),
+            );
+        }
+        if !k.programs.is_empty() {
+            let mut t = Fam::counter(
+                "ulog_probe_run_seconds_total",
+                "Time the kernel spent running each eBPF program of the agent (kernel BPF statistics; counted while they are enabled).",
+            );
+            let mut r = Fam::counter(
+                "ulog_probe_runs_total",
+                "Runs of each eBPF program of the agent (kernel BPF statistics).",
+            );
+            for p in &k.programs {
+                let mut c = Counter::default();
+                c.set_value(p.run_ns as f64 / 1e9);
+                let mut m = Metric::from_label(labels(&[("program", p.program)]));
+                m.set_counter(c);
+                t.0.mut_metric().push(m);
+                r.add_counter(&[("program", p.program)], p.runs);
+            }
+            t.done(out);
+            r.done(out);
         }
     }
 }

@@ -307,6 +307,11 @@ mod tests {
             let mut slots = [0u64; KERNEL_SLOTS];
             slots[kernel_slot(v)] += 1;
             assert_eq!(HistSnapshot::from_kernel_slots(&slots, v), h.snapshot(), "{v} ns");
+            // The eBPF programs' implementation agrees.
+            assert_eq!(ulog_common::probes::log2_slot(v) as usize, kernel_slot(v), "{v} ns");
+        }
+        for v in [u64::MAX, u64::MAX - 1, 1 << 63, (1 << 40) + 3] {
+            assert_eq!(ulog_common::probes::log2_slot(v) as usize, kernel_slot(v).min(KERNEL_SLOTS - 1), "{v} ns");
         }
     }
 

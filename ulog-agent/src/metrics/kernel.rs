@@ -1,19 +1,13 @@
-//! The boundary between the kernel-side probes and the metrics: [`KernelStats`] is what a probe
-//! set measured, cumulative since it was attached; [`KernelSource`] is how the exporter asks for
-//! it (at scrape time, off the request path).
-//!
-//! Today's probe ([`ProbeSet`]) counts requests by type only; the round trip, its stages and the
-//! retry counters are `None` and their metric families are not exported. The eBPF latency work
-//! fills them in (`impl KernelSource for ProbeSet` below is the one place to change), and the
-//! families appear: nothing else in the exporter changes.
+//! The boundary between the kernel-side probes and the metrics: [`KernelStats`] is what the
+//! probes measured, cumulative since the agent started (over every attachment: a detach at module
+//! unload folds the last figures into a base, so counters never go backwards); [`KernelSource`]
+//! is how the exporter asks for it (at scrape time, off the request path). The source is
+//! `telemetry::KernelTelemetry`.
 //!
 //! Histograms cross the boundary as log2 slots in the layout of [`super::histogram::kernel_slot`]
-//! (the eBPF program must bucket exactly that way, edges included; a test pins the mapping).
-
-use ulog_common::probes::REQUEST_COUNTER_SLOTS;
+//! (the eBPF program buckets exactly that way, edges included; a test pins the mapping).
 
 use super::histogram::KERNEL_SLOTS;
-use crate::telemetry::probes::ProbeSet;
 
 /// A kernel-side latency histogram: `slots[k]` counts durations in slot `k` of
 /// [`super::histogram::kernel_slot`].
@@ -34,12 +28,12 @@ impl Default for Log2Hist {
 /// The three stages of a kernel round trip (`dm_consult_userspace` entry to return), in order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
-    /// Building the request and queueing it to the connector socket (`cn_netlink_send`).
+    /// The answered attempt's `cn_netlink_send` to the agent's receive (`recvfrom` returned).
     Send,
-    /// Queued until the reply arrives in `cn_ulog_callback`: the agent's wake-up, service and
-    /// reply.
+    /// In the agent: received to reply handed to `sendto`.
     Server,
-    /// Reply received until the waiting kernel thread runs again and returns.
+    /// Reply handed to `sendto` until the waiting kernel thread returns from
+    /// `dm_consult_userspace`.
     Wakeup,
 }
 
@@ -77,34 +71,64 @@ impl Retry {
     }
 }
 
-/// What the probes measured since they were attached. Indexes by request type are the probe's
-/// counter slots (`ulog_common::probes::request_counter_slot`: the wire type, 0 for others).
-/// `None`: this probe build does not measure it (the family is not exported).
+/// What the probes measured. Indexes by request type are the probe's counter slots
+/// (`ulog_common::probes::request_counter_slot`: the wire type, 0 for others).
+/// `None`: not measured (the family is not exported).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KernelStats {
     /// Requests the kernel sent (`dm_consult_userspace` calls), by slot.
     pub requests: Vec<u64>,
     /// Round trip (entry to return of `dm_consult_userspace`), by slot.
     pub round_trip: Option<Vec<Log2Hist>>,
-    /// The stages of the round trip: `stages[stage][slot]`, stage in [`Stage::ALL`] order.
+    /// The stages of correlated round trips: `stages[stage][slot]`, stage in [`Stage::ALL`] order.
     pub stages: Option<[Vec<Log2Hist>; 3]>,
     /// Resends: `retries[slot][reason]`, reason in [`Retry::ALL`] order.
     pub retries: Option<Vec<[u64; 2]>>,
     /// CTRs sent by the kernel's -ESRCH reconnect loop (every 2 s while no server answers),
     /// answered or not.
     pub reconnect_attempts: Option<u64>,
+    /// Calls that returned -ESRCH (no log server listening).
+    pub esrch_returns: Option<u64>,
+    /// Per-request events the ring buffer had no room for.
+    pub events_lost: Option<u64>,
+    /// Correlation by seq with the agent's own receive/reply times.
+    pub correlation: Option<Correlation>,
+    /// Run time and count of each eBPF program (kernel BPF statistics), while enabled.
+    pub programs: Vec<ProgramRun>,
 }
 
-/// Something that can say what the kernel did (the attached probes, or a test double).
+/// Correlation counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Correlation {
+    /// Correlated requests by slot.
+    pub correlated: Vec<u64>,
+    /// Uncorrelated events, by reason label.
+    pub uncorrelated: Vec<(&'static str, u64)>,
+    /// Correlated requests whose kernel total was below the agent's service time (never
+    /// expected: the clocks are the same).
+    pub inversions: u64,
+}
+
+/// One eBPF program's cost.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProgramRun {
+    /// Program name.
+    pub program: &'static str,
+    /// Total run time, ns.
+    pub run_ns: u64,
+    /// Runs.
+    pub runs: u64,
+}
+
+/// Something that can say what the kernel did.
 pub trait KernelSource: Send + Sync {
     /// The current cumulative figures.
     fn kernel_stats(&self) -> KernelStats;
-}
 
-impl KernelSource for ProbeSet {
-    fn kernel_stats(&self) -> KernelStats {
-        let counts = self.request_counts();
-        debug_assert_eq!(counts.len(), REQUEST_COUNTER_SLOTS);
-        KernelStats { requests: counts.to_vec(), ..KernelStats::default() }
+    /// The most recent correlated requests, newest first: all of them (`slow` false) or those
+    /// whose kernel total reached the slow threshold; with that threshold in ns.
+    fn recent_requests(&self, slow: bool) -> (u64, Vec<crate::telemetry::correlate::Correlated>) {
+        let _ = slow;
+        (0, Vec::new())
     }
 }

@@ -40,6 +40,7 @@ use ulog_common::{RequestType, REQUEST_TYPE_COUNT};
 use crate::counters::Counters;
 use crate::dirty_log::{DirtyLog, LogError};
 use crate::persist::SharedLog;
+use crate::telemetry::correlate::SeqTable;
 use dirty::DirtyTracker;
 use flight::{FlightIds, FlightRing};
 use histogram::{AtomicHistogram, DIRTY_EDGES_NS};
@@ -49,26 +50,47 @@ use regions::RegionCounts;
 
 /// The process clock: nanoseconds since the telemetry epoch (taken once, at first use), and the
 /// wall-clock time of that epoch, so records keep monotonic `u64`s and are shown as dates.
+///
+/// The clock is `CLOCK_MONOTONIC`, read with `clock_gettime` (what `Instant` reads on Linux,
+/// through the vDSO), and the epoch's raw value is kept: [`kernel_ns`] turns a clock value into
+/// the kernel's `bpf_ktime_get_ns()` time base exactly, so the agent's receive and reply times
+/// compare with the eBPF probes' timestamps without any offset estimate.
 pub mod clock {
     use std::sync::OnceLock;
-    use std::time::{Duration, Instant, SystemTime};
+    use std::time::{Duration, SystemTime};
 
-    static EPOCH: OnceLock<(Instant, SystemTime)> = OnceLock::new();
+    static EPOCH: OnceLock<(u64, SystemTime)> = OnceLock::new();
 
-    /// The epoch (set on first use).
-    pub fn epoch() -> (Instant, SystemTime) {
-        *EPOCH.get_or_init(|| (Instant::now(), SystemTime::now()))
+    /// Raw `CLOCK_MONOTONIC` in ns (the time base of `bpf_ktime_get_ns`).
+    #[inline]
+    pub fn monotonic_raw_ns() -> u64 {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes the timespec we pass; CLOCK_MONOTONIC always exists.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        (ts.tv_sec as u64).wrapping_mul(1_000_000_000).wrapping_add(ts.tv_nsec as u64)
     }
 
-    /// `t` in nanoseconds since the epoch (0 for instants before it).
-    #[inline]
-    pub fn ns(t: Instant) -> u64 {
-        t.saturating_duration_since(epoch().0).as_nanos() as u64
+    /// The epoch: raw monotonic ns and wall-clock time (set on first use).
+    pub fn epoch() -> (u64, SystemTime) {
+        *EPOCH.get_or_init(|| (monotonic_raw_ns(), SystemTime::now()))
     }
 
     /// Now, in nanoseconds since the epoch.
+    #[inline]
     pub fn now_ns() -> u64 {
-        ns(Instant::now())
+        monotonic_raw_ns().saturating_sub(epoch().0)
+    }
+
+    /// A clock value in the kernel's `CLOCK_MONOTONIC` time base (`bpf_ktime_get_ns`).
+    #[inline]
+    pub fn kernel_ns(ns: u64) -> u64 {
+        ns.wrapping_add(epoch().0)
+    }
+
+    /// A kernel `CLOCK_MONOTONIC` time as a clock value (0 for times before the epoch).
+    #[inline]
+    pub fn from_kernel_ns(kns: u64) -> u64 {
+        kns.saturating_sub(epoch().0)
     }
 
     /// The wall-clock time of a clock value.
@@ -79,6 +101,26 @@ pub mod clock {
     /// Seconds since 1970 of a clock value.
     pub fn unix_seconds(ns: u64) -> f64 {
         system(ns).duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn same_base_as_instant_and_round_trips() {
+            let a = super::now_ns();
+            let k = super::kernel_ns(a);
+            assert_eq!(super::from_kernel_ns(k), a);
+            let raw = super::monotonic_raw_ns();
+            assert!(raw >= k, "monotonic");
+            // Instant is CLOCK_MONOTONIC too: elapsed times agree.
+            let t = std::time::Instant::now();
+            let r0 = super::monotonic_raw_ns();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let r1 = super::monotonic_raw_ns();
+            let e = t.elapsed().as_nanos() as u64;
+            assert!(r1 - r0 >= 20_000_000);
+            assert!(e >= r1 - r0, "{e} < {}", r1 - r0);
+        }
     }
 }
 
@@ -397,6 +439,7 @@ pub struct Telemetry {
     probe_status: Mutex<String>,
     mirrors: Mutex<Arc<MirrorView>>,
     http_addr: Mutex<Option<SocketAddr>>,
+    seqs: SeqTable,
 }
 
 /// The cached log-uuid -> mirror mapping.
@@ -431,6 +474,7 @@ impl Telemetry {
             probe_status: Mutex::new("not started".into()),
             mirrors: Mutex::new(Arc::default()),
             http_addr: Mutex::new(None),
+            seqs: SeqTable::default(),
         }
     }
 
@@ -482,6 +526,18 @@ impl Telemetry {
         *lock(&self.probe_status) = status;
     }
 
+    /// The kernel source (kept once set: its families stay exported, frozen, while the probes
+    /// are detached).
+    pub fn set_kernel_source(&self, source: Arc<dyn KernelSource>) {
+        *lock(&self.kernel) = Some(source);
+    }
+
+    /// Whether the probes are attached now, and why (not).
+    pub fn set_probe_state(&self, attached: bool, status: String) {
+        self.probe_attached.store(attached, Relaxed);
+        *lock(&self.probe_status) = status;
+    }
+
     /// Whether the eBPF probe is attached.
     pub fn probe_attached(&self) -> bool {
         self.probe_attached.load(Relaxed)
@@ -490,6 +546,21 @@ impl Telemetry {
     /// What the probes say (or why there are none).
     pub fn probe_status(&self) -> String {
         lock(&self.probe_status).clone()
+    }
+
+    /// Request path: a request with kernel seq `seq`, received at `received_ns`, is about to be
+    /// answered now. Only while the probes are attached (one relaxed load otherwise); three
+    /// relaxed stores into a fixed table (see `telemetry::correlate`).
+    #[inline]
+    pub fn about_to_reply(&self, seq: u32, received_ns: u64) {
+        if self.probe_attached.load(Relaxed) {
+            self.seqs.record(seq, received_ns, clock::now_ns());
+        }
+    }
+
+    /// The request path's seq table.
+    pub fn seqs(&self) -> &SeqTable {
+        &self.seqs
     }
 
     /// The kernel source, if attached.

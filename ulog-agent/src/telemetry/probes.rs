@@ -1,9 +1,9 @@
-//! The kernel-side probes: load the embedded eBPF object, attach it, read its counters.
+//! The kernel-side probes: load the embedded eBPF object, attach it, read its maps.
 //!
 //! # Design
 //! The object (`ulog-ebpf`, built by `build.rs` with the pinned nightly and bpf-linker) is
 //! embedded in the binary with `aya::include_bytes_aligned!`, so the agent ships as one file.
-//! [`ProbeSet::try_start`] checks the kernel first, so the common ways of not having probes come
+//! [`ProbeSet::start`] checks the kernel first, so the common ways of not having probes come
 //! back as specific, cheap errors instead of a failed syscall deep inside aya:
 //!
 //! 1. built without feature `ebpf` → [`ProbeError::Disabled`];
@@ -11,29 +11,34 @@
 //! 3. no kprobe PMU (`/sys/bus/event_source/devices/kprobe/type`) → [`ProbeError::KprobesUnsupported`];
 //! 4. `dm_log_userspace` neither in `/proc/modules` nor built in → [`ProbeError::ModuleNotLoaded`];
 //! 5. then: raise `RLIMIT_MEMLOCK` (kernels before 5.11 charge BPF maps to it), load the object
-//!    (creates the maps), load the program (verifier) and attach it; each failure keeps its aya
-//!    error as the `source`, the verifier's log included.
+//!    (creates the maps), load each program of [`PROGRAMS`] (verifier) and attach it; each
+//!    failure keeps its aya error as the `source`, the verifier's log included.
 //!
 //! Telemetry is optional: the agent logs one line ([`ProbeError::report`]) and keeps serving.
-//! Every step returns an error; nothing here panics.
+//! Every step returns an error; nothing here panics. Attaching later (module loaded after the
+//! agent started), and detaching at module unload, is [`super::manager`]'s job.
 //!
-//! # Counters
-//! `REQUESTS_BY_TYPE` is a per-CPU array of `u64` with [`REQUEST_COUNTER_SLOTS`] slots: slot `t`
-//! counts requests of type `t` (1..=17, `ulog_common::RequestType`), slot 0 anything else.
-//! [`ProbeSet::request_counts`] sums the CPUs. They count calls of `dm_consult_userspace` (one per
-//! request attempt the kernel makes, whoever serves it), since the probe was attached.
+//! # Maps (layouts in `ulog_common::probes`)
+//! Per-CPU arrays of `u64`, summed over CPUs on read ([`ProbeSet::counts`]): requests by type
+//! (`REQUESTS_BY_TYPE`, slot `t` for types 1..=17, slot 0 anything else), round-trip log2
+//! histograms and sums by type, resends by type and reason, and single counters (reconnect
+//! attempts, -ESRCH returns, lost events, ...). The ring buffer `EVENTS` carries one
+//! [`RequestEvent`] per returned call to the [`EventReader`]. All count since the probes were
+//! attached.
 //!
 //! # Limits
 //! - Needs root (or CAP_BPF + CAP_PERFMON) and a kernel with kprobes; the development machines
 //!   have neither kprobes nor device-mapper, so attaching is only exercised in the VM suite.
 //! - Kernels older than 4.17 (legacy tracefs kprobes, no PMU file) are reported as unsupported.
-//! - The kprobe goes away when `dm_log_userspace` is unloaded; nothing reattaches it (the kernel
-//!   keeps the module loaded while any userspace-logged device exists).
 
 use std::sync::Mutex;
 
 use thiserror::Error;
-pub use ulog_common::probes::{DM_CONSULT_USERSPACE, DM_LOG_USERSPACE_MODULE, REQUESTS_BY_TYPE, REQUEST_COUNTER_SLOTS};
+pub use ulog_common::probes::{
+    RequestEvent, CN_NETLINK_SEND, COUNTERS, COUNTER_SLOTS, DM_CONSULT_USERSPACE, DM_CONSULT_USERSPACE_RET,
+    DM_LOG_USERSPACE_MODULE, EVENTS, HIST_SLOTS, LATENCY_HIST, LATENCY_SUM, REQUESTS_BY_TYPE, REQUEST_COUNTER_SLOTS,
+    RETRIES,
+};
 
 /// Exists when the kernel has the kprobe PMU aya attaches kprobes through.
 pub const KPROBE_PMU_TYPE: &str = "/sys/bus/event_source/devices/kprobe/type";
@@ -153,15 +158,116 @@ pub fn slot_label(slot: usize) -> &'static str {
 #[cfg(feature = "ebpf")]
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ulog"));
 
+/// Every program of the object: (program name, kernel function, kind).
+pub const PROGRAMS: [(&str, &str, ProgramKind); 3] = [
+    (DM_CONSULT_USERSPACE, DM_CONSULT_USERSPACE, ProgramKind::Kprobe),
+    (DM_CONSULT_USERSPACE_RET, DM_CONSULT_USERSPACE, ProgramKind::Kretprobe),
+    (CN_NETLINK_SEND, CN_NETLINK_SEND, ProgramKind::Kprobe),
+];
+
+/// How a program attaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProgramKind {
+    /// At the function's entry.
+    Kprobe,
+    /// At the function's return.
+    Kretprobe,
+}
+
+/// Options of [`ProbeSet::start`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProbeOptions {
+    /// Turn on the kernel's BPF run-time statistics (`BPF_ENABLE_STATS`) while attached, so
+    /// [`ProbeSet::program_runs`] measures the programs' own cost. Costs two clock reads per
+    /// program run.
+    pub bpf_stats: bool,
+    /// Turn on the programs' own aya-log diagnostics (loaded with `AYA_LOG_LEVEL` 0 otherwise)
+    /// and forward them to the agent's log (target `ulog_ebpf`).
+    pub log: bool,
+}
+
+/// The probes' raw map contents (summed over CPUs), since they were attached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawCounts {
+    /// `REQUESTS_BY_TYPE`.
+    pub requests: Vec<u64>,
+    /// `LATENCY_HIST` (`slot * HIST_SLOTS + k`).
+    pub hist: Vec<u64>,
+    /// `LATENCY_SUM`.
+    pub sums: Vec<u64>,
+    /// `RETRIES` (`slot * 2 + reason`).
+    pub retries: Vec<u64>,
+    /// `COUNTERS`.
+    pub counters: Vec<u64>,
+}
+
+impl Default for RawCounts {
+    fn default() -> Self {
+        Self {
+            requests: vec![0; REQUEST_COUNTER_SLOTS],
+            hist: vec![0; REQUEST_COUNTER_SLOTS * HIST_SLOTS],
+            sums: vec![0; REQUEST_COUNTER_SLOTS],
+            retries: vec![0; REQUEST_COUNTER_SLOTS * 2],
+            counters: vec![0; COUNTER_SLOTS as usize],
+        }
+    }
+}
+
+impl RawCounts {
+    fn fields_mut(&mut self) -> [&mut Vec<u64>; 5] {
+        [&mut self.requests, &mut self.hist, &mut self.sums, &mut self.retries, &mut self.counters]
+    }
+
+    /// Adds `other` element by element (wrapping).
+    pub fn add(&mut self, other: &RawCounts) {
+        let theirs = [&other.requests, &other.hist, &other.sums, &other.retries, &other.counters];
+        for (mine, theirs) in self.fields_mut().into_iter().zip(theirs) {
+            for (a, b) in mine.iter_mut().zip(theirs.iter()) {
+                *a = a.wrapping_add(*b);
+            }
+        }
+    }
+
+    /// Element-wise maximum with `other` (counters never go backwards across a failed read).
+    pub fn max_with(&mut self, other: &RawCounts) {
+        let theirs = [&other.requests, &other.hist, &other.sums, &other.retries, &other.counters];
+        for (mine, theirs) in self.fields_mut().into_iter().zip(theirs) {
+            for (a, b) in mine.iter_mut().zip(theirs.iter()) {
+                *a = (*a).max(*b);
+            }
+        }
+    }
+
+    /// A `COUNTERS` entry (0 if out of range).
+    pub fn counter(&self, index: u32) -> u64 {
+        self.counters.get(index as usize).copied().unwrap_or(0)
+    }
+}
+
 /// The loaded and attached probes. Dropping it detaches them and frees the maps.
 pub struct ProbeSet {
     #[cfg(feature = "ebpf")]
-    requests: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
-    /// Holds the programs and their links (declared after the map: dropped last).
+    maps: Maps,
+    /// The event ring (and the log reader), until [`ProbeSet::take_events`] hands them over.
     #[cfg(feature = "ebpf")]
-    _ebpf: aya::Ebpf,
+    events: Option<EventReader>,
+    /// Keeps the kernel's BPF statistics on while attached.
+    #[cfg(feature = "ebpf")]
+    _stats: Option<std::os::fd::OwnedFd>,
+    /// Holds the programs and their links (declared after the maps: dropped last).
+    #[cfg(feature = "ebpf")]
+    ebpf: aya::Ebpf,
     /// Last successful read, so a failed read never makes a counter go backwards.
-    last: Mutex<[u64; REQUEST_COUNTER_SLOTS]>,
+    last: Mutex<RawCounts>,
+}
+
+#[cfg(feature = "ebpf")]
+struct Maps {
+    requests: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
+    hist: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
+    sums: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
+    retries: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
+    counters: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
 }
 
 impl std::fmt::Debug for ProbeSet {
@@ -170,22 +276,110 @@ impl std::fmt::Debug for ProbeSet {
     }
 }
 
+/// Reads the events of a [`ProbeSet`] (on the probe thread).
+#[cfg(feature = "ebpf")]
+pub struct EventReader {
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+    logger: Option<aya_log::EbpfLogger<TracingLog>>,
+}
+
+/// Forwards the eBPF programs' aya-log records to `tracing` (target `ulog_ebpf`).
+#[cfg(feature = "ebpf")]
+#[derive(Clone, Copy, Debug)]
+pub struct TracingLog;
+
+#[cfg(feature = "ebpf")]
+impl log::Log for TracingLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        let msg = record.args();
+        match record.level() {
+            log::Level::Error => tracing::error!(target: "ulog_ebpf", "{msg}"),
+            log::Level::Warn => tracing::warn!(target: "ulog_ebpf", "{msg}"),
+            log::Level::Info => tracing::info!(target: "ulog_ebpf", "{msg}"),
+            log::Level::Debug => tracing::debug!(target: "ulog_ebpf", "{msg}"),
+            log::Level::Trace => tracing::trace!(target: "ulog_ebpf", "{msg}"),
+        }
+    }
+    fn flush(&self) {}
+}
+
+/// Reads the events of a [`ProbeSet`] (on the probe thread).
+#[cfg(not(feature = "ebpf"))]
+pub struct EventReader {
+    _private: (),
+}
+
+impl std::fmt::Debug for EventReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventReader").finish_non_exhaustive()
+    }
+}
+
+impl EventReader {
+    /// Waits up to `timeout_ms` for the ring to signal data (the programs signal only when it is
+    /// a quarter full; call this in a loop with a short timeout), then hands every event to `f`.
+    /// Returns the number of events read. Records of the wrong size (never written by our
+    /// programs) are skipped.
+    pub fn drain(&mut self, timeout_ms: i32, mut f: impl FnMut(&RequestEvent)) -> usize {
+        #[cfg(feature = "ebpf")]
+        {
+            use std::os::fd::AsRawFd;
+            let mut pfd = libc::pollfd { fd: self.ring.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd; the result only tells us to look at the ring.
+            unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+            if let Some(logger) = self.logger.as_mut() {
+                // aya-log unwraps while decoding a record; a record our programs did not write
+                // must not take the agent down: drop the logger instead.
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| logger.flush())).is_err() {
+                    tracing::warn!("undecodable eBPF log record: probe diagnostics turned off");
+                    self.logger = None;
+                }
+            }
+            let mut n = 0;
+            while let Some(item) = self.ring.next() {
+                if item.len() >= std::mem::size_of::<RequestEvent>() {
+                    // SAFETY: RequestEvent is plain integers (valid for any bits); the read is
+                    // unaligned-safe.
+                    let ev = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<RequestEvent>()) };
+                    f(&ev);
+                    n += 1;
+                }
+            }
+            n
+        }
+        #[cfg(not(feature = "ebpf"))]
+        {
+            let _ = (timeout_ms, &mut f);
+            0
+        }
+    }
+}
+
 impl ProbeSet {
     /// Loads and attaches every probe, or says why it cannot (see the module docs for the order
     /// of the checks). Needs root.
     pub fn try_start() -> Result<ProbeSet, ProbeError> {
+        Self::start(ProbeOptions::default())
+    }
+
+    /// [`ProbeSet::try_start`] with options.
+    pub fn start(opts: ProbeOptions) -> Result<ProbeSet, ProbeError> {
         #[cfg(not(feature = "ebpf"))]
         {
+            let _ = opts;
             Err(ProbeError::Disabled)
         }
         #[cfg(feature = "ebpf")]
         {
-            Self::start_with(OBJECT)
+            Self::start_with(OBJECT, opts)
         }
     }
 
     #[cfg(feature = "ebpf")]
-    fn start_with(object: &[u8]) -> Result<ProbeSet, ProbeError> {
+    fn start_with(object: &[u8], opts: ProbeOptions) -> Result<ProbeSet, ProbeError> {
         use aya::programs::KProbe;
 
         if object.is_empty() {
@@ -193,61 +387,170 @@ impl ProbeSet {
         }
         check_kernel()?;
         raise_memlock_rlimit();
-        let mut ebpf = aya::Ebpf::load(object).map_err(ProbeError::Load)?;
-        let program = DM_CONSULT_USERSPACE;
-        let kprobe: &mut KProbe = ebpf
-            .program_mut(program)
-            .ok_or(ProbeError::Missing { kind: "program", name: program })?
-            .try_into()
-            .map_err(|source| ProbeError::ProgramLoad { program, source })?;
-        kprobe.load().map_err(|source| ProbeError::ProgramLoad { program, source })?;
-        kprobe.attach(DM_CONSULT_USERSPACE, 0).map_err(|source| ProbeError::Attach {
-            program,
-            function: DM_CONSULT_USERSPACE,
-            source,
-        })?;
-        let map = ebpf.take_map(REQUESTS_BY_TYPE).ok_or(ProbeError::Missing { kind: "map", name: REQUESTS_BY_TYPE })?;
-        let requests = aya::maps::PerCpuArray::try_from(map)
-            .map_err(|source| ProbeError::Map { map: REQUESTS_BY_TYPE, source })?;
-        Ok(ProbeSet { requests, _ebpf: ebpf, last: Mutex::new([0; REQUEST_COUNTER_SLOTS]) })
+        // The programs' log statements are live only at a level above 0 (aya-log-ebpf's global).
+        let level: u8 = if opts.log { 5 } else { 0 };
+        let mut ebpf = aya::EbpfLoader::new()
+            .override_global(aya_log::LEVEL, &level, true)
+            .load(object)
+            .map_err(ProbeError::Load)?;
+        let logger = if opts.log {
+            match aya_log::EbpfLogger::init_with_logger(&mut ebpf, TracingLog) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the eBPF programs' log: probe diagnostics off");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        for (program, function, _) in PROGRAMS {
+            let kprobe: &mut KProbe = ebpf
+                .program_mut(program)
+                .ok_or(ProbeError::Missing { kind: "program", name: program })?
+                .try_into()
+                .map_err(|source| ProbeError::ProgramLoad { program, source })?;
+            kprobe.load().map_err(|source| ProbeError::ProgramLoad { program, source })?;
+            kprobe.attach(function, 0).map_err(|source| ProbeError::Attach { program, function, source })?;
+        }
+        let mut take = |name: &'static str| -> Result<aya::maps::PerCpuArray<aya::maps::MapData, u64>, ProbeError> {
+            let map = ebpf.take_map(name).ok_or(ProbeError::Missing { kind: "map", name })?;
+            aya::maps::PerCpuArray::try_from(map).map_err(|source| ProbeError::Map { map: name, source })
+        };
+        let maps = Maps {
+            requests: take(REQUESTS_BY_TYPE)?,
+            hist: take(LATENCY_HIST)?,
+            sums: take(LATENCY_SUM)?,
+            retries: take(RETRIES)?,
+            counters: take(COUNTERS)?,
+        };
+        let ring = ebpf.take_map(EVENTS).ok_or(ProbeError::Missing { kind: "map", name: EVENTS })?;
+        let ring = aya::maps::RingBuf::try_from(ring).map_err(|source| ProbeError::Map { map: EVENTS, source })?;
+        let stats = if opts.bpf_stats {
+            match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot enable the kernel's BPF statistics: no probe run-time metrics");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        Ok(ProbeSet {
+            maps,
+            events: Some(EventReader { ring, logger }),
+            _stats: stats,
+            ebpf,
+            last: Mutex::new(RawCounts::default()),
+        })
+    }
+
+    /// The event ring's reader (once; `None` afterwards).
+    pub fn take_events(&mut self) -> Option<EventReader> {
+        #[cfg(feature = "ebpf")]
+        {
+            self.events.take()
+        }
+        #[cfg(not(feature = "ebpf"))]
+        {
+            None
+        }
     }
 
     /// Requests by type since the probe was attached, summed over CPUs (index = slot, see
     /// [`slot_label`]). If reading the map fails, returns the last good values (and logs at debug
     /// level): counters never go backwards.
     pub fn request_counts(&self) -> [u64; REQUEST_COUNTER_SLOTS] {
+        let mut out = [0u64; REQUEST_COUNTER_SLOTS];
+        for (o, v) in out.iter_mut().zip(self.counts().requests) {
+            *o = v;
+        }
+        out
+    }
+
+    /// Every map, summed over CPUs; on a failed read the last good values (never backwards).
+    pub fn counts(&self) -> RawCounts {
         let mut last = match self.last.lock() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         };
-        match self.try_request_counts() {
-            Ok(now) => {
-                for (l, n) in last.iter_mut().zip(now) {
-                    *l = (*l).max(n);
-                }
-            }
-            Err(e) => tracing::debug!("reading {REQUESTS_BY_TYPE}: {}", e.report()),
+        match self.try_counts() {
+            Ok(now) => last.max_with(&now),
+            Err(e) => tracing::debug!("reading the probe maps: {}", e.report()),
         }
-        *last
+        last.clone()
     }
 
     /// Like [`ProbeSet::request_counts`], but reports a failed read.
     pub fn try_request_counts(&self) -> Result<[u64; REQUEST_COUNTER_SLOTS], ProbeError> {
+        #[cfg_attr(not(feature = "ebpf"), allow(unused_mut))]
+        let mut out = [0u64; REQUEST_COUNTER_SLOTS];
+        #[cfg(feature = "ebpf")]
+        read_into(&self.maps.requests, REQUESTS_BY_TYPE, &mut out)?;
+        Ok(out)
+    }
+
+    /// Every map, summed over CPUs, or the first failed read.
+    pub fn try_counts(&self) -> Result<RawCounts, ProbeError> {
+        #[cfg_attr(not(feature = "ebpf"), allow(unused_mut))]
+        let mut c = RawCounts::default();
         #[cfg(feature = "ebpf")]
         {
-            let mut out = [0u64; REQUEST_COUNTER_SLOTS];
-            for (slot, total) in (0u32..).zip(out.iter_mut()) {
-                let per_cpu =
-                    self.requests.get(&slot, 0).map_err(|source| ProbeError::Map { map: REQUESTS_BY_TYPE, source })?;
-                *total = per_cpu.iter().fold(0u64, |a, &v| a.wrapping_add(v));
-            }
-            Ok(out)
+            read_into(&self.maps.requests, REQUESTS_BY_TYPE, &mut c.requests)?;
+            read_into(&self.maps.hist, LATENCY_HIST, &mut c.hist)?;
+            read_into(&self.maps.sums, LATENCY_SUM, &mut c.sums)?;
+            read_into(&self.maps.retries, RETRIES, &mut c.retries)?;
+            read_into(&self.maps.counters, COUNTERS, &mut c.counters)?;
+        }
+        Ok(c)
+    }
+
+    /// Each program's cumulative run time (ns) and run count, as the kernel's BPF statistics
+    /// count them (zero unless they are enabled: [`ProbeOptions::bpf_stats`] or the sysctl
+    /// `kernel.bpf_stats_enabled`). Programs whose info cannot be read are left out.
+    pub fn program_runs(&self) -> Vec<(&'static str, u64, u64)> {
+        #[cfg(feature = "ebpf")]
+        {
+            PROGRAMS
+                .iter()
+                .filter_map(|(name, _, _)| {
+                    let info = self.ebpf.program(name)?.info().ok()?;
+                    Some((*name, info.run_time().as_nanos() as u64, info.run_count()))
+                })
+                .collect()
         }
         #[cfg(not(feature = "ebpf"))]
         {
-            Ok([0; REQUEST_COUNTER_SLOTS])
+            Vec::new()
         }
     }
+}
+
+#[cfg(feature = "ebpf")]
+fn read_into(
+    map: &aya::maps::PerCpuArray<aya::maps::MapData, u64>,
+    name: &'static str,
+    out: &mut [u64],
+) -> Result<(), ProbeError> {
+    for (index, total) in (0u32..).zip(out.iter_mut()) {
+        let per_cpu = map.get(&index, 0).map_err(|source| ProbeError::Map { map: name, source })?;
+        *total = per_cpu.iter().fold(0u64, |a, &v| a.wrapping_add(v));
+    }
+    Ok(())
+}
+
+/// What identifies the loaded `dm_log_userspace` module: its `/proc/modules` line's load address
+/// (a reload gets a new one; as root the address is real), `"builtin"` when it is built in, or
+/// `None` when it is not loaded. Errors reading procfs count as not loaded.
+pub fn module_identity() -> Option<String> {
+    let modules = std::fs::read_to_string(PROC_MODULES).ok()?;
+    if let Some(line) = modules.lines().find(|l| l.split_whitespace().next() == Some(DM_LOG_USERSPACE_MODULE)) {
+        // name size refcount deps state address
+        return Some(line.split_whitespace().nth(5).unwrap_or("loaded").to_string());
+    }
+    let kallsyms = std::fs::read_to_string(PROC_KALLSYMS).ok()?;
+    kallsyms_has(&kallsyms, DM_CONSULT_USERSPACE).then(|| "builtin".to_string())
 }
 
 /// Kernel prerequisites that would otherwise surface as an obscure attach error.
@@ -376,7 +679,19 @@ mod tests {
             assert_eq!(obj[4], 2, "ELFCLASS64");
             assert_eq!(obj[5], 1, "little endian (bpfel)");
             assert_eq!(u16::from_le_bytes([obj[18], obj[19]]), 247, "e_machine EM_BPF");
-            for name in [DM_CONSULT_USERSPACE, REQUESTS_BY_TYPE, "license"] {
+            for name in [
+                DM_CONSULT_USERSPACE,
+                DM_CONSULT_USERSPACE_RET,
+                CN_NETLINK_SEND,
+                REQUESTS_BY_TYPE,
+                LATENCY_HIST,
+                LATENCY_SUM,
+                RETRIES,
+                COUNTERS,
+                EVENTS,
+                ulog_common::probes::INFLIGHT,
+                "license",
+            ] {
                 assert!(contains(obj, name.as_bytes()), "{name} not in the object");
             }
             assert!(contains(obj, b"GPL\0"));
@@ -394,17 +709,35 @@ mod tests {
                 return;
             }
             raise_memlock_rlimit();
-            let mut ebpf = match aya::Ebpf::load(obj) {
+            // As start_with loads it: the aya-log level global must exist (must_exist = true).
+            let mut ebpf = match aya::EbpfLoader::new().override_global(aya_log::LEVEL, &0u8, true).load(obj) {
                 Ok(e) => e,
                 Err(e) => panic!("{}", ProbeError::Load(e).report()),
             };
-            assert!(matches!(ebpf.map(REQUESTS_BY_TYPE), Some(Map::PerCpuArray(_))));
-            let Some(Program::KProbe(kprobe)) = ebpf.program_mut(DM_CONSULT_USERSPACE) else {
-                panic!("no kprobe program {DM_CONSULT_USERSPACE}");
-            };
-            // The development kernel loads kprobe programs (only attaching fails there).
-            if let Err(source) = kprobe.load() {
-                panic!("{}", ProbeError::ProgramLoad { program: DM_CONSULT_USERSPACE, source }.report());
+            for map in [REQUESTS_BY_TYPE, LATENCY_HIST, LATENCY_SUM, RETRIES, COUNTERS] {
+                assert!(matches!(ebpf.map(map), Some(Map::PerCpuArray(_))), "{map}");
+            }
+            assert!(matches!(ebpf.map(EVENTS), Some(Map::RingBuf(_))));
+            // Held until the end: the programs refer to the log ring by its fd when they load.
+            let _logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, TracingLog).expect("AYA_LOGS ring");
+            assert!(matches!(ebpf.map(ulog_common::probes::INFLIGHT), Some(Map::HashMap(_))));
+            // The development kernel loads kprobe programs (only attaching fails there): each
+            // goes through the verifier.
+            for (program, _, kind) in PROGRAMS {
+                let Some(Program::KProbe(kprobe)) = ebpf.program_mut(program) else {
+                    panic!("no kprobe program {program}");
+                };
+                use aya::programs::ProbeKind;
+                assert!(
+                    matches!(
+                        (kind, kprobe.kind()),
+                        (ProgramKind::Kprobe, ProbeKind::Entry) | (ProgramKind::Kretprobe, ProbeKind::Return)
+                    ),
+                    "{program}"
+                );
+                if let Err(source) = kprobe.load() {
+                    panic!("{}", ProbeError::ProgramLoad { program, source }.report());
+                }
             }
         }
     }

@@ -266,6 +266,11 @@ fn scrape_and_api_match_the_traffic_sent() {
     assert_eq!(s.get("ulog_logs", &[("type", "clustered-core"), ("state", "resumed")]), 1.0);
     assert_eq!(s.get("ulog_probe_attached", &[]), 0.0);
     assert!(!s.has("ulog_kernel_requests_total"), "kernel families only with the probe attached");
+    assert!(!s.has("ulog_kernel_requests_correlated_total") && !s.has("ulog_probe_runs_total"));
+    // No probes on this machine: the slow-request list is empty and says so.
+    let slow = http.ok("/api/v1/kernel/slow?all=true");
+    assert_eq!((slow["attached"].as_bool(), slow["kind"].as_str()), (Some(false), Some("all")));
+    assert_eq!(slow["requests"].as_array().map(Vec::len), Some(0));
     assert!(!s.has("ulog_mirror_writes_total"), "no device-mapper here: no mirror metric");
     assert!(!s.has("ulog_disk_flush_bytes_total"), "a core log in memory writes nothing");
     assert_eq!(s.get("ulog_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), 1.0);
@@ -496,6 +501,12 @@ fn the_openapi_document_describes_the_server() {
         ("/api/v1/logs/openapicore/requests?limit=129".into(), "/api/v1/logs/{log}/requests", 400),
         ("/api/v1/logs/openapicore/requests?type=NOPE".into(), "/api/v1/logs/{log}/requests", 400),
         ("/api/v1/logs/nosuchlog/requests".into(), "/api/v1/logs/{log}/requests", 404),
+        ("/api/v1/kernel/slow".into(), "/api/v1/kernel/slow", 200),
+        ("/api/v1/kernel/slow?all=true&limit=3".into(), "/api/v1/kernel/slow", 200),
+        ("/api/v1/kernel/slow?limit=0".into(), "/api/v1/kernel/slow", 400),
+        ("/api/v1/kernel/slow?limit=257".into(), "/api/v1/kernel/slow", 400),
+        ("/api/v1/kernel/slow?all=maybe".into(), "/api/v1/kernel/slow", 400),
+        ("/api/v1/kernel/slow?verbose=1".into(), "/api/v1/kernel/slow", 400),
     ];
     for (path, template, want) in &cases {
         let (status, ct, body) = http.get(path);

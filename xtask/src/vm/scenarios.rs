@@ -102,6 +102,22 @@ pub const SCENARIOS: &[Scenario] = &[
         suite: true,
     },
     Scenario {
+        name: "ulog-kernel-latency",
+        about: "eBPF latency probes: attach when dm_log_userspace loads after the agent; kernel == agent == correlated counts per type; kernel total >= agent service time per request; detach/reattach across rmmod/modprobe",
+        boots: 1,
+        disks_mib: &[],
+        timeout_s: 120,
+        suite: true,
+    },
+    Scenario {
+        name: "ulog-kernel-retry",
+        about: "a request frozen past the kernel's 15 s timeout: one timeout resend counted by type, listed with 2 attempts (kernel total >= 15 s), reported by the programs' aya-log (--probe-log)",
+        boots: 1,
+        disks_mib: &[],
+        timeout_s: 60,
+        suite: true,
+    },
+    Scenario {
         name: "ulog-reload",
         about: "suspend/resume and a same-uuid table reload under writes, then integrated_flush: data intact, legs equal",
         boots: 1,
