@@ -34,6 +34,28 @@ pub const N: u64 = 13;
 pub const EINVAL: i32 = -libc::EINVAL;
 /// -ESRCH: "no server", what makes the kernel run its reconnect loop.
 pub const ESRCH: i32 = -libc::ESRCH;
+/// What a request of type `t` for an unknown (uuid, luid) is answered: -ESRCH for the types the
+/// kernel sends through `userspace_do_request` (it reconnects: CTR + RESUME, then the request
+/// again), -EINVAL for the others (the kernel does not retry them).
+pub fn unknown_log_errno(t: T) -> i32 {
+    const RECONNECTING: [T; 10] = [
+        T::IsClean,
+        T::InSync,
+        T::Flush,
+        T::MarkRegion,
+        T::ClearRegion,
+        T::GetResyncWork,
+        T::SetRegionSync,
+        T::GetSyncCount,
+        T::StatusInfo,
+        T::IsRemoteRecovering,
+    ];
+    if RECONNECTING.contains(&t) {
+        ESRCH
+    } else {
+        EINVAL
+    }
+}
 /// -EEXIST.
 pub const EEXIST: i32 = -libc::EEXIST;
 /// How long "no reply" is waited for after a sentinel request has been answered.

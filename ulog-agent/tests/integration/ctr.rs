@@ -228,21 +228,6 @@ pub fn sample_payload(t: T) -> Vec<u8> {
     }
 }
 
-/// The types the kernel sends through `userspace_do_request`, which answers -ESRCH with its
-/// reconnect loop (CTR + RESUME, then the request again).
-pub const RECONNECTING: [T; 10] = [
-    T::IsClean,
-    T::InSync,
-    T::Flush,
-    T::MarkRegion,
-    T::ClearRegion,
-    T::GetResyncWork,
-    T::SetRegionSync,
-    T::GetSyncCount,
-    T::StatusInfo,
-    T::IsRemoteRecovering,
-];
-
 #[test]
 fn requests_for_an_unknown_log_get_esrch_where_the_kernel_reconnects_else_einval() {
     let mut a = Agent::start();
@@ -250,13 +235,8 @@ fn requests_for_an_unknown_log_get_esrch_where_the_kernel_reconnects_else_einval
     a.create(&known, CORE);
     let unknown = [Log::new("LVM-ulog-never-created", 5), Log::new(UUID, 6), Log::new(UUID, 0), Log::new("", 5)];
     for t in T::ALL.into_iter().filter(|&t| t != T::Ctr) {
-        let (errno, why) = if RECONNECTING.contains(&t) {
-            (ESRCH, "unknown (uuid, luid): make the kernel reconnect")
-        } else {
-            (EINVAL, "unknown (uuid, luid), a type the kernel does not retry")
-        };
         for log in &unknown {
-            a.expect_err(log, t, &sample_payload(t), errno, why);
+            a.expect_err(log, t, &sample_payload(t), unknown_log_errno(t), "unknown (uuid, luid)");
         }
     }
     // Nothing of that reached the known log.

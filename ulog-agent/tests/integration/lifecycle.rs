@@ -45,7 +45,7 @@ fn suspend_resume_and_dtr() {
         assert_eq!((r.error, r.header.unwrap().data_size), (0, 0), "{}: {r}", t.name());
     }
     for t in T::ALL.into_iter().filter(|&t| t != T::Ctr) {
-        a.expect_err(&log, t, &crate::ctr::sample_payload(t), EINVAL, "after DTR");
+        a.expect_err(&log, t, &crate::ctr::sample_payload(t), unknown_log_errno(t), "after DTR");
     }
     // The (uuid, luid) can be constructed afresh, with a different table.
     a.create(&log, "100 clustered-core 4");

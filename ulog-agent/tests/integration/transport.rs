@@ -33,7 +33,7 @@ fn replies_are_full_and_echo_the_request_header() {
     // An error reply is a full reply with the header echoed too.
     let other = Log::new("LVM-nosuchlog", 77);
     let r = a.call(&other, T::InSync, &0u64.to_ne_bytes());
-    assert_eq!(r.error, EINVAL);
+    assert_eq!(r.error, ESRCH, "unknown log: the kernel is made to reconnect");
     let h = r.header.unwrap();
     assert_eq!((h.luid, h.uuid_bytes(), h.version), (77, Some(&b"LVM-nosuchlog"[..]), 3));
     assert_eq!(h.request_type, T::InSync.raw());
