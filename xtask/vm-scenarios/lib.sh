@@ -564,3 +564,43 @@ wait_region_blocks() {
         done
     done
 }
+
+# --- The agent's HTTP API (default address) ---
+AGENT_URL=http://127.0.0.1:9477
+
+# scrape FILE: GET /metrics into FILE.
+scrape() {
+    wget -q -O "$1" "$AGENT_URL/metrics" || fail "GET $AGENT_URL/metrics failed"
+    grep -q '^ulog_build_info' "$1" || fail "$1 is not ulog-agent's exposition: $(head -c 300 "$1")"
+}
+# value FILE SERIES: the value of one series, exactly as exposed (labels in order); 0 if absent.
+value() { awk -v s="$2" '$1 == s { v = $2 } END { print (v == "" ? 0 : v) }' "$1"; }
+# sum FILE PREFIX: sum of the series starting with PREFIX.
+sum() { awk -v p="$2" 'index($1, p) == 1 { s += $2 } END { printf "%d\n", s }' "$1"; }
+# wait_quiet FILE: until the kernel is quiet (it clears regions and flushes a little after the
+# writes): two scrapes 1 s apart with the same request totals; the last one stays in FILE.
+wait_quiet() {
+    _prev=-1
+    _n=0
+    while :; do
+        scrape "$1"
+        _tot=$(sum "$1" ulog_requests_total)
+        [ "$_tot" = "$_prev" ] && break
+        [ "$_n" -lt 30 ] || fail "requests still flowing after 30 s ($_prev -> $_tot)"
+        _prev=$_tot
+        _n=$((_n + 1))
+        sleep 1
+    done
+}
+
+# wait_exit PID SECS WHAT [OUTPUT]: until the background process PID has exited (at most SECS),
+# then fail unless it exited 0 (with the file OUTPUT, its output, in the message).
+wait_exit() {
+    _n=0
+    while kill -0 "$1" 2>/dev/null; do
+        [ "$_n" -lt $(($2 * 10)) ] || fail "$3 still running after $2 s"
+        usleep 100000
+        _n=$((_n + 1))
+    done
+    wait "$1" || fail "$3 failed: $(cat ${4:-/dev/null} 2>/dev/null)"
+}

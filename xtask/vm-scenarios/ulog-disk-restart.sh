@@ -95,13 +95,7 @@ case $BOOT in
         n=$((n + 1))
     done
     ulog_start
-    n=0
-    while kill -0 "$spid" 2>/dev/null; do
-        [ "$n" -lt 100 ] || fail "dmsetup status still blocked 10 s after the new agent started"
-        usleep 100000
-        n=$((n + 1))
-    done
-    wait "$spid" || fail "dmsetup status failed: $(cat ./status.bg)"
+    wait_exit "$spid" 10 "dmsetup status (after the new agent started)" ./status.bg
     log "status answered through the reconnect: $(cat ./status.bg)"
     wait_reconnect 5
     agent_json_lines "loaded log" | grep -q '"nr_regions":32' || fail "the new agent did not load the log from $LOG"

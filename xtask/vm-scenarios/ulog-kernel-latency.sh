@@ -18,14 +18,8 @@ MIB=8
 SECTORS=$((MIB * 2048))
 REGION=512 # 256 KiB: 32 regions
 UUID=LVM-ulogklatency0001
-URL=http://127.0.0.1:9477
+URL=$AGENT_URL
 
-scrape() {
-    wget -q -O "$1" "$URL/metrics" || fail "GET /metrics failed"
-    grep -q '^ulog_build_info' "$1" || fail "$1 is not ulog-agent's exposition"
-}
-value() { awk -v s="$2" '$1 == s { v = $2 } END { print (v == "" ? 0 : v) }' "$1"; }
-sum() { awk -v p="$2" 'index($1, p) == 1 { s += $2 } END { printf "%d\n", s }' "$1"; }
 # wait_attached WANT SECS: until ulog_probe_attached is WANT.
 wait_attached() {
     _n=0
@@ -38,20 +32,6 @@ wait_attached() {
         _n=$((_n + 1))
     done
     log "ulog_probe_attached $1 after ${_n}/5 s"
-}
-# wait_quiet FILE: until two scrapes 1 s apart have the same request totals; the last in FILE.
-wait_quiet() {
-    _prev=-1
-    _n=0
-    while :; do
-        scrape "$1"
-        _tot=$(sum "$1" ulog_requests_total)
-        [ "$_tot" = "$_prev" ] && break
-        [ "$_n" -lt 30 ] || fail "requests still flowing after 30 s"
-        _prev=$_tot
-        _n=$((_n + 1))
-        sleep 1
-    done
 }
 TYPES="CTR DTR PRESUSPEND POSTSUSPEND RESUME GET_REGION_SIZE IS_CLEAN IN_SYNC FLUSH MARK_REGION CLEAR_REGION GET_RESYNC_WORK SET_REGION_SYNC GET_SYNC_COUNT STATUS_INFO STATUS_TABLE IS_REMOTE_RECOVERING"
 

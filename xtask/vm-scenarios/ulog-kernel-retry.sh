@@ -11,12 +11,7 @@
 # Adds ~17 s to the suite (the kernel's timeout cannot be shortened).
 . /scenarios/lib.sh
 
-URL=http://127.0.0.1:9477
-scrape() {
-    wget -q -O "$1" "$URL/metrics" || fail "GET /metrics failed"
-    grep -q '^ulog_build_info' "$1" || fail "$1 is not ulog-agent's exposition"
-}
-value() { awk -v s="$2" '$1 == s { v = $2 } END { print (v == "" ? 0 : v) }' "$1"; }
+URL=$AGENT_URL
 
 loop_create L0 leg0.img 4
 loop_create L1 leg1.img 4
@@ -35,13 +30,7 @@ dmsetup status ukretry >status.txt 2>&1 &
 spid=$!
 sleep 17
 kill -CONT "$AGENT_PID"
-n=0
-while kill -0 "$spid" 2>/dev/null; do
-    [ "$n" -lt 100 ] || fail "dmsetup status still waiting 10 s after the agent continued"
-    usleep 100000
-    n=$((n + 1))
-done
-wait "$spid" || fail "dmsetup status failed: $(cat status.txt)"
+wait_exit "$spid" 10 "dmsetup status (after the agent continued)" status.txt
 log "status after the resend: $(cat status.txt)"
 
 n=0

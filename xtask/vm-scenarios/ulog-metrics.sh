@@ -20,7 +20,7 @@ CORE_UUID=LVM-ulogmetrics0001
 DISK_UUID=LVM-ulogmetrics0002
 CORE=ulogmetrics0001 # the log label: the uuid without LVM- (at most 24 characters)
 DISK=ulogmetrics0002
-URL=http://127.0.0.1:9477/metrics
+URL=$AGENT_URL/metrics
 
 loop_create L0 leg0.img "$MIB"
 loop_create L1 leg1.img "$MIB"
@@ -34,15 +34,6 @@ write_at "$D0" A.pat 0
 
 ulog_start
 
-# scrape FILE: GET /metrics into FILE.
-scrape() {
-    wget -q -O "$1" "$URL" || fail "GET $URL failed"
-    grep -q '^ulog_build_info' "$1" || fail "$1 is not ulog-agent's exposition: $(head -c 300 "$1")"
-}
-# value FILE SERIES: the value of one series, exactly as exposed (labels in order); 0 if absent.
-value() { awk -v s="$2" '$1 == s { v = $2 } END { print (v == "" ? 0 : v) }' "$1"; }
-# sum FILE PREFIX: sum of the series starting with PREFIX.
-sum() { awk -v p="$2" 'index($1, p) == 1 { s += $2 } END { printf "%d\n", s }' "$1"; }
 
 dm_create umcore "0 $SECTORS mirror userspace 3 $CORE_UUID clustered-core $REGION 2 $L0 0 $L1 0 1 handle_errors"
 dm_create umdisk "0 $SECTORS mirror userspace 4 $DISK_UUID clustered-disk $LOGDEV $REGION 2 $D0 0 $D1 0 1 handle_errors"
@@ -71,19 +62,7 @@ b0=$(value m0.txt "ulog_mirror_written_bytes_total{log=\"$CORE\"}")
 run dd if=W.pat of=/dev/mapper/umcore bs=4k count=256 oflag=direct status=none
 run dd if=W.pat of=/dev/mapper/umdisk bs=64k count=16 oflag=direct status=none
 
-# Wait until the kernel is quiet (it clears regions and flushes a little after the writes):
-# two scrapes 1 s apart with the same request totals.
-_prev=-1
-_n=0
-while :; do
-    scrape m1.txt
-    _tot=$(sum m1.txt ulog_requests_total)
-    [ "$_tot" = "$_prev" ] && break
-    [ "$_n" -lt 30 ] || fail "requests still flowing after 30 s ($_prev -> $_tot)"
-    _prev=$_tot
-    _n=$((_n + 1))
-    sleep 1
-done
+wait_quiet m1.txt
 
 w1=$(value m1.txt "ulog_mirror_writes_total{log=\"$CORE\"}")
 assert_eq "$((w1 - w0))" 256 "mirror writes of $CORE during the workload"
