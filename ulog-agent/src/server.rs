@@ -428,12 +428,8 @@ impl LogServer {
             if self.orphaned_in_sync.len() < ORPHAN_LOGS || self.orphaned_in_sync.contains_key(&key) {
                 let note = self.orphaned_in_sync.entry(key).or_insert_with(|| OutOfSyncNote::Regions(Vec::new()));
                 match (note, region) {
-                    (OutOfSyncNote::Regions(v), Some(r)) if v.len() < ORPHAN_REGIONS_PER_LOG => {
-                        if !v.contains(&r) {
-                            v.push(r);
-                        }
-                    }
                     (OutOfSyncNote::Regions(v), Some(r)) if v.contains(&r) => {}
+                    (OutOfSyncNote::Regions(v), Some(r)) if v.len() < ORPHAN_REGIONS_PER_LOG => v.push(r),
                     (note, _) => *note = OutOfSyncNote::All,
                 }
             } else {
