@@ -153,6 +153,12 @@ last=$(cat progress)
 cp A.pat expect.pat
 pass_data "$last" >last.pat
 run dd if=last.pat of=expect.pat conv=notrunc status=none
+# One more write through the mirror, so the last agent serves a write's MARK_REGION + FLUSH
+# whatever the kill left: the writer may have had no write left in its pass after kill 10, and
+# the write that IN_SYNC failed for goes to one leg without a MARK. It rewrites region 8 with
+# what it holds (A): outside the writer's regions 0-7, so it cannot hide a region that one leg
+# missed, and the comparison below is unchanged.
+run dd if=expect.pat of="/dev/mapper/$DEV" bs=512k skip=8 seek=8 count=1 oflag=direct conv=notrunc status=none
 drop_caches "$L0" "$L1"
 for leg in "$L0" "$L1"; do
     [ "$(md5_of "$leg" 0 "$MIB")" = "$(md5sum <expect.pat | cut -d' ' -f1)" ] && continue
