@@ -95,6 +95,14 @@ impl SeqTable {
         s.tag.store(u64::from(seq) | VALID, Ordering::Release);
     }
 
+    /// Forgets every record (at a new attachment: the kernel's seq restarts with the module, so
+    /// an old record could match a new request's seq).
+    pub fn clear(&self) {
+        for s in self.slots.iter() {
+            s.tag.store(0, Ordering::Release);
+        }
+    }
+
     /// `(received, replying)` of `seq`, if the slot still holds it.
     pub fn get(&self, seq: u32) -> Option<(u64, u64)> {
         let s = &self.slots[seq as usize % SEQ_SLOTS];
@@ -337,6 +345,18 @@ mod tests {
         let last = slot.tag.load(Ordering::Acquire) as u32;
         assert_eq!(table.get(last), Some(times(last)), "the last record stands");
         assert_eq!(torn, 0, "{torn} torn records out of {seen}");
+    }
+
+    /// A new load of the module restarts the kernel's seq at 0: the table is cleared at attach.
+    #[test]
+    fn clear_forgets_every_record() {
+        let t = SeqTable::default();
+        t.record(3, 10, 20);
+        assert_eq!(t.get(3), Some((10, 20)));
+        t.clear();
+        assert_eq!(t.get(3), None);
+        t.record(3, 30, 40);
+        assert_eq!(t.get(3), Some((30, 40)));
     }
 
     fn event(seq: u32, entry: u64, send: u64, exit: u64) -> RequestEvent {
