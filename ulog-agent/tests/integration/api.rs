@@ -787,3 +787,29 @@ fn health_and_readiness() {
     assert_eq!(http.json("/healthz"), (200, serde_json::json!({"status": "ok"})));
     assert_eq!(http.json("/readyz"), (200, serde_json::json!({"status": "ready"})));
 }
+
+/// An agent in a time namespace reads a CLOCK_MONOTONIC offset from the kernel's own, which the
+/// eBPF probes use: it must notice and say so (it converts kernel times by the offset) rather
+/// than compare offset clocks. Run under `unshare --time --monotonic 86400`.
+#[test]
+fn an_agent_in_a_time_namespace_says_so() {
+    enter_private_netns().expect("root");
+    let mut peer = KernelPeer::open().unwrap();
+    let dir = TempDir::new();
+    let wrapper = dir.join("in-time-namespace.sh");
+    std::fs::write(
+        &wrapper,
+        format!("#!/bin/sh\nexec unshare --time --monotonic 86400 --fork --kill-child {} \"$@\"\n", agent_bin()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let proc = AgentProcess::spawn_ready(&wrapper, &mut peer, ["--no-http"]).unwrap_or_else(|e| panic!("{e}"));
+    let log = Log::nth(0);
+    let r = peer.call_request(&Request::ctr(&log.uuid, log.luid, CORE)).unwrap();
+    assert_eq!(r.error, 0, "served as usual: {r}");
+    let out = proc.output();
+    assert!(
+        out.contains("the agent runs in a time namespace") && out.contains("86400000000000"),
+        "no word of the time namespace in:\n{out}"
+    );
+}
