@@ -530,8 +530,8 @@ pub mod probes {
     pub const DM_LOG_USERSPACE_MODULE: &str = "dm_log_userspace";
     /// Kernel function the request counter hooks, and the name of the eBPF program attached to it:
     /// `int dm_consult_userspace(const char *uuid, uint64_t luid, int request_type, char *data,
-    /// size_t data_size, char *rdata, size_t *rdata_size)`, called once per request the kernel
-    /// sends (retries included).
+    /// size_t data_size, char *rdata, size_t *rdata_size)`, called once per request; the
+    /// resends within a call (after the 15 s timeout or -EAGAIN) are not calls of their own.
     pub const DM_CONSULT_USERSPACE: &str = "dm_consult_userspace";
     /// `PerCpuArray<u64>` of requests by type, indexed by [`request_counter_slot`].
     pub const REQUESTS_BY_TYPE: &str = "REQUESTS_BY_TYPE";

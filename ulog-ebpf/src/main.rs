@@ -15,7 +15,8 @@
 //!   timeout (>= 10 s since the previous send: the kernel waits 15 s) or after -EAGAIN (at once),
 //!   counted in `RETRIES` by type and reason when it is sent.
 //! - `dm_consult_userspace_ret` (kretprobe): entry-to-return time into the per-type log2
-//!   histogram `LATENCY_HIST` (+ `LATENCY_SUM`), -ESRCH returns into `COUNTERS`, and one
+//!   histogram `LATENCY_HIST` (+ `LATENCY_SUM`), except for -ESRCH returns, which are counted
+//!   apart in `COUNTERS` (most never reached a server), and one
 //!   `RequestEvent` into the `EVENTS` ring buffer for the agent to correlate by seq with its own
 //!   receive and reply times. A full ring buffer loses the event, counted
 //!   (`COUNTERS[C_EVENTS_LOST]`); the histograms and counters never depend on the ring.
@@ -193,13 +194,18 @@ pub fn dm_consult_userspace_ret(ctx: RetProbeContext) -> u32 {
     let ret: i64 = ctx.ret::<i64>();
     ev.ret = ret as i32;
     ev.exit_ns = now;
-    let slot = request_counter_slot(ev.request_type);
-    let ns = now.saturating_sub(ev.entry_ns);
-    add(&LATENCY_HIST, slot * HIST_SLOTS as u32 + log2_slot(ns), 1);
-    add(&LATENCY_SUM, slot, ns);
     if ev.ret == -ESRCH {
+        // Counted apart, not timed: nobody listened, every listener's queue was full (the
+        // request went nowhere: a few µs that would drag the round-trip quantiles down, every
+        // 2 s while the reconnect loop runs), or the server answered -ESRCH (a log it does not
+        // know); this return cannot tell which, the agent's correlation can.
         add(&COUNTERS, C_ESRCH_RETURNS, 1);
-        debug!(&ctx, "type {} returned -ESRCH: no log server", ev.request_type);
+        debug!(&ctx, "type {} returned -ESRCH", ev.request_type);
+    } else {
+        let slot = request_counter_slot(ev.request_type);
+        let ns = now.saturating_sub(ev.entry_ns);
+        add(&LATENCY_HIST, slot * HIST_SLOTS as u32 + log2_slot(ns), 1);
+        add(&LATENCY_SUM, slot, ns);
     }
     match EVENTS.reserve::<RequestEvent>(0) {
         Some(mut entry) => {

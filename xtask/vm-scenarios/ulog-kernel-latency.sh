@@ -83,6 +83,12 @@ assert_eq "$(value m1.txt ulog_kernel_esrch_returns_total)" 0 "-ESRCH returns"
 assert_eq "$(value m1.txt ulog_kernel_reconnect_attempts_total)" 0 "reconnect attempts"
 assert_eq "$(sum m1.txt ulog_kernel_request_retries_total)" 0 "retries"
 calls=$(sum m1.txt ulog_kernel_requests_total)
+# The counters of calls the probes saw only in part are exported (and zero here).
+grep -q '^ulog_kernel_requests_untimed_total{reason="inflight_full"} ' m1.txt || fail "ulog_kernel_requests_untimed_total not exported"
+assert_eq "$(value m1.txt 'ulog_kernel_requests_untimed_total{reason="inflight_full"}')" 0 "untimed: in-flight map full"
+assert_eq "$(value m1.txt 'ulog_kernel_requests_untimed_total{reason="unmatched_return"}')" 0 "untimed: returns without entry"
+assert_eq "$(value m1.txt ulog_kernel_sends_total)" "$calls" "sends seen vs calls (one send each, no resends)"
+assert_eq "$(value m1.txt ulog_kernel_sends_unmatched_total)" 0 "sends outside a timed call"
 for p in dm_consult_userspace dm_consult_userspace_ret cn_netlink_send; do
     runs=$(value m1.txt "ulog_probe_runs_total{program=\"$p\"}")
     secs=$(value m1.txt "ulog_probe_run_seconds_total{program=\"$p\"}")

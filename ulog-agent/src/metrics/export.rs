@@ -55,6 +55,9 @@ pub const FAMILIES: &[(&str, &str, &str, &str)] = &[
     ("ulog_kernel_reconnect_attempts_total", "counter", "", "probe attached, retry probes"),
     ("ulog_kernel_esrch_returns_total", "counter", "", "probe attached"),
     ("ulog_kernel_events_lost_total", "counter", "", "probe attached"),
+    ("ulog_kernel_requests_untimed_total", "counter", "reason", "probe attached"),
+    ("ulog_kernel_sends_total", "counter", "", "probe attached"),
+    ("ulog_kernel_sends_unmatched_total", "counter", "", "probe attached"),
     ("ulog_kernel_requests_correlated_total", "counter", "type", "probe attached"),
     ("ulog_kernel_requests_uncorrelated_total", "counter", "reason", "probe attached"),
     ("ulog_kernel_correlation_inversions_total", "counter", "", "probe attached"),
@@ -449,7 +452,7 @@ impl Exporter {
         single(
             out,
             "ulog_kernel_esrch_returns_total",
-            "dm_consult_userspace calls that returned -ESRCH: no log server was listening.",
+            "dm_consult_userspace calls that returned -ESRCH (not in the round-trip histograms): nobody listened, every listener's receive queue was full (see ulog_dropped_messages_total{reason=\"receive_overrun\"}), or the agent answered -ESRCH itself (a log it does not know, after a restart; those are correlated).",
             k.esrch_returns,
         );
         single(
@@ -457,6 +460,27 @@ impl Exporter {
             "ulog_kernel_events_lost_total",
             "Per-request events the probes' ring buffer had no room for (the histograms and counters are unaffected; only correlation loses them).",
             k.events_lost,
+        );
+        if let (Some(full), Some(unmatched)) = (k.inflight_full, k.unmatched_returns) {
+            let mut f = Fam::counter(
+                "ulog_kernel_requests_untimed_total",
+                "Calls the probes saw only in part, so not in ulog_kernel_request_duration_seconds: inflight_full (entry seen, the in-flight map was full), unmatched_return (return seen without its entry: the probe attached during the call). Returns the kretprobe missed (more tasks waiting than its maxactive) are in neither: compare ulog_kernel_requests_total with the histogram's _count.",
+            );
+            f.add_counter(&[("reason", "inflight_full")], full);
+            f.add_counter(&[("reason", "unmatched_return")], unmatched);
+            f.done(out);
+        }
+        single(
+            out,
+            "ulog_kernel_sends_total",
+            "dm-log-userspace messages the send probe saw (cn_netlink_send to {7,1}): first attempts, resends and the reconnect loop's CTRs.",
+            k.sends,
+        );
+        single(
+            out,
+            "ulog_kernel_sends_unmatched_total",
+            "dm-log-userspace sends seen outside a timed dm_consult_userspace call (its entry was not recorded).",
+            k.sends_unmatched,
         );
         if let Some(c) = &k.correlation {
             let mut f = Fam::counter(
@@ -469,7 +493,7 @@ impl Exporter {
             f.done(out);
             let mut f = Fam::counter(
                 "ulog_kernel_requests_uncorrelated_total",
-                "Kernel requests not matched with the agent: no_send (nothing was sent), no_server (-ESRCH), not_seen (not answered by this agent).",
+                "Kernel requests not matched with the agent: no_send (nothing was sent), no_server (-ESRCH, and the agent never received the request: not listening yet or any more, or its receive queue was full), not_seen (not answered by this agent).",
             );
             for (reason, n) in &c.uncorrelated {
                 f.add_counter(&[("reason", reason)], *n);

@@ -91,6 +91,14 @@ pub struct KernelStats {
     pub esrch_returns: Option<u64>,
     /// Per-request events the ring buffer had no room for.
     pub events_lost: Option<u64>,
+    /// Calls counted but not timed because the in-flight map was full.
+    pub inflight_full: Option<u64>,
+    /// Returns seen without a recorded entry (the probe attached during the call).
+    pub unmatched_returns: Option<u64>,
+    /// dm-log-userspace messages seen by the send probe.
+    pub sends: Option<u64>,
+    /// dm-log-userspace sends outside a timed call.
+    pub sends_unmatched: Option<u64>,
     /// Correlation by seq with the agent's own receive/reply times.
     pub correlation: Option<Correlation>,
     /// Run time and count of each eBPF program (kernel BPF statistics), while enabled.

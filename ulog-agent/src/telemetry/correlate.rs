@@ -123,7 +123,10 @@ pub enum Uncorrelated {
     /// The send probe saw no attempt (the call failed before sending, or the probe attached
     /// during the call).
     NoSend,
-    /// The call returned -ESRCH: no log server was listening, the request went nowhere.
+    /// The call returned -ESRCH and the agent never received the request: nobody listened
+    /// (before the agent joined the connector group, or after it left), or every listener's
+    /// receive queue was full (`ulog_dropped_messages_total{reason="receive_overrun"}`). An
+    /// -ESRCH the agent answered itself (a log it does not know) is correlated like any answer.
     NoServer,
     /// The seq is not in the agent's table: not answered by this agent (another server, an
     /// agent restart), or overwritten.
@@ -261,13 +264,16 @@ impl Correlator {
     }
 
     fn join(&self, ev: &RequestEvent, table: &SeqTable) -> Result<Correlated, Uncorrelated> {
-        if ev.ret == -ESRCH {
-            return Err(Uncorrelated::NoServer);
-        }
         if ev.flags & EV_SEQ == 0 || ev.send_ns == 0 {
-            return Err(Uncorrelated::NoSend);
+            return Err(if ev.ret == -ESRCH { Uncorrelated::NoServer } else { Uncorrelated::NoSend });
         }
-        let (received, replying) = table.get(ev.last_seq).ok_or(Uncorrelated::NotSeen)?;
+        // -ESRCH has three causes; only the table can tell an answer of this agent's from a
+        // request that reached nobody.
+        let (received, replying) = table.get(ev.last_seq).ok_or(if ev.ret == -ESRCH {
+            Uncorrelated::NoServer
+        } else {
+            Uncorrelated::NotSeen
+        })?;
         let (received_k, replying_k) = (clock::kernel_ns(received), clock::kernel_ns(replying));
         Ok(Correlated {
             seq: ev.last_seq,
@@ -424,6 +430,14 @@ mod tests {
         assert_eq!(c.process(&e, &t), Err(Uncorrelated::NoSend));
         assert_eq!(c.process(&event(9, 5, 6, 7), &t), Err(Uncorrelated::NotSeen));
         assert_eq!(c.stats.uncorrelated, [1, 1, 1]);
+        // -ESRCH that this agent answered (a log it does not know, after a restart): it reached
+        // the agent, so it is correlated, not reported as "no server".
+        t.record(11, clock::from_kernel_ns(20), clock::from_kernel_ns(30));
+        let mut e = event(11, 5, 6, 40);
+        e.ret = -ESRCH;
+        let answered = c.process(&e, &t).expect("the agent's own -ESRCH answer is correlated");
+        assert_eq!(answered.ret, -ESRCH);
+        assert_eq!(c.stats.uncorrelated, [1, 1, 1]);
         // Times out of order and a type out of range: no panic, saturated, counted as OTHER.
         t.record(9, u64::MAX, 0);
         let mut e = event(9, u64::MAX, 1, 0);
@@ -432,7 +446,7 @@ mod tests {
         assert_eq!(got.total_ns, 0);
         assert_eq!(got.server_ns, 0);
         assert_eq!(c.stats.correlated[0], 1);
-        assert_eq!(c.slow.len(), 1);
+        assert_eq!(c.slow.len(), 2, "the -ESRCH answer and this one (threshold 0)");
     }
 
     #[test]

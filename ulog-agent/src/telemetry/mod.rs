@@ -17,8 +17,8 @@ pub mod probes;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use ulog_common::probes::{
-    C_ESRCH_RETURNS, C_EVENTS_LOST, C_RECONNECT_ATTEMPTS, HIST_SLOTS, REQUEST_COUNTER_SLOTS, RETRY_EAGAIN,
-    RETRY_TIMEOUT,
+    C_ESRCH_RETURNS, C_EVENTS_LOST, C_INFLIGHT_FULL, C_RECONNECT_ATTEMPTS, C_SENDS, C_SENDS_UNMATCHED,
+    C_UNMATCHED_RETURNS, HIST_SLOTS, REQUEST_COUNTER_SLOTS, RETRY_EAGAIN, RETRY_TIMEOUT,
 };
 
 use crate::metrics::histogram::KERNEL_SLOTS;
@@ -176,6 +176,10 @@ impl KernelSource for KernelTelemetry {
             reconnect_attempts: Some(raw.counter(C_RECONNECT_ATTEMPTS)),
             esrch_returns: Some(raw.counter(C_ESRCH_RETURNS)),
             events_lost: Some(raw.counter(C_EVENTS_LOST)),
+            inflight_full: Some(raw.counter(C_INFLIGHT_FULL)),
+            unmatched_returns: Some(raw.counter(C_UNMATCHED_RETURNS)),
+            sends: Some(raw.counter(C_SENDS)),
+            sends_unmatched: Some(raw.counter(C_SENDS_UNMATCHED)),
             correlation: Some(correlation),
             programs: self.runs(),
         }
