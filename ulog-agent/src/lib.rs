@@ -14,6 +14,7 @@ pub mod counters;
 pub mod ctr;
 pub mod dirty_log;
 pub mod disk_format;
+pub mod dm;
 pub mod kernel_peer;
 pub mod metrics;
 pub mod persist;
