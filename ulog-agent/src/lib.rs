@@ -16,6 +16,7 @@ pub mod dirty_log;
 pub mod disk_format;
 pub mod dm;
 pub mod kernel_peer;
+pub mod legs;
 pub mod metrics;
 pub mod persist;
 pub mod protocol;
