@@ -361,7 +361,7 @@ impl Worker {
                 metrics.leg_flushed(false);
                 self.log.lock().legs_flush_failed(&mut self.image, snap);
                 if !self.log.legs_flush_failed.swap(true, Ordering::Relaxed) {
-                    error!(log = %self.name, error = %e, "flushing the mirror legs failed: every region is marked dirty and written so, and clears are ignored until the log is reloaded (dm-log.c flush_failed)");
+                    error!(log = %self.name, error = %e, consequence = "every region is written dirty; clears are ignored until the table is reloaded (dm-log.c flush_failed)", "flushing the mirror legs failed");
                 }
             }
         }
