@@ -234,9 +234,9 @@ fn snapshot(c: &mut Criterion) {
     for blocks in [1u64, 16] {
         // A fresh log: every region clean and in sync, the whole image written once.
         let mut log = DirtyLog::new(&args, true).expect("log");
-        log.resume_from_image(None);
+        log.resume_from_image(None, &[]);
         let mut image = vec![0u8; disk_format::image_len(REGIONS, IMAGE_BLOCK)];
-        let snap = log.snapshot(&mut image, false).expect("first snapshot");
+        let snap = log.snapshot(&mut image).expect("first snapshot");
         log.snapshot_written(snap.gen);
         let mut g = c.benchmark_group(format!("snapshot_{blocks}_blocks"));
         g.throughput(Throughput::Bytes(blocks * IMAGE_BLOCK as u64));
@@ -259,7 +259,7 @@ fn snapshot(c: &mut Criterion) {
                 } else {
                     log.clear(regions.iter().copied()).expect("clear");
                 }
-                let s = log.snapshot(&mut image, false).expect("changed blocks");
+                let s = log.snapshot(&mut image).expect("changed blocks");
                 assert_eq!(s.runs.len() as u64, blocks);
                 log.snapshot_written(s.gen);
             })

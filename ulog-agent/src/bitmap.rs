@@ -179,6 +179,21 @@ impl RegionBitmap {
         }
     }
 
+    /// `self &= other` over the regions both have; regions beyond `other`'s length are left
+    /// alone (the two logs of a table reload may differ in size).
+    pub fn and_assign_prefix(&mut self, other: &RegionBitmap) {
+        let n = self.len.min(other.len);
+        let full = (n / 64) as usize;
+        for (a, b) in self.words.iter_mut().zip(&other.words).take(full) {
+            *a &= b;
+        }
+        let rest = n % 64;
+        if rest != 0 {
+            let keep = !0u64 << rest;
+            self.words[full] &= other.words[full] | keep;
+        }
+    }
+
     /// Bytes of memory the bits occupy.
     pub fn heap_bytes(&self) -> usize {
         self.words.capacity() * 8

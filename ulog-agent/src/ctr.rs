@@ -23,6 +23,12 @@ use thiserror::Error;
 /// Largest region count accepted: the kernel's userspace log and cmirrord keep it in 32 bits.
 pub const MAX_REGION_COUNT: u64 = u32::MAX as u64;
 
+/// Largest region size accepted, in sectors. `userspace_ctr` keeps GET_REGION_SIZE's u64 answer
+/// as `(uint32_t)rdata` and then divides the target length by it: 2^32 would become 0 and
+/// divide by zero in the kernel (any larger power of two too). 2^31 is the largest power of two
+/// that survives the cast.
+pub const MAX_REGION_SIZE: u64 = u32::MAX as u64;
+
 /// Which log type the table asked for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LogKind {
@@ -124,6 +130,9 @@ pub enum CtrError {
         /// Device size.
         dev_sectors: u64,
     },
+    /// A region size the kernel would truncate to 32 bits (to 0, for a power of two).
+    #[error("region size {0} sectors does not fit the kernel's 32-bit region size (at most 2^31 sectors)")]
+    RegionSizeTooLarge(u64),
     /// More regions than the protocol can address.
     #[error("{0} regions is more than the {MAX_REGION_COUNT} a log can track")]
     TooManyRegions(u64),
@@ -192,6 +201,9 @@ pub fn parse(payload: &[u8]) -> Result<ParsedCtr, CtrError> {
     let region_size = number("region size", size_tok)?;
     if region_size < 2 || !region_size.is_power_of_two() || region_size > dev_sectors {
         return Err(CtrError::BadRegionSize { region_size, dev_sectors });
+    }
+    if region_size > MAX_REGION_SIZE {
+        return Err(CtrError::RegionSizeTooLarge(region_size));
     }
     let mut sync = SyncMode::Default;
     let mut block_on_error = false;
@@ -263,6 +275,9 @@ mod tests {
             (b"100 clustered-core 2 sync nosync", |e| *e == SyncConflict),
             (b"100 clustered-core 2 sync sync", |e| matches!(e, UnknownArg(_))),
             (b"99999999999999 clustered-core 2", |e| matches!(e, TooManyRegions(_))),
+            // The kernel's (uint32_t) cast would make these 0 and divide by zero.
+            (b"8589934592 clustered-core 4294967296", |e| matches!(e, RegionSizeTooLarge(4294967296))),
+            (b"18446744073709551615 clustered-core 9223372036854775808", |e| matches!(e, RegionSizeTooLarge(_))),
             (b"100 clustered-core 99999999999999999999999", |e| matches!(e, BadNumber { .. })),
             (b"100 clustered-core \xff", |e| *e == NotUtf8),
         ];
@@ -271,6 +286,7 @@ mod tests {
             assert!(ok(&e), "{:?}: unexpected {e:?}", String::from_utf8_lossy(input));
             assert_eq!(e.errno(), libc::EINVAL);
         }
+        assert_eq!(parse(b"4294967296 clustered-core 2147483648").unwrap().args.region_count(), 2);
         let long = format!("100 clustered-disk /{} 2", "d".repeat(127));
         assert!(matches!(parse(long.as_bytes()), Err(BadDevice(_))));
     }

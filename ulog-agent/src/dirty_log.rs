@@ -105,9 +105,6 @@ struct Tracker {
     any_changed: bool,
     dirty_gen: u64,
     durable_gen: u64,
-    /// The log may write to its device: between a load and the POSTSUSPEND snapshot. Outside
-    /// that window another log with the same uuid (a reloaded table) may own the device.
-    owns_device: bool,
     /// The changed blocks carry clean-going changes (a CLEAR set a clean bit since the last
     /// snapshot): dm-log.c's `touched_cleaned`. Their write must follow a flush of the legs.
     clean_going: bool,
@@ -164,9 +161,27 @@ pub struct DirtyLog {
     out_of_sync_at_resume: Vec<u64>,
     /// Every region, at the next RESUME.
     all_out_of_sync_at_resume: bool,
+    /// How the next load treats the device's image.
+    next_load: LoadRule,
     /// A flush of the mirror legs failed: every region was made dirty and CLEAR is ignored
     /// (dm-log.c's `flush_failed`).
     legs_flush_failed: bool,
+}
+
+/// How the next load of a persistent log (its RESUME) treats the image on its device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoadRule {
+    /// A table resume: the table's `sync` / `nosync` re-initialise the log, as the kernel's
+    /// `disk_resume` does at every resume of a table that says them.
+    Table,
+    /// The kernel's reconnect loop (CTR in its NUL-terminated form, then RESUME, after it lost
+    /// the server): the image is loaded as it is, whatever the table says. The kernel applies
+    /// `sync`/`nosync` only at a real table resume; its region hash still holds regions dirty
+    /// that it will never mark again, and their bits must survive.
+    Reconnect,
+    /// A state file left behind by an earlier mirror with the same uuid: ignored, the log
+    /// starts as a new one (every region out of sync, or in sync with `nosync`).
+    StartOver,
 }
 
 /// What GET_RESYNC_WORK answers: `Some(region)` to recover, `None` for no work.
@@ -186,7 +201,6 @@ impl DirtyLog {
             any_changed: false,
             dirty_gen: 0,
             durable_gen: 0,
-            owns_device: false,
             clean_going: false,
         });
         Ok(Self {
@@ -205,8 +219,25 @@ impl DirtyLog {
             image_blocks,
             out_of_sync_at_resume: Vec::new(),
             all_out_of_sync_at_resume: false,
+            next_load: LoadRule::Table,
             legs_flush_failed: false,
         })
+    }
+
+    /// Sets how the next load (RESUME) of a persistent log treats its device's image; it
+    /// applies to that one load, the ones after it follow the table again.
+    pub fn set_next_load(&mut self, rule: LoadRule) {
+        self.next_load = rule;
+    }
+
+    /// How the next load treats the image.
+    pub fn next_load(&self) -> LoadRule {
+        self.next_load
+    }
+
+    /// The clean bitmap (for another log of the same device, see [`Self::resume_from_image`]).
+    pub fn clean_bits(&self) -> &RegionBitmap {
+        &self.clean
     }
 
     /// Records region `r` (every region for `None`) out of sync, and not clean, at the next
@@ -429,6 +460,7 @@ impl DirtyLog {
 
     /// RESUME of a log that keeps its state in memory.
     pub fn resume_in_memory(&mut self) {
+        self.next_load = LoadRule::Table;
         self.phase = Phase::Resumed;
         self.recovery_halted = false;
         self.recovering = None;
@@ -454,23 +486,37 @@ impl DirtyLog {
 
     /// RESUME of a persistent log: replace the state with the image read from its device
     /// (`None` if it could not be read), then mark the whole image for writing back.
-    /// Regions not clean on disk are out of sync, as the kernel's disk log decides.
+    /// Regions not clean on disk are out of sync, as the kernel's disk log decides; how the
+    /// image is read depends on [`LoadRule`] (set by the CTR before this RESUME).
     ///
-    /// A log that was loaded before (a suspend/resume, or the kernel's reconnect loop resuming
-    /// a live log after a lost request) keeps every region it knows to be dirty: the image is
-    /// merged with its clean bits (`clean = disk & memory`), so nothing it had not yet written
-    /// (a SET_REGION_SYNC(0), a failed write) is lost to an older image.
-    pub fn resume_from_image(&mut self, image: Option<&[u8]>) -> LoadOutcome {
+    /// Nothing known to be dirty is lost to an older image:
+    /// - a log that was loaded before (a suspend/resume, or the kernel's reconnect loop resuming
+    ///   a live log after a lost request) keeps every region it knows to be dirty: the image is
+    ///   merged with its clean bits (`clean = disk & memory`), so nothing it had not yet written
+    ///   (a SET_REGION_SYNC(0), a failed write) is lost;
+    /// - `others` are the clean bits of the other logs loaded on the same device (the two
+    ///   tables of a reload, see `persist::SharedDevice`): their dirt is merged in the same way,
+    ///   so a region one of them has not yet written as dirty is not taken as in sync.
+    pub fn resume_from_image(&mut self, image: Option<&[u8]>, others: &[RegionBitmap]) -> LoadOutcome {
         let previous = (self.phase != Phase::Constructed).then(|| self.clean.clone());
+        let rule = std::mem::replace(&mut self.next_load, LoadRule::Table);
+        let mode = match rule {
+            LoadRule::Table => self.sync_mode,
+            LoadRule::Reconnect => SyncMode::Default,
+            LoadRule::StartOver => self.sync_mode,
+        };
         let outcome = match image {
-            Some(img) => disk_format::load_clean_bits(img, self.sync_mode, &mut self.clean),
-            None => {
+            Some(img) if rule != LoadRule::StartOver => disk_format::load_clean_bits(img, mode, &mut self.clean),
+            _ => {
                 self.clean.fill(self.sync_mode == SyncMode::NoSync);
                 LoadOutcome::Fresh
             }
         };
         if let Some(prev) = previous {
             self.clean.and_assign(&prev);
+        }
+        for other in others {
+            self.clean.and_assign_prefix(other);
         }
         self.sync.copy_from(&self.clean);
         self.sync_count = self.sync.count_ones();
@@ -479,13 +525,53 @@ impl DirtyLog {
         if let Some(t) = &mut self.tracker {
             t.mark_all(self.image_blocks);
             t.dirty_gen += 1;
-            t.owns_device = true;
             // The write-back carries no clean bit the disk did not have (`clean = disk &
             // memory`, or sync/nosync re-initialisation, which the kernel's disk_resume writes
             // without flush_callback too).
             t.clean_going = false;
         }
         outcome
+    }
+
+    /// Clears, in the on-disk `image`, every clean bit of the blocks in `runs` that is not clean
+    /// in this log: another log of the same device is writing, and no region this log holds
+    /// dirty may reach the disk as clean (`persist::SharedDevice`). Bits beyond this log's
+    /// region count are left alone.
+    pub fn and_clean_into(&self, image: &mut [u8], runs: &[(usize, usize)]) {
+        let limit = BITMAP_OFFSET + disk_format::bitset_bytes(self.region_count);
+        let mut mine = [0u8; 512];
+        for &(first, count) in runs {
+            let from = (first * IMAGE_BLOCK).max(BITMAP_OFFSET);
+            let to = ((first + count) * IMAGE_BLOCK).min(limit).min(image.len());
+            let mut at = from;
+            while at < to {
+                let n = (to - at).min(mine.len());
+                self.clean.read_le_bytes(at - BITMAP_OFFSET, &mut mine[..n]);
+                for (k, (dst, &m)) in image[at..at + n].iter_mut().zip(&mine[..n]).enumerate() {
+                    let first_region = ((at + k - BITMAP_OFFSET) * 8) as u64;
+                    // Regions this log does not have read as clean: they are not its to veto.
+                    let beyond = if first_region + 8 > self.region_count {
+                        let mine_bits = self.region_count.saturating_sub(first_region) as u32;
+                        0xffu8.checked_shl(mine_bits).unwrap_or(0)
+                    } else {
+                        0
+                    };
+                    *dst &= m | beyond;
+                }
+                at += n;
+            }
+        }
+    }
+
+    /// Marks the whole image for writing (another log of the device went away: blocks it kept
+    /// dirty can be written as this log has them).
+    pub fn rewrite_all(&mut self) {
+        if self.phase == Phase::Constructed {
+            return;
+        }
+        if let Some(t) = &mut self.tracker {
+            t.mark_all(self.image_blocks);
+        }
     }
 
     /// The `dirty_gen` a request must see durable before it is answered, or `None` if
@@ -497,7 +583,7 @@ impl DirtyLog {
 
     /// Whether anything (including clean-going changes) waits to be written.
     pub fn has_unwritten_changes(&self) -> bool {
-        self.tracker.as_ref().is_some_and(|t| t.any_changed && t.owns_device)
+        self.phase != Phase::Constructed && self.tracker.as_ref().is_some_and(|t| t.any_changed)
     }
 
     /// Whether `gen` is on disk.
@@ -506,17 +592,14 @@ impl DirtyLog {
     }
 
     /// Copies every changed block into `image` (the full on-disk image, header included)
-    /// and forgets the changes. `release` gives up the device afterwards (POSTSUSPEND): no
-    /// snapshot is taken again until the next resume. Returns `None` if the log may not
-    /// write or nothing changed.
-    pub fn snapshot(&mut self, image: &mut [u8], release: bool) -> Option<Snapshot> {
-        let t = self.tracker.as_mut()?;
-        if !t.owns_device {
+    /// and forgets the changes (until [`Self::snapshot_failed`] gives them back). Returns
+    /// `None` if nothing changed, or if the log was never loaded: before its first RESUME the
+    /// device's image is not the log's to write (the live table of a reload may be using it).
+    pub fn snapshot(&mut self, image: &mut [u8]) -> Option<Snapshot> {
+        if self.phase == Phase::Constructed {
             return None;
         }
-        if release {
-            t.owns_device = false;
-        }
+        let t = self.tracker.as_mut()?;
         if !t.any_changed {
             return None;
         }
@@ -694,23 +777,23 @@ mod tests {
     fn a_second_resume_keeps_unwritten_dirt() {
         let mut l = log("64 clustered-disk /dev/x 2", true);
         let mut image = vec![0u8; disk_format::image_len(l.region_count(), IMAGE_BLOCK)];
-        l.resume_from_image(None);
+        l.resume_from_image(None, &[]);
         for r in 0..32 {
             l.set_region_sync(r, true).unwrap();
         }
         l.clear(0..32).unwrap();
-        let s = l.snapshot(&mut image, false).unwrap();
+        let s = l.snapshot(&mut image).unwrap();
         l.snapshot_written(s.gen);
         // A leg failure makes region 5 out of sync; the log is resumed again before that
         // reached the disk (the image still says clean).
         l.set_region_sync(5, false).unwrap();
-        l.resume_from_image(Some(&image));
+        l.resume_from_image(Some(&image), &[]);
         assert!(!l.in_sync(5).unwrap(), "dirt not yet on disk survives a reload");
         assert!(l.in_sync(6).unwrap());
         assert_eq!(l.sync_count(), 31);
         // A never-loaded log (the new table of a reload) takes the image as it is.
         let mut fresh = log("64 clustered-disk /dev/x 2", true);
-        fresh.resume_from_image(Some(&image));
+        fresh.resume_from_image(Some(&image), &[]);
         assert_eq!(fresh.sync_count(), 32);
     }
 
@@ -718,9 +801,9 @@ mod tests {
     fn durability_generations() {
         let mut l = log("1048576 clustered-disk /dev/x 2", true);
         let mut image = vec![0u8; disk_format::image_len(l.region_count(), IMAGE_BLOCK)];
-        assert!(l.snapshot(&mut image, false).is_none(), "never loaded: may not write");
-        assert_eq!(l.resume_from_image(None), LoadOutcome::Fresh);
-        let all = l.snapshot(&mut image, false).unwrap();
+        assert!(l.snapshot(&mut image).is_none(), "never loaded: may not write");
+        assert_eq!(l.resume_from_image(None, &[]), LoadOutcome::Fresh);
+        let all = l.snapshot(&mut image).unwrap();
         assert_eq!(all.runs, vec![(0, image.len() / IMAGE_BLOCK)]);
         assert_eq!(&image[..4], &[0x72, 0x52, 0x69, 0x4d]);
         l.snapshot_written(all.gen);
@@ -732,22 +815,66 @@ mod tests {
         assert!(l.has_unwritten_changes());
         l.mark([40000].into_iter()).unwrap();
         let need = l.durability_needed().unwrap();
-        let s = l.snapshot(&mut image, false).unwrap();
+        let s = l.snapshot(&mut image).unwrap();
         assert_eq!(s.runs, vec![(1, 1)]);
         assert_eq!(image[1024 + 5000] & 1, 0);
         assert!(!l.is_durable(need));
         l.snapshot_failed(&s);
-        let s2 = l.snapshot(&mut image, false).unwrap();
+        let s2 = l.snapshot(&mut image).unwrap();
         assert_eq!(s2.runs, vec![(1, 1)], "failed blocks are written again");
         l.snapshot_written(s2.gen);
         assert!(l.is_durable(need));
-        // POSTSUSPEND releases the device: nothing more is written.
+        // After POSTSUSPEND nothing new becomes dirty.
         l.postsuspend();
-        l.snapshot(&mut image, true);
         l.set_region_sync(7, false).unwrap_err();
-        assert!(l.snapshot(&mut image, false).is_none());
+        assert!(l.snapshot(&mut image).is_none());
     }
 
+    #[test]
+    fn load_rules() {
+        let ctr = "64 clustered-disk /dev/x 2 nosync";
+        let mut image = vec![0u8; disk_format::image_len(32, IMAGE_BLOCK)];
+        let mut l = log(ctr, true);
+        l.resume_from_image(None, &[]);
+        l.mark([5].into_iter()).unwrap();
+        let s = l.snapshot(&mut image).unwrap();
+        l.snapshot_written(s.gen);
+        // A table resume of a `nosync` table re-initialises (the kernel's disk_resume).
+        let mut table = log(ctr, true);
+        table.resume_from_image(Some(&image), &[]);
+        assert!(table.is_clean(5).unwrap());
+        // The reconnect loop's RESUME loads the image as it is: region 5 stays dirty.
+        let mut reconnect = log(ctr, true);
+        reconnect.set_next_load(LoadRule::Reconnect);
+        reconnect.resume_from_image(Some(&image), &[]);
+        assert!(!reconnect.is_clean(5).unwrap() && !reconnect.in_sync(5).unwrap());
+        assert_eq!(reconnect.next_load(), LoadRule::Table, "the rule applies to one load");
+        // A state file of an earlier mirror is ignored.
+        let mut over = log("64 clustered-core 2", true);
+        over.set_next_load(LoadRule::StartOver);
+        image.fill(0xff);
+        disk_format::Header::current(32).write(&mut image);
+        over.resume_from_image(Some(&image), &[]);
+        assert_eq!(over.sync_count(), 0);
+    }
+
+    #[test]
+    fn other_logs_of_the_device_veto_clean_bits() {
+        let mut image = vec![0u8; disk_format::image_len(40, IMAGE_BLOCK)];
+        let mut a = log("80 clustered-disk /dev/x 2 nosync", true);
+        let mut b = log("64 clustered-disk /dev/x 2 nosync", true); // 32 regions
+        a.resume_from_image(None, &[]);
+        b.resume_from_image(None, &[]);
+        b.mark([3, 31].into_iter()).unwrap();
+        let s = a.snapshot(&mut image).unwrap();
+        assert_eq!(image[1024..1029], [0xff; 5]);
+        b.and_clean_into(&mut image, &s.runs);
+        assert_eq!(image[1024..1029], [0xf7, 0xff, 0xff, 0x7f, 0xff], "regions 32.. are not b's to veto");
+        // Loading with b's bits merged: b's dirt is a's too.
+        let mut c = log("80 clustered-disk /dev/x 2", true);
+        c.resume_from_image(Some(&image), &[b.clean_bits().clone()]);
+        assert_eq!((c.in_sync(3).unwrap(), c.in_sync(31).unwrap(), c.in_sync(35).unwrap()), (false, false, true));
+    }
     /// dm-log.c sets `touched_cleaned` in `log_set_bit` (CLEAR) and `disk_flush` calls
     /// `flush_callback_fn` (the legs' flush) only when it is set; `disk_resume` writes without
     /// it. The snapshot's `clean_going` is that flag for the blocks it carries.
@@ -755,40 +882,40 @@ mod tests {
     fn snapshots_say_when_they_carry_clean_going_changes() {
         let mut l = log("64 clustered-disk /dev/x 2", true);
         let mut image = vec![0u8; disk_format::image_len(l.region_count(), IMAGE_BLOCK)];
-        l.resume_from_image(None);
-        let s = l.snapshot(&mut image, false).unwrap();
+        l.resume_from_image(None, &[]);
+        let s = l.snapshot(&mut image).unwrap();
         assert!(!s.clean_going, "the resume write-back sets no new clean bit");
         l.snapshot_written(s.gen);
         for r in 0..4 {
             l.set_region_sync(r, true).unwrap();
         }
-        assert!(l.snapshot(&mut image, false).is_none(), "sync bits alone are not written");
+        assert!(l.snapshot(&mut image).is_none(), "sync bits alone are not written");
         l.clear([0, 1].into_iter()).unwrap();
-        let s = l.snapshot(&mut image, false).unwrap();
+        let s = l.snapshot(&mut image).unwrap();
         assert!(s.clean_going, "a CLEAR's write (the lazy one) needs the legs flushed");
         l.snapshot_written(s.gen);
         l.mark([1].into_iter()).unwrap();
-        let s = l.snapshot(&mut image, false).unwrap();
+        let s = l.snapshot(&mut image).unwrap();
         assert!(!s.clean_going, "marks only: no flush of the legs (kernel: touched_dirtied only)");
         l.snapshot_written(s.gen);
         l.clear([7].into_iter()).unwrap();
         assert!(!l.has_unwritten_changes(), "a region not in sync stays dirty: nothing to write");
         l.clear([1].into_iter()).unwrap();
         l.mark([0].into_iter()).unwrap();
-        let s = l.snapshot(&mut image, false).unwrap();
+        let s = l.snapshot(&mut image).unwrap();
         assert!(s.clean_going, "a MARK's write that also carries a CLEAR needs the legs flushed");
         l.snapshot_failed(&s);
-        let s = l.snapshot(&mut image, false).unwrap();
+        let s = l.snapshot(&mut image).unwrap();
         assert!(s.clean_going, "a failed write's clean bits still need the flush when retried");
         l.snapshot_written(s.gen);
         l.mark([1].into_iter()).unwrap();
-        assert!(!l.snapshot(&mut image, false).unwrap().clean_going, "reset once written");
+        assert!(!l.snapshot(&mut image).unwrap().clean_going, "reset once written");
         // A resume after unwritten CLEARs: the write-back is `disk & memory`, no new clean bit.
         l.clear([3].into_iter()).unwrap();
         assert!(l.is_clean(3).unwrap());
         l.postsuspend();
-        l.resume_from_image(Some(&image.clone()));
-        let s = l.snapshot(&mut image, false).unwrap();
+        l.resume_from_image(Some(&image.clone()), &[]);
+        let s = l.snapshot(&mut image).unwrap();
         assert!(!s.clean_going);
         assert!(!l.is_clean(3).unwrap(), "the CLEAR not on disk is not taken as clean by the merge");
     }
@@ -803,8 +930,8 @@ mod tests {
         let mut image = vec![0u8; disk_format::image_len(l.region_count(), IMAGE_BLOCK)];
         let blocks = image.len() / IMAGE_BLOCK;
         assert_eq!(blocks, 3);
-        l.resume_from_image(None);
-        let s = l.snapshot(&mut image, false).unwrap();
+        l.resume_from_image(None, &[]);
+        let s = l.snapshot(&mut image).unwrap();
         l.snapshot_written(s.gen);
         for r in 0..40000 {
             l.set_region_sync(r, true).unwrap();
@@ -812,7 +939,7 @@ mod tests {
         l.clear(0..40000).unwrap();
         l.mark([5].into_iter()).unwrap();
         let need = l.durability_needed().unwrap();
-        let mut s = l.snapshot(&mut image, false).unwrap();
+        let mut s = l.snapshot(&mut image).unwrap();
         assert!(s.clean_going);
         assert!(image[BITMAP_OFFSET..BITMAP_OFFSET + 4000].iter().any(|&b| b != 0), "clean bits copied");
         // The legs' flush fails.
@@ -835,8 +962,8 @@ mod tests {
         l.mark([11].into_iter()).unwrap();
         // A suspend/resume reads the all-dirty image: everything resyncs, the failure stays.
         l.postsuspend();
-        l.snapshot(&mut image, true);
-        l.resume_from_image(Some(&image.clone()));
+        assert!(l.snapshot(&mut image).is_none());
+        l.resume_from_image(Some(&image.clone()), &[]);
         assert_eq!(l.sync_count(), 0);
         assert!(l.has_legs_flush_failed());
         l.set_region_sync(10, true).unwrap();
@@ -844,7 +971,7 @@ mod tests {
         assert!(!l.is_clean(10).unwrap(), "still ignored after a resume");
         // A new log over the same device (a table reload) starts without the failure.
         let mut fresh = log("131072 clustered-disk /dev/x 2", true);
-        fresh.resume_from_image(Some(&image));
+        fresh.resume_from_image(Some(&image), &[]);
         fresh.set_region_sync(10, true).unwrap();
         fresh.clear([10].into_iter()).unwrap();
         assert!(fresh.is_clean(10).unwrap());

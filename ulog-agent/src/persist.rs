@@ -16,18 +16,28 @@
 //!
 //! Limits: one thread per persistent log (fine for the tens of logs a host has); a device that
 //! hangs in the kernel hangs its log's replies, which is what the kernel's 15 s resend is for.
+//!
+//! One device, several logs ([`SharedDevice`]): the two tables of a reload are two logs of one
+//! uuid on one device (or state file), and after an agent restart in the middle of a reload the
+//! kernel's reconnect loop can resume both. Every load and write of the device's image happens
+//! under the device's I/O lock, and every write carries the dirt of every other log loaded on
+//! the device (their clean bits are ANDed into the blocks written; a load merges them in), so
+//! whichever log writes, no region any of them holds dirty reaches the disk as clean, and no
+//! write can land with a view older than one already on the disk. When a log leaves the device
+//! (DTR), the others rewrite their whole image, so bits it kept dirty are written as they are.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use tracing::{error, info, warn};
 use ulog_common::{DmUlogRequest, RequestType};
 
+use crate::bitmap::RegionBitmap;
 use crate::counters::Counters;
-use crate::dirty_log::{DirtyLog, Snapshot, IMAGE_BLOCK};
+use crate::dirty_log::{DirtyLog, LoadRule, Snapshot, IMAGE_BLOCK};
 use crate::disk_format::{self, LoadOutcome};
 use crate::legs::{Flushed, LegLookup, Legs};
 use crate::metrics::flight::FlightRecord;
@@ -89,6 +99,54 @@ impl SharedLog {
     }
 }
 
+/// A log device (or state file) and the logs loaded on it. See the module documentation.
+#[derive(Debug, Default)]
+pub struct SharedDevice {
+    /// Held across every load and write of the image: one writer at a time, and no write
+    /// prepared before another one can land after it.
+    io: Mutex<()>,
+    /// Logs loaded on the device (from their first RESUME to their DTR), with their I/O threads.
+    members: Mutex<Vec<Member>>,
+}
+
+#[derive(Debug)]
+struct Member {
+    log: Weak<SharedLog>,
+    jobs: Sender<Job>,
+}
+
+impl SharedDevice {
+    fn lock_io(&self) -> MutexGuard<'_, ()> {
+        self.io.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn members(&self) -> MutexGuard<'_, Vec<Member>> {
+        self.members.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The other loaded logs (not `me`).
+    fn others(&self, me: &Arc<SharedLog>) -> Vec<Arc<SharedLog>> {
+        self.members().iter().filter_map(|m| m.log.upgrade()).filter(|l| !Arc::ptr_eq(l, me)).collect()
+    }
+
+    fn join(&self, me: &Arc<SharedLog>, jobs: &Sender<Job>) {
+        let mut members = self.members();
+        members.retain(|m| m.log.strong_count() > 0);
+        if !members.iter().any(|m| m.log.upgrade().is_some_and(|l| Arc::ptr_eq(&l, me))) {
+            members.push(Member { log: Arc::downgrade(me), jobs: jobs.clone() });
+        }
+    }
+
+    /// `me` leaves; the logs that stay rewrite their images.
+    fn leave(&self, me: &Arc<SharedLog>) {
+        let mut members = self.members();
+        members.retain(|m| m.log.upgrade().is_some_and(|l| !Arc::ptr_eq(&l, me)));
+        for m in members.iter() {
+            let _ = m.jobs.send(Job::RewriteAll);
+        }
+    }
+}
+
 /// A reply owed to the kernel once a job is done.
 #[derive(Clone, Copy, Debug)]
 pub struct PendingReply {
@@ -118,11 +176,13 @@ enum Job {
     Resume(PendingReply),
     /// Answer once `gen` is durable.
     Durable(u64, PendingReply),
-    /// POSTSUSPEND: write everything, then give up the device.
+    /// POSTSUSPEND: write everything.
     Release(PendingReply),
     /// Write clean-going changes when there is time.
     Lazy,
-    /// DTR or shutdown: final write if the log still owns its device, answer, exit.
+    /// Another log left the device: write the whole image as this log has it.
+    RewriteAll,
+    /// DTR or shutdown: final write, answer, leave the device, exit.
     Stop(Option<PendingReply>, Option<mpsc::Sender<()>>),
 }
 
@@ -141,6 +201,9 @@ impl std::fmt::Debug for Persister {
 struct Worker {
     log: Arc<SharedLog>,
     device: LogDevice,
+    shared_device: Arc<SharedDevice>,
+    /// This log's own job queue (handed to the device's other logs when it joins).
+    jobs: Sender<Job>,
     image: AlignedBuf,
     sink: Arc<dyn ReplySink>,
     counters: Arc<Counters>,
@@ -154,9 +217,12 @@ impl Persister {
     /// Starts the I/O thread of a log. `name` identifies the log in diagnostics; the replies it
     /// sends and the writes it makes are recorded in `telemetry` and `log_tel`; `legs` are its
     /// mirror's legs, flushed before clean bits are written.
+    // Each argument is a distinct handle the thread keeps; a struct for the one caller adds nothing.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         log: Arc<SharedLog>,
         device: LogDevice,
+        shared_device: Arc<SharedDevice>,
         sink: Arc<dyn ReplySink>,
         telemetry: Arc<Telemetry>,
         log_tel: Arc<LogTelemetry>,
@@ -167,7 +233,19 @@ impl Persister {
         let image = AlignedBuf::zeroed(disk_format::image_len(region_count, IMAGE_BLOCK))?;
         let (tx, rx) = mpsc::channel();
         let counters = Arc::clone(telemetry.counters());
-        let worker = Worker { log, device, image, sink, counters, name, telemetry, log_tel, legs };
+        let worker = Worker {
+            log,
+            device,
+            shared_device,
+            jobs: tx.clone(),
+            image,
+            sink,
+            counters,
+            name,
+            telemetry,
+            log_tel,
+            legs,
+        };
         let thread = std::thread::Builder::new()
             .name("ulog-persist".into())
             .stack_size(256 * 1024)
@@ -189,7 +267,8 @@ impl Persister {
         self.send(Job::Durable(gen, reply))
     }
 
-    /// POSTSUSPEND: write everything, give up the device, answer.
+    /// POSTSUSPEND: write everything, answer (with the write's error, if it failed: the blocks
+    /// stay pending and are written by the next attempt).
     pub fn release(&self, reply: PendingReply) -> bool {
         self.send(Job::Release(reply))
     }
@@ -199,9 +278,10 @@ impl Persister {
         self.send(Job::Lazy)
     }
 
-    /// DTR: final write, answer, and let the thread exit (not waited for).
-    pub fn stop(mut self, reply: PendingReply) {
-        let _ = self.tx.send(Job::Stop(Some(reply), None));
+    /// DTR: final write, answer (`None`: nobody to answer, the log is replaced), leave the
+    /// device, and let the thread exit (not waited for).
+    pub fn stop(mut self, reply: Option<PendingReply>) {
+        let _ = self.tx.send(Job::Stop(reply, None));
         self.thread.take();
     }
 
@@ -213,6 +293,16 @@ impl Persister {
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Persister {
+    /// A persister dropped without [`Persister::stop`] still writes what it has and exits
+    /// (its own queue holds a sender, so the thread would otherwise wait forever).
+    fn drop(&mut self) {
+        if self.thread.take().is_some() {
+            let _ = self.tx.send(Job::Stop(None, None));
         }
     }
 }
@@ -231,6 +321,10 @@ impl Worker {
                         want_write = true;
                     }
                     Job::Lazy => want_write = true,
+                    Job::RewriteAll => {
+                        self.log.lock().rewrite_all();
+                        want_write = true;
+                    }
                     Job::Resume(reply) => {
                         self.settle(&mut waiters, want_write);
                         want_write = false;
@@ -240,12 +334,13 @@ impl Worker {
                     Job::Release(reply) => {
                         self.settle(&mut waiters, want_write);
                         want_write = false;
-                        let err = self.write(true);
+                        let err = self.write();
                         self.answer(&reply, err);
                     }
                     Job::Stop(reply, done) => {
                         self.settle(&mut waiters, want_write);
-                        let err = self.write(true);
+                        let err = self.write();
+                        self.shared_device.leave(&self.log);
                         if let Some(r) = reply {
                             self.answer(&r, err);
                         }
@@ -265,7 +360,7 @@ impl Worker {
         if !want_write && waiters.is_empty() {
             return;
         }
-        let err = self.write(false);
+        let err = self.write();
         let log = Arc::clone(&self.log);
         let state = log.lock();
         let (done, pending): (Vec<_>, Vec<_>) = waiters.drain(..).partition(|(gen, _)| state.is_durable(*gen));
@@ -312,13 +407,24 @@ impl Worker {
     }
 
     /// Writes every changed block; 0 or a negative errno.
-    fn write(&mut self, release: bool) -> i32 {
+    fn write(&mut self) -> i32 {
+        let device = Arc::clone(&self.shared_device);
+        let _io = device.lock_io();
+        self.write_locked()
+    }
+
+    /// [`Self::write`] with the device's I/O lock held.
+    fn write_locked(&mut self) -> i32 {
         self.log.lazy_queued.store(false, Ordering::Release);
         let snap = {
             let mut state = self.log.lock();
-            state.snapshot(&mut self.image, release)
+            state.snapshot(&mut self.image)
         };
         let Some(mut snap) = snap else { return 0 };
+        // The other logs of the device veto clean bits they do not share.
+        for other in self.shared_device.others(&self.log) {
+            other.lock().and_clean_into(&mut self.image, &snap.runs);
+        }
         if snap.clean_going {
             self.flush_legs(&mut snap);
         }
@@ -408,9 +514,11 @@ impl Worker {
                 warn!(log = %self.name, error = %e, "cannot find the mirror legs (retried before the next clean bits are written)")
             }
         }
+        let device = Arc::clone(&self.shared_device);
+        let _io = device.lock_io();
         // A live log being resumed again first writes what it has, so the image it reads back
         // is current (the merge in resume_from_image covers a failed write).
-        self.write(false);
+        self.write_locked();
         let read = self.device.read_image(&mut self.image);
         if let Err(e) = &read {
             warn!(log = %self.name, device = %self.device.path().display(), error = %e, "cannot read the log; every region will be resynchronised");
@@ -419,20 +527,33 @@ impl Worker {
             self.log.device_failed.store(false, Ordering::Relaxed);
         }
         let image_len = self.device.image_len();
-        let outcome = {
+        let others: Vec<RegionBitmap> =
+            device.others(&self.log).iter().map(|o| o.lock().clean_bits().clone()).collect();
+        if !others.is_empty() {
+            info!(log = %self.name, others = others.len(), "another log of this uuid is loaded on the device: its dirty regions are kept");
+        }
+        let (outcome, rule) = {
             let mut state = self.log.lock();
-            state.resume_from_image(read.is_ok().then(|| &self.image[..image_len]))
+            let rule = state.next_load();
+            (state.resume_from_image(read.is_ok().then(|| &self.image[..image_len]), &others), rule)
         };
-        match outcome {
-            LoadOutcome::Loaded { nr_regions } => info!(log = %self.name, nr_regions, "loaded log"),
-            LoadOutcome::Fresh => {
+        device.join(&self.log, &self.jobs);
+        match (outcome, rule) {
+            (_, LoadRule::StartOver) => {
+                info!(log = %self.name, device = %self.device.path().display(), "the state file was left by an earlier mirror with this uuid (a new table, not a reconnect or reload): ignored, the log starts over")
+            }
+            (LoadOutcome::Loaded { nr_regions }, LoadRule::Reconnect) => {
+                info!(log = %self.name, nr_regions, "loaded log after the kernel's reconnect (the table's sync/nosync is not applied again)")
+            }
+            (LoadOutcome::Loaded { nr_regions }, _) => info!(log = %self.name, nr_regions, "loaded log"),
+            (LoadOutcome::Fresh, _) => {
                 info!(log = %self.name, "no valid log on the device (or sync/nosync given): initialised")
             }
-            LoadOutcome::BadVersion(v) => {
+            (LoadOutcome::BadVersion(v), _) => {
                 warn!(log = %self.name, version = v, "unknown log version; every region will be resynchronised");
                 self.log.device_failed.store(true, Ordering::Relaxed);
             }
         }
-        self.write(false)
+        self.write_locked()
     }
 }

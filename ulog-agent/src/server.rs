@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
@@ -20,14 +20,14 @@ use ulog_common::RequestType;
 
 use crate::counters::{Counters, Dropped};
 use crate::ctr::{self, CtrArgs, LogKind, SyncMode};
-use crate::dirty_log::{DirtyLog, LogError, Phase};
+use crate::dirty_log::{DirtyLog, LoadRule, LogError, Phase};
 use crate::legs::Legs;
 use crate::metrics::flight::{FlightRecord, PENDING};
 use crate::metrics::{clock, LogHandle, LogTelemetry, Telemetry};
-use crate::persist::{PendingReply, Persister, ReplySink, SharedLog};
+use crate::persist::{PendingReply, Persister, ReplySink, SharedDevice, SharedLog};
 use crate::protocol::{self, Answer, ReplyBuf, Request, MAX_REPLY_PAYLOAD};
 use crate::ratelimit::RateLimit;
-use crate::store::{self, LogDevice};
+use crate::store::{self, DeviceKey, LogDevice};
 
 /// Server configuration.
 #[derive(Clone, Debug, Default)]
@@ -111,6 +111,8 @@ struct LogEntry {
     ctr_text: String,
     args: CtrArgs,
     device: Option<(PathBuf, (u32, u32))>,
+    /// Which device or state file the log uses.
+    device_key: Option<DeviceKey>,
     /// Short name for diagnostics.
     name: String,
     /// Request-path telemetry handles, resolved at CTR.
@@ -154,6 +156,9 @@ pub struct LogServer {
     /// Regions whose IN_SYNC was answered -ESRCH because their log was unknown, by (uuid,
     /// luid): see [`LogServer::unknown_log`].
     orphaned_in_sync: HashMap<(Box<[u8]>, u64), OutOfSyncNote>,
+    /// Every log device and state file in use, shared by the logs of one uuid on it (see
+    /// `persist::SharedDevice`); an entry lives as long as a log or its I/O thread holds it.
+    devices: HashMap<DeviceKey, Weak<SharedDevice>>,
 }
 
 /// Regions a log must record out of sync when it is created (see [`LogServer::unknown_log`]).
@@ -214,6 +219,7 @@ impl LogServer {
             error_log: RateLimit::new(20, Duration::from_secs(60)),
             foreign_log: RateLimit::new(5, Duration::from_secs(60)),
             orphaned_in_sync: HashMap::new(),
+            devices: HashMap::new(),
         }
     }
 
@@ -557,6 +563,24 @@ impl LogServer {
         ok(Payload::none())
     }
 
+    /// CTR. Which log answers it, by what the kernel can have meant (dm-log-userspace-base.c):
+    ///
+    /// - The reconnect form (NUL-terminated, sent by `userspace_do_request` after -ESRCH) for a
+    ///   log this agent has, with the same string: the kernel's log is the one it has. It keeps
+    ///   its state, and its next load ignores the table's `sync`/`nosync` ([`LoadRule::Reconnect`]).
+    /// - Any other CTR for a (uuid, luid) this agent has: the kernel's log of that address is
+    ///   gone without a DTR having reached this agent, and the address (a slab address) is in
+    ///   use again. `userspace_ctr` frees its context without a DTR when GET_REGION_SIZE,
+    ///   `dm_get_device` or the workqueue fail after CTR succeeded; a DTR is lost when the
+    ///   receive queue overflowed (the kernel then saw -ESRCH and freed it all the same); and a
+    ///   resend of an unanswered CTR arrives before anything else happened to the log. In every
+    ///   case the old log is destroyed as by a DTR (its last write done, its thread and device
+    ///   released) and the new one is created. No CTR can reach a log the kernel still uses: it
+    ///   sends CTR only for a new context, and its reconnect CTR in the NUL-terminated form.
+    /// - A `clustered-core` log in `--state-dir` uses its state file only when the kernel
+    ///   reconnects (the agent restarted) or while another log of the uuid exists (a table
+    ///   reload); otherwise the file is an earlier mirror's, and the log starts over
+    ///   ([`LoadRule::StartOver`]): a new table on other legs must not inherit its sync state.
     fn ctr(&mut self, req: &Request<'_>) -> Result<Outcome, i32> {
         let uuid = req.uuid();
         let luid = req.header.luid;
@@ -571,15 +595,23 @@ impl LogServer {
             _ => Payload::none(),
         };
         if let Some(existing) = self.find(uuid, luid) {
-            if existing.ctr_text == parsed.text {
-                // A resend after a lost reply, or the reconnect loop: keep the state.
-                if parsed.reconnect {
-                    existing.tel.metrics.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
+            if parsed.reconnect && existing.ctr_text == parsed.text {
+                existing.tel.metrics.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                existing.shared.lock().set_next_load(LoadRule::Reconnect);
                 return ok(reply_payload(&existing.args));
             }
-            warn!(uuid = %String::from_utf8_lossy(uuid), luid, "CTR for an existing log with different arguments");
-            return Err(-libc::EEXIST);
+            let phase = existing.shared.lock().phase();
+            let replaced = self.take(uuid, luid);
+            if let Some(old) = replaced {
+                if phase == Phase::Constructed {
+                    info!(log = %old.name, "CTR for a log that was never resumed: replaced (the kernel gave up on it, or resent its CTR)");
+                } else {
+                    warn!(log = %old.name, phase = phase.name(), old = %old.ctr_text, new = %parsed.text, "CTR for a log that exists: the kernel destroyed it without a DTR reaching this agent; it is replaced");
+                }
+                if let Some(p) = old.persister {
+                    p.stop(None);
+                }
+            }
         }
         let name = short_name(uuid, luid);
         let args = parsed.args.clone();
@@ -601,7 +633,19 @@ impl LogServer {
             warn!(log = %name, error = %e, "CTR refused: log device unusable");
             -e.errno()
         })?;
+        let shared_device = match &device {
+            Some(d) => Some(self.shared_device(uuid, d, &name)?),
+            None => None,
+        };
         let mut log = DirtyLog::new(&args, device.is_some())?;
+        if parsed.reconnect {
+            log.set_next_load(LoadRule::Reconnect);
+        } else if args.kind == LogKind::Core
+            && device.is_some()
+            && !self.logs.values().flatten().any(|e| &*e.uuid == uuid)
+        {
+            log.set_next_load(LoadRule::StartOver);
+        }
         if let Some(note) = self.orphaned_in_sync.remove(&(Box::<[u8]>::from(uuid), luid)) {
             warn!(log = %name, regions = ?note, "the kernel reconnected after an IN_SYNC this agent could not answer: those regions will be resynchronised");
             match note {
@@ -611,16 +655,18 @@ impl LogServer {
         }
         let shared = Arc::new(SharedLog::new(log));
         let dev_info = device.as_ref().map(|d| (d.path().to_path_buf(), d.dev));
+        let device_key = device.as_ref().map(|d| d.key);
         let uuid_text = String::from_utf8_lossy(uuid).into_owned();
         let tel = self.telemetry.log_telemetry(&uuid_text, parsed.reconnect);
         if parsed.reconnect {
             tel.metrics.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        let persister = match device {
-            Some(d) => Some(
+        let persister = match (device, shared_device) {
+            (Some(d), Some(sd)) => Some(
                 Persister::start(
                     Arc::clone(&shared),
                     d,
+                    sd,
                     Arc::clone(&self.sink),
                     Arc::clone(&self.telemetry),
                     Arc::clone(&tel),
@@ -632,7 +678,7 @@ impl LogServer {
                     -e.raw_os_error().unwrap_or(libc::ENOMEM)
                 })?,
             ),
-            None => None,
+            _ => None,
         };
         info!(log = %name, uuid = %String::from_utf8_lossy(uuid), luid, ctr = %parsed.text, regions = args.region_count(), reconnect = parsed.reconnect, "log created");
         let payload = reply_payload(&args);
@@ -655,10 +701,42 @@ impl LogServer {
             ctr_text: parsed.text,
             args,
             device: dev_info,
+            device_key,
             name,
             tel,
         });
         ok(payload)
+    }
+
+    /// The [`SharedDevice`] for a log of `uuid` on `device`: the one its other logs use, or a
+    /// new one. `-EBUSY` if a log of another uuid uses the device: two mirrors' logs on one
+    /// device would overwrite each other's bitmap (device-mapper does not stop two tables from
+    /// opening one device).
+    fn shared_device(&mut self, uuid: &[u8], device: &LogDevice, name: &str) -> Result<Arc<SharedDevice>, i32> {
+        let key = device.key;
+        if let Some(other) = self.logs.values().flatten().find(|e| e.device_key == Some(key) && &*e.uuid != uuid) {
+            warn!(log = %name, device = %device.path().display(), other = %other.name, "CTR refused: the log device is in use by the log of another mirror");
+            return Err(-libc::EBUSY);
+        }
+        self.devices.retain(|_, d| d.strong_count() > 0);
+        if let Some(d) = self.devices.get(&key).and_then(Weak::upgrade) {
+            return Ok(d);
+        }
+        let d = Arc::new(SharedDevice::default());
+        self.devices.insert(key, Arc::downgrade(&d));
+        Ok(d)
+    }
+
+    /// Removes a log from the server and the telemetry (its persister is the caller's).
+    fn take(&mut self, uuid: &[u8], luid: u64) -> Option<LogEntry> {
+        let entries = self.logs.get_mut(&luid)?;
+        let i = entries.iter().position(|e| &*e.uuid == uuid)?;
+        let entry = entries.swap_remove(i);
+        if entries.is_empty() {
+            self.logs.remove(&luid);
+        }
+        self.telemetry.remove_log(&String::from_utf8_lossy(uuid), luid);
+        Some(entry)
     }
 
     /// DTR: the outcome, and the telemetry of the log removed (None if there was none).
@@ -668,17 +746,11 @@ impl LogServer {
         luid: u64,
         pending: PendingReply,
     ) -> (Result<Outcome, i32>, Option<Arc<LogTelemetry>>) {
-        let Some(entries) = self.logs.get_mut(&luid) else { return (Err(-libc::EINVAL), None) };
-        let Some(i) = entries.iter().position(|e| &*e.uuid == uuid) else { return (Err(-libc::EINVAL), None) };
-        let entry = entries.swap_remove(i);
-        if entries.is_empty() {
-            self.logs.remove(&luid);
-        }
-        self.telemetry.remove_log(&String::from_utf8_lossy(uuid), luid);
+        let Some(entry) = self.take(uuid, luid) else { return (Err(-libc::EINVAL), None) };
         info!(log = %entry.name, "log destroyed");
         let outcome = match entry.persister {
             Some(p) => {
-                p.stop(pending);
+                p.stop(Some(pending));
                 Ok(Outcome::Deferred)
             }
             None => ok(Payload::none()),

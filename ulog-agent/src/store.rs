@@ -109,11 +109,23 @@ impl Drop for AlignedBuf {
     }
 }
 
+/// Identity of a log device: its device number for a block device, (filesystem, inode) for a
+/// regular file, so two paths to one device are one device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DeviceKey {
+    /// A block device (`st_rdev`).
+    Block(u64),
+    /// A regular file (`st_dev`, `st_ino`).
+    File(u64, u64),
+}
+
 /// An open log device.
 #[derive(Debug)]
 pub struct LogDevice {
     file: File,
     path: PathBuf,
+    /// Which device this is.
+    pub key: DeviceKey,
     /// Bytes of image on this device (header + bitmap rounded to its logical block size).
     image_len: usize,
     /// `major:minor` for STATUS_INFO (0:0 for a regular file).
@@ -173,7 +185,8 @@ impl LogDevice {
                 return Err(StoreError::TooSmall { path: path.into(), have: size, need: image_len as u64 });
             }
             let rdev = meta.rdev();
-            Ok(Self { file, path: path.into(), image_len, dev: (libc::major(rdev), libc::minor(rdev)) })
+            let dev = (libc::major(rdev), libc::minor(rdev));
+            Ok(Self { file, path: path.into(), key: DeviceKey::Block(rdev), image_len, dev })
         } else if ft.is_file() {
             let image_len = disk_format::image_len(region_count, 512);
             if meta.len() < image_len as u64 {
@@ -185,7 +198,8 @@ impl LogDevice {
                 .custom_flags(libc::O_CLOEXEC)
                 .open(path)
                 .map_err(io_err(path))?;
-            Ok(Self { file, path: path.into(), image_len, dev: (0, 0) })
+            let key = DeviceKey::File(meta.dev(), meta.ino());
+            Ok(Self { file, path: path.into(), key, image_len, dev: (0, 0) })
         } else {
             Err(StoreError::NotABlockDevice(path.into()))
         }

@@ -1,5 +1,6 @@
 //! CTR: the constructor grammar, region counts, the device-name reply and its reconnect form,
-//! idempotence and -EEXIST, luids, log device size, and requests for logs that do not exist.
+//! the reconnect form's idempotence and the replacement of stale logs, luids, log devices (size,
+//! one mirror per device), and requests for logs that do not exist.
 
 use crate::common::*;
 
@@ -62,6 +63,10 @@ fn invalid_constructor_strings_are_einval() {
         "100 clustered-core 8 nosync nosync".into(),
         "100 clustered-core 99999999999999999999999".into(),
         "99999999999999999999999 clustered-core 8".into(),
+        // userspace_ctr keeps the region size as (uint32_t): 2^32 and up would become 0 and
+        // the kernel would divide by it.
+        "8589934592 clustered-core 4294967296".into(),
+        "18446744073709551615 clustered-core 9223372036854775808".into(),
         format!("100 clustered-disk {d}"),
         format!("100 clustered-disk {d} 6"),
         format!("100 clustered-disk {d} 8 nosync block_on_error extra"),
@@ -150,25 +155,82 @@ fn reconnect_ctr_gets_no_payload() {
     assert_eq!(a.region_size(&core_log), 8);
 }
 
+/// The kernel's reconnect loop (`userspace_do_request` after -ESRCH: CTR with the string
+/// NUL-terminated, then RESUME) re-creates a log it still uses: with the same string it is the
+/// log this agent has, and keeps its state.
 #[test]
-fn repeated_ctr_is_idempotent_and_a_different_one_is_eexist() {
+fn the_reconnect_form_of_the_same_ctr_keeps_the_log() {
     let mut a = Agent::start();
     let log = Log::nth(0);
     a.create(&log, CORE);
     a.set_sync(&log, 3, 1);
     a.mark(&log, &[4]);
-    assert_eq!(a.ctr(&log, CORE).error, 0, "the same ctr string again");
-    assert!(a.in_sync(&log, 3), "state kept");
-    assert!(!a.is_clean(&log, 4), "state kept");
     let r = a.request(&Request::ctr_reconnect(&log.uuid, log.luid, CORE));
     assert_eq!(r.error, 0, "the same string in reconnect form: {r}");
-    assert!(a.in_sync(&log, 3));
+    a.resume(&log);
+    assert!(a.in_sync(&log, 3), "state kept");
+    assert!(!a.is_clean(&log, 4), "state kept");
+    assert_eq!(a.sync_count(&log), 1);
+}
+
+/// A plain CTR for a (uuid, luid) that exists and was resumed: the kernel sends a plain CTR
+/// only for a new log context, and luids are the contexts' slab addresses, so the old context
+/// is gone without its DTR having reached the agent (a DTR lost to a full receive queue makes
+/// the kernel see -ESRCH and free the context all the same) and the address is in use again.
+/// The new table gets a new log: nothing of the old one's state, whatever its string.
+#[test]
+fn a_plain_ctr_for_a_resumed_log_replaces_it() {
+    let mut a = Agent::start();
+    let log = Log::nth(0);
+    a.create(&log, CORE);
+    a.set_sync(&log, 3, 1);
+    a.mark(&log, &[4]);
+    a.ctr_ok(&log, CORE);
+    a.resume(&log);
+    assert_eq!(a.sync_count(&log), 0, "a new log: nothing in sync");
+    assert!(a.is_clean(&log, 4), "a new log: nothing marked");
     for other in ["100 clustered-core 16", "100 clustered-core 8 nosync", "200 clustered-core 8"] {
-        assert_eq!(a.ctr(&log, other).error, EEXIST, "a different ctr {other:?} for an existing (uuid, luid)");
+        let r = a.ctr(&log, other);
+        assert_eq!(r.error, 0, "CTR {other:?} for a (uuid, luid) whose old context is gone: {r}");
     }
     assert_eq!(a.region_size(&log), 8);
-    assert!(a.in_sync(&log, 3));
-    assert_eq!(a.sync_count(&log), 1);
+    assert_eq!(a.sync_count(&log), 0);
+    a.resume(&log);
+    assert_eq!(a.resync_work(&log), (1, 0), "the last table's log (200 sectors) serves");
+    a.expect_err(&log, T::InSync, &25u64.to_ne_bytes(), EINVAL, "25 regions in the last table");
+    assert!(!a.in_sync(&log, 24));
+}
+
+/// `userspace_ctr` frees its context without a DTR when GET_REGION_SIZE, `dm_get_device` on the
+/// device name we returned, or the workqueue allocation fail after the server's CTR succeeded.
+/// Luids are slab addresses, so the next table can come with the same one: its CTR must create
+/// its log (not -EEXIST), and the abandoned log's I/O thread and device must be released.
+#[test]
+fn a_ctr_for_a_log_the_kernel_abandoned_replaces_it_and_releases_its_device() {
+    let mut a = Agent::start();
+    let first = zero_file(&a.dir.join("first"), 65536);
+    let second = zero_file(&a.dir.join("second"), 65536);
+    let log = Log::nth(0);
+    a.ctr_ok(&log, &format!("100 clustered-disk {} 8", first.display()));
+    // ... the kernel's GET_REGION_SIZE or dm_get_device fails: no DTR, the context is freed.
+    let r = a.ctr(&log, &format!("200 clustered-disk {} 16", second.display()));
+    assert_eq!(r.error, 0, "CTR of the next table at the same address: {r}");
+    assert_eq!(a.region_size(&log), 16);
+    a.resume(&log);
+    DiskLog::read(&second).assert_header(13);
+    assert_eq!(read_head(&first, 1536), vec![0; 1536], "the abandoned log never wrote its device");
+    let pid = a.proc.pid();
+    let holds_first = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+            .any(|target| target == first)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while holds_first() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(!holds_first(), "the abandoned log's device is still open");
 }
 
 #[test]
@@ -243,4 +305,24 @@ fn requests_for_an_unknown_log_get_esrch_where_the_kernel_reconnects_else_einval
     assert_eq!(a.region_size(&known), 8);
     assert_eq!(a.sync_count(&known), 0);
     assert_eq!(a.clean_map(&known, N), "1".repeat(N as usize));
+}
+
+/// Two mirrors' logs on one device would overwrite each other's bitmap; device-mapper does not
+/// stop two tables from opening one device (it holds every device with one shared claim).
+#[test]
+fn a_log_device_in_use_by_another_mirror_is_ebusy() {
+    let mut a = Agent::start();
+    let disk = zero_file(&a.dir.join("disk"), 65536);
+    let ctr = format!("100 clustered-disk {} 8", disk.display());
+    a.create(&Log::new("LVM-ulog-mirror-a", 1), &ctr);
+    let other = Log::new("LVM-ulog-mirror-b", 2);
+    let r = a.ctr(&other, &ctr);
+    assert_eq!(r.error, -libc::EBUSY, "the device is in use by another mirror's log: {r}");
+    a.expect_err(&other, T::GetRegionSize, &[], EINVAL, "not created");
+    // The same uuid (the new table of a reload) may use it.
+    a.ctr_ok(&Log::new("LVM-ulog-mirror-a", 3), &ctr);
+    // Once the first mirror is gone, the device is free.
+    a.ok(&Log::new("LVM-ulog-mirror-a", 1), T::Dtr, &[]);
+    a.ok(&Log::new("LVM-ulog-mirror-a", 3), T::Dtr, &[]);
+    a.ctr_ok(&other, &ctr);
 }

@@ -1,6 +1,7 @@
 //! Persistence: the on-disk log format written and read at the first RESUME, MARK and FLUSH
-//! durability, POSTSUSPEND and SIGTERM flushing, and agent restarts (kill -9) with core logs in a
-//! state directory and disk logs on a regular file and on a loop device.
+//! durability, POSTSUSPEND and SIGTERM flushing, failed writes, agent restarts (kill -9) with core
+//! logs in a state directory and disk logs on a regular file and on a loop device, which loads may
+//! use a state file, and two logs of one uuid on one device.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -432,4 +433,170 @@ fn marks_in_several_image_blocks_are_all_durable_when_answered() {
         let want = if marked.contains(&r) { '0' } else { '1' };
         assert_eq!(map.as_bytes()[r as usize] as char, want, "region {r} on the device after the MARK reply");
     }
+}
+
+/// A state file belongs to the mirror whose logs used it. A new table with a uuid the agent has
+/// no log of (LVM re-creating a core-log mirror with the LV's uuid, or on other legs) must start
+/// as a new log: regions clean in the old mirror are not in sync on the new legs. The file is
+/// used by the kernel's reconnect (see `restart_core_log_in_state_dir`) and by a table reload,
+/// where the old log of the uuid still exists.
+#[test]
+fn a_new_table_does_not_inherit_the_state_file_of_an_earlier_mirror() {
+    let mut a = Agent::start_with(Core::StateDir);
+    let first = Log::nth(0);
+    a.create(&first, CORE);
+    for r in 0..N {
+        a.recover(&first, r);
+    }
+    a.flush(&first, &[]);
+    // A table reload: the new table's log loads what the old one wrote at POSTSUSPEND.
+    let reloaded = Log::nth(1);
+    a.ctr_ok(&reloaded, CORE);
+    a.suspend(&first);
+    a.resume(&reloaded);
+    a.ok(&first, T::Dtr, &[]);
+    assert_eq!(a.sync_count(&reloaded), N, "a reload keeps the sync state");
+    // The mirror is removed; a new one with the same uuid is created.
+    a.suspend(&reloaded);
+    a.ok(&reloaded, T::Dtr, &[]);
+    let fresh = Log::nth(2);
+    a.create(&fresh, CORE);
+    assert_eq!(a.sync_count(&fresh), 0, "a new mirror must resynchronise everything");
+    assert_eq!(a.resync_work(&fresh), (1, 0));
+    let nosync = Log::nth(3);
+    a.suspend(&fresh);
+    a.ok(&fresh, T::Dtr, &[]);
+    a.create(&nosync, "100 clustered-core 8 nosync");
+    assert_eq!(a.sync_count(&nosync), N, "a new nosync mirror is all in sync");
+}
+
+/// The kernel applies a table's `sync`/`nosync` only at a real table resume. After the agent
+/// restarts, its reconnect loop (NUL-terminated CTR + RESUME) re-creates the log of a live
+/// table whose region hash still holds regions dirty (it never re-marks them): the image must be
+/// loaded as it is. Reproduced: `nosync`, MARK 5, FLUSH, SIGKILL, reconnect CTR + RESUME:
+/// region 5 was written clean and IS_CLEAN(5) answered 1.
+fn reconnect_keeps_the_image(a: &mut Agent, ctr: &str, disk: Option<&Path>) {
+    let log = Log::nth(0);
+    a.create(&log, ctr);
+    a.mark(&log, &[5]);
+    a.flush(&log, &[]);
+    a.restart_after_kill9();
+    a.expect_err(&log, T::MarkRegion, &regions_payload(&[6]), ESRCH, "unknown log after the restart");
+    let r = a.request(&Request::ctr_reconnect(&log.uuid, log.luid, ctr));
+    assert_eq!(r.error, 0, "reconnect CTR: {r}");
+    a.resume(&log);
+    a.mark(&log, &[6]);
+    assert!(!a.is_clean(&log, 5), "region 5 is dirty: the kernel still holds it dirty");
+    assert!(!a.in_sync(&log, 5), "a region dirty when the agent died is resynchronised");
+    assert_eq!(a.sync_count(&log), N - 1);
+    if let Some(d) = disk {
+        assert_eq!(DiskLog::read(d).map(N), "1111100111111", "on the device");
+    }
+}
+
+#[test]
+fn reconnect_does_not_reapply_nosync_to_a_disk_log() {
+    let mut a = Agent::start();
+    let disk = zero_file(&a.dir.join("disk"), 65536);
+    reconnect_keeps_the_image(&mut a, &disk_ctr(&disk, " nosync"), Some(&disk));
+}
+
+#[test]
+fn reconnect_does_not_reapply_nosync_to_a_core_log_in_state_dir() {
+    let mut a = Agent::start_with(Core::StateDir);
+    reconnect_keeps_the_image(&mut a, "100 clustered-core 8 nosync", None);
+}
+
+/// `sync` re-initialises only at a table resume too: a reconnect must not resynchronise
+/// regions the log has recorded in sync.
+#[test]
+fn reconnect_does_not_reapply_sync() {
+    let mut a = Agent::start();
+    let disk = zero_file(&a.dir.join("disk"), 65536);
+    let ctr = disk_ctr(&disk, " sync");
+    let log = Log::nth(0);
+    a.create(&log, &ctr);
+    assert_eq!(a.sync_count(&log), 0);
+    for r in 0..N {
+        a.recover(&log, r);
+    }
+    a.mark(&log, &[2]); // durable: the clears in the same block go with it
+    assert_eq!(DiskLog::read(&disk).map(N), "1101111111111");
+    a.restart_after_kill9();
+    a.request(&Request::ctr_reconnect(&log.uuid, log.luid, &ctr));
+    a.resume(&log);
+    assert_eq!(a.sync_map(&log, N), "1101111111111", "only the dirty region is resynchronised");
+}
+
+/// POSTSUSPEND's write fails (the device is full): the error is answered and the blocks stay
+/// pending, so the next POSTSUSPEND (dm-raid1 ignores the error; a later suspend sends it
+/// again) writes them. It used to give the device up before the write's result was known:
+/// the next POSTSUSPEND was answered 0 and wrote nothing.
+#[test]
+fn a_failed_postsuspend_write_is_answered_and_retried() {
+    let mut a = Agent::start();
+    let fs = SmallFs::mount(&a.dir, 128);
+    let disk = fs.0.join("disk");
+    std::fs::write(&disk, [0u8; 16384]).unwrap();
+    write_head(&disk, &image(MAGIC, N, |_| true));
+    let log = Log::nth(0);
+    a.create(&log, &disk_ctr(&disk, ""));
+    a.mark(&log, &[3, 4]);
+    a.clear(&log, &[3]);
+    std::fs::OpenOptions::new().write(true).open(&disk).unwrap().set_len(0).unwrap();
+    let filler = fs.fill();
+    a.ok(&log, T::Presuspend, &[]);
+    a.expect_err(&log, T::Postsuspend, &[], -libc::ENOSPC, "the final write failed");
+    std::fs::remove_file(&filler).unwrap();
+    a.ok(&log, T::Postsuspend, &[]);
+    let img = DiskLog::read(&disk);
+    img.assert_header(N);
+    assert_eq!(img.map(N), "1111011111111", "the retried POSTSUSPEND wrote the clear of 3 and the mark of 4");
+}
+
+/// The agent restarts in the middle of a table reload: the new table's log (B) was resumed and
+/// writes the device; the old, suspended table (A) is still in the kernel, and its kmirrord
+/// still finishes the recovery that was in flight when the suspend began (dm-region-hash's
+/// `complete_resync_work`: SET_REGION_SYNC, then CLEAR and FLUSH from `dm_rh_update_states`),
+/// so the kernel's reconnect loop re-creates and resumes A as well. A knows nothing of the
+/// regions B marked after A loaded: its writes must not record clean a region B holds dirty
+/// (B's writes are in flight there). Whoever writes, the device carries both logs' dirt.
+#[test]
+fn two_logs_of_one_device_never_write_away_each_others_dirt() {
+    let mut a = Agent::start();
+    // Region 7 is being resynchronised by the old table.
+    let disk = device_with(&a.dir, &image(MAGIC, N, |r| r != 7));
+    let ctr = disk_ctr(&disk, "");
+    let (old, new) = (Log::nth(0), Log::nth(1));
+    a.create(&old, &ctr);
+    a.ctr_ok(&new, &ctr);
+    a.suspend(&old);
+    a.resume(&new);
+    a.restart_after_kill9();
+    // The old table's flush comes first: -ESRCH, reconnect, resume.
+    a.expect_err(&old, T::Flush, &[], ESRCH, "unknown after the restart");
+    a.request(&Request::ctr_reconnect(&old.uuid, old.luid, &ctr));
+    a.resume(&old);
+    // The live table writes to region 3.
+    a.expect_err(&new, T::MarkRegion, &regions_payload(&[3]), ESRCH, "unknown after the restart");
+    a.request(&Request::ctr_reconnect(&new.uuid, new.luid, &ctr));
+    a.resume(&new);
+    a.mark(&new, &[3]);
+    assert_eq!(DiskLog::read(&disk).map(N), "1110111011111");
+    // The old table's recovery of region 7 completes.
+    a.set_sync(&old, 7, 1);
+    a.clear(&old, &[7]);
+    a.flush(&old, &[]);
+    a.suspend(&old); // answered once its writes are done
+    assert_eq!(
+        DiskLog::read(&disk).map(N),
+        "1110111011111",
+        "region 3 must stay dirty while the live log holds it (and 7 while it needs a resync there)"
+    );
+    // The old table goes; the live one recovers 7 and clears 3, and the device follows it.
+    a.ok(&old, T::Dtr, &[]);
+    a.recover(&new, 7);
+    a.clear(&new, &[3]);
+    a.suspend(&new);
+    assert_eq!(DiskLog::read(&disk).map(N), "1111111111111");
 }
