@@ -516,6 +516,11 @@ impl Worker {
         }
         let device = Arc::clone(&self.shared_device);
         let _io = device.lock_io();
+        if let Err(e) = self.device.settle_creation() {
+            error!(log = %self.name, device = %self.device.path().display(), error = %e, "cannot make the state file's creation durable");
+            self.log.device_failed.store(true, Ordering::Relaxed);
+            return -e.raw_os_error().unwrap_or(libc::EIO);
+        }
         // A live log being resumed again first writes what it has, so the image it reads back
         // is current (the merge in resume_from_image covers a failed write).
         self.write_locked();

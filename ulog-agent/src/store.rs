@@ -126,6 +126,10 @@ pub struct LogDevice {
     path: PathBuf,
     /// Which device this is.
     pub key: DeviceKey,
+    /// A state file created (or grown) without waiting for stable storage, and its directory:
+    /// [`LogDevice::settle_creation`] makes that durable on the log's I/O thread, so a CTR
+    /// never waits for an fsync on the receive thread.
+    unsettled: Option<PathBuf>,
     /// Bytes of image on this device (header + bitmap rounded to its logical block size).
     image_len: usize,
     /// `major:minor` for STATUS_INFO (0:0 for a regular file).
@@ -186,7 +190,7 @@ impl LogDevice {
             }
             let rdev = meta.rdev();
             let dev = (libc::major(rdev), libc::minor(rdev));
-            Ok(Self { file, path: path.into(), key: DeviceKey::Block(rdev), image_len, dev })
+            Ok(Self { file, path: path.into(), key: DeviceKey::Block(rdev), unsettled: None, image_len, dev })
         } else if ft.is_file() {
             let image_len = disk_format::image_len(region_count, 512);
             if meta.len() < image_len as u64 {
@@ -199,13 +203,17 @@ impl LogDevice {
                 .open(path)
                 .map_err(io_err(path))?;
             let key = DeviceKey::File(meta.dev(), meta.ino());
-            Ok(Self { file, path: path.into(), key, image_len, dev: (0, 0) })
+            Ok(Self { file, path: path.into(), key, unsettled: None, image_len, dev: (0, 0) })
         } else {
             Err(StoreError::NotABlockDevice(path.into()))
         }
     }
 
-    /// Opens (creating it, durably, if needed) the state file of a `clustered-core` log.
+    /// Opens (creating or growing it if needed) the state file of a `clustered-core` log. What
+    /// that changed is not yet durable: the log's I/O thread calls
+    /// [`LogDevice::settle_creation`] before it first loads the file. (The CTR runs on the
+    /// receive thread, which serves every log: it must not wait for an fsync of the file and
+    /// of its directory, which on a busy filesystem can take seconds.)
     pub fn open_state_file(path: &Path, region_count: u64) -> Result<Self, StoreError> {
         let need = disk_format::image_len(region_count, 512) as u64;
         let existed = path.exists();
@@ -218,17 +226,27 @@ impl LogDevice {
             .open(path)
             .map_err(io_err(path))?;
         let len = file.metadata().map_err(io_err(path))?.len();
-        if len < need {
+        let grown = len < need;
+        if grown {
             file.set_len(need).map_err(io_err(path))?;
-            file.sync_all().map_err(io_err(path))?;
-        }
-        if !existed {
-            if let Some(dir) = path.parent() {
-                File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
-            }
         }
         drop(file);
-        Self::open(path, region_count)
+        let mut dev = Self::open(path, region_count)?;
+        if grown || !existed {
+            dev.unsettled = Some(path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf));
+        }
+        Ok(dev)
+    }
+
+    /// Makes a state file's creation or growth durable (the file, then its directory entry).
+    /// Nothing to do for a device or an unchanged file; done once.
+    pub fn settle_creation(&mut self) -> io::Result<()> {
+        let Some(dir) = self.unsettled.take() else { return Ok(()) };
+        let r = self.file.sync_all().and_then(|()| File::open(&dir)?.sync_all());
+        if r.is_err() {
+            self.unsettled = Some(dir);
+        }
+        r
     }
 
     /// The device's path.

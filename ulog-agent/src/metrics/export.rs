@@ -30,7 +30,7 @@ pub const FAMILIES: &[(&str, &str, &str, &str)] = &[
     ("ulog_logs", "gauge", "type, state", "always"),
     ("ulog_requests_total", "counter", "log, type, result", "per log"),
     ("ulog_requests_without_log_total", "counter", "type", "always"),
-    ("ulog_request_duration_seconds", "histogram", "type", "types seen"),
+    ("ulog_request_duration_seconds", "histogram", "type", "always, every type"),
     ("ulog_malformed_messages_total", "counter", "reason", "always"),
     ("ulog_dropped_messages_total", "counter", "reason", "always"),
     ("ulog_kernel_reconnects_total", "counter", "log", "per log"),
@@ -224,11 +224,10 @@ impl Exporter {
             "ulog_request_duration_seconds",
             "Agent service time: request received to reply sent (after the durable write for requests that wait for one), by request type.",
         );
+        // Every type from the start, zeros included: a series that appears with its first
+        // observation loses that increment to rate() (it has no earlier sample to differ from).
         for slot in 0..=REQUEST_TYPE_COUNT {
-            let s = t.service(slot).snapshot();
-            if s.count() > 0 {
-                f.add_histogram(&[("type", type_label(slot))], &s);
-            }
+            f.add_histogram(&[("type", type_label(slot))], &t.service(slot).snapshot());
         }
         f.done(out);
 
@@ -417,11 +416,12 @@ impl Exporter {
                 "ulog_kernel_request_duration_seconds",
                 "Kernel-side round trip of a request (dm_consult_userspace entry to return), by request type. Log2 buckets only.",
             );
+            // Every type while attached, zeros included (see ulog_request_duration_seconds).
             for (slot, h) in rt.iter().enumerate() {
-                let s = HistSnapshot::from_kernel_slots(&h.slots, h.sum_ns);
-                if s.count() > 0 {
-                    f.add_histogram(&[("type", kernel_type_label(slot))], &s);
-                }
+                f.add_histogram(
+                    &[("type", kernel_type_label(slot))],
+                    &HistSnapshot::from_kernel_slots(&h.slots, h.sum_ns),
+                );
             }
             f.done(out);
         }
@@ -433,9 +433,7 @@ impl Exporter {
             for (stage, per_type) in Stage::ALL.iter().zip(stages.iter()) {
                 for (slot, h) in per_type.iter().enumerate() {
                     let s = HistSnapshot::from_kernel_slots(&h.slots, h.sum_ns);
-                    if s.count() > 0 {
-                        f.add_histogram(&[("type", kernel_type_label(slot)), ("stage", stage.name())], &s);
-                    }
+                    f.add_histogram(&[("type", kernel_type_label(slot)), ("stage", stage.name())], &s);
                 }
             }
             f.done(out);

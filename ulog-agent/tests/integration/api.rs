@@ -196,6 +196,32 @@ fn nolog() -> Log {
     Log::new("LVM-no-such-log", 0xdead)
 }
 
+/// `rate()` and `increase()` need a sample before a series' first increment: a series that
+/// appears with its first observation loses that increment (Prometheus sees its first value, not
+/// a change). Every request type's service-time histogram exists from the start, and every
+/// (log, type, result) counter from the log's CTR, at zero.
+#[test]
+fn series_exist_at_zero_before_their_first_observation() {
+    let (mut a, http) = start(Core::InMemory);
+    let s = http.scrape();
+    // (The harness asked GET_REGION_SIZE of an unknown log to see the agent was up.)
+    for t in T::ALL.iter().map(|t| t.name()).filter(|&t| t != "GET_REGION_SIZE").chain(["UNKNOWN"]) {
+        assert_eq!(s.get("ulog_request_duration_seconds_count", &[("type", t)]), 0.0, "{t} before any request");
+        assert_eq!(s.get("ulog_request_duration_seconds_bucket", &[("type", t), ("le", "+Inf")]), 0.0);
+    }
+    let log = Log::new("LVM-apizero0001", LUID);
+    a.ctr_ok(&log, "1000 clustered-core 8");
+    let s = http.scrape();
+    for t in T::ALL {
+        for result in ["ok", "error"] {
+            let want = if t == T::Ctr && result == "ok" { 1.0 } else { 0.0 };
+            let labels = [("log", "apizero0001"), ("type", t.name()), ("result", result)];
+            assert_eq!(s.get("ulog_requests_total", &labels), want, "{} {result} after the CTR", t.name());
+        }
+    }
+    assert_eq!(s.get("ulog_request_duration_seconds_count", &[("type", "MARK_REGION")]), 0.0);
+}
+
 #[test]
 fn scrape_and_api_match_the_traffic_sent() {
     let (mut a, http) = start(Core::InMemory);
