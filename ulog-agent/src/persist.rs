@@ -547,10 +547,10 @@ impl Worker {
             (_, LoadRule::StartOver) => {
                 info!(log = %self.name, device = %self.device.path().display(), "the state file was left by an earlier mirror with this uuid (a new table, not a reconnect or reload): ignored, the log starts over")
             }
-            (LoadOutcome::Loaded { nr_regions }, LoadRule::Reconnect) => {
-                info!(log = %self.name, nr_regions, "loaded log after the kernel's reconnect (the table's sync/nosync is not applied again)")
+            // reconnect: the kernel's reconnect loop; the table's sync/nosync was not applied.
+            (LoadOutcome::Loaded { nr_regions }, rule) => {
+                info!(log = %self.name, nr_regions, reconnect = rule == LoadRule::Reconnect, "loaded log")
             }
-            (LoadOutcome::Loaded { nr_regions }, _) => info!(log = %self.name, nr_regions, "loaded log"),
             (LoadOutcome::Fresh, _) => {
                 info!(log = %self.name, "no valid log on the device (or sync/nosync given): initialised")
             }

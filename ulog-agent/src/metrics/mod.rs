@@ -60,8 +60,10 @@ pub mod clock {
     use std::time::{Duration, SystemTime};
 
     static EPOCH: OnceLock<(u64, SystemTime)> = OnceLock::new();
+    static TIMENS_OFFSET: OnceLock<i64> = OnceLock::new();
 
-    /// Raw `CLOCK_MONOTONIC` in ns (the time base of `bpf_ktime_get_ns`).
+    /// Raw `CLOCK_MONOTONIC` in ns (the time base of `bpf_ktime_get_ns`, unless the agent runs
+    /// in a time namespace: see [`monotonic_offset_ns`]).
     #[inline]
     pub fn monotonic_raw_ns() -> u64 {
         let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -75,22 +77,47 @@ pub mod clock {
         *EPOCH.get_or_init(|| (monotonic_raw_ns(), SystemTime::now()))
     }
 
+    /// How far this process's `CLOCK_MONOTONIC` is ahead of the kernel's own (the one
+    /// `bpf_ktime_get_ns` reads): non-zero only in a time namespace (`unshare --time
+    /// --monotonic`, some container runtimes), from `/proc/self/timens_offsets`; read once.
+    pub fn monotonic_offset_ns() -> i64 {
+        *TIMENS_OFFSET.get_or_init(|| {
+            std::fs::read_to_string("/proc/self/timens_offsets").map_or(0, |t| parse_timens_offsets(&t))
+        })
+    }
+
+    /// The `monotonic` line of `/proc/<pid>/timens_offsets` (`monotonic <secs> <nanosecs>`), in ns.
+    pub fn parse_timens_offsets(text: &str) -> i64 {
+        text.lines()
+            .find_map(|l| {
+                let mut f = l.split_whitespace();
+                if f.next()? != "monotonic" {
+                    return None;
+                }
+                let secs: i64 = f.next()?.parse().ok()?;
+                let nanos: i64 = f.next()?.parse().ok()?;
+                Some(secs.saturating_mul(1_000_000_000).saturating_add(nanos))
+            })
+            .unwrap_or(0)
+    }
+
     /// Now, in nanoseconds since the epoch.
     #[inline]
     pub fn now_ns() -> u64 {
         monotonic_raw_ns().saturating_sub(epoch().0)
     }
 
-    /// A clock value in the kernel's `CLOCK_MONOTONIC` time base (`bpf_ktime_get_ns`).
+    /// A clock value in the kernel's `CLOCK_MONOTONIC` time base (`bpf_ktime_get_ns`), the time
+    /// namespace's offset taken off.
     #[inline]
     pub fn kernel_ns(ns: u64) -> u64 {
-        ns.wrapping_add(epoch().0)
+        ns.wrapping_add(epoch().0).wrapping_sub(monotonic_offset_ns() as u64)
     }
 
     /// A kernel `CLOCK_MONOTONIC` time as a clock value (0 for times before the epoch).
     #[inline]
     pub fn from_kernel_ns(kns: u64) -> u64 {
-        kns.saturating_sub(epoch().0)
+        kns.wrapping_add(monotonic_offset_ns() as u64).saturating_sub(epoch().0)
     }
 
     /// The wall-clock time of a clock value.
@@ -105,6 +132,14 @@ pub mod clock {
 
     #[cfg(test)]
     mod tests {
+        #[test]
+        fn time_namespace_offsets() {
+            assert_eq!(super::parse_timens_offsets("monotonic 0 0\nboottime 0 0\n"), 0);
+            assert_eq!(super::parse_timens_offsets("monotonic 86400 5\nboottime 0 0\n"), 86_400_000_000_005);
+            assert_eq!(super::parse_timens_offsets("monotonic -10 0\n"), -10_000_000_000);
+            assert_eq!(super::parse_timens_offsets(""), 0);
+        }
+
         #[test]
         fn same_base_as_instant_and_round_trips() {
             let a = super::now_ns();

@@ -3,8 +3,9 @@
 //!
 //! # The request path's part: [`SeqTable`]
 //! For every request it answers, the request path stores `(seq, received, replying)` into a
-//! fixed table of [`SEQ_SLOTS`] slots indexed by `seq % SEQ_SLOTS`: three relaxed stores and two
-//! compiler-only fences (x86), no lock, no allocation, no channel. `replying` is taken just
+//! fixed table of [`SEQ_SLOTS`] slots indexed by `seq % SEQ_SLOTS`: a compare-and-swap that
+//! claims the slot (several threads write the table), two relaxed stores and a release store, no
+//! lock, no allocation, no channel. `replying` is taken just
 //! before the reply is handed to `sendto`: the kernel can only wake up after that, so every
 //! correlated request satisfies `kernel entry <= send <= received <= replying <= kernel return`
 //! (all four on `CLOCK_MONOTONIC`, see [`crate::metrics::clock`]). A slot is a seqlock: the
@@ -39,6 +40,8 @@ use crate::metrics::kernel::Log2Hist;
 /// Slots of the seq table (16384 × 24 bytes = 384 KiB).
 pub const SEQ_SLOTS: usize = 1 << 14;
 const VALID: u64 = 1 << 32;
+/// The tag of a slot being written (never a valid tag: those have [`VALID`] and a 32-bit seq).
+const WRITING: u64 = 1 << 33;
 
 struct SeqSlot {
     tag: AtomicU64,
@@ -68,15 +71,36 @@ impl Default for SeqTable {
 }
 
 impl SeqTable {
-    /// Records a request (request path: relaxed stores, fences that compile to nothing on x86).
+    /// Records a request (request path: one compare-and-swap that claims the slot, two relaxed
+    /// stores, one release store).
+    ///
+    /// Several threads write the table (the receive thread, and each persistent log's I/O
+    /// thread for the requests it answers), so two writers can meet in one slot (seqs 16384
+    /// apart). The claim makes that harmless: a writer first swaps the slot's tag from whatever
+    /// it holds to [`WRITING`]; only the winner writes the times and publishes its tag, a writer
+    /// that finds the slot being written gives its record up (the request is then not
+    /// correlated, which is counted), and so a slot never holds one writer's `received` with
+    /// another's `replying`.
     #[inline]
     pub fn record(&self, seq: u32, received_ns: u64, replying_ns: u64) {
         let s = &self.slots[seq as usize % SEQ_SLOTS];
-        s.tag.store(0, Ordering::Relaxed);
+        let current = s.tag.load(Ordering::Relaxed);
+        if current == WRITING || s.tag.compare_exchange(current, WRITING, Ordering::Acquire, Ordering::Relaxed).is_err()
+        {
+            return;
+        }
         fence(Ordering::Release);
         s.received.store(received_ns, Ordering::Relaxed);
         s.replied.store(replying_ns, Ordering::Relaxed);
         s.tag.store(u64::from(seq) | VALID, Ordering::Release);
+    }
+
+    /// Forgets every record (at a new attachment: the kernel's seq restarts with the module, so
+    /// an old record could match a new request's seq).
+    pub fn clear(&self) {
+        for s in self.slots.iter() {
+            s.tag.store(0, Ordering::Release);
+        }
     }
 
     /// `(received, replying)` of `seq`, if the slot still holds it.
@@ -277,6 +301,63 @@ pub fn is_reconnect(ev: &RequestEvent) -> bool {
 mod tests {
     use super::*;
     use ulog_common::RequestType;
+
+    /// Two writers in one slot (seqs SEQ_SLOTS apart, as the receive thread and a persister
+    /// can be: each seq is answered once) while a reader reads it: every record the reader
+    /// accepts is one writer's whole record, never one writer's `received` with the other's
+    /// `replying`.
+    #[test]
+    fn concurrent_writers_never_leave_a_torn_slot() {
+        const ROUNDS: u32 = 120_000; // seqs stay unique: 7 + 16384 * 240_000 < 2^32
+        let table = std::sync::Arc::new(SeqTable::default());
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        // received = seq << 20, replying = received + (seq >> 14): a record whose times
+        // belong to two seqs is torn.
+        let times = |seq: u32| (u64::from(seq) << 20, (u64::from(seq) << 20) + u64::from(seq >> 14));
+        let writers: Vec<_> = (0..2u32)
+            .map(|w| {
+                let (table, done) = (std::sync::Arc::clone(&table), std::sync::Arc::clone(&done));
+                std::thread::spawn(move || {
+                    for k in 0..ROUNDS {
+                        let seq = 7 + SEQ_SLOTS as u32 * (2 * k + w);
+                        let (r, p) = times(seq);
+                        table.record(seq, r, p);
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                })
+            })
+            .collect();
+        let (mut seen, mut torn) = (0u64, 0u64);
+        let slot = &table.slots[7];
+        while done.load(Ordering::Relaxed) < 2 {
+            let tag = slot.tag.load(Ordering::Acquire);
+            if tag & VALID == 0 || tag == WRITING {
+                continue;
+            }
+            if let Some((r, p)) = table.get(tag as u32) {
+                seen += 1;
+                if (r, p) != times(tag as u32) {
+                    torn += 1;
+                }
+            }
+        }
+        writers.into_iter().for_each(|w| w.join().unwrap());
+        let last = slot.tag.load(Ordering::Acquire) as u32;
+        assert_eq!(table.get(last), Some(times(last)), "the last record stands");
+        assert_eq!(torn, 0, "{torn} torn records out of {seen}");
+    }
+
+    /// A new load of the module restarts the kernel's seq at 0: the table is cleared at attach.
+    #[test]
+    fn clear_forgets_every_record() {
+        let t = SeqTable::default();
+        t.record(3, 10, 20);
+        assert_eq!(t.get(3), Some((10, 20)));
+        t.clear();
+        assert_eq!(t.get(3), None);
+        t.record(3, 30, 40);
+        assert_eq!(t.get(3), Some((30, 40)));
+    }
 
     fn event(seq: u32, entry: u64, send: u64, exit: u64) -> RequestEvent {
         RequestEvent {

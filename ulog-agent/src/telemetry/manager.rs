@@ -5,7 +5,9 @@
 //! - At start, `main` calls [`adopt`] with the result of its first [`ProbeSet::start`] (made
 //!   before the connector socket opens, so every request the agent serves is counted).
 //! - Every [`ManagerConfig::module_poll`] the thread reads the module's identity
-//!   ([`probes::module_identity`]: its load address in `/proc/modules`). Attached and the module
+//!   ([`ModuleWatch`]: its load address in `/proc/modules` and the inode of its sysfs directory,
+//!   which is new at every load, even at the same address). A new attachment clears the seq
+//!   table (the kernel's seq restarts at 0 with the module). Attached and the module
 //!   gone or reloaded (another address): detach (the kprobes of an unloaded module are dead) and
 //!   keep what was counted ([`KernelTelemetry::detach`]). Not attached and the module present:
 //!   attach. A failure other than "module not loaded" is logged once per module identity (no
@@ -22,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use super::probes::{self, EventReader, ProbeError, ProbeOptions, ProbeSet};
+use super::probes::{EventReader, ModuleWatch, ProbeError, ProbeOptions, ProbeSet};
 use super::KernelTelemetry;
 use crate::metrics::kernel::KernelSource;
 use crate::metrics::Telemetry;
@@ -49,6 +51,7 @@ pub const ATTACHED: &str = "attached: dm_consult_userspace (entry and return), c
 #[derive(Debug)]
 pub struct Adopted {
     reader: Option<EventReader>,
+    watch: ModuleWatch,
     identity: Option<String>,
     /// The error is permanent: no thread needed.
     permanent: bool,
@@ -63,7 +66,15 @@ fn permanent(e: &ProbeError) -> bool {
 /// Takes the first start's result: registers an attached set (and the kernel source), or logs
 /// why there is none, once.
 pub fn adopt(kt: &Arc<KernelTelemetry>, tel: &Telemetry, first: Result<ProbeSet, ProbeError>) -> Adopted {
-    let identity = probes::module_identity();
+    let mut watch = ModuleWatch::default();
+    let identity = watch.identity();
+    let offset = crate::metrics::clock::monotonic_offset_ns();
+    if offset != 0 {
+        warn!(
+            offset_ns = offset,
+            "the agent runs in a time namespace: its CLOCK_MONOTONIC differs from the kernel's (the eBPF probes' clock); kernel times are converted by that offset"
+        );
+    }
     match first {
         Ok(mut set) => {
             let reader = set.take_events();
@@ -71,18 +82,18 @@ pub fn adopt(kt: &Arc<KernelTelemetry>, tel: &Telemetry, first: Result<ProbeSet,
             tel.set_kernel_source(Arc::clone(kt) as Arc<dyn KernelSource>);
             tel.set_probe_state(true, ATTACHED.into());
             info!(module = ?identity, "eBPF probe attached: dm_consult_userspace (entry and return), cn_netlink_send");
-            Adopted { reader, identity, permanent: false, failed_for: None }
+            Adopted { reader, watch, identity, permanent: false, failed_for: None }
         }
         Err(e) => {
             let report = e.report();
             if matches!(e, ProbeError::ModuleNotLoaded { .. }) {
                 info!(reason = %report, "eBPF probes not attached yet; they attach when the module loads");
                 tel.set_probe_state(false, format!("waiting: {report}"));
-                Adopted { reader: None, identity: None, permanent: false, failed_for: None }
+                Adopted { reader: None, watch, identity: None, permanent: false, failed_for: None }
             } else {
                 warn!(reason = %report, "eBPF probes not attached; serving without kernel-side telemetry");
                 tel.set_probe_state(false, report);
-                Adopted { reader: None, identity: None, permanent: permanent(&e), failed_for: Some(identity) }
+                Adopted { reader: None, watch, identity: None, permanent: permanent(&e), failed_for: Some(identity) }
             }
         }
     }
@@ -119,7 +130,7 @@ fn run(kt: &Arc<KernelTelemetry>, tel: &Telemetry, cfg: ManagerConfig, mut a: Ad
             continue;
         }
         last_check = Instant::now();
-        let now = probes::module_identity();
+        let now = a.watch.identity();
         if kt.attached() && now != a.identity {
             if let Some(r) = a.reader.as_mut() {
                 drain(r, kt, tel, 0);
@@ -147,6 +158,9 @@ fn run(kt: &Arc<KernelTelemetry>, tel: &Telemetry, cfg: ManagerConfig, mut a: Ad
         }
         match ProbeSet::start(cfg.opts) {
             Ok(mut set) => {
+                // The kernel's seq counter restarts at 0 with a new load of the module: entries
+                // of the old load's requests must not match the new load's events.
+                tel.seqs().clear();
                 a.reader = set.take_events();
                 kt.attach(set);
                 a.identity = now;

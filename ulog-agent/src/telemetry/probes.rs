@@ -31,6 +31,7 @@
 //!   have neither kprobes nor device-mapper, so attaching is only exercised in the VM suite.
 //! - Kernels older than 4.17 (legacy tracefs kprobes, no PMU file) are reported as unsupported.
 
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use thiserror::Error;
@@ -540,17 +541,61 @@ fn read_into(
     Ok(())
 }
 
-/// What identifies the loaded `dm_log_userspace` module: its `/proc/modules` line's load address
-/// (a reload gets a new one; as root the address is real), `"builtin"` when it is built in, or
-/// `None` when it is not loaded. Errors reading procfs count as not loaded.
-pub fn module_identity() -> Option<String> {
-    let modules = std::fs::read_to_string(PROC_MODULES).ok()?;
-    if let Some(line) = modules.lines().find(|l| l.split_whitespace().next() == Some(DM_LOG_USERSPACE_MODULE)) {
-        // name size refcount deps state address
-        return Some(line.split_whitespace().nth(5).unwrap_or("loaded").to_string());
+/// Recognises a load of `dm_log_userspace` (the probe thread asks every 2 s).
+///
+/// A loaded module is identified by its load address in `/proc/modules` *and* the inode of its
+/// `/sys/module/<name>` directory: a module unloaded and loaded again between two checks can
+/// come back at the same address, but its sysfs directory is a new one (kernfs numbers every
+/// node it creates anew), and the probes of the old load are dead. A module built into the
+/// kernel (`dm_consult_userspace` in `/proc/kallsyms` without a `[module]` field) cannot come
+/// or go, so `/proc/kallsyms` (megabytes) is read once, not at every check; the checks after it
+/// read only `/proc/modules` (a few KiB) and stat one directory.
+#[derive(Debug)]
+pub struct ModuleWatch {
+    proc_modules: PathBuf,
+    sys_module: PathBuf,
+    kallsyms: PathBuf,
+    /// Whether the code is built into the kernel, once looked up.
+    builtin: Option<bool>,
+}
+
+impl Default for ModuleWatch {
+    fn default() -> Self {
+        Self::at(
+            Path::new(PROC_MODULES),
+            &Path::new("/sys/module").join(DM_LOG_USERSPACE_MODULE),
+            Path::new(PROC_KALLSYMS),
+        )
     }
-    let kallsyms = std::fs::read_to_string(PROC_KALLSYMS).ok()?;
-    kallsyms_has(&kallsyms, DM_CONSULT_USERSPACE).then(|| "builtin".to_string())
+}
+
+impl ModuleWatch {
+    /// A watch reading these files (tests point it elsewhere).
+    pub fn at(proc_modules: &Path, sys_module: &Path, kallsyms: &Path) -> Self {
+        Self {
+            proc_modules: proc_modules.into(),
+            sys_module: sys_module.into(),
+            kallsyms: kallsyms.into(),
+            builtin: None,
+        }
+    }
+
+    /// The identity of the module's current load: `None` while it is not loaded (nor built in).
+    pub fn identity(&mut self) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        let modules = std::fs::read_to_string(&self.proc_modules).ok()?;
+        if let Some(line) = modules.lines().find(|l| l.split_whitespace().next() == Some(DM_LOG_USERSPACE_MODULE)) {
+            // name size refcount deps state address
+            let address = line.split_whitespace().nth(5).unwrap_or("loaded");
+            let ino = std::fs::metadata(&self.sys_module).map_or(0, |m| m.ino());
+            return Some(format!("{address} (sysfs inode {ino})"));
+        }
+        let kallsyms = &self.kallsyms;
+        let builtin = *self.builtin.get_or_insert_with(|| {
+            std::fs::read_to_string(kallsyms).is_ok_and(|k| kallsyms_has_builtin(&k, DM_CONSULT_USERSPACE))
+        });
+        builtin.then(|| "builtin".to_string())
+    }
 }
 
 /// Kernel prerequisites that would otherwise surface as an obscure attach error.
@@ -576,6 +621,15 @@ fn check_kernel() -> Result<(), ProbeError> {
 /// Whether `/proc/modules` text lists `module` (first field of a line).
 fn module_listed(proc_modules: &str, module: &str) -> bool {
     proc_modules.lines().any(|l| l.split_whitespace().next() == Some(module))
+}
+
+/// Whether `/proc/kallsyms` text has `symbol` as a symbol of the kernel itself (no fourth,
+/// `[module]`, field).
+fn kallsyms_has_builtin(kallsyms: &str, symbol: &str) -> bool {
+    kallsyms.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        f.nth(2) == Some(symbol) && f.next().is_none()
+    })
 }
 
 /// Whether `/proc/kallsyms` text has a symbol named `symbol` (third field; a fourth, `[module]`,
@@ -637,6 +691,36 @@ mod tests {
         assert!(kallsyms_has(syms, DM_CONSULT_USERSPACE));
         assert!(kallsyms_has("0000000000000000 T dm_consult_userspace\n", DM_CONSULT_USERSPACE));
         assert!(!kallsyms_has("0 T dm_consult_userspace2\n", DM_CONSULT_USERSPACE));
+        assert!(!kallsyms_has_builtin(syms, DM_CONSULT_USERSPACE), "a module's symbol");
+        assert!(kallsyms_has_builtin("0000000000000000 T dm_consult_userspace\n", DM_CONSULT_USERSPACE));
+    }
+
+    /// A module reloaded at the same address is a new load (its probes must be attached again),
+    /// and /proc/kallsyms is read once: built in or not cannot change while the kernel runs.
+    #[test]
+    fn module_watch_sees_every_load_and_reads_kallsyms_once() {
+        let dir = std::env::temp_dir().join(format!("ulog-modwatch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (modules, sys, syms) = (dir.join("modules"), dir.join("sys_module"), dir.join("kallsyms"));
+        let mut w = ModuleWatch::at(&modules, &sys, &syms);
+        std::fs::write(&modules, "dm_mirror 28672 0 - Live 0xffffffffc0100000\n").unwrap();
+        std::fs::write(&syms, "ffffffff81000000 T _text\n").unwrap();
+        assert_eq!(w.identity(), None, "not loaded, not built in");
+        std::fs::write(&syms, "ffffffff81000000 T dm_consult_userspace\n").unwrap();
+        assert_eq!(w.identity(), None, "built in or not is looked up once");
+        let loaded = "dm_log_userspace 24576 0 - Live 0xffffffffc0236000\n";
+        std::fs::write(&modules, loaded).unwrap();
+        std::fs::create_dir(&sys).unwrap();
+        let first = w.identity().expect("loaded");
+        assert_eq!(w.identity().as_deref(), Some(first.as_str()), "the same load");
+        // rmmod + modprobe between two checks, at the same address: a new sysfs directory.
+        let keep = dir.join("keep-inode-busy");
+        std::fs::rename(&sys, &keep).unwrap();
+        std::fs::create_dir(&sys).unwrap();
+        let second = w.identity().expect("loaded again");
+        assert_ne!(first, second, "a reload at the same address is a new load");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
