@@ -23,6 +23,16 @@
 //! on stable storage is answered once `durable_gen >= dirty_gen` as seen after its change.
 //! Clean-going changes (CLEAR) mark blocks without bumping `dirty_gen`: losing one costs a
 //! region's resync, never data, so they ride along with the next write.
+//!
+//! Clean bits and the legs' caches (dm-log.c `disk_flush`): the tracker also records whether
+//! the marked blocks carry clean-going changes (`clean_going`, the kernel's `touched_cleaned`),
+//! and the snapshot says so, so the persister flushes the mirror legs before writing it
+//! (`crate::legs`). If that flush fails, [`DirtyLog::legs_flush_failed`] does what dm-log.c does
+//! when `flush_callback_fn` fails: it sets `flush_failed`, makes every region dirty (the write
+//! then carries no clean bit), and from then on CLEAR is ignored (`core_clear_region` tests
+//! `flush_failed`), for the rest of the log's life: as in the kernel, neither a suspend/resume
+//! nor a reload of the image resets it; a table reload constructs a new log, which starts
+//! without it.
 
 use thiserror::Error;
 
@@ -95,6 +105,9 @@ struct Tracker {
     any_changed: bool,
     dirty_gen: u64,
     durable_gen: u64,
+    /// The changed blocks carry clean-going changes (a CLEAR set a clean bit since the last
+    /// snapshot): dm-log.c's `touched_cleaned`. Their write must follow a flush of the legs.
+    clean_going: bool,
 }
 
 impl Tracker {
@@ -121,6 +134,9 @@ pub struct Snapshot {
     pub gen: u64,
     /// Runs of consecutive blocks, as (first block, block count).
     pub runs: Vec<(usize, usize)>,
+    /// The blocks carry clean bits set since the last snapshot: the mirror legs must be
+    /// flushed before they are written (dm-log.c flushes them when `touched_cleaned`).
+    pub clean_going: bool,
 }
 
 /// The state of one log.
@@ -147,6 +163,9 @@ pub struct DirtyLog {
     all_out_of_sync_at_resume: bool,
     /// How the next load treats the device's image.
     next_load: LoadRule,
+    /// A flush of the mirror legs failed: every region was made dirty and CLEAR is ignored
+    /// (dm-log.c's `flush_failed`).
+    legs_flush_failed: bool,
 }
 
 /// How the next load of a persistent log (its RESUME) treats the image on its device.
@@ -182,6 +201,7 @@ impl DirtyLog {
             any_changed: false,
             dirty_gen: 0,
             durable_gen: 0,
+            clean_going: false,
         });
         Ok(Self {
             region_size: args.region_size,
@@ -200,6 +220,7 @@ impl DirtyLog {
             out_of_sync_at_resume: Vec::new(),
             all_out_of_sync_at_resume: false,
             next_load: LoadRule::Table,
+            legs_flush_failed: false,
         })
     }
 
@@ -323,6 +344,7 @@ impl DirtyLog {
     fn became_clean(&mut self, r: u64) {
         if let Some(t) = &mut self.tracker {
             t.mark_block_of(r);
+            t.clean_going = true;
         }
     }
 
@@ -359,10 +381,14 @@ impl DirtyLog {
         Ok(())
     }
 
-    /// CLEAR_REGION: a region becomes clean only if it is in sync.
+    /// CLEAR_REGION: a region becomes clean only if it is in sync, and never once a flush of
+    /// the legs failed (dm-log.c `core_clear_region`: `if (likely(!lc->flush_failed))`).
     pub fn clear(&mut self, regions: impl Iterator<Item = u64> + Clone) -> Result<(), LogError> {
         self.require_loaded()?;
         self.check_all(regions.clone())?;
+        if self.legs_flush_failed {
+            return Ok(());
+        }
         for r in regions {
             if self.sync.get(r) && self.clean.set(r, true) {
                 self.became_clean(r);
@@ -499,6 +525,10 @@ impl DirtyLog {
         if let Some(t) = &mut self.tracker {
             t.mark_all(self.image_blocks);
             t.dirty_gen += 1;
+            // The write-back carries no clean bit the disk did not have (`clean = disk &
+            // memory`, or sync/nosync re-initialisation, which the kernel's disk_resume writes
+            // without flush_callback too).
+            t.clean_going = false;
         }
         outcome
     }
@@ -573,30 +603,13 @@ impl DirtyLog {
         if !t.any_changed {
             return None;
         }
-        let mut snap = Snapshot { gen: t.dirty_gen, runs: Vec::new() };
+        let mut snap = Snapshot { gen: t.dirty_gen, runs: Vec::new(), clean_going: t.clean_going };
         let mut run: Option<(usize, usize)> = None;
         for b in 0..self.image_blocks {
             if t.changed[b / 64] & (1 << (b % 64)) == 0 {
                 continue;
             }
-            let start = b * IMAGE_BLOCK;
-            let chunk = &mut image[start..start + IMAGE_BLOCK];
-            // Bitmap bytes inside this block (the first block also holds the header).
-            let bm_from = start.max(BITMAP_OFFSET);
-            let bm_to = start + IMAGE_BLOCK;
-            if b == 0 {
-                chunk.fill(0);
-                disk_format::Header::current(self.region_count).write(chunk);
-            }
-            let limit = BITMAP_OFFSET + disk_format::bitset_bytes(self.region_count);
-            let out = &mut image[bm_from..bm_to];
-            if bm_from < limit {
-                let n = (limit - bm_from).min(out.len());
-                self.clean.read_le_bytes(bm_from - BITMAP_OFFSET, &mut out[..n]);
-                out[n..].fill(0);
-            } else {
-                out.fill(0);
-            }
+            copy_image_block(&self.clean, self.region_count, b, image);
             run = match run {
                 Some((first, len)) if first + len == b => Some((first, len + 1)),
                 Some(done) => {
@@ -609,7 +622,34 @@ impl DirtyLog {
         snap.runs.extend(run);
         t.changed.fill(0);
         t.any_changed = false;
+        t.clean_going = false;
         Some(snap)
+    }
+
+    /// The persister could not flush the mirror legs before writing `snap`, which carries clean
+    /// bits: do what dm-log.c `disk_flush` does when `flush_callback_fn` fails. "At this point
+    /// it is impossible to determine which regions are clean and which are dirty", so every
+    /// region is made dirty (`flush_failed = 1`; `log_clear_bit` on every clean bit; sync bits
+    /// untouched), and CLEAR is ignored from now on. `snap` and `image` are replaced by the whole
+    /// image, every region dirty, so the write that follows carries no clean bit (the kernel too
+    /// writes its whole log then); nothing is left to write after it.
+    pub fn legs_flush_failed(&mut self, image: &mut [u8], snap: &mut Snapshot) {
+        self.legs_flush_failed = true;
+        self.clean.fill(false);
+        let Some(t) = self.tracker.as_mut() else { return };
+        t.dirty_gen += 1;
+        for b in 0..self.image_blocks {
+            copy_image_block(&self.clean, self.region_count, b, image);
+        }
+        t.changed.fill(0);
+        t.any_changed = false;
+        t.clean_going = false;
+        *snap = Snapshot { gen: t.dirty_gen, runs: vec![(0, self.image_blocks)], clean_going: false };
+    }
+
+    /// Whether a flush of the mirror legs failed (CLEAR is ignored; every region stays dirty).
+    pub fn has_legs_flush_failed(&self) -> bool {
+        self.legs_flush_failed
     }
 
     /// The persister wrote `snap`.
@@ -622,6 +662,8 @@ impl DirtyLog {
     /// The persister failed to write `snap`: its blocks must be written again.
     pub fn snapshot_failed(&mut self, snap: &Snapshot) {
         if let Some(t) = &mut self.tracker {
+            // Its clean bits are still unwritten: their write still needs the legs flushed.
+            t.clean_going |= snap.clean_going;
             for &(first, len) in &snap.runs {
                 for b in first..first + len {
                     t.changed[b / 64] |= 1 << (b % 64);
@@ -629,6 +671,29 @@ impl DirtyLog {
             }
             t.any_changed = true;
         }
+    }
+}
+
+/// Copies image block `b` (the header in block 0, then the clean bitmap from byte 1024, zero
+/// padding) from `clean` into `image`.
+fn copy_image_block(clean: &RegionBitmap, region_count: u64, b: usize, image: &mut [u8]) {
+    let start = b * IMAGE_BLOCK;
+    let chunk = &mut image[start..start + IMAGE_BLOCK];
+    // Bitmap bytes inside this block (the first block also holds the header).
+    let bm_from = start.max(BITMAP_OFFSET);
+    let bm_to = start + IMAGE_BLOCK;
+    if b == 0 {
+        chunk.fill(0);
+        disk_format::Header::current(region_count).write(chunk);
+    }
+    let limit = BITMAP_OFFSET + disk_format::bitset_bytes(region_count);
+    let out = &mut image[bm_from..bm_to];
+    if bm_from < limit {
+        let n = (limit - bm_from).min(out.len());
+        clean.read_le_bytes(bm_from - BITMAP_OFFSET, &mut out[..n]);
+        out[n..].fill(0);
+    } else {
+        out.fill(0);
     }
 }
 
@@ -809,5 +874,106 @@ mod tests {
         let mut c = log("80 clustered-disk /dev/x 2", true);
         c.resume_from_image(Some(&image), &[b.clean_bits().clone()]);
         assert_eq!((c.in_sync(3).unwrap(), c.in_sync(31).unwrap(), c.in_sync(35).unwrap()), (false, false, true));
+    }
+    /// dm-log.c sets `touched_cleaned` in `log_set_bit` (CLEAR) and `disk_flush` calls
+    /// `flush_callback_fn` (the legs' flush) only when it is set; `disk_resume` writes without
+    /// it. The snapshot's `clean_going` is that flag for the blocks it carries.
+    #[test]
+    fn snapshots_say_when_they_carry_clean_going_changes() {
+        let mut l = log("64 clustered-disk /dev/x 2", true);
+        let mut image = vec![0u8; disk_format::image_len(l.region_count(), IMAGE_BLOCK)];
+        l.resume_from_image(None, &[]);
+        let s = l.snapshot(&mut image).unwrap();
+        assert!(!s.clean_going, "the resume write-back sets no new clean bit");
+        l.snapshot_written(s.gen);
+        for r in 0..4 {
+            l.set_region_sync(r, true).unwrap();
+        }
+        assert!(l.snapshot(&mut image).is_none(), "sync bits alone are not written");
+        l.clear([0, 1].into_iter()).unwrap();
+        let s = l.snapshot(&mut image).unwrap();
+        assert!(s.clean_going, "a CLEAR's write (the lazy one) needs the legs flushed");
+        l.snapshot_written(s.gen);
+        l.mark([1].into_iter()).unwrap();
+        let s = l.snapshot(&mut image).unwrap();
+        assert!(!s.clean_going, "marks only: no flush of the legs (kernel: touched_dirtied only)");
+        l.snapshot_written(s.gen);
+        l.clear([7].into_iter()).unwrap();
+        assert!(!l.has_unwritten_changes(), "a region not in sync stays dirty: nothing to write");
+        l.clear([1].into_iter()).unwrap();
+        l.mark([0].into_iter()).unwrap();
+        let s = l.snapshot(&mut image).unwrap();
+        assert!(s.clean_going, "a MARK's write that also carries a CLEAR needs the legs flushed");
+        l.snapshot_failed(&s);
+        let s = l.snapshot(&mut image).unwrap();
+        assert!(s.clean_going, "a failed write's clean bits still need the flush when retried");
+        l.snapshot_written(s.gen);
+        l.mark([1].into_iter()).unwrap();
+        assert!(!l.snapshot(&mut image).unwrap().clean_going, "reset once written");
+        // A resume after unwritten CLEARs: the write-back is `disk & memory`, no new clean bit.
+        l.clear([3].into_iter()).unwrap();
+        assert!(l.is_clean(3).unwrap());
+        l.postsuspend();
+        l.resume_from_image(Some(&image.clone()), &[]);
+        let s = l.snapshot(&mut image).unwrap();
+        assert!(!s.clean_going);
+        assert!(!l.is_clean(3).unwrap(), "the CLEAR not on disk is not taken as clean by the merge");
+    }
+
+    /// dm-log.c `disk_flush` when `flush_callback_fn` fails: `flush_failed = 1`, every clean
+    /// bit cleared (sync bits untouched), the log written (whole), and `core_clear_region`
+    /// ignores every later clear; a resume keeps `flush_failed` (only a new log, i.e. a table
+    /// reload, starts without it), and the all-dirty image it reads makes every region resync.
+    #[test]
+    fn a_failed_leg_flush_writes_no_clean_bit_and_clears_are_ignored_from_then_on() {
+        let mut l = log("131072 clustered-disk /dev/x 2", true); // 65536 regions: 3 image blocks
+        let mut image = vec![0u8; disk_format::image_len(l.region_count(), IMAGE_BLOCK)];
+        let blocks = image.len() / IMAGE_BLOCK;
+        assert_eq!(blocks, 3);
+        l.resume_from_image(None, &[]);
+        let s = l.snapshot(&mut image).unwrap();
+        l.snapshot_written(s.gen);
+        for r in 0..40000 {
+            l.set_region_sync(r, true).unwrap();
+        }
+        l.clear(0..40000).unwrap();
+        l.mark([5].into_iter()).unwrap();
+        let need = l.durability_needed().unwrap();
+        let mut s = l.snapshot(&mut image).unwrap();
+        assert!(s.clean_going);
+        assert!(image[BITMAP_OFFSET..BITMAP_OFFSET + 4000].iter().any(|&b| b != 0), "clean bits copied");
+        // The legs' flush fails.
+        l.legs_flush_failed(&mut image, &mut s);
+        assert!(l.has_legs_flush_failed());
+        assert_eq!(s.runs, vec![(0, blocks)], "the whole image is written");
+        assert!(!s.clean_going);
+        assert_eq!(&image[..4], &[0x72, 0x52, 0x69, 0x4d], "header intact");
+        assert!(image[BITMAP_OFFSET..].iter().all(|&b| b == 0), "no clean bit in the image");
+        assert_eq!(l.dirty_count(), l.region_count(), "every region dirty in memory");
+        assert_eq!(l.sync_count(), 40000, "sync bits untouched, as the kernel's");
+        assert!(!l.has_unwritten_changes(), "nothing left to write after it");
+        l.snapshot_written(s.gen);
+        assert!(l.is_durable(need), "the MARK that waited is answered by this write");
+        // From now on CLEAR is ignored (range still checked), MARK works.
+        l.clear([10].into_iter()).unwrap();
+        assert!(!l.is_clean(10).unwrap());
+        assert!(!l.has_unwritten_changes());
+        assert!(l.clear([1 << 20].into_iter()).is_err());
+        l.mark([11].into_iter()).unwrap();
+        // A suspend/resume reads the all-dirty image: everything resyncs, the failure stays.
+        l.postsuspend();
+        assert!(l.snapshot(&mut image).is_none());
+        l.resume_from_image(Some(&image.clone()), &[]);
+        assert_eq!(l.sync_count(), 0);
+        assert!(l.has_legs_flush_failed());
+        l.set_region_sync(10, true).unwrap();
+        l.clear([10].into_iter()).unwrap();
+        assert!(!l.is_clean(10).unwrap(), "still ignored after a resume");
+        // A new log over the same device (a table reload) starts without the failure.
+        let mut fresh = log("131072 clustered-disk /dev/x 2", true);
+        fresh.resume_from_image(Some(&image), &[]);
+        fresh.set_region_sync(10, true).unwrap();
+        fresh.clear([10].into_iter()).unwrap();
+        assert!(fresh.is_clean(10).unwrap());
     }
 }

@@ -7,8 +7,11 @@
 //!
 //! 1. takes every job queued so far (group commit: one write answers all of them),
 //! 2. copies the changed image blocks under the mutex (a memcpy of a few KiB),
-//! 3. writes them with `RWF_DSYNC` outside the mutex,
-//! 4. records the generation it wrote and sends each waiting reply whose generation is now
+//! 3. if they carry clean bits set since the last write, flushes the mirror legs' caches first
+//!    (`crate::legs`; dm-log.c `disk_flush` calls `flush_callback_fn` then), and if that fails
+//!    writes every region dirty instead (`DirtyLog::legs_flush_failed`),
+//! 4. writes them with `RWF_DSYNC` outside the mutex,
+//! 5. records the generation it wrote and sends each waiting reply whose generation is now
 //!    durable (or `-EIO` if the write failed; the blocks stay marked and are retried).
 //!
 //! Limits: one thread per persistent log (fine for the tens of logs a host has); a device that
@@ -36,6 +39,7 @@ use crate::bitmap::RegionBitmap;
 use crate::counters::Counters;
 use crate::dirty_log::{DirtyLog, LoadRule, Snapshot, IMAGE_BLOCK};
 use crate::disk_format::{self, LoadOutcome};
+use crate::legs::{Flushed, LegLookup, Legs};
 use crate::metrics::flight::FlightRecord;
 use crate::metrics::{clock, LogState, LogTelemetry, Telemetry};
 use crate::protocol::ReplyBuf;
@@ -55,6 +59,9 @@ pub struct SharedLog {
     lazy_queued: AtomicBool,
     /// The log device failed a read or write since the last successful resume ('D' in status).
     device_failed: AtomicBool,
+    /// A flush of the mirror legs failed: every region is dirty and CLEAR is ignored for the
+    /// rest of the log's life (mirrors `DirtyLog::has_legs_flush_failed`, readable without the lock).
+    legs_flush_failed: AtomicBool,
 }
 
 impl SharedLog {
@@ -64,7 +71,13 @@ impl SharedLog {
             state: Mutex::new(LogState::new(log)),
             lazy_queued: AtomicBool::new(false),
             device_failed: AtomicBool::new(false),
+            legs_flush_failed: AtomicBool::new(false),
         }
+    }
+
+    /// Whether a flush of the mirror legs failed (the log then writes no clean bit).
+    pub fn legs_flush_failed(&self) -> bool {
+        self.legs_flush_failed.load(Ordering::Relaxed)
     }
 
     /// Locks the state. A panic elsewhere while holding the lock leaves a consistent bitmap
@@ -197,11 +210,15 @@ struct Worker {
     name: String,
     telemetry: Arc<Telemetry>,
     log_tel: Arc<LogTelemetry>,
+    legs: Legs,
 }
 
 impl Persister {
     /// Starts the I/O thread of a log. `name` identifies the log in diagnostics; the replies it
-    /// sends and the writes it makes are recorded in `telemetry` and `log_tel`.
+    /// sends and the writes it makes are recorded in `telemetry` and `log_tel`; `legs` are its
+    /// mirror's legs, flushed before clean bits are written.
+    // Each argument is a distinct handle the thread keeps; a struct for the one caller adds nothing.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         log: Arc<SharedLog>,
         device: LogDevice,
@@ -210,13 +227,25 @@ impl Persister {
         telemetry: Arc<Telemetry>,
         log_tel: Arc<LogTelemetry>,
         name: String,
+        legs: Legs,
     ) -> std::io::Result<Self> {
         let region_count = log.lock().region_count();
         let image = AlignedBuf::zeroed(disk_format::image_len(region_count, IMAGE_BLOCK))?;
         let (tx, rx) = mpsc::channel();
         let counters = Arc::clone(telemetry.counters());
-        let worker =
-            Worker { log, device, shared_device, jobs: tx.clone(), image, sink, counters, name, telemetry, log_tel };
+        let worker = Worker {
+            log,
+            device,
+            shared_device,
+            jobs: tx.clone(),
+            image,
+            sink,
+            counters,
+            name,
+            telemetry,
+            log_tel,
+            legs,
+        };
         let thread = std::thread::Builder::new()
             .name("ulog-persist".into())
             .stack_size(256 * 1024)
@@ -391,10 +420,13 @@ impl Worker {
             let mut state = self.log.lock();
             state.snapshot(&mut self.image)
         };
-        let Some(snap) = snap else { return 0 };
+        let Some(mut snap) = snap else { return 0 };
         // The other logs of the device veto clean bits they do not share.
         for other in self.shared_device.others(&self.log) {
             other.lock().and_clean_into(&mut self.image, &snap.runs);
+        }
+        if snap.clean_going {
+            self.flush_legs(&mut snap);
         }
         let started = Instant::now();
         let written = self.write_runs(&snap);
@@ -417,6 +449,26 @@ impl Worker {
                     error!(log = %self.name, device = %self.device.path().display(), error = %e, "log device write failed; the log is marked failed (D)");
                 }
                 -e.raw_os_error().unwrap_or(libc::EIO)
+            }
+        }
+    }
+
+    /// Invariant: a clean bit reaches the disk only after the legs' caches were flushed. `snap`
+    /// carries clean bits set since the last write; it was taken before this flush, so the
+    /// flush covers every mirror write completed before the CLEARs it carries (dm-raid1 clears a
+    /// region only once its writes completed). As dm-log.c `disk_flush` with `flush_callback_fn`:
+    /// on failure every region goes dirty and `snap` becomes the all-dirty image.
+    fn flush_legs(&mut self, snap: &mut Snapshot) {
+        let metrics = &self.log_tel.metrics;
+        match self.legs.flush() {
+            Ok(Flushed::Legs(_)) => metrics.leg_flushed(true),
+            Ok(Flushed::NoDeviceMapper) => {}
+            Err(e) => {
+                metrics.leg_flushed(false);
+                self.log.lock().legs_flush_failed(&mut self.image, snap);
+                if !self.log.legs_flush_failed.swap(true, Ordering::Relaxed) {
+                    error!(log = %self.name, error = %e, consequence = "every region is written dirty; clears are ignored until the table is reloaded (dm-log.c flush_failed)", "flushing the mirror legs failed");
+                }
             }
         }
     }
@@ -448,6 +500,20 @@ impl Worker {
 
     /// Loads the image and writes it back; 0 or a negative errno.
     fn resume(&mut self) -> i32 {
+        // The legs, for the clean bits written from now on: a reload of the table constructs a
+        // new log, so what the tables say now holds until this log's next RESUME.
+        match self.legs.resolve() {
+            Ok(LegLookup::Found(legs)) => {
+                let legs: Vec<String> = legs.iter().map(ToString::to_string).collect();
+                info!(log = %self.name, legs = %legs.join(" "), "mirror legs found");
+            }
+            Ok(LegLookup::NoDeviceMapper) => {
+                info!(log = %self.name, "no device-mapper in this kernel: no mirror legs to flush")
+            }
+            Err(e) => {
+                warn!(log = %self.name, error = %e, "cannot find the mirror legs (retried before the next clean bits are written)")
+            }
+        }
         let device = Arc::clone(&self.shared_device);
         let _io = device.lock_io();
         if let Err(e) = self.device.settle_creation() {

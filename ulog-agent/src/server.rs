@@ -21,6 +21,7 @@ use ulog_common::RequestType;
 use crate::counters::{Counters, Dropped};
 use crate::ctr::{self, CtrArgs, LogKind, SyncMode};
 use crate::dirty_log::{DirtyLog, LoadRule, LogError, Phase};
+use crate::legs::Legs;
 use crate::metrics::flight::{FlightRecord, PENDING};
 use crate::metrics::{clock, LogHandle, LogTelemetry, Telemetry};
 use crate::persist::{PendingReply, Persister, ReplySink, SharedDevice, SharedLog};
@@ -670,6 +671,7 @@ impl LogServer {
                     Arc::clone(&self.telemetry),
                     Arc::clone(&tel),
                     name.clone(),
+                    Legs::new(&uuid_text),
                 )
                 .map_err(|e| {
                     warn!(log = %name, error = %e, "cannot start the log's I/O thread");

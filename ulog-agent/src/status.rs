@@ -243,7 +243,12 @@ fn render(before: Option<&Sample>, now: &Sample, elapsed: Option<f64>, ready: &H
                 "{:<18} {:<5} {:<11} {:>9} {:>17} {:>9} {:>7} {:>9} {:<14} {:>9}",
                 s.name,
                 s.kind.trim_start_matches("clustered-"),
-                format!("{}{}", s.state, if s.device_failed { " D" } else { "" }),
+                format!(
+                    "{}{}{}",
+                    s.state,
+                    if s.device_failed { " D" } else { "" },
+                    if s.legs_flush_failed { " F" } else { "" }
+                ),
                 s.region_count,
                 format!("{} ({pct:.1}%)", s.sync_count),
                 eta,

@@ -194,6 +194,9 @@ pub struct LogSummary {
     pub state: String,
     /// The log device failed since the last resume (status `D`).
     pub device_failed: bool,
+    /// A flush of the mirror legs failed: every region is dirty, clears are ignored until the
+    /// table is reloaded (dm-log.c `flush_failed`).
+    pub legs_flush_failed: bool,
     /// When the log was constructed.
     pub created_at: String,
     /// When it was last resumed (null: never).
@@ -493,6 +496,7 @@ pub fn summary(h: &LogHandle, tel: &Telemetry) -> LogSummary {
         sync_count,
         state: phase.name().to_string(),
         device_failed: h.shared.device_failed(),
+        legs_flush_failed: h.shared.legs_flush_failed(),
         created_at: at(h.tel.created_ns),
         resumed_at: (resumed != 0).then(|| at(resumed)),
         by_reconnect: h.tel.by_reconnect,

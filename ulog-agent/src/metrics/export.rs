@@ -46,6 +46,8 @@ pub const FAMILIES: &[(&str, &str, &str, &str)] = &[
     ("ulog_disk_flush_duration_seconds", "histogram", "log", "persistent logs"),
     ("ulog_disk_flush_bytes_total", "counter", "log", "persistent logs"),
     ("ulog_disk_flush_errors_total", "counter", "log", "persistent logs"),
+    ("ulog_leg_flushes_total", "counter", "log, result", "persistent logs"),
+    ("ulog_leg_flush_failed", "gauge", "log", "persistent logs"),
     ("ulog_mirror_writes_total", "counter", "log", "logs whose mirror device is found"),
     ("ulog_mirror_written_bytes_total", "counter", "log", "logs whose mirror device is found"),
     ("ulog_kernel_requests_total", "counter", "type", "probe attached"),
@@ -302,6 +304,14 @@ impl Exporter {
         );
         let mut flush_bytes = Fam::counter("ulog_disk_flush_bytes_total", "Bytes written by durable writes.");
         let mut flush_errors = Fam::counter("ulog_disk_flush_errors_total", "Durable writes that failed.");
+        let mut leg_flushes = Fam::counter(
+            "ulog_leg_flushes_total",
+            "Flushes of the mirror legs' write caches before a write that carries clean bits (dm-log.c flush_callback), by result.",
+        );
+        let mut leg_failed = Fam::gauge(
+            "ulog_leg_flush_failed",
+            "1 once a flush of the mirror legs failed: every region was written dirty and clears are ignored until the table is reloaded, else 0.",
+        );
         let mut writes = Fam::counter(
             "ulog_mirror_writes_total",
             "Writes completed by the log's mirror dm device (its /sys/block stat), the cost model's denominator.",
@@ -354,6 +364,13 @@ impl Exporter {
                 flush.add_histogram(&l, &m.flush.snapshot());
                 flush_bytes.add_counter(&l, m.flush_bytes.load(std::sync::atomic::Ordering::Relaxed));
                 flush_errors.add_counter(&l, m.flush_errors.load(std::sync::atomic::Ordering::Relaxed));
+                for (result, n) in ["ok", "error"].into_iter().zip(&m.leg_flushes) {
+                    leg_flushes.add_counter(
+                        &[("log", name), ("result", result)],
+                        n.load(std::sync::atomic::Ordering::Relaxed),
+                    );
+                }
+                leg_failed.add_gauge(&l, if p.shared.legs_flush_failed() { 1.0 } else { 0.0 });
             }
             if let Some(md) = mirror {
                 if let Ok(st) = mirror::write_stats(md.major, md.minor) {
@@ -377,6 +394,8 @@ impl Exporter {
             flush,
             flush_bytes,
             flush_errors,
+            leg_flushes,
+            leg_failed,
             writes,
             written,
         ] {

@@ -3,15 +3,9 @@
 //!
 //! A log's uuid is not its mirror's dm uuid; the mirror's *table* names it:
 //! `mirror userspace <argc> <log-uuid> [integrated_flush] <log args> <#legs> ...`. So
-//! [`discover`] asks device-mapper directly, through `/dev/mapper/control`:
-//!
-//! 1. `DM_LIST_DEVICES`: every dm device's name and device number;
-//! 2. `DM_TABLE_STATUS` with `DM_STATUS_TABLE_FLAG` per device: its live table, target by
-//!    target; a `mirror` target whose parameters start `userspace <n> <uuid>` serves log `<uuid>`.
-//!
-//! Ioctls rather than `dmsetup table`: no process per refresh, no dependency on the dmsetup
-//! binary or its output format, and a structured answer (`DM_BUFFER_FULL_FLAG` says when to
-//! retry with a larger buffer). Write counts come from `/sys/dev/block/<maj>:<min>/stat`
+//! [`discover`] asks device-mapper directly ([`crate::dm`]: `DM_LIST_DEVICES`, then each
+//! device's live table); a `mirror` target whose parameters start `userspace <n> <uuid>` serves
+//! log `<uuid>`. Write counts come from `/sys/dev/block/<maj>:<min>/stat`
 //! (field 5: writes completed; field 7: sectors written), read at scrape time.
 //!
 //! The mapping is refreshed periodically by the telemetry task (never on the request path) and
@@ -22,30 +16,12 @@
 //! found once it is live); a mirror with several segments logged by different logs maps each.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 
-/// The device-mapper control node.
-pub const DM_CONTROL: &str = "/dev/mapper/control";
-
-/// `sizeof(struct dm_ioctl)`.
-const DM_IOCTL_SIZE: usize = 312;
-const DM_MAX_TYPE_NAME: usize = 16;
-/// `sizeof(struct dm_target_spec)` without its parameter string.
-const TARGET_SPEC_SIZE: usize = 24 + DM_MAX_TYPE_NAME;
-/// `offsetof(struct dm_name_list, name)`.
-const NAME_LIST_NAME: usize = 12;
-
-const DM_STATUS_TABLE_FLAG: u32 = 1 << 4;
-const DM_BUFFER_FULL_FLAG: u32 = 1 << 8;
-
-const fn dm_iowr(nr: u32) -> u32 {
-    (3 << 30) | ((DM_IOCTL_SIZE as u32) << 16) | (0xfd << 8) | nr
-}
-const DM_LIST_DEVICES: u32 = dm_iowr(2);
-const DM_TABLE_STATUS: u32 = dm_iowr(12);
+use crate::dm::{Control, DevNum, Table};
+// The parsers moved to `crate::dm` (the log engine uses them too); kept reachable here.
+pub use crate::dm::{parse_name_list, parse_targets, userspace_log_uuid, DM_CONTROL};
 
 /// A mirror dm device.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,145 +43,19 @@ pub struct WriteStats {
     pub sectors: u64,
 }
 
-/// A `struct dm_ioctl` buffer with `data` bytes after the header, 8-byte aligned.
-struct IoctlBuf(Vec<u64>);
-
-impl IoctlBuf {
-    fn new(total: usize) -> Self {
-        let mut b = Self(vec![0u64; total.div_ceil(8)]);
-        let bytes = b.bytes_mut();
-        put_u32(bytes, 0, 4); // version 4.0.0: any kernel with the v4 interface
-        put_u32(bytes, 12, total as u32); // data_size
-        put_u32(bytes, 16, DM_IOCTL_SIZE as u32); // data_start
-        b
-    }
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: u64 storage viewed as bytes; length in bytes of the same allocation.
-        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast(), self.0.len() * 8) }
-    }
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as above, uniquely borrowed.
-        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast(), self.0.len() * 8) }
-    }
-}
-
-fn put_u32(b: &mut [u8], at: usize, v: u32) {
-    b[at..at + 4].copy_from_slice(&v.to_ne_bytes());
-}
-fn get_u32(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-fn get_u64(b: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_ne_bytes(b.get(at..at + 8)?.try_into().ok()?))
-}
-fn c_str(b: &[u8]) -> String {
-    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-    String::from_utf8_lossy(&b[..end]).into_owned()
-}
-
-/// Runs one dm ioctl, growing the buffer while the kernel says it is full. `fill` sets the
-/// request fields. Returns the whole answer (header and data).
-fn dm_ioctl(control: &File, request: u32, fill: &dyn Fn(&mut [u8])) -> io::Result<Vec<u8>> {
-    let mut size = 16 * 1024;
-    loop {
-        let mut buf = IoctlBuf::new(size);
-        fill(buf.bytes_mut());
-        // SAFETY: the buffer is a dm_ioctl of data_size bytes, as the ioctl expects.
-        let r = unsafe { libc::ioctl(control.as_raw_fd(), request as _, buf.0.as_mut_ptr()) };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let flags = get_u32(buf.bytes(), 28).unwrap_or(0);
-        if flags & DM_BUFFER_FULL_FLAG == 0 {
-            return Ok(buf.bytes().to_vec());
-        }
-        if size >= 64 << 20 {
-            return Err(io::Error::other("device-mapper answer larger than 64 MiB"));
-        }
-        size *= 4;
-    }
-}
-
-/// The data part of an ioctl answer.
-fn answer_data(answer: &[u8]) -> &[u8] {
-    let start = get_u32(answer, 16).unwrap_or(DM_IOCTL_SIZE as u32) as usize;
-    let size = (get_u32(answer, 12).unwrap_or(0) as usize).min(answer.len());
-    answer.get(start..size).unwrap_or(&[])
-}
-
-/// Parses a `DM_LIST_DEVICES` data area: `(name, device number)` for each `struct dm_name_list`
-/// (`dev`, `next` = offset of the next entry from this one, 0 for the last, then the name).
-/// An empty list is a single entry with `dev` 0.
-pub fn parse_name_list(data: &[u8]) -> Vec<(String, u64)> {
-    let mut out = Vec::new();
-    let mut at = 0usize;
-    while let (Some(dev), Some(next)) = (get_u64(data, at), get_u32(data, at + 8)) {
-        if dev == 0 && next == 0 && out.is_empty() {
-            break;
-        }
-        let name_from = at + NAME_LIST_NAME;
-        let name_to = if next == 0 { data.len() } else { (at + next as usize).min(data.len()) };
-        if name_from < name_to {
-            out.push((c_str(&data[name_from..name_to]), dev));
-        }
-        if next == 0 {
-            break;
-        }
-        at += next as usize;
-    }
-    out
-}
-
-/// Parses a `DM_TABLE_STATUS` data area of `count` targets: `(target type, parameters)` for each
-/// `struct dm_target_spec` (`next` = offset of the next spec from the start of the data area).
-pub fn parse_targets(data: &[u8], count: u32) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut at = 0usize;
-    for _ in 0..count {
-        let Some(next) = get_u32(data, at + 20) else { break };
-        let Some(ty) = data.get(at + 24..at + TARGET_SPEC_SIZE) else { break };
-        let params_to = if next as usize > at { (next as usize).min(data.len()) } else { data.len() };
-        let params = data.get(at + TARGET_SPEC_SIZE..params_to).map(c_str).unwrap_or_default();
-        out.push((c_str(ty), params));
-        if next as usize <= at {
-            break;
-        }
-        at = next as usize;
-    }
-    out
-}
-
-/// The log uuid of a `mirror` target's table parameters, if its log is `userspace`:
-/// `userspace <argc> <uuid> ...`.
-pub fn userspace_log_uuid(params: &str) -> Option<&str> {
-    let mut t = params.split_ascii_whitespace();
-    (t.next()? == "userspace").then_some(())?;
-    t.next()?.parse::<u32>().ok()?;
-    t.next()
-}
-
 /// Every mirror with a userspace log, by log uuid, through the control node at `control`.
 pub fn discover_via(control: &Path) -> io::Result<HashMap<String, MirrorDevice>> {
-    let ctl = File::options().read(true).write(true).open(control)?;
-    let list = dm_ioctl(&ctl, DM_LIST_DEVICES, &|_| {})?;
+    let ctl = Control::open(control)?;
     let mut out = HashMap::new();
-    for (name, dev) in parse_name_list(answer_data(&list)) {
-        let status = match dm_ioctl(&ctl, DM_TABLE_STATUS, &|b| {
-            put_u32(b, 28, DM_STATUS_TABLE_FLAG);
-            b[40..48].copy_from_slice(&dev.to_ne_bytes());
-        }) {
-            Ok(s) => s,
-            // Removed between the two calls.
-            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => continue,
-            Err(e) => return Err(e),
-        };
-        let count = get_u32(&status, 20).unwrap_or(0);
-        for (ty, params) in parse_targets(answer_data(&status), count) {
+    for (name, dev) in ctl.list_devices()? {
+        // None: removed between the two calls.
+        let Some(targets) = ctl.table(dev, Table::Live)? else { continue };
+        for (ty, params) in targets {
             if ty != "mirror" {
                 continue;
             }
             if let Some(uuid) = userspace_log_uuid(&params) {
-                let (major, minor) = (libc::major(dev), libc::minor(dev));
+                let DevNum { major, minor } = DevNum::from_dev_t(dev);
                 out.entry(uuid.to_string()).or_insert(MirrorDevice { name: name.clone(), major, minor });
             }
         }
@@ -234,85 +84,6 @@ pub fn write_stats(major: u32, minor: u32) -> io::Result<WriteStats> {
 mod tests {
     use super::*;
 
-    /// A `DM_LIST_DEVICES` data area as the kernel lays it out (names padded to 8 bytes, newer
-    /// kernels append event_nr and flags after the name: `next` skips them).
-    fn name_list(entries: &[(&str, u64)]) -> Vec<u8> {
-        let mut out = Vec::new();
-        for (i, (name, dev)) in entries.iter().enumerate() {
-            let start = out.len();
-            out.extend_from_slice(&dev.to_ne_bytes());
-            out.extend_from_slice(&0u32.to_ne_bytes());
-            out.extend_from_slice(name.as_bytes());
-            out.push(0);
-            while out.len() % 8 != 0 {
-                out.push(0);
-            }
-            out.extend_from_slice(&[7, 0, 0, 0, 0, 0, 0, 0]); // event_nr, flags
-            let next = if i + 1 == entries.len() { 0 } else { (out.len() - start) as u32 };
-            out[start + 8..start + 12].copy_from_slice(&next.to_ne_bytes());
-        }
-        if entries.is_empty() {
-            out.extend_from_slice(&[0u8; 16]);
-        }
-        out
-    }
-
-    /// A `DM_TABLE_STATUS` data area: specs aligned to 8, `next` from the area's start.
-    fn targets(specs: &[(&str, &str)]) -> Vec<u8> {
-        let mut out = Vec::new();
-        for (i, (ty, params)) in specs.iter().enumerate() {
-            let start = out.len();
-            out.extend_from_slice(&(i as u64 * 100).to_ne_bytes());
-            out.extend_from_slice(&100u64.to_ne_bytes());
-            out.extend_from_slice(&0i32.to_ne_bytes());
-            out.extend_from_slice(&0u32.to_ne_bytes());
-            let mut t = [0u8; DM_MAX_TYPE_NAME];
-            t[..ty.len()].copy_from_slice(ty.as_bytes());
-            out.extend_from_slice(&t);
-            out.extend_from_slice(params.as_bytes());
-            out.push(0);
-            while out.len() % 8 != 0 {
-                out.push(0);
-            }
-            let next = out.len() as u32;
-            out[start + 20..start + 24].copy_from_slice(&next.to_ne_bytes());
-        }
-        out
-    }
-
-    #[test]
-    fn name_lists() {
-        let d = name_list(&[("m_core", 0xfd00), ("vg-lv_mimage_0", 0xfd01), ("x", (259 << 8) | 3)]);
-        assert_eq!(
-            parse_name_list(&d),
-            vec![("m_core".into(), 0xfd00), ("vg-lv_mimage_0".into(), 0xfd01), ("x".into(), (259 << 8) | 3)]
-        );
-        assert!(parse_name_list(&name_list(&[])).is_empty(), "no devices");
-        assert!(parse_name_list(&[]).is_empty());
-        // A truncated area ends the list instead of reading past it.
-        assert_eq!(parse_name_list(&d[..20]).len(), 1);
-    }
-
-    #[test]
-    fn tables() {
-        let mirror = "userspace 3 LVM-ulogexample0001 clustered-core 1024 2 7:0 0 7:1 0 1 handle_errors";
-        let d = targets(&[("linear", "7:2 0"), ("mirror", mirror)]);
-        let t = parse_targets(&d, 2);
-        assert_eq!(t, vec![("linear".into(), "7:2 0".into()), ("mirror".into(), mirror.into())]);
-        assert_eq!(userspace_log_uuid(&t[1].1), Some("LVM-ulogexample0001"));
-        assert_eq!(parse_targets(&d, 1).len(), 1);
-        assert_eq!(parse_targets(&d[..30], 2).len(), 0, "truncated spec");
-        // integrated_flush comes after the uuid; core/disk logs are not ours.
-        assert_eq!(
-            userspace_log_uuid("userspace 4 LVM-x integrated_flush clustered-core 1024 2 7:0 0 7:1 0"),
-            Some("LVM-x")
-        );
-        assert_eq!(userspace_log_uuid("core 2 1024 nosync 2 7:0 0 7:1 0"), None);
-        assert_eq!(userspace_log_uuid("disk 2 7:3 1024 2 7:0 0 7:1 0"), None);
-        assert_eq!(userspace_log_uuid("userspace"), None);
-        assert_eq!(userspace_log_uuid("userspace x LVM-x"), None);
-    }
-
     #[test]
     fn stat_files() {
         // Linux 6.x: 17 fields.
@@ -322,13 +93,6 @@ mod tests {
         assert_eq!(parse_stat("1 2 3 4 5 6 7 8 9 10 11"), Some(WriteStats { writes: 5, sectors: 7 }));
         assert_eq!(parse_stat("1 2 3"), None);
         assert_eq!(parse_stat("1 2 3 4 x 6 7"), None);
-    }
-
-    #[test]
-    fn ioctl_numbers() {
-        // _IOWR(0xfd, 2, struct dm_ioctl) and _IOWR(0xfd, 12, ...), as in linux/dm-ioctl.h.
-        assert_eq!(DM_LIST_DEVICES, 0xc138_fd02);
-        assert_eq!(DM_TABLE_STATUS, 0xc138_fd0c);
     }
 
     #[test]

@@ -213,6 +213,8 @@ pub struct LogMetrics {
     pub flush_bytes: AtomicU64,
     /// Failed durable writes.
     pub flush_errors: AtomicU64,
+    /// Flushes of the mirror legs before clean bits were written: `[ok, failed]`.
+    pub leg_flushes: [AtomicU64; 2],
 }
 
 impl Default for LogMetrics {
@@ -225,6 +227,7 @@ impl Default for LogMetrics {
             flush: AtomicHistogram::latency(),
             flush_bytes: AtomicU64::new(0),
             flush_errors: AtomicU64::new(0),
+            leg_flushes: Default::default(),
         }
     }
 }
@@ -240,6 +243,11 @@ impl LogMetrics {
     pub fn requests_of(&self, kind: RequestType) -> (u64, u64) {
         let r = &self.requests[kind.index()];
         (r[0].load(Relaxed), r[1].load(Relaxed))
+    }
+
+    /// A flush of the mirror legs (before clean bits were written).
+    pub fn leg_flushed(&self, ok: bool) {
+        self.leg_flushes[usize::from(!ok)].fetch_add(1, Relaxed);
     }
 
     /// A durable write of `bytes` that took `ns`.

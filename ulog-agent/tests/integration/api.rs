@@ -357,6 +357,11 @@ fn persistent_logs_export_their_durable_writes() {
     assert!(bytes >= 4096.0 && bytes % 1.0 == 0.0, "{bytes}");
     assert_eq!(s.get("ulog_disk_flush_errors_total", &l), 0.0);
     assert_eq!(s.get("ulog_log_device_failed", &l), 0.0);
+    // No device-mapper on this host, so no kernel mirror: writes carrying clean bits flush no leg.
+    for result in ["ok", "error"] {
+        assert_eq!(s.get("ulog_leg_flushes_total", &[("log", "apidisk0001"), ("result", result)]), 0.0);
+    }
+    assert_eq!(s.get("ulog_leg_flush_failed", &l), 0.0);
     assert_eq!(s.get("ulog_requests_total", &[("log", "apidisk0001"), ("type", "MARK_REGION"), ("result", "ok")]), 3.0);
     assert_eq!(s.get("ulog_log_info", &[("log", "apidisk0001"), ("device", &disk.display().to_string())]), 1.0);
     // MARKs are answered after the write: deferred, timed to the persister's send.

@@ -142,6 +142,14 @@ pub const SCENARIOS: &[Scenario] = &[
         suite: true,
     },
     Scenario {
+        name: "ulog-leg-flush",
+        about: "clean bits reach the log device only after the legs completed a flush; a failing leg flush (dm-flakey leg of an inactive table naming the log) leaves every region dirty, clears ignored",
+        boots: 1,
+        disks_mib: &[],
+        timeout_s: 90,
+        suite: true,
+    },
+    Scenario {
         name: "ulog-multi",
         about: "four mirrors (2 core, 2 disk) on one agent, parallel writes: all N/N, legs equal, no cross-talk",
         boots: 1,
