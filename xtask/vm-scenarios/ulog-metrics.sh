@@ -40,10 +40,11 @@ dm_create umdisk "0 $SECTORS mirror userspace 4 $DISK_UUID clustered-disk $LOGDE
 wait_for_sync umcore 60
 wait_for_sync umdisk 60
 
-# The mirror discovery runs every 5 s.
+# The mirror discovery runs every 5 s (and may run between the two creates): wait for both.
 _n=0
-until wget -q -O m0.txt "$URL" && grep -q "^ulog_mirror_writes_total{log=\"$CORE\"}" m0.txt; do
-    [ "$_n" -lt 60 ] || fail "no ulog_mirror_writes_total for $CORE after 12 s: $(grep -E '^ulog_log_info' m0.txt)"
+until wget -q -O m0.txt "$URL" && grep -q "^ulog_mirror_writes_total{log=\"$CORE\"}" m0.txt &&
+    grep -q "^ulog_mirror_writes_total{log=\"$DISK\"}" m0.txt; do
+    [ "$_n" -lt 60 ] || fail "no ulog_mirror_writes_total for $CORE and $DISK after 12 s: $(grep -E '^ulog_log_info' m0.txt)"
     usleep 200000
     _n=$((_n + 1))
 done
