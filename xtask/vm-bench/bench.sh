@@ -384,9 +384,10 @@ resync_run() { # MODE(iops|rtt) CONFIG KIND(idle|writes) ROUND
     {
         echo "server_cpu_ns $((_c1 - _c0))"
         echo "cpu_jiffies $_j0 $_j1"
-        # On-CPU time of each server thread since it started (which thread the CPU goes to).
+        # Each server thread since it started: on-CPU ns, run-queue wait ns, timeslices
+        # (schedstat), and context switches (voluntary, involuntary): where its time goes.
         [ -z "$SERVER_PID" ] || for _t in /proc/"$SERVER_PID"/task/*; do
-            echo "thread_cpu_ns $(tr ' ' _ <"$_t/comm") $(cut -d' ' -f1 "$_t/schedstat")"
+            echo "thread_sched $(tr ' ' _ <"$_t/comm") $(cat "$_t/schedstat") $(awk '/ctxt_switches/ { printf "%s ", $2 }' "$_t/status")"
         done
     } >>"$OUT/$_tag.res"
     run_limited 60 dmsetup remove "$DEV"

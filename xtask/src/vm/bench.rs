@@ -25,6 +25,13 @@
 //! `clustered-core`; (c) ulog `clustered-core` with `integrated_flush`; (d) `disk` on vda; (e)
 //! ulog `clustered-disk` on vdb; (r) and (ri) the constant responder for (b) and (c). All mirrors:
 //! 2 legs (loop devices over files in the guest's tmpfs), `nosync`, 512 KiB regions.
+//!
+//! The `resync` job (`--jobs resync`, configs from `--resync-configs`: `core`, `ucore`, and
+//! `rsync` = the constant responder with `--resync`, which answers resync work from a counter:
+//! the floor) creates the same mirror without `nosync`, in 4096 regions, and measures its
+//! initial resync: the time to N/N with nothing else running, 40 writes in the last quarter
+//! during it (the IS_REMOTE_RECOVERING hint's effect), fio's write IOPS during it, and, traced,
+//! the kernel's round trip per request type per region recovered. See the guest script.
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::fs;
@@ -1385,6 +1392,21 @@ fn report(dir: &Path, a: &Args, command: &str) -> Result<()> {
         }
     }
     for j in &jobs {
+        let (m, lo, hi) = ratio("uif", "rif", j.id);
+        if !m.is_nan() {
+            let _ = writeln!(
+                md,
+                "| (c) ulog + `integrated_flush` ≥ 0.90 × constant responder + `integrated_flush` | {} | {} [{}–{}] (wall clock {}) | {} |",
+                j.id,
+                fmt_ratio(m),
+                fmt_ratio(lo),
+                fmt_ratio(hi),
+                fmt_ratio(ratio_wall("uif", "rif", j.id).0),
+                if m >= 0.90 { "met" } else { "**not met**" }
+            );
+        }
+    }
+    for j in &jobs {
         let (m, lo, hi) = ratio("pcore", "ucore", j.id);
         if !m.is_nan() {
             let _ = writeln!(
@@ -1821,11 +1843,16 @@ struct ResyncRun {
     sync_after_iops: Option<u64>,
     server_cpu_ns: u64,
     host_share: f64,
+    /// (wall − stolen) ÷ wall over the run (1 when not sampled): the part of the run the guest
+    /// really had the host's CPU while it had work (as for the fio runs, see [`normalise`]).
+    /// Times are multiplied by it and IOPS divided by it to remove the host's steal.
+    unstolen: f64,
     counts: BTreeMap<String, u64>,
 }
 
 fn read_resync_run(res: &Path, tag: &str, windows: &BTreeMap<String, (f64, f64)>, samples: &[(f64, f64)]) -> ResyncRun {
-    let mut r = ResyncRun { host_share: f64::NAN, ..ResyncRun::default() };
+    let mut r = ResyncRun { host_share: f64::NAN, unstolen: 1.0, ..ResyncRun::default() };
+    let mut busy = f64::NAN;
     let kv = fs::read_to_string(res.join(format!("{tag}.res"))).unwrap_or_default();
     for l in kv.lines() {
         let f: Vec<&str> = l.split_whitespace().collect();
@@ -1835,6 +1862,13 @@ fn read_resync_run(res: &Path, tag: &str, windows: &BTreeMap<String, (f64, f64)>
             ["sync_after_w40", n] => r.sync_after_w40 = n.parse().ok(),
             ["sync_after_iops", n] => r.sync_after_iops = n.parse().ok(),
             ["server_cpu_ns", n] => r.server_cpu_ns = n.parse().unwrap_or(0),
+            ["cpu_jiffies", b0, t0, b1, t1] => {
+                let p = |s: &str| s.parse::<f64>().unwrap_or(0.0);
+                let dt = p(t1) - p(t0);
+                if dt > 0.0 {
+                    busy = (p(b1) - p(b0)) / dt;
+                }
+            }
             _ => {}
         }
     }
@@ -1846,7 +1880,12 @@ fn read_resync_run(res: &Path, tag: &str, windows: &BTreeMap<String, (f64, f64)>
     }
     if let Some((t0, t1)) = windows.get(tag) {
         if let (Some(c0), Some(c1)) = (cpu_at(samples, *t0), cpu_at(samples, *t1)) {
-            r.host_share = (c1 - c0) / (t1 - t0).max(1e-9);
+            let wall = (t1 - t0).max(1e-9);
+            r.host_share = (c1 - c0) / wall;
+            if busy.is_finite() {
+                let stolen = (busy * wall - (c1 - c0)).clamp(0.0, wall * 0.95);
+                r.unstolen = (wall - stolen) / wall;
+            }
         }
     }
     // The server's request counts (REQUESTS lines of the responder, the agent's totals).
@@ -1930,11 +1969,13 @@ fn resync_report(
          (`dd`) at fixed pseudo-random offsets in the last quarter of the device, the last region excluded. *iops*: fio (4 KiB \
          random writes, depth 1) starts on a linear table over leg 0; at its first write the table is replaced by the mirror \
          (suspend, load, resume: the resync starts) and fio measures a few seconds after a 1 s ramp. Runs other than *idle* \
-         remove the mirror before its resync ends. The floor is the constant responder with \
+         remove the mirror before its resync ends. Times and IOPS have the host's steal removed as for the fio runs (the \
+         host samples qemu's CPU time; stolen = guest busy time − CPU time qemu got over the run; a time is multiplied by \
+         (wall − stolen) ÷ wall, IOPS divided by it); wall-clock figures alongside. The floor is the constant responder with \
          `--resync` (ulog-agent/examples/const_responder.rs): GET_RESYNC_WORK from a counter (0, 1, 2, … then none), \
          GET_SYNC_COUNT = SET_REGION_SYNCs seen, IN_SYNC = region < that count, IS_REMOTE_RECOVERING {{0, N−1}} then {{0, N}}. \
-         Wall-clock figures (the host is shared; *host share* = qemu's CPU time ÷ wall time over the run); medians over \
-         rounds, ratios per round then the median [range].\n"
+         *host share* = qemu's CPU time ÷ wall time over the run. Medians over rounds, ratios per round then the median \
+         [range].\n"
     );
     if configs.iter().any(|c| get(c.0, "idle").is_some()) {
         let _ = writeln!(md, "### Time to full sync (idle)\n");
@@ -1945,29 +1986,42 @@ fn resync_report(
         );
         let _ = writeln!(
             md,
-            "| config | time to N/N | per region | speed × floor | time × core | server CPU per region | host share |"
+            "| config | time to N/N, steal removed | per region | speed × floor | time × core | wall clock | speed × floor, wall | time × core, wall | host share |"
         );
-        let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|");
-        let t = |r: &ResyncRun| r.synced_s;
-        let speed = |r: &ResyncRun| r.synced_s.map(|s| 1.0 / s);
+        let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let t = |r: &ResyncRun| r.synced_s.map(|s| s * r.unstolen);
+        let t_wall = |r: &ResyncRun| r.synced_s;
+        let speed = |r: &ResyncRun| r.synced_s.map(|s| 1.0 / (s * r.unstolen));
+        let speed_wall = |r: &ResyncRun| r.synced_s.map(|s| 1.0 / s);
         for (c, _) in configs.iter().map(|c| (c.0, c.1)) {
             let s = med(c, "idle", &t);
-            let cpu = med(c, "idle", &|r: &ResyncRun| Some(r.server_cpu_ns as f64 / 1e3 / regions));
             let _ = writeln!(
                 md,
-                "| {} | {:.1} s | {} | {} | {} | {} | {:.0}% |",
+                "| {} | {:.1} s | {} µs | {} | {} | {:.1} s | {} | {} | {:.0}% |",
                 label(c),
                 s,
                 fmt_us(s * 1e6 / regions),
                 if c == "rsync" || c == "core" { "—".into() } else { ratio(c, "rsync", "idle", &speed) },
                 if c == "core" { "—".into() } else { ratio(c, "core", "idle", &t) },
-                if c == "core" { "—".into() } else { fmt_us(cpu) },
+                med(c, "idle", &t_wall),
+                if c == "rsync" || c == "core" { "—".into() } else { ratio(c, "rsync", "idle", &speed_wall) },
+                if c == "core" { "—".into() } else { ratio(c, "core", "idle", &t_wall) },
                 med(c, "idle", &|r: &ResyncRun| Some(r.host_share)) * 100.0,
             );
         }
         if get("rsync", "idle").is_some() && get("core", "idle").is_some() {
-            let _ = writeln!(md, "\nFloor × core (time): {}.", ratio("rsync", "core", "idle", &t));
+            let _ = writeln!(md, "\nFloor × core (time, steal removed): {}.", ratio("rsync", "core", "idle", &t));
         }
+        let per_round: Vec<String> = configs
+            .iter()
+            .map(|c| {
+                let v = get(c.0, "idle").map_or(Vec::new(), |v| {
+                    v.iter().filter_map(|r| t(r).map(|x| format!("{x:.1}"))).collect::<Vec<_>>()
+                });
+                format!("{} {}", c.0, v.join(" / "))
+            })
+            .collect();
+        let _ = writeln!(md, "\nTimes per round, steal removed (s): {}.", per_round.join("; "));
         md.push('\n');
         // Requests per region recovered (idle runs).
         let _ = writeln!(
@@ -1999,7 +2053,7 @@ fn resync_report(
         let _ = writeln!(md, "### Writes during the resync\n");
         let _ = writeln!(
             md,
-            "*40 writes* = their total time (40 `dd` start-ups included, the same for every config); *time × core* = that ÷ \
+            "Steal removed. *40 writes* = their total time (40 `dd` start-ups included, the same for every config); *time × core* = that ÷ \
              the kernel `core` log's (target ≤ 1.2). *synced after* = regions in sync when the writes were done (below 3072: \
              the resync had not reached the last quarter). IOPS: 4 KiB random writes at depth 1 over the whole device, \
              during the resync (*synced after*: when fio ended; below {RESYNC_REGIONS}: still resyncing).\n"
@@ -2009,8 +2063,8 @@ fn resync_report(
             "| config | 40 writes, last quarter | time × core | synced after | IOPS during resync | × core | × floor | synced after |"
         );
         let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|");
-        let w = |r: &ResyncRun| r.w40_total_ms;
-        let io = |r: &ResyncRun| r.iops;
+        let w = |r: &ResyncRun| r.w40_total_ms.map(|x| x * r.unstolen);
+        let io = |r: &ResyncRun| r.iops.map(|x| x / r.unstolen);
         for (c, _) in configs.iter().map(|c| (c.0, c.1)) {
             let _ = writeln!(
                 md,
