@@ -9,6 +9,7 @@
 //! | GET_REGION_SIZE | the region size parsed from the last CTR string |
 //! | IN_SYNC, IS_CLEAN | 1 |
 //! | GET_RESYNC_WORK | `{i: 0, region: 0}` (nothing to do) |
+//! | SET_REGION_SYNC | ok |
 //! | GET_SYNC_COUNT | the region count (dev_sectors / region_size, rounded up) |
 //! | IS_REMOTE_RECOVERING | `{is_recovering: 0, in_sync_hint: region count}` |
 //! | STATUS_INFO, STATUS_TABLE | `"1 clustered-core"` (NUL counted, as the agent does) |
@@ -20,7 +21,19 @@
 //! No threads, no allocation per request, no validation beyond the length. It counts requests by
 //! type and prints the counts on SIGTERM/SIGINT (`REQUESTS <type> <count>` lines), then exits 0.
 //!
-//! Run as root: `cargo run --release -p ulog-agent --example const_responder`.
+//! `--resync` (the resync floor): a CTR without `nosync` starts a mirror with nothing in sync,
+//! and the resync requests are answered from two counters instead, as cheaply as they can be
+//! answered correctly for a resync that recovers regions in order:
+//!
+//! | request | answer with `--resync` (after a CTR without `nosync`) |
+//! |---|---|
+//! | GET_RESYNC_WORK | `{1, next}` and `next += 1` while `next < regions`, then `{0, regions}` |
+//! | SET_REGION_SYNC(r, 1) | `synced += 1` (bounded by the region count) |
+//! | GET_SYNC_COUNT | `synced` |
+//! | IN_SYNC, IS_CLEAN | `region < synced` |
+//! | IS_REMOTE_RECOVERING | `{0, regions - 1}` while `synced < regions`, then `{0, regions}` (ulog's contract) |
+//!
+//! Run as root: `cargo run --release -p ulog-agent --example const_responder [-- --resync]`.
 
 use std::io::Write;
 use std::mem::{size_of, zeroed};
@@ -92,7 +105,10 @@ fn main() {
     let port = sa.nl_pid;
     eprintln!("const_responder: listening on connector group {CN_IDX_DM}, port {port}");
 
+    let resync = std::env::args().skip(1).any(|a| a == "--resync");
     let (mut region_size, mut regions) = (1024u64, 0u64);
+    // --resync: the next region GET_RESYNC_WORK hands out, and regions reported in sync.
+    let (mut next_work, mut synced) = (0u64, 0u64);
     let mut counts = [0u64; REQUEST_TYPE_COUNT + 1];
     let mut buf = vec![0u8; 64 * 1024];
     let mut out = [0u8; ULOG_OFFSET + ULOG_REQUEST_LEN + 32];
@@ -127,6 +143,8 @@ fn main() {
                 let data = &req[ULOG_REQUEST_LEN..(ULOG_REQUEST_LEN + data_size).min(req.len())];
                 if let Some((rs, n)) = parse_ctr(data) {
                     (region_size, regions) = (rs, n);
+                    let nosync = data.split(|b| b.is_ascii_whitespace() || *b == 0).any(|w| w == b"nosync");
+                    (next_work, synced) = if resync && !nosync { (0, 0) } else { (n, n) };
                 }
                 0
             }
@@ -135,16 +153,34 @@ fn main() {
                 8
             }
             Some(RequestType::InSync | RequestType::IsClean) => {
-                payload[..8].copy_from_slice(&1i64.to_ne_bytes());
+                let region = req
+                    .get(ULOG_REQUEST_LEN..ULOG_REQUEST_LEN + 8)
+                    .map_or(0, |b| u64::from_ne_bytes(b.try_into().unwrap()));
+                payload[..8].copy_from_slice(&i64::from(region < synced).to_ne_bytes());
                 8
             }
-            Some(RequestType::GetResyncWork) => 16,
+            Some(RequestType::GetResyncWork) => {
+                if next_work < regions {
+                    payload[..8].copy_from_slice(&1i64.to_ne_bytes());
+                    payload[8..16].copy_from_slice(&next_work.to_ne_bytes());
+                    next_work += 1;
+                }
+                16
+            }
+            Some(RequestType::SetRegionSync) => {
+                let in_sync = req.get(ULOG_REQUEST_LEN + 8..ULOG_REQUEST_LEN + 16).is_some_and(|b| b != [0; 8]);
+                if in_sync {
+                    synced = (synced + 1).min(regions);
+                }
+                0
+            }
             Some(RequestType::GetSyncCount) => {
-                payload[..8].copy_from_slice(&regions.to_ne_bytes());
+                payload[..8].copy_from_slice(&synced.to_ne_bytes());
                 8
             }
             Some(RequestType::IsRemoteRecovering) => {
-                payload[8..16].copy_from_slice(&regions.to_ne_bytes());
+                let hint = if synced < regions { regions - 1 } else { regions };
+                payload[8..16].copy_from_slice(&hint.to_ne_bytes());
                 16
             }
             Some(RequestType::StatusInfo | RequestType::StatusTable) => {

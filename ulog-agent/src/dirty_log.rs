@@ -13,8 +13,10 @@
 //! (range checks, 0/1 answers, counts bounded by region_count). Where cmirrord's behaviour
 //! exists only for clusters it is replaced by the single-node truth: IS_REMOTE_RECOVERING
 //! answers "not recovering" (there is no remote node; the kernel's own logs answer the same by
-//! not implementing it) with an exact in-sync hint, so the kernel neither delays writes to
-//! unsynced regions nor stops asking for resync work too early.
+//! not implementing it) with an in-sync hint of `region_count - 1` while resync work remains
+//! and `region_count` once none does before the next RESUME, so the kernel throttles writes to
+//! at most the last region and keeps asking for resync work exactly while there is some
+//! (see [`DirtyLog::remote_recovering`]).
 //!
 //! Durability bookkeeping (`Tracker`, persistent logs only): each change to a bit that must
 //! reach the disk marks the 4 KiB image block holding it; a change that makes a region dirty
@@ -152,8 +154,6 @@ pub struct DirtyLog {
     recovering: Option<u64>,
     resync_cursor: u64,
     recovery_halted: bool,
-    /// Every region below this is in sync (a lower bound, advanced lazily).
-    in_sync_floor: u64,
     phase: Phase,
     tracker: Option<Tracker>,
     image_blocks: usize,
@@ -213,7 +213,6 @@ impl DirtyLog {
             recovering: None,
             resync_cursor: 0,
             recovery_halted: false,
-            in_sync_floor: 0,
             phase: Phase::Constructed,
             tracker,
             image_blocks,
@@ -354,7 +353,6 @@ impl DirtyLog {
                 self.sync_count += 1;
             } else {
                 self.sync_count -= 1;
-                self.in_sync_floor = self.in_sync_floor.min(r);
             }
         }
     }
@@ -436,13 +434,36 @@ impl DirtyLog {
     }
 
     /// IS_REMOTE_RECOVERING: `(is_recovering, in_sync_hint)`.
-    pub fn remote_recovering(&mut self, r: u64) -> Result<(bool, u64), LogError> {
+    ///
+    /// What the kernel does with the answer (dm-log-userspace-base.c): it answers 0 itself for
+    /// a region below the hint; at or above it, it asks at most once per 250 ms (one timestamp
+    /// shared by every userspace log) and answers 1 ("recovering") in between, and dm-raid1's
+    /// `do_writes` requeues such a write on a 200 ms timer. The hint is also the kernel's only
+    /// reason to stop sending GET_RESYNC_WORK (`hint >= region_count`); GET_SYNC_COUNT raises
+    /// it to region_count once all is in sync, and RESUME resets it to 0. Nothing else reads it.
+    ///
+    /// A single node has no remote recoverer (its own recovery is guarded by the region hash's
+    /// RECOVERING state, not by this call), so is_recovering is always false, and the hint is
+    /// the largest that keeps resync work flowing: `region_count - 1` while GET_RESYNC_WORK
+    /// still has work (a region being recovered, or an unsynced one at or after the cursor),
+    /// so at most the last region's writes can be throttled; `region_count` once it has none
+    /// until the next RESUME (all in sync, recovery halted by PRESUSPEND, or only regions
+    /// behind the cursor left, e.g. a failed recovery), so the kernel stops asking both
+    /// questions. A region that falls out of sync later (SET_REGION_SYNC(0) after a leg
+    /// failure) is recovered after the next RESUME, which resets the kernel's hint and the
+    /// cursor, exactly as GET_RESYNC_WORK alone would have it.
+    pub fn remote_recovering(&self, r: u64) -> Result<(bool, u64), LogError> {
         self.check(r)?;
-        if self.recovery_halted {
-            return Ok((false, self.region_count));
+        let hint = if self.resync_work_left() { self.region_count - 1 } else { self.region_count };
+        Ok((false, hint))
+    }
+
+    /// Whether GET_RESYNC_WORK would hand out a region before the next RESUME.
+    fn resync_work_left(&self) -> bool {
+        if self.phase != Phase::Resumed || self.recovery_halted {
+            return false;
         }
-        self.in_sync_floor = self.sync.next_zero(self.in_sync_floor).unwrap_or(self.region_count);
-        Ok((false, self.in_sync_floor))
+        self.recovering.is_some() || self.sync.next_zero(self.resync_cursor).is_some()
     }
 
     /// PRESUSPEND: stop handing out resync work.
@@ -470,7 +491,6 @@ impl DirtyLog {
             self.clean.fill(false);
             self.sync.fill(false);
             self.sync_count = 0;
-            self.in_sync_floor = 0;
             if let Some(t) = &mut self.tracker {
                 t.mark_all(self.image_blocks);
                 t.dirty_gen += 1;
@@ -520,7 +540,6 @@ impl DirtyLog {
         }
         self.sync.copy_from(&self.clean);
         self.sync_count = self.sync.count_ones();
-        self.in_sync_floor = 0;
         self.resume_in_memory();
         if let Some(t) = &mut self.tracker {
             t.mark_all(self.image_blocks);
@@ -722,12 +741,73 @@ mod tests {
         l.set_region_sync(3, true).unwrap();
         assert_eq!(l.get_resync_work(), None);
         assert_eq!(l.sync_count(), 3);
-        assert_eq!(l.remote_recovering(0).unwrap(), (false, 2));
+        assert_eq!(l.remote_recovering(0).unwrap(), (false, 4), "no work before the next resume");
         l.presuspend();
         assert_eq!(l.remote_recovering(0).unwrap(), (false, 4));
         l.postsuspend();
         l.resume_in_memory();
         assert_eq!(l.get_resync_work(), Some(2), "cursor restarts at resume");
+    }
+
+    /// The kernel side (dm-log-userspace-base.c `userspace_is_remote_recovering`): a region
+    /// below the hint is answered 0 locally; at or above it the kernel asks at most once per
+    /// 250 ms (one timestamp for all userspace logs) and answers "recovering" in between, and
+    /// dm-raid1 `do_writes` requeues such writes on a 200 ms timer. `userspace_get_resync_work`
+    /// sends nothing once the hint is >= region_count, `userspace_get_sync_count` raises the
+    /// hint to region_count when all are in sync, `userspace_resume` resets it to 0.
+    ///
+    /// So a single node (no remote recoverer: local recovery is guarded by the region hash's
+    /// RECOVERING state, not by this call) answers is_recovering 0 and the largest hint that
+    /// keeps resync work flowing: region_count - 1 while GET_RESYNC_WORK still has work (only
+    /// the last region can ever be throttled), region_count once it has none until the next
+    /// RESUME (the kernel then stops asking; at RESUME it starts again from hint 0).
+    #[test]
+    fn remote_recovering_throttles_at_most_the_last_region_while_work_remains() {
+        let mut l = log("8 clustered-core 2", false); // 4 regions
+        assert_eq!(l.remote_recovering(0).unwrap(), (false, 4), "not resumed: no work to keep flowing");
+        l.resume_in_memory();
+        for r in 0..4 {
+            assert_eq!(l.remote_recovering(r).unwrap(), (false, 3), "nothing in sync yet (region {r})");
+        }
+        assert_eq!(l.get_resync_work(), Some(0));
+        l.set_region_sync(0, false).unwrap(); // recovery of region 0 failed: stays out of sync
+        assert_eq!(l.get_resync_work(), Some(1));
+        l.set_region_sync(1, true).unwrap();
+        assert_eq!(l.remote_recovering(2).unwrap(), (false, 3), "regions 2 and 3 still to recover");
+        assert_eq!(l.get_resync_work(), Some(2));
+        l.set_region_sync(2, true).unwrap();
+        assert_eq!(l.get_resync_work(), Some(3));
+        assert_eq!(l.remote_recovering(3).unwrap(), (false, 3), "the last region is being recovered");
+        l.set_region_sync(3, true).unwrap();
+        assert_eq!(
+            l.remote_recovering(1).unwrap(),
+            (false, 4),
+            "region 0 is out of sync, but GET_RESYNC_WORK has nothing before the next RESUME"
+        );
+        assert_eq!(l.get_resync_work(), None);
+        // The next RESUME restarts the search (the kernel's hint restarts at 0).
+        l.presuspend();
+        assert_eq!(l.remote_recovering(0).unwrap(), (false, 4), "halted");
+        l.postsuspend();
+        l.resume_in_memory();
+        assert_eq!(l.remote_recovering(3).unwrap(), (false, 3), "region 0 is work again");
+        assert_eq!(l.get_resync_work(), Some(0));
+        l.set_region_sync(0, true).unwrap();
+        assert_eq!(l.remote_recovering(0).unwrap(), (false, 4), "all in sync");
+        // A leg failure after the resync (dm-raid1 `dm_rh_mark_nosync` -> SET_REGION_SYNC(0)):
+        // the kernel holds hint 4 and asks neither question until its next RESUME; after it,
+        // the region is work again (and ahead of the cursor it would be work at once).
+        l.set_region_sync(2, false).unwrap();
+        assert_eq!(l.remote_recovering(2).unwrap(), (false, 3), "region 2 is ahead of the cursor");
+        l.presuspend();
+        l.postsuspend();
+        l.resume_in_memory();
+        assert_eq!(l.remote_recovering(0).unwrap(), (false, 3));
+        assert_eq!(l.get_resync_work(), Some(2));
+        l.set_region_sync(2, true).unwrap();
+        l.set_region_sync(0, false).unwrap(); // behind the cursor now
+        assert_eq!(l.get_resync_work(), None, "region 0 waits for the next RESUME");
+        assert_eq!(l.remote_recovering(0).unwrap(), (false, 4), "so the kernel may stop asking");
     }
 
     #[test]

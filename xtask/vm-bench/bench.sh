@@ -13,6 +13,23 @@
 #
 # Modes: iops (nothing traced), rtt (kprobe + kretprobe on dm_consult_userspace only), breakdown
 # (also cn_netlink_send, the server's recvfrom exit / sendto entry, cn_ulog_callback).
+#
+# Resync runs (RESYNC_CONFIGS, after the fio runs): a mirror created WITHOUT `nosync`, regions of
+# RESYNC_REGION sectors (4096 regions at 256 MiB), so it starts with its initial resync.
+#   resync.<cfg>.idle:   nothing else runs; time from `dmsetup create` to the table event the
+#                        mirror raises when its sync completes (`dmsetup wait`: no polling, so
+#                        no extra GET_SYNC_COUNT/STATUS_INFO during the resync).
+#   resync.<cfg>.writes: right after create, 40 O_DIRECT 4 KiB writes (dd, one after the
+#                        other) at fixed pseudo-random offsets in the last quarter of the device,
+#                        the last region excluded; their total time; the sync count after them
+#                        (it must be below 3/4 N: the resync had not reached them).
+#   resync.<cfg>.iops:   fio (4 KiB random writes, depth 1) starts on a linear table over leg 0
+#                        (fio needs ~3 s to start under TCG); at its first write the table is
+#                        replaced by the mirror (suspend, load, resume: the resync starts), and
+#                        fio measures RESYNC_IOPS_RUNTIME s after a 1 s ramp; the sync count
+#                        after it tells whether the resync lasted that long.
+# Each run removes its mirror without waiting for the resync to end.
+# Then one traced (rtt) idle resync per userspace config for the per-type round trips.
 # Trace timestamps are raw TSC (trace_clock x86-tsc, cycle resolution; the default clocks print
 # microseconds); TRACE-CAL lines (TSC of a trace marker, /proc/uptime) let the host convert.
 . /scenarios/lib.sh
@@ -66,6 +83,7 @@ table() {
 server_of() {
     case $1 in
         ucore | uif | udisk) echo agent ;;
+        rsync) echo responder-resync ;;
         pcore) echo agent-probes ;;
         qcore) echo agent-probes-nostats ;;
         rcore | rif) echo responder ;;
@@ -81,6 +99,7 @@ server_start() { # KIND LOGFILE
         agent-probes) RUST_LOG=info /bin/ulog-agent -f --log-format json >"$2" 2>&1 & ;;
         agent-probes-nostats) RUST_LOG=info /bin/ulog-agent -f --no-bpf-stats --log-format json >"$2" 2>&1 & ;;
         responder) /bin/const-responder >"$2" 2>&1 & ;;
+        responder-resync) /bin/const-responder --resync >"$2" 2>&1 & ;;
         *) return 0 ;;
     esac
     SERVER_PID=$!
@@ -257,7 +276,11 @@ set -- $TRACE_CONFIGS
 NTRACE=$#
 set -- $BREAKDOWN_JOBS
 NBD=$#
-TOTAL_RUNS=$((ROUNDS * NJOBS * NCONF + NTRACE * (NJOBS + NBD)))
+set -- $RESYNC_CONFIGS
+NRESYNC=$#
+set -- $RESYNC_TRACE_CONFIGS
+NRTRACE=$#
+TOTAL_RUNS=$((ROUNDS * NJOBS * NCONF + NTRACE * (NJOBS + NBD) + ROUNDS * 3 * NRESYNC + NRTRACE))
 log "plan: $ROUNDS rounds x $NJOBS jobs x $NCONF configs of ${RUNTIME}s, then $NTRACE traced configs x ($NJOBS + $NBD) runs of ${TRACE_RUNTIME}s: $TOTAL_RUNS runs"
 
 round=1
@@ -277,6 +300,128 @@ if [ "$NTRACE" -gt 0 ]; then
     for job in $BREAKDOWN_JOBS; do
         for cfg in $TRACE_CONFIGS; do one_run breakdown "$cfg" "$job" "$TRACE_RUNTIME" 1; done
     done
+fi
+
+# ---- resync runs ----------------------------------------------------------------------------
+resync_table() { # CONFIG: the same mirror, default sync mode (a full initial resync)
+    case $1 in
+        core) echo "0 $SECTORS mirror core 1 $RESYNC_REGION 2 $L0 0 $L1 0" ;;
+        ucore | rsync) echo "0 $SECTORS mirror userspace 3 $UUID clustered-core $RESYNC_REGION 2 $L0 0 $L1 0" ;;
+        *) fail "unknown resync config $1" ;;
+    esac
+}
+
+# sync_count DEV: the first number of "<in sync>/<regions>" in the mirror's status.
+sync_count() { dmsetup status "$1" | awk '{ split($(5 + $4), a, "/"); print a[1] }'; }
+
+resync_run() { # MODE(iops|rtt) CONFIG KIND(idle|writes) ROUND
+    _tag="resync.$2.$3.r$4"
+    [ "$1" = rtt ] && _tag="resynctrace.$2.$3.r$4"
+    _kind=$(server_of "$2")
+    server_start "$_kind" "$OUT/$_tag.server"
+    [ "$1" = iops ] || trace_begin "$1" "$SERVER_PID"
+    _c0=$(cpu_ns "$SERVER_PID")
+    if [ "$3" = iops ]; then
+        run_limited 30 dmsetup create "$DEV" --table "0 $SECTORS linear $L0 0"
+        _dm=$(dm_sysfs "$DEV")
+        fio --name=rand4k --filename="/dev/mapper/$DEV" --ioengine=libaio --direct=1 --rw=randwrite --bs=4k \
+            --iodepth=1 --time_based --runtime="$RESYNC_IOPS_RUNTIME" --ramp_time=1 --norandommap --randrepeat=0 \
+            --output-format=json --output="$OUT/$_tag.iopsjson" >/dev/null 2>"$OUT/$_tag.iops.err" &
+        _fio=$!
+        _n=0
+        until [ "$(awk '{ print $5 }' "/sys/block/$_dm/stat")" -gt 0 ]; do
+            [ "$_n" -lt 600 ] || fail "$_tag: fio wrote nothing in 30 s"
+            usleep 50000
+            _n=$((_n + 1))
+        done
+    fi
+    echo "BENCH-MARK start $_tag"
+    _j0=$(cpu_jiffies)
+    _t0=$(now_cs)
+    if [ "$3" = iops ]; then
+        dmsetup suspend "$DEV" && dmsetup load "$DEV" --table "$(resync_table "$2")" && dmsetup resume "$DEV" ||
+            fail "$_tag: linear -> mirror failed"
+    else
+        run_limited 30 dmsetup create "$DEV" --table "$(resync_table "$2")"
+    fi
+    _t1=$(now_cs)
+    {
+        echo "regions $RESYNC_REGIONS"
+        echo "create_cs $((_t1 - _t0))"
+    } >"$OUT/$_tag.res"
+    if [ "$3" = iops ]; then
+        wait "$_fio" || { cat "$OUT/$_tag.iops.err"; fail "fio rand4k failed"; }
+        echo "sync_after_iops $(sync_count "$DEV")" >>"$OUT/$_tag.res"
+    elif [ "$3" = idle ]; then
+        # The mirror raises a table event when its sync completes (do_recovery); loop in case
+        # another event (none expected) comes first.
+        _ev=0
+        _n=0
+        while :; do
+            run_limited 900 dmsetup wait "$DEV" "$_ev"
+            _sc=$(sync_count "$DEV")
+            [ "$_sc" = "$RESYNC_REGIONS" ] && break
+            _ev=$(dmsetup info "$DEV" | awk '/Event number/ { print $3 }')
+            _n=$((_n + 1))
+            [ "$_n" -lt 10 ] || fail "$_tag: events but no sync ($_sc/$RESYNC_REGIONS)"
+        done
+        _t2=$(now_cs)
+        echo "synced_cs $((_t2 - _t0))" >>"$OUT/$_tag.res"
+    else
+        _w0=$(now_cs)
+        for _b in $W40_BLOCKS; do
+            dd if=/dev/zero of="/dev/mapper/$DEV" bs=4096 count=1 seek="$_b" oflag=direct conv=notrunc status=none ||
+                fail "$_tag: write at block $_b failed"
+        done
+        _w1=$(now_cs)
+        echo "w40_cs $((_w1 - _w0))" >>"$OUT/$_tag.res"
+        echo "sync_after_w40 $(sync_count "$DEV")" >>"$OUT/$_tag.res"
+    fi
+    _j1=$(cpu_jiffies)
+    echo "BENCH-MARK end $_tag"
+    _c1=$(cpu_ns "$SERVER_PID")
+    [ "$1" = iops ] || trace_end "$1" "$OUT/$_tag.trace"
+    {
+        echo "server_cpu_ns $((_c1 - _c0))"
+        echo "cpu_jiffies $_j0 $_j1"
+        # Each server thread since it started: on-CPU ns, run-queue wait ns, timeslices
+        # (schedstat), and context switches (voluntary, involuntary): where its time goes.
+        [ -z "$SERVER_PID" ] || for _t in /proc/"$SERVER_PID"/task/*; do
+            echo "thread_sched $(tr ' ' _ <"$_t/comm") $(cat "$_t/schedstat") $(awk '/ctxt_switches/ { printf "%s ", $2 }' "$_t/status")"
+        done
+    } >>"$OUT/$_tag.res"
+    run_limited 60 dmsetup remove "$DEV"
+    server_stop
+    RUNS=$((RUNS + 1))
+    log "run $RUNS/$TOTAL_RUNS $_tag: $(tr '\n' ' ' <"$OUT/$_tag.res")"
+}
+
+# dm_sysfs NAME: dm-N of a dm device.
+dm_sysfs() {
+    for _d in /sys/block/dm-*; do
+        [ "$(cat "$_d/dm/name" 2>/dev/null)" = "$1" ] && echo "${_d##*/}"
+    done
+}
+
+# The 40 writes' 4 KiB block numbers: fixed pseudo-random ones in the last quarter of the
+# device, the last region excluded (the only one a hint of N-1 may still throttle).
+W40_BLOCKS=$(awk -v n="$((SIZE_MIB * 256))" -v rb="$((RESYNC_REGION / 8))" 'BEGIN {
+    srand(42); lo = int(n * 3 / 4); hi = n - rb
+    for (i = 0; i < 40; i++) printf "%d ", lo + int(rand() * (hi - lo))
+}')
+
+if [ -n "$RESYNC_CONFIGS" ]; then
+    round=1
+    while [ "$round" -le "$ROUNDS" ]; do
+        for kind in idle writes iops; do
+            # shellcheck disable=SC2086
+            for cfg in $(rotate $((round - 1)) $RESYNC_CONFIGS); do
+                resync_run iops "$cfg" "$kind" "$round"
+            done
+        done
+        round=$((round + 1))
+    done
+    for cfg in $RESYNC_TRACE_CONFIGS; do resync_run rtt "$cfg" idle 1; done
 fi
 
 log "writing $(du -sk "$OUT" | cut -f1) KiB of results to $RES_DEV"

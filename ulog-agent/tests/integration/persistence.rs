@@ -57,7 +57,7 @@ fn first_resume_loads_a_valid_log() {
     assert_eq!(a.sync_map(&log, N), "1010011100001");
     assert_eq!(a.sync_count(&log), 6);
     assert_eq!(a.resync_work(&log), (1, 1));
-    assert_eq!(a.remote_recovering(&log, 9), (0, 1));
+    assert_eq!(a.remote_recovering(&log, 9), (0, N - 1));
     let img = DiskLog::read(&disk);
     img.assert_header(N);
     assert_eq!(img.map(N), "1010011100001", "written back unchanged");
@@ -177,7 +177,7 @@ fn restart_scenario(a: &mut Agent, ctr: &str, disk: Option<&Path>) {
     );
     assert_eq!(a.sync_count(&log), N - 2);
     assert_eq!(a.resync_work(&log), (1, 5));
-    assert_eq!(a.remote_recovering(&log, 7), (0, 5));
+    assert_eq!(a.remote_recovering(&log, 7), (0, N - 1));
     // And the restarted log works.
     a.set_sync(&log, 5, 1);
     assert_eq!(a.resync_work(&log), (1, 9));

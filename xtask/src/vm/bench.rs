@@ -25,6 +25,13 @@
 //! `clustered-core`; (c) ulog `clustered-core` with `integrated_flush`; (d) `disk` on vda; (e)
 //! ulog `clustered-disk` on vdb; (r) and (ri) the constant responder for (b) and (c). All mirrors:
 //! 2 legs (loop devices over files in the guest's tmpfs), `nosync`, 512 KiB regions.
+//!
+//! The `resync` job (`--jobs resync`, configs from `--resync-configs`: `core`, `ucore`, and
+//! `rsync` = the constant responder with `--resync`, which answers resync work from a counter:
+//! the floor) creates the same mirror without `nosync`, in 4096 regions, and measures its
+//! initial resync: the time to N/N with nothing else running, 40 writes in the last quarter
+//! during it (the IS_REMOTE_RECOVERING hint's effect), fio's write IOPS during it, and, traced,
+//! the kernel's round trip per request type per region recovered. See the guest script.
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::fs;
@@ -72,9 +79,20 @@ pub struct Args {
     /// `--no-bpf-stats`).
     #[arg(long, value_delimiter = ',', value_name = "ID")]
     configs: Vec<String>,
-    /// Only these fio jobs (comma-separated): rand4k-qd1, rand4k-qd32, seq64k-qd8.
+    /// Only these jobs (comma-separated): the fio jobs rand4k-qd1, rand4k-qd32, seq64k-qd8, and
+    /// `resync` (a mirror's initial resync: time to full sync, and writes during it; configs
+    /// from --resync-configs). E.g. `--jobs resync` runs only the resync job.
     #[arg(long, value_delimiter = ',', value_name = "ID")]
     jobs: Vec<String>,
+    /// Configs of the `resync` job (comma-separated): core (kernel `core` log), ucore (ulog
+    /// `clustered-core`), rsync (the constant responder with `--resync`: resync work from a
+    /// counter, the floor). Default: all three.
+    #[arg(long, value_delimiter = ',', value_name = "ID")]
+    resync_configs: Vec<String>,
+    /// Seconds of 4 KiB random writes (depth 1) during the resync job's resync. Default 5
+    /// (quick: 3).
+    #[arg(long, value_name = "S")]
+    resync_iops_runtime: Option<u32>,
     /// Size of the mirror (each leg), MiB.
     #[arg(long, default_value_t = 256)]
     size_mib: u64,
@@ -157,6 +175,22 @@ const JOBS: &[Job] = &[
 /// The traced run with every probe (one job: the kernel's round trip dominates at depth 1).
 const BREAKDOWN_JOBS: &[&str] = &["rand4k-qd1"];
 
+/// The job id that selects the resync runs (not a fio job).
+const RESYNC_JOB: &str = "resync";
+
+/// Regions of the resync job's mirror (the issue's measurement: 256 MiB, 4096 regions).
+const RESYNC_REGIONS: u64 = 4096;
+
+/// Configs of the resync job: (id, label). The floor is `rsync`.
+const RESYNC_CONFIGS: &[(&str, &str)] = &[
+    ("core", "kernel `core` log"),
+    ("ucore", "ulog `clustered-core`"),
+    ("rsync", "constant responder `--resync` (floor)"),
+];
+
+/// Resync configs traced (one idle resync each) for the round trips per request type.
+const RESYNC_TRACED: &[&str] = &["ucore", "rsync"];
+
 /// Requests a mirror's creation, status and removal send (not per write).
 const LIFECYCLE: &[&str] = &[
     "CTR",
@@ -216,6 +250,9 @@ struct Plan {
     traced: Vec<&'static str>,
     breakdown: Vec<&'static str>,
     size_mib: u64,
+    resync_configs: Vec<&'static str>,
+    resync_traced: Vec<&'static str>,
+    resync_iops_runtime: u32,
 }
 
 impl Plan {
@@ -230,7 +267,28 @@ impl Plan {
             Ok(all.iter().copied().filter(|c| want.iter().any(|w| w == c)).collect())
         };
         let configs = pick(&a.configs, &CONFIGS.iter().map(|c| c.id).collect::<Vec<_>>(), "config")?;
-        let jobs = pick(&a.jobs, &JOBS.iter().map(|j| j.id).collect::<Vec<_>>(), "job")?;
+        let mut all_jobs: Vec<&'static str> = JOBS.iter().map(|j| j.id).collect();
+        all_jobs.push(RESYNC_JOB);
+        let mut jobs = pick(&a.jobs, &all_jobs, "job")?;
+        let resync = jobs.contains(&RESYNC_JOB);
+        jobs.retain(|j| *j != RESYNC_JOB);
+        let resync_configs = if resync {
+            pick(&a.resync_configs, &RESYNC_CONFIGS.iter().map(|c| c.0).collect::<Vec<_>>(), "resync config")?
+        } else {
+            vec![]
+        };
+        let resync_traced = if a.no_trace {
+            vec![]
+        } else {
+            RESYNC_TRACED.iter().copied().filter(|c| resync_configs.contains(c)).collect()
+        };
+        ensure!(
+            (a.size_mib * 2048 / RESYNC_REGIONS).is_power_of_two()
+                && (a.size_mib * 2048).is_multiple_of(RESYNC_REGIONS),
+            "--size-mib {}: the resync job needs {} regions of a power-of-two size",
+            a.size_mib,
+            RESYNC_REGIONS
+        );
         let traced = if a.no_trace { vec![] } else { TRACED.iter().copied().filter(|t| configs.contains(t)).collect() };
         let breakdown = BREAKDOWN_JOBS.iter().copied().filter(|j| jobs.contains(j)).collect();
         Ok(Plan {
@@ -243,6 +301,9 @@ impl Plan {
             traced,
             breakdown,
             size_mib: a.size_mib,
+            resync_configs,
+            resync_traced,
+            resync_iops_runtime: a.resync_iops_runtime.unwrap_or(if a.quick { 3 } else { 5 }),
         })
     }
 
@@ -254,18 +315,28 @@ impl Plan {
         (self.traced.len() * (self.jobs.len() + self.breakdown.len())) as u32
     }
 
+    /// Resync runs: an idle, a writes and an iops run per config and round, then the traced ones.
+    fn resync_runs(&self) -> u32 {
+        self.rounds * 3 * self.resync_configs.len() as u32 + self.resync_traced.len() as u32
+    }
+
     /// Guest watchdog: the runs plus a generous per-run overhead under TCG (server start,
     /// dmsetup, fio start-up with 65 libraries), filling the legs and writing the results.
     fn guest_timeout_s(&self) -> u64 {
         let per = |rt: u32| (rt + self.ramp + 15) as u64;
-        self.iops_runs() as u64 * per(self.runtime) + self.traced_runs() as u64 * per(self.trace_runtime) + 300
+        // A resync of 4096 regions took up to ~31 s under TCG: allow 180 s a run.
+        self.iops_runs() as u64 * per(self.runtime)
+            + self.traced_runs() as u64 * per(self.trace_runtime)
+            + self.resync_runs() as u64 * (180 + self.resync_iops_runtime as u64)
+            + 300
     }
 
     fn params_sh(&self) -> String {
         format!(
             "# written by cargo xtask vm bench\nRUNTIME={}\nRAMP={}\nROUNDS={}\nTRACE_RUNTIME={}\n\
              CONFIGS=\"{}\"\nJOBS=\"{}\"\nTRACE_CONFIGS=\"{}\"\nBREAKDOWN_JOBS=\"{}\"\nSIZE_MIB={}\n\
-             REGION=1024\nTRACE_BUF_KB=32768\n",
+             REGION=1024\nTRACE_BUF_KB=32768\nRESYNC_CONFIGS=\"{}\"\nRESYNC_TRACE_CONFIGS=\"{}\"\n\
+             RESYNC_REGIONS={}\nRESYNC_REGION={}\nRESYNC_IOPS_RUNTIME={}\n",
             self.runtime,
             self.ramp,
             self.rounds,
@@ -274,7 +345,12 @@ impl Plan {
             self.jobs.join(" "),
             self.traced.join(" "),
             if self.traced.is_empty() { String::new() } else { self.breakdown.join(" ") },
-            self.size_mib
+            self.size_mib,
+            self.resync_configs.join(" "),
+            self.resync_traced.join(" "),
+            RESYNC_REGIONS,
+            self.size_mib * 2048 / RESYNC_REGIONS,
+            self.resync_iops_runtime,
         )
     }
 }
@@ -366,11 +442,12 @@ pub fn run(a: Args) -> Result<()> {
     let guest_t = plan.guest_timeout_s();
     let log = dir.join("console.log");
     eprintln!(
-        "vm bench: {} untraced runs of {} s + {} traced runs of {} s (guest limit {} s); console: {}",
+        "vm bench: {} untraced runs of {} s + {} traced runs of {} s + {} resync runs (guest limit {} s); console: {}",
         plan.iops_runs(),
         plan.runtime,
         plan.traced_runs(),
         plan.trace_runtime,
+        plan.resync_runs(),
         guest_t,
         log.display()
     );
@@ -1104,7 +1181,30 @@ fn report(dir: &Path, a: &Args, command: &str) -> Result<()> {
             traces.push((mode.into(), c.into(), j.into(), tp));
         }
     }
-    ensure!(!runs.is_empty(), "no runs in {}", res.display());
+    let resync_md = resync_report(&res, &windows, &samples, &info)?;
+    if runs.is_empty() {
+        ensure!(!resync_md.is_empty(), "no runs in {}", res.display());
+        let mut md = String::new();
+        let _ = writeln!(md, "# VM benchmarks: dm-raid1 mirrors in a Debian 6.1 guest under qemu\n");
+        let _ = writeln!(
+            md,
+            "Generated by `cargo xtask vm bench` (xtask/src/vm/bench.rs; guest script xtask/vm-bench/bench.sh). \
+             This file is rewritten by each run. Nothing here is asserted by any test.\n"
+        );
+        let g = |k: &str| info.lines().find_map(|l| l.strip_prefix(&format!("{k} "))).unwrap_or("?").to_string();
+        let _ = writeln!(
+            md,
+            "- Date: {}\n- Sources: {}\n- Reproduce: `{command}`\n- Host: {}\n- Guest: Linux {}, {} vCPUs, TCG; clocksource {}\n",
+            file_date(&res.join("guest-info.txt")),
+            fs::read_to_string(dir.join("source.txt")).map_or_else(|_| "?".to_string(), |s| s.trim().to_string()),
+            host_machine(),
+            g("kernel"),
+            g("cpus"),
+            g("clocksource"),
+        );
+        md.push_str(&resync_md);
+        return emit_report(dir, a, md);
+    }
     // Rounds in order: ratios pair the runs of the same round.
     for v in runs.values_mut() {
         v.sort_by_key(|r| r.round);
@@ -1287,6 +1387,21 @@ fn report(dir: &Path, a: &Args, command: &str) -> Result<()> {
                 fmt_ratio(lo),
                 fmt_ratio(hi),
                 fmt_ratio(ratio_wall("ucore", "rcore", j.id).0),
+                if m >= 0.90 { "met" } else { "**not met**" }
+            );
+        }
+    }
+    for j in &jobs {
+        let (m, lo, hi) = ratio("uif", "rif", j.id);
+        if !m.is_nan() {
+            let _ = writeln!(
+                md,
+                "| (c) ulog + `integrated_flush` ≥ 0.90 × constant responder + `integrated_flush` | {} | {} [{}–{}] (wall clock {}) | {} |",
+                j.id,
+                fmt_ratio(m),
+                fmt_ratio(lo),
+                fmt_ratio(hi),
+                fmt_ratio(ratio_wall("uif", "rif", j.id).0),
                 if m >= 0.90 { "met" } else { "**not met**" }
             );
         }
@@ -1694,7 +1809,12 @@ fn report(dir: &Path, a: &Args, command: &str) -> Result<()> {
         }
     }
 
-    let text = md;
+    md.push_str(&resync_md);
+    emit_report(dir, a, md)
+}
+
+/// Prints the report, keeps it next to the results and (unless --no-write) in benchmarks/vm.md.
+fn emit_report(dir: &Path, a: &Args, text: String) -> Result<()> {
     println!("{text}");
     fs::write(dir.join("report.md"), &text)?;
     if !a.no_write {
@@ -1704,6 +1824,309 @@ fn report(dir: &Path, a: &Args, command: &str) -> Result<()> {
         eprintln!("vm bench: wrote {}", out.display());
     }
     Ok(())
+}
+
+// ---- the resync job ------------------------------------------------------------------------
+
+/// One resync run (`resync.<config>.<idle|writes>.r<round>`).
+#[derive(Default)]
+struct ResyncRun {
+    round: u32,
+    /// Seconds from `dmsetup create` to the sync-complete event (idle runs).
+    synced_s: Option<f64>,
+    /// The 40 writes, one after the other: their total time (dd's start-up included).
+    w40_total_ms: Option<f64>,
+    /// 4 KiB random-write IOPS (depth 1) during the resync.
+    iops: Option<f64>,
+    /// Regions in sync after the 40 writes and after the IOPS run.
+    sync_after_w40: Option<u64>,
+    sync_after_iops: Option<u64>,
+    server_cpu_ns: u64,
+    host_share: f64,
+    /// (wall − stolen) ÷ wall over the run (1 when not sampled): the part of the run the guest
+    /// really had the host's CPU while it had work (as for the fio runs, see [`normalise`]).
+    /// Times are multiplied by it and IOPS divided by it to remove the host's steal.
+    unstolen: f64,
+    counts: BTreeMap<String, u64>,
+}
+
+fn read_resync_run(res: &Path, tag: &str, windows: &BTreeMap<String, (f64, f64)>, samples: &[(f64, f64)]) -> ResyncRun {
+    let mut r = ResyncRun { host_share: f64::NAN, unstolen: 1.0, ..ResyncRun::default() };
+    let mut busy = f64::NAN;
+    let kv = fs::read_to_string(res.join(format!("{tag}.res"))).unwrap_or_default();
+    for l in kv.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        match f.as_slice() {
+            ["synced_cs", n] => r.synced_s = n.parse::<f64>().ok().map(|c| c / 100.0),
+            ["w40_cs", n] => r.w40_total_ms = n.parse::<f64>().ok().map(|c| c * 10.0),
+            ["sync_after_w40", n] => r.sync_after_w40 = n.parse().ok(),
+            ["sync_after_iops", n] => r.sync_after_iops = n.parse().ok(),
+            ["server_cpu_ns", n] => r.server_cpu_ns = n.parse().unwrap_or(0),
+            ["cpu_jiffies", b0, t0, b1, t1] => {
+                let p = |s: &str| s.parse::<f64>().unwrap_or(0.0);
+                let dt = p(t1) - p(t0);
+                if dt > 0.0 {
+                    busy = (p(b1) - p(b0)) / dt;
+                }
+            }
+            _ => {}
+        }
+    }
+    let json = |ext: &str| {
+        fs::read_to_string(res.join(format!("{tag}.{ext}"))).ok().and_then(|t| serde_json::from_str::<Value>(&t).ok())
+    };
+    if let Some(j) = json("iopsjson") {
+        r.iops = j["jobs"][0]["write"]["iops"].as_f64();
+    }
+    if let Some((t0, t1)) = windows.get(tag) {
+        if let (Some(c0), Some(c1)) = (cpu_at(samples, *t0), cpu_at(samples, *t1)) {
+            let wall = (t1 - t0).max(1e-9);
+            r.host_share = (c1 - c0) / wall;
+            if busy.is_finite() {
+                let stolen = (busy * wall - (c1 - c0)).clamp(0.0, wall * 0.95);
+                r.unstolen = (wall - stolen) / wall;
+            }
+        }
+    }
+    // The server's request counts (REQUESTS lines of the responder, the agent's totals).
+    if let Ok(s) = fs::read_to_string(res.join(format!("{tag}.server"))) {
+        for l in s.lines() {
+            if let Some(rest) = l.strip_prefix("REQUESTS ") {
+                let mut it = rest.split_whitespace();
+                if let (Some(n), Some(c)) = (it.next(), it.next().and_then(|c| c.parse().ok())) {
+                    r.counts.insert(n.to_string(), c);
+                }
+            } else if let Ok(v) = serde_json::from_str::<Value>(l) {
+                let f = &v["fields"];
+                if f["message"] == "request totals" {
+                    if let (Some(n), Some(c)) = (f["request"].as_str(), f["served"].as_u64()) {
+                        r.counts.insert(n.to_string(), c);
+                    }
+                }
+            }
+        }
+    }
+    r
+}
+
+/// The resync job's section of the report (empty if the run had none).
+fn resync_report(
+    res: &Path,
+    windows: &BTreeMap<String, (f64, f64)>,
+    samples: &[(f64, f64)],
+    info: &str,
+) -> Result<String> {
+    let mut runs: BTreeMap<(String, String), Vec<ResyncRun>> = BTreeMap::new();
+    for e in fs::read_dir(res)? {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        let Some(tag) = name.strip_suffix(".res") else { continue };
+        let parts: Vec<&str> = tag.split('.').collect();
+        let ["resync", c, kind, round] = parts[..] else { continue };
+        let mut r = read_resync_run(res, tag, windows, samples);
+        r.round = round.trim_start_matches('r').parse().unwrap_or(0);
+        runs.entry((c.to_string(), kind.to_string())).or_default().push(r);
+    }
+    if runs.is_empty() {
+        return Ok(String::new());
+    }
+    for v in runs.values_mut() {
+        v.sort_by_key(|r| r.round);
+    }
+    let regions = RESYNC_REGIONS as f64;
+    let configs: Vec<&(&str, &str)> = RESYNC_CONFIGS.iter().filter(|c| runs.keys().any(|k| k.0 == c.0)).collect();
+    let get = |c: &str, k: &str| runs.get(&(c.to_string(), k.to_string()));
+    let med = |c: &str, k: &str, f: &dyn Fn(&ResyncRun) -> Option<f64>| {
+        get(c, k).map_or(f64::NAN, |v| median(&v.iter().filter_map(f).collect::<Vec<_>>()))
+    };
+    // Per-round ratio f(x) / f(base), median over rounds [range].
+    let ratio = |c: &str, base: &str, k: &str, f: &dyn Fn(&ResyncRun) -> Option<f64>| -> String {
+        let (Some(x), Some(b)) = (get(c, k), get(base, k)) else { return "—".into() };
+        let v: Vec<f64> = x
+            .iter()
+            .filter_map(|x| {
+                let b = b.iter().find(|b| b.round == x.round)?;
+                Some(f(x)? / f(b)?)
+            })
+            .collect();
+        if v.is_empty() {
+            return "—".into();
+        }
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        format!("{} [{}–{}]", fmt_ratio(median(&v)), fmt_ratio(lo), fmt_ratio(hi))
+    };
+    let label = |c: &str| RESYNC_CONFIGS.iter().find(|x| x.0 == c).map_or(c.to_string(), |x| x.1.to_string());
+    let rounds = runs.values().map(Vec::len).max().unwrap_or(0);
+    let mut md = String::new();
+    let _ = writeln!(md, "## Resync: a mirror's initial resync of {RESYNC_REGIONS} regions\n");
+    let _ = writeln!(
+        md,
+        "`--jobs resync`. A mirror of the same size and legs, created **without** `nosync`, in regions of 1/{RESYNC_REGIONS} \
+         of the device (64 KiB at 256 MiB): it starts with a full resync, one region at a time (dm-raid1 recovers one region \
+         at a time: every log round trip per region is on the critical path). {rounds} rounds, configs in an order rotated per \
+         round. *idle*: nothing else runs; time from `dmsetup create` to the table event the mirror raises when its sync \
+         completes (`dmsetup wait`, no polling). *writes*: right after create, 40 O_DIRECT 4 KiB writes one after the other \
+         (`dd`) at fixed pseudo-random offsets in the last quarter of the device, the last region excluded. *iops*: fio (4 KiB \
+         random writes, depth 1) starts on a linear table over leg 0; at its first write the table is replaced by the mirror \
+         (suspend, load, resume: the resync starts) and fio measures a few seconds after a 1 s ramp. Runs other than *idle* \
+         remove the mirror before its resync ends. Times and IOPS have the host's steal removed as for the fio runs (the \
+         host samples qemu's CPU time; stolen = guest busy time − CPU time qemu got over the run; a time is multiplied by \
+         (wall − stolen) ÷ wall, IOPS divided by it); wall-clock figures alongside. The floor is the constant responder with \
+         `--resync` (ulog-agent/examples/const_responder.rs): GET_RESYNC_WORK from a counter (0, 1, 2, … then none), \
+         GET_SYNC_COUNT = SET_REGION_SYNCs seen, IN_SYNC = region < that count, IS_REMOTE_RECOVERING {{0, N−1}} then {{0, N}}. \
+         *host share* = qemu's CPU time ÷ wall time over the run. Medians over rounds, ratios per round then the median \
+         [range].\n"
+    );
+    if configs.iter().any(|c| get(c.0, "idle").is_some()) {
+        let _ = writeln!(md, "### Time to full sync (idle)\n");
+        let _ = writeln!(
+            md,
+            "*speed × floor* = floor's time ÷ this config's (1 = as fast as a server that does no work); *time × core* = this \
+             config's time ÷ the kernel `core` log's.\n"
+        );
+        let _ = writeln!(
+            md,
+            "| config | time to N/N, steal removed | per region | speed × floor | time × core | wall clock | speed × floor, wall | time × core, wall | host share |"
+        );
+        let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let t = |r: &ResyncRun| r.synced_s.map(|s| s * r.unstolen);
+        let t_wall = |r: &ResyncRun| r.synced_s;
+        let speed = |r: &ResyncRun| r.synced_s.map(|s| 1.0 / (s * r.unstolen));
+        let speed_wall = |r: &ResyncRun| r.synced_s.map(|s| 1.0 / s);
+        for (c, _) in configs.iter().map(|c| (c.0, c.1)) {
+            let s = med(c, "idle", &t);
+            let _ = writeln!(
+                md,
+                "| {} | {:.1} s | {} µs | {} | {} | {:.1} s | {} | {} | {:.0}% |",
+                label(c),
+                s,
+                fmt_us(s * 1e6 / regions),
+                if c == "rsync" || c == "core" { "—".into() } else { ratio(c, "rsync", "idle", &speed) },
+                if c == "core" { "—".into() } else { ratio(c, "core", "idle", &t) },
+                med(c, "idle", &t_wall),
+                if c == "rsync" || c == "core" { "—".into() } else { ratio(c, "rsync", "idle", &speed_wall) },
+                if c == "core" { "—".into() } else { ratio(c, "core", "idle", &t_wall) },
+                med(c, "idle", &|r: &ResyncRun| Some(r.host_share)) * 100.0,
+            );
+        }
+        if get("rsync", "idle").is_some() && get("core", "idle").is_some() {
+            let _ = writeln!(md, "\nFloor × core (time, steal removed): {}.", ratio("rsync", "core", "idle", &t));
+        }
+        let per_round: Vec<String> = configs
+            .iter()
+            .map(|c| {
+                let v = get(c.0, "idle").map_or(Vec::new(), |v| {
+                    v.iter().filter_map(|r| t(r).map(|x| format!("{x:.1}"))).collect::<Vec<_>>()
+                });
+                format!("{} {}", c.0, v.join(" / "))
+            })
+            .collect();
+        let _ = writeln!(md, "\nTimes per round, steal removed (s): {}.", per_round.join("; "));
+        md.push('\n');
+        // Requests per region recovered (idle runs).
+        let _ = writeln!(
+            md,
+            "Requests the server answered per region recovered (idle runs, medians; lifecycle requests included):\n"
+        );
+        let types = [
+            "GET_RESYNC_WORK",
+            "IN_SYNC",
+            "SET_REGION_SYNC",
+            "GET_SYNC_COUNT",
+            "CLEAR_REGION",
+            "FLUSH",
+            "MARK_REGION",
+            "IS_REMOTE_RECOVERING",
+        ];
+        let _ = writeln!(md, "| config | {} | all |", types.join(" | "));
+        let _ = writeln!(md, "|---|{}---:|", "---:|".repeat(types.len()));
+        for (c, _) in configs.iter().map(|c| (c.0, c.1)).filter(|c| c.0 != "core") {
+            let per =
+                |ty: &str| med(c, "idle", &|r: &ResyncRun| Some(*r.counts.get(ty).unwrap_or(&0) as f64 / regions));
+            let all = med(c, "idle", &|r: &ResyncRun| Some(r.counts.values().sum::<u64>() as f64 / regions));
+            let cells: Vec<String> = types.iter().map(|t| format!("{:.2}", per(t))).collect();
+            let _ = writeln!(md, "| {} | {} | {:.2} |", label(c), cells.join(" | "), all);
+        }
+        md.push('\n');
+    }
+    if configs.iter().any(|c| get(c.0, "writes").is_some() || get(c.0, "iops").is_some()) {
+        let _ = writeln!(md, "### Writes during the resync\n");
+        let _ = writeln!(
+            md,
+            "Steal removed. *40 writes* = their total time (40 `dd` start-ups included, the same for every config); *time × core* = that ÷ \
+             the kernel `core` log's (target ≤ 1.2). *synced after* = regions in sync when the writes were done (below 3072: \
+             the resync had not reached the last quarter). IOPS: 4 KiB random writes at depth 1 over the whole device, \
+             during the resync (*synced after*: when fio ended; below {RESYNC_REGIONS}: still resyncing).\n"
+        );
+        let _ = writeln!(
+            md,
+            "| config | 40 writes, last quarter | time × core | synced after | IOPS during resync | × core | × floor | synced after |"
+        );
+        let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|");
+        let w = |r: &ResyncRun| r.w40_total_ms.map(|x| x * r.unstolen);
+        let io = |r: &ResyncRun| r.iops.map(|x| x / r.unstolen);
+        for (c, _) in configs.iter().map(|c| (c.0, c.1)) {
+            let _ = writeln!(
+                md,
+                "| {} | {:.0} ms | {} | {:.0} | {} | {} | {} | {:.0} |",
+                label(c),
+                med(c, "writes", &w),
+                if c == "core" { "—".into() } else { ratio(c, "core", "writes", &w) },
+                med(c, "writes", &|r: &ResyncRun| r.sync_after_w40.map(|n| n as f64)),
+                fmt_iops(med(c, "iops", &io)),
+                if c == "core" { "—".into() } else { ratio(c, "core", "iops", &io) },
+                if c == "ucore" { ratio(c, "rsync", "iops", &io) } else { "—".into() },
+                med(c, "iops", &|r: &ResyncRun| r.sync_after_iops.map(|n| n as f64)),
+            );
+        }
+        md.push('\n');
+    }
+    // Traced idle resyncs: the kernel's round trip per request type, per region recovered.
+    let mut traced: Vec<(&str, TraceStats)> = Vec::new();
+    for (c, _) in RESYNC_CONFIGS {
+        let p = res.join(format!("resynctrace.{c}.idle.r1.trace"));
+        if p.is_file() {
+            let mut st = TraceStats::default();
+            read_trace(&p, false, &mut st)?;
+            traced.push((c, st));
+        }
+    }
+    if !traced.is_empty() {
+        let cal: Vec<(u64, f64)> = traced.iter().flat_map(|(_, st)| st.cal.iter().copied()).collect();
+        let (mhz, note) = tsc_per_us(&cal, info);
+        let _ = writeln!(md, "### Where a resync's time goes: the kernel's round trips per region\n");
+        let _ = writeln!(
+            md,
+            "One more idle resync per userspace config with a kprobe and a kretprobe on `dm_consult_userspace` (tracefs, \
+             {note}). Per request type: calls per region recovered, median / 90th percentile round trip, and the time the \
+             mirror's worker spent waiting on it per region (calls per region × mean). The kernel `core` log spends none of \
+             this: the difference between a config's time per region and the core log's is what the log costs.\n"
+        );
+        let _ = writeln!(md, "| config | request | per region | median | p90 | waiting per region |");
+        let _ = writeln!(md, "|---|---|---:|---:|---:|---:|");
+        for (c, st) in &traced {
+            let mut total = 0.0;
+            for (ty, v) in &st.rtt {
+                let mut s: Vec<f64> = v.iter().map(|x| x / mhz).collect();
+                s.sort_by(|a, b| a.total_cmp(b));
+                let per = s.len() as f64 / regions;
+                let wait = per * mean(&s);
+                total += wait;
+                let _ = writeln!(
+                    md,
+                    "| {} | {ty} | {:.2} | {} | {} | {} |",
+                    label(c),
+                    per,
+                    fmt_us(median(&s)),
+                    fmt_us(percentile(&s, 0.9)),
+                    fmt_us(wait)
+                );
+            }
+            let _ = writeln!(md, "| {} | **all** | | | | **{}** |", label(c), fmt_us(total));
+        }
+        md.push('\n');
+    }
+    Ok(md)
 }
 
 #[cfg(test)]

@@ -78,6 +78,14 @@ pub const SCENARIOS: &[Scenario] = &[
         suite: true,
     },
     Scenario {
+        name: "ulog-resync-writes",
+        about: "writes above the resync point during the initial resync (held at region 0): they complete, one IS_REMOTE_RECOVERING answered {0, N-1}, no more asked below the last region",
+        boots: 1,
+        disks_mib: &[],
+        timeout_s: 90,
+        suite: true,
+    },
+    Scenario {
         name: "ulog-traffic",
         about: "writes and reads through a clustered-core mirror: legs equal; MARK/CLEAR/FLUSH/IN_SYNC served, no errors, served == kernel_sent",
         boots: 1,
