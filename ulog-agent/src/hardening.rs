@@ -394,17 +394,21 @@ pub fn stack_path_to(dev: DevNum, mirrors: &HashMap<DevNum, String>, paths: &Sys
 }
 
 /// Refuses `dir` if its filesystem sits on one of `mirrors` (device number -> log uuid: every
-/// mirror with a userspace log, all of which this host's one log server serves).
+/// mirror with a userspace log, all of which this host's one log server serves). `dir` may
+/// also be a block device node: then that device is checked.
 pub fn served_mirror_under(
     dir: &Path,
     mirrors: &HashMap<DevNum, String>,
     paths: &SystemPaths,
 ) -> Result<(), StartupError> {
-    let Some(dev) =
-        filesystem_device(dir, paths).map_err(|source| StartupError::StateDir { dir: dir.to_path_buf(), source })?
-    else {
-        return Ok(());
+    let dev = match stat(dir) {
+        // A block device (`ulog-agent check-state-dir /dev/...`: a device meant for one).
+        Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFBLK => Some(split_dev(st.st_rdev)),
+        _ => {
+            filesystem_device(dir, paths).map_err(|source| StartupError::StateDir { dir: dir.to_path_buf(), source })?
+        }
     };
+    let Some(dev) = dev else { return Ok(()) };
     let Some(path) = stack_path_to(dev, mirrors, paths) else { return Ok(()) };
     let last = path.last().map(|s| s.dev).unwrap_or(dev);
     let uuid = mirrors.get(&last).map(String::as_str).unwrap_or("?");

@@ -111,6 +111,13 @@ enum Command {
     /// Print a summary of a running agent (logs, sync progress, request rates and latencies),
     /// read from its HTTP API. Exit status 1: not reachable; 2: reachable but not ready.
     Status(StatusArgs),
+    /// Check whether a directory (or a block device meant to hold one) can be --state-dir:
+    /// exit status 1, with the device stack, if it sits on a device-mapper mirror with a
+    /// userspace log (the agent would wait for itself). The agent runs the same check at start.
+    CheckStateDir {
+        /// A directory, or a block device node.
+        path: PathBuf,
+    },
     /// Stop the running agent (found through the pid file in --run-dir). Plain: SIGTERM, which
     /// it obeys only with no live log (exit status 1 if it keeps serving). With --restart: a
     /// restart-style exit (it flushes every persistent log and exits 0 with its logs live, for
@@ -215,17 +222,23 @@ fn harden(cli: &Cli, io_flusher: std::io::Result<()>) -> anyhow::Result<()> {
     }
     if let Some(dir) = &cli.state_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create state directory {}", dir.display()))?;
-        // Every userspace-log mirror on the host is served by the one log server: this agent.
-        match metrics::mirror::discover() {
-            Ok(found) => {
-                let mirrors: HashMap<(u32, u32), String> =
-                    found.into_iter().map(|(uuid, m)| ((m.major, m.minor), uuid)).collect();
-                hardening::served_mirror_under(dir, &mirrors, &SystemPaths::default())?;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {} // no device-mapper: no mirror
-            Err(e) => {
-                warn!(error = %e, "cannot list device-mapper mirrors: --state-dir not checked for a mirror underneath")
-            }
+        check_state_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// Refuses a state directory on a userspace-log mirror. Every such mirror on the host is served
+/// by the one log server: this agent.
+fn check_state_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    match metrics::mirror::discover() {
+        Ok(found) => {
+            let mirrors: HashMap<(u32, u32), String> =
+                found.into_iter().map(|(uuid, m)| ((m.major, m.minor), uuid)).collect();
+            hardening::served_mirror_under(dir, &mirrors, &SystemPaths::default())?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {} // no device-mapper: no mirror
+        Err(e) => {
+            warn!(error = %e, "cannot list device-mapper mirrors: --state-dir not checked for a mirror underneath")
         }
     }
     Ok(())
@@ -236,6 +249,19 @@ fn main() -> anyhow::Result<()> {
     match &cli.command {
         Some(Command::Status(args)) => std::process::exit(status::run(args)),
         Some(Command::Stop(args)) => std::process::exit(run_stop(&cli.run_dir, args)),
+        Some(Command::CheckStateDir { path }) => match std::fs::metadata(path)
+            .with_context(|| format!("{}", path.display()))
+            .and_then(|_| check_state_dir(path))
+        {
+            Ok(()) => {
+                println!("{}: not on a device-mapper mirror with a userspace log", path.display());
+                return Ok(());
+            }
+            Err(e) => {
+                eprintln!("ulog-agent check-state-dir: {e:#}");
+                std::process::exit(1);
+            }
+        },
         None => {}
     }
     // Before any thread exists: the flag is inherited by the threads created later (receive,
