@@ -267,19 +267,28 @@ fn main() -> anyhow::Result<()> {
     // Before any thread exists: the flag is inherited by the threads created later (receive,
     // I/O, HTTP, logging); see `hardening`.
     let io_flusher = hardening::set_io_flusher();
-    let (_log_guard, log_lines_dropped) = init_logging(cli.log_format);
-    if let Err(e) = run(&cli, io_flusher) {
+    let (log_guard, log_lines_dropped) = init_logging(cli.log_format);
+    let result = run(&cli, io_flusher, &log_lines_dropped);
+    if let Err(e) = &result {
         error!("{e:#}");
-        drop(_log_guard);
-        std::process::exit(1);
     }
-    if log_lines_dropped.dropped_lines() > 0 {
-        eprintln!("ulog-agent: {} log lines were dropped while stderr was blocked", log_lines_dropped.dropped_lines());
+    let dropped = log_lines_dropped.dropped_lines();
+    if dropped > 0 {
+        warn!(dropped, "log lines were dropped while stderr was blocked");
+    }
+    // Flushes the queue (bounded: tracing-appender gives up after a second).
+    drop(log_guard);
+    if result.is_err() {
+        std::process::exit(1);
     }
     Ok(())
 }
 
-fn run(cli: &Cli, io_flusher: std::io::Result<()>) -> anyhow::Result<()> {
+fn run(
+    cli: &Cli,
+    io_flusher: std::io::Result<()>,
+    log_lines_dropped: &tracing_appender::non_blocking::ErrorCounter,
+) -> anyhow::Result<()> {
     harden(cli, io_flusher)?;
     let pid_file = PidFile::acquire(&cli.run_dir)?;
     let counters = Arc::new(Counters::default());
@@ -357,6 +366,17 @@ fn run(cli: &Cli, io_flusher: std::io::Result<()>) -> anyhow::Result<()> {
     info!(port = socket.port(), state_dir = ?cli.state_dir, pid_file = %pid_file.path().display(), "serving dm-log-userspace requests");
     telemetry.set_lifecycle(Lifecycle::Serving);
     rt.spawn(metrics::background(Arc::clone(&telemetry)));
+    {
+        let counters = Arc::clone(&counters);
+        let dropped = log_lines_dropped.clone();
+        rt.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                counters.set_log_lines_dropped(dropped.dropped_lines() as u64);
+            }
+        });
+    }
     if cli.no_http {
         info!("HTTP API disabled (--no-http)");
     } else {

@@ -50,17 +50,19 @@ fn without_cap_net_admin_the_agent_refuses_to_start() {
 /// reading). Each refused CTR logs a warning from the receive thread. With a blocking writer
 /// the receive thread stops in write(2) once the 64 KiB pipe is full and nothing is answered
 /// any more: the kernel's dm-raid1 worker then waits forever for MARK/FLUSH. Logging must drop
-/// lines instead; every request is answered.
+/// lines instead (and count them); every request is answered.
 #[test]
 fn a_full_stderr_pipe_never_stops_the_answers() {
     enter_private_netns().expect("integration tests need root (unshare CLONE_NEWNET)");
+    crate::api::lo_up();
     let mut peer = KernelPeer::open().expect("open the kernel peer socket");
     let mut agent =
-        AgentProcess::spawn_with(&[], agent_bin(), peer.port(), ["--no-http"], AgentOutput::UnreadStderrPipe)
+        AgentProcess::spawn_with(&[], agent_bin(), peer.port(), ["--no-probes"], AgentOutput::UnreadStderrPipe)
             .unwrap_or_else(|e| panic!("{e}"));
     agent.wait_ready(&mut peer, Duration::from_secs(10)).unwrap_or_else(|e| panic!("{e}"));
-    // ~250 bytes of warning per refused CTR: 3000 of them are ~12 times the pipe's capacity.
-    for i in 0..3000u32 {
+    // ~250 bytes of warning per refused CTR: 10000 of them are ~40 times the pipe's capacity
+    // and more than the logging queue holds (8192 lines).
+    for i in 0..10_000u32 {
         let r = peer
             .call(T::Ctr, "LVM-ulogstderrpipe0001", 1 + u64::from(i), b"this is not a constructor string")
             .unwrap_or_else(|e| panic!("CTR {i} unanswered (stderr full?): {e}"));
@@ -71,4 +73,19 @@ fn a_full_stderr_pipe_never_stops_the_answers() {
     assert_eq!(r.error, 0, "{r}");
     let r = peer.call(T::GetRegionSize, &log.uuid, log.luid, &[]).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((r.error, r.payload.as_slice()), (0, &8u64.to_ne_bytes()[..]), "{r}");
+    // The dropped lines are counted (copied into the exposition once a second).
+    let http = crate::api::Http::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _, body) = http.get("/metrics");
+        let dropped = body
+            .lines()
+            .find_map(|l| l.strip_prefix("ulog_log_lines_dropped_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        if status == 200 && dropped.is_some_and(|d| d > 0.0) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no dropped lines counted: {status} {dropped:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
