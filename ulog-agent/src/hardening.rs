@@ -53,6 +53,7 @@ const PR_SET_IO_FLUSHER: libc::c_int = 57;
 const PR_GET_IO_FLUSHER: libc::c_int = 58;
 
 const CAP_NET_ADMIN: u32 = 12;
+const CAP_IPC_LOCK: u32 = 14;
 const CAP_SYS_ADMIN: u32 = 21;
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
@@ -213,8 +214,8 @@ impl MemoryFigures {
     }
 }
 
-/// `mlockall(MCL_CURRENT | MCL_FUTURE)` after raising `RLIMIT_MEMLOCK` as far as allowed.
-/// Returns the figures before and after.
+/// `mlockall(MCL_CURRENT | MCL_FUTURE)` after raising `RLIMIT_MEMLOCK` as far as allowed;
+/// refused without `CAP_IPC_LOCK` under a finite limit. Returns the figures before and after.
 pub fn lock_memory() -> io::Result<(MemoryFigures, MemoryFigures)> {
     let before = MemoryFigures::current().unwrap_or_default();
     let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
@@ -228,6 +229,22 @@ pub fn lock_memory() -> io::Result<(MemoryFigures, MemoryFigures)> {
             // SAFETY: as above.
             unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &cur) };
         }
+    }
+    // With MCL_FUTURE every later mapping counts against the limit: under a finite one (no
+    // CAP_IPC_LOCK) an allocation past it would fail, and the agent abort, later. Refuse now.
+    let ipc_lock = effective_capabilities().map(|c| c & (1 << CAP_IPC_LOCK) != 0).unwrap_or(false);
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit fills the struct.
+    let unlimited_now =
+        unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } == 0 && limit.rlim_cur == libc::RLIM_INFINITY;
+    if !ipc_lock && !unlimited_now {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "no CAP_IPC_LOCK and RLIMIT_MEMLOCK is {} bytes: later allocations would fail at the limit",
+                limit.rlim_cur
+            ),
+        ));
     }
     // SAFETY: mlockall takes flags only.
     if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) } != 0 {
