@@ -118,7 +118,7 @@ fn run(kind: &str, dir: &Path, marks_per_log: usize, results: &mut Results) -> f
         ("target_mib", TARGET_MIB.into()),
         ("file_fs", common::fs_type(dir).into()),
     ]);
-    let st = agent.terminate(Duration::from_secs(60)).expect("agent exit");
+    let st = agent.restart_exit(Duration::from_secs(60)).expect("agent exit");
     assert!(st.success(), "agent exited with {st}:\n{}", agent.output());
     rss_mib
 }

@@ -982,7 +982,7 @@ fn main() {
     let answered = resp.join().expect("responder thread");
     eprintln!("baseline responder answered {answered} requests");
     let mut agent = agent;
-    let status = agent.terminate(Duration::from_secs(30)).expect("agent exit");
+    let status = agent.restart_exit(Duration::from_secs(30)).expect("agent exit");
     assert!(status.success(), "agent exited with {status}:\n{}", agent.output());
     drop(probes);
     drop(loop_devs);

@@ -665,6 +665,6 @@ fn end_to_end(results: &mut Results) {
             ("throughput_loss_at_1_per_s_extrapolated", extrapolated.into()),
         ]);
     }
-    let st = agent.terminate(Duration::from_secs(30)).expect("stop the agent");
+    let st = agent.restart_exit(Duration::from_secs(30)).expect("stop the agent");
     assert!(st.success(), "agent exited with {st}:\n{}", agent.output());
 }

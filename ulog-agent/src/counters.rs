@@ -49,6 +49,7 @@ pub struct Counters {
     disk_writes: AtomicU64,
     disk_write_bytes: AtomicU64,
     disk_write_errors: AtomicU64,
+    log_lines_dropped: AtomicU64,
 }
 
 fn slot(kind: Option<RequestType>) -> usize {
@@ -127,6 +128,17 @@ impl Counters {
     /// Dropped datagrams of a kind.
     pub fn dropped_of(&self, why: Dropped) -> u64 {
         self.dropped[why as usize].load(Relaxed)
+    }
+
+    /// The logging queue's count of lines dropped while stderr blocked (copied from the
+    /// writer's own counter by the binary; see `main.rs`).
+    pub fn set_log_lines_dropped(&self, total: u64) {
+        self.log_lines_dropped.fetch_max(total, Relaxed);
+    }
+
+    /// Log lines dropped so far.
+    pub fn log_lines_dropped(&self) -> u64 {
+        self.log_lines_dropped.load(Relaxed)
     }
 
     /// (writes, bytes, errors) to log devices.

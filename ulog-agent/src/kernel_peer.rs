@@ -38,7 +38,7 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::mem::{size_of, zeroed};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -984,6 +984,18 @@ pub struct AgentProcess {
     status: Option<ExitStatus>,
     output_path: PathBuf,
     keep_output: bool,
+    run_dir: PathBuf,
+    /// With [`AgentOutput::UnreadStderrPipe`]: the pipe's read end, held open and never read.
+    _unread_stderr: Option<ChildStderr>,
+}
+
+/// Where the agent's stderr goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgentOutput {
+    /// With stdout, into the output file ([`AgentProcess::output`]).
+    File,
+    /// Into a pipe that nobody reads (to see the agent with a stalled log consumer).
+    UnreadStderrPipe,
 }
 
 impl fmt::Debug for AgentProcess {
@@ -994,18 +1006,50 @@ impl fmt::Debug for AgentProcess {
 
 impl AgentProcess {
     /// Starts `exe -f --accept-peer-port <peer_port> <extra…>` (without `ULOG_STATE_DIR` in its
-    /// environment) with stdout and stderr going to a temporary file. Set
-    /// `ULOG_KEEP_AGENT_OUTPUT=1` to keep those files.
+    /// environment, with a run directory of its own in `ULOG_RUN_DIR`) with stdout and stderr
+    /// going to a temporary file. Set `ULOG_KEEP_AGENT_OUTPUT=1` to keep those files.
     pub fn spawn<I, S>(exe: impl AsRef<Path>, peer_port: u32, extra: I) -> Result<Self, PeerError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        Self::spawn_with(&[], exe, peer_port, extra, AgentOutput::File)
+    }
+
+    /// [`spawn`](Self::spawn) under a `wrapper` command (e.g. `setpriv … --`, which then runs
+    /// `exe …`), with stderr going to `output`.
+    pub fn spawn_with<I, S>(
+        wrapper: &[&str],
+        exe: impl AsRef<Path>,
+        peer_port: u32,
+        extra: I,
+        output: AgentOutput,
+    ) -> Result<Self, PeerError>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
         let n = SPAWNED.fetch_add(1, Ordering::Relaxed);
         let output_path = std::env::temp_dir().join(format!("ulog-agent-{}-{n}.log", std::process::id()));
+        // One run directory (pid file) per agent: tests run agents in parallel, each in its own
+        // network namespace but all on the same filesystem.
+        let run_dir = std::env::temp_dir().join(format!("ulog-run-{}-{n}", std::process::id()));
         let out = File::create(&output_path).map_err(|source| PeerError::Io { op: "create agent log file", source })?;
-        let err = out.try_clone().map_err(|source| PeerError::Io { op: "dup agent log file", source })?;
-        let child = Command::new(exe.as_ref())
+        let err = match output {
+            AgentOutput::File => {
+                Stdio::from(out.try_clone().map_err(|source| PeerError::Io { op: "dup agent log file", source })?)
+            }
+            AgentOutput::UnreadStderrPipe => Stdio::piped(),
+        };
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(exe.as_ref());
+                c
+            }
+            None => Command::new(exe.as_ref()),
+        };
+        let mut child = cmd
             .arg("-f")
             .arg("--accept-peer-port")
             .arg(peer_port.to_string())
@@ -1013,12 +1057,26 @@ impl AgentProcess {
             // Only what the caller passes: a state directory from the environment would make
             // "no --state-dir" tests persistent.
             .env_remove("ULOG_STATE_DIR")
+            .env("ULOG_RUN_DIR", &run_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
+            .stderr(err)
             .spawn()
             .map_err(|source| PeerError::Io { op: "spawn the agent", source })?;
-        Ok(Self { child, status: None, output_path, keep_output: std::env::var_os("ULOG_KEEP_AGENT_OUTPUT").is_some() })
+        let unread_stderr = child.stderr.take();
+        Ok(Self {
+            child,
+            status: None,
+            output_path,
+            keep_output: std::env::var_os("ULOG_KEEP_AGENT_OUTPUT").is_some(),
+            run_dir,
+            _unread_stderr: unread_stderr,
+        })
+    }
+
+    /// Its run directory (`ULOG_RUN_DIR`: the pid file `ulog-agent stop` reads).
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
     }
 
     /// Spawns and waits until it serves ([`wait_ready`](Self::wait_ready), 10 s).
@@ -1132,9 +1190,27 @@ impl AgentProcess {
         self.wait_exit(Duration::from_secs(10))
     }
 
-    /// SIGTERM, then wait up to `timeout` for it to exit.
+    /// SIGTERM, then wait up to `timeout` for it to exit. The agent exits on SIGTERM only when
+    /// it knows no log (see `crate::shutdown`); otherwise this times out.
     pub fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus, PeerError> {
         self.signal(libc::SIGTERM)?;
+        self.wait_exit(timeout)
+    }
+
+    /// SIGTERM, which an agent with live logs must refuse: it must still run `settle` later.
+    pub fn terminate_refused(&mut self, settle: Duration) -> Result<(), PeerError> {
+        self.signal(libc::SIGTERM)?;
+        std::thread::sleep(settle);
+        match self.try_exited()? {
+            Some(st) => Err(self.agent_error(format!("exited with {st} on SIGTERM although logs were live"))),
+            None => Ok(()),
+        }
+    }
+
+    /// The restart-style exit (the restart signal of `crate::shutdown`: flush every log, exit 0
+    /// whatever is live), then wait up to `timeout` for it to exit.
+    pub fn restart_exit(&mut self, timeout: Duration) -> Result<ExitStatus, PeerError> {
+        self.signal(crate::shutdown::restart_signal())?;
         self.wait_exit(timeout)
     }
 }
@@ -1155,6 +1231,7 @@ impl Drop for AgentProcess {
         if !self.keep_output {
             let _ = std::fs::remove_file(&self.output_path);
         }
+        let _ = std::fs::remove_dir_all(&self.run_dir);
     }
 }
 

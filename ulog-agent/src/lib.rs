@@ -3,7 +3,8 @@
 //!
 //! The library holds everything; `main.rs` is thin glue. Reading order: [`protocol`] (wire
 //! codec) -> [`server`] (logs and request semantics, via [`dirty_log`]) -> [`persist`] and
-//! [`store`] (durability) -> [`transport`] (the netlink socket and receive loop). Observability:
+//! [`store`] (durability) -> [`transport`] (the netlink socket and receive loop). Staying alive for the mirrors: [`shutdown`] (when the
+//! agent may exit) and [`hardening`] (start-up checks, memory lock, I/O flusher, OOM score). Observability:
 //! [`metrics`] (what the request path records, the Prometheus exposition) and [`api`] (the HTTP
 //! server; [`status`] is its command-line client).
 #![deny(missing_docs)]
@@ -15,6 +16,7 @@ pub mod ctr;
 pub mod dirty_log;
 pub mod disk_format;
 pub mod dm;
+pub mod hardening;
 pub mod kernel_peer;
 pub mod legs;
 pub mod metrics;
@@ -22,6 +24,7 @@ pub mod persist;
 pub mod protocol;
 pub mod ratelimit;
 pub mod server;
+pub mod shutdown;
 pub mod status;
 pub mod store;
 pub mod telemetry;

@@ -1,25 +1,32 @@
-//! `ulog-agent`: the daemon. Thin glue over the `ulog_agent` library: parse flags, set up
-//! logging, open the connector socket, serve on a dedicated thread, serve the HTTP API
-//! (metrics, status) on the tokio runtime, and on SIGTERM/SIGINT stop receiving and flush every
-//! persistent log before exiting. `ulog-agent status` is the API's command-line client.
+//! `ulog-agent`: the daemon. Thin glue over the `ulog_agent` library: parse flags, harden the
+//! process and check what serving needs (`hardening`), take the pid file, set up logging (never
+//! blocking: a full stderr pipe drops lines), open the connector socket, serve on a dedicated
+//! thread, serve the HTTP API (metrics, status) on the tokio runtime. SIGTERM/SIGINT exit only
+//! when no log is live; the restart signal (`ulog-agent stop --restart`) flushes every
+//! persistent log and exits whatever is live (`shutdown`). `ulog-agent status` is the API's
+//! command-line client.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 use ulog_agent::api;
 use ulog_agent::counters::Counters;
+use ulog_agent::hardening::{self, SystemPaths};
 use ulog_agent::metrics::{self, Lifecycle, Telemetry};
 use ulog_agent::server::{LogServer, ServerConfig};
+use ulog_agent::shutdown::{self, ExitControl, PidFile, StopOutcome};
 use ulog_agent::status::{self, StatusArgs};
 use ulog_agent::telemetry::manager::{self, ManagerConfig};
 use ulog_agent::telemetry::probes::{ProbeOptions, ProbeSet};
 use ulog_agent::telemetry::KernelTelemetry;
-use ulog_agent::transport::{self, ConnectorSocket, SocketSink};
+use ulog_agent::transport::{self, ConnectorSocket, ServeEnd, SocketSink};
 use ulog_common::RequestType;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -84,6 +91,17 @@ struct Cli {
     #[arg(long)]
     no_http: bool,
 
+    /// Where the pid file (`ulog-agent.pid`, locked while the agent runs) lives: `ulog-agent
+    /// stop` finds the agent there, and a second agent with the same run directory refuses to
+    /// start.
+    #[arg(long, global = true, env = "ULOG_RUN_DIR", default_value = shutdown::DEFAULT_RUN_DIR, value_name = "DIR")]
+    run_dir: PathBuf,
+
+    /// Do not lock the agent's memory (mlockall). Locking keeps every page resident, so that
+    /// serving never waits for a page-in from a filesystem that may sit on a mirror it serves.
+    #[arg(long)]
+    no_memory_lock: bool,
+
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -93,27 +111,186 @@ enum Command {
     /// Print a summary of a running agent (logs, sync progress, request rates and latencies),
     /// read from its HTTP API. Exit status 1: not reachable; 2: reachable but not ready.
     Status(StatusArgs),
+    /// Check whether a directory (or a block device meant to hold one) can be --state-dir:
+    /// exit status 1, with the device stack, if it sits on a device-mapper mirror with a
+    /// userspace log (the agent would wait for itself). The agent runs the same check at start.
+    CheckStateDir {
+        /// A directory, or a block device node.
+        path: PathBuf,
+    },
+    /// Stop the running agent (found through the pid file in --run-dir). Plain: SIGTERM, which
+    /// it obeys only with no live log (exit status 1 if it keeps serving). With --restart: a
+    /// restart-style exit (it flushes every persistent log and exits 0 with its logs live, for
+    /// a new agent to take over; the kernel reconnects within ~2 s of the new agent's start).
+    /// Exit status 0 once it exited (or none was running).
+    Stop(StopArgs),
 }
 
-fn init_logging(format: LogFormat) {
+#[derive(Debug, clap::Args)]
+struct StopArgs {
+    /// Restart-style exit: flush and exit even with live logs (upgrades). Mirrors stall until a
+    /// new agent runs.
+    #[arg(long)]
+    restart: bool,
+    /// How long to wait for the agent to exit.
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    timeout: u64,
+}
+
+fn run_stop(run_dir: &std::path::Path, args: &StopArgs) -> i32 {
+    match shutdown::stop(run_dir, args.restart, Duration::from_secs(args.timeout)) {
+        Ok(StopOutcome::NotRunning) => {
+            eprintln!("ulog-agent stop: no agent holds {}", run_dir.join(shutdown::PID_FILE).display());
+            0
+        }
+        Ok(StopOutcome::Exited { pid }) => {
+            eprintln!("ulog-agent stop: agent {pid} exited");
+            0
+        }
+        Ok(StopOutcome::StillRunning { pid }) => {
+            eprintln!(
+                "ulog-agent stop: agent {pid} still running after {} s{}",
+                args.timeout,
+                if args.restart {
+                    ""
+                } else {
+                    " (it keeps serving while logs are live, see its log; remove the mirrors first, or use --restart)"
+                }
+            );
+            1
+        }
+        Err(e) => {
+            eprintln!("ulog-agent stop: {e}");
+            1
+        }
+    }
+}
+
+/// Logging through a non-blocking writer: lines go to a bounded queue that a worker thread
+/// writes to stderr; when stderr blocks (a full pipe nobody reads, a stalled journal) and the
+/// queue is full, lines are dropped and counted instead of blocking the thread that logs (the
+/// receive thread, an I/O thread). The guard flushes the queue at exit.
+fn init_logging(
+    format: LogFormat,
+) -> (tracing_appender::non_blocking::WorkerGuard, tracing_appender::non_blocking::ErrorCounter) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("ulog-log")
+        .finish(std::io::stderr());
+    let dropped = writer.error_counter();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    (guard, dropped)
+}
+
+/// Lines the logging queue holds while stderr blocks (a few MiB at most).
+const LOG_QUEUE_LINES: usize = 8192;
+
+/// The start-up hardening (`hardening`): fatal checks first, then best-effort settings whose
+/// failure is logged with the risk it leaves.
+fn harden(cli: &Cli, io_flusher: std::io::Result<()>) -> anyhow::Result<()> {
+    hardening::check_capabilities()?;
+    match io_flusher {
+        Ok(()) => info!("PR_SET_IO_FLUSHER set: memory reclaim in the agent's threads never issues I/O"),
+        Err(e) => {
+            warn!(error = %e, "cannot set PR_SET_IO_FLUSHER (Linux >= 5.6, CAP_SYS_RESOURCE): under memory pressure the agent may wait for writes to the mirrors it serves")
+        }
+    }
+    if cli.no_memory_lock {
+        info!("memory not locked (--no-memory-lock)");
+    } else {
+        match hardening::lock_memory() {
+            Ok((before, after)) => info!(
+                rss_before_kb = before.resident_kb,
+                rss_kb = after.resident_kb,
+                locked_kb = after.locked_kb,
+                "memory locked (mlockall MCL_CURRENT|MCL_FUTURE)"
+            ),
+            Err(e) => {
+                warn!(error = %e, "cannot lock the agent's memory (mlockall): a page-in from a filesystem on a mirror it serves could deadlock")
+            }
+        }
+    }
+    if let Err(e) = hardening::protect_from_oom() {
+        warn!(error = %e, "cannot set oom_score_adj to -1000: the OOM killer may kill the agent, hanging every write to its mirrors");
+    }
+    if let Some(dir) = &cli.state_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create state directory {}", dir.display()))?;
+        check_state_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// Refuses a state directory on a userspace-log mirror. Every such mirror on the host is served
+/// by the one log server: this agent.
+fn check_state_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    match metrics::mirror::discover() {
+        Ok(found) => {
+            let mirrors: HashMap<(u32, u32), String> =
+                found.into_iter().map(|(uuid, m)| ((m.major, m.minor), uuid)).collect();
+            hardening::served_mirror_under(dir, &mirrors, &SystemPaths::default())?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {} // no device-mapper: no mirror
+        Err(e) => {
+            warn!(error = %e, "cannot list device-mapper mirrors: --state-dir not checked for a mirror underneath")
+        }
+    }
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Some(Command::Status(args)) = &cli.command {
-        std::process::exit(status::run(args));
+    match &cli.command {
+        Some(Command::Status(args)) => std::process::exit(status::run(args)),
+        Some(Command::Stop(args)) => std::process::exit(run_stop(&cli.run_dir, args)),
+        Some(Command::CheckStateDir { path }) => match std::fs::metadata(path)
+            .with_context(|| format!("{}", path.display()))
+            .and_then(|_| check_state_dir(path))
+        {
+            Ok(()) => {
+                println!("{}: not on a device-mapper mirror with a userspace log", path.display());
+                return Ok(());
+            }
+            Err(e) => {
+                eprintln!("ulog-agent check-state-dir: {e:#}");
+                std::process::exit(1);
+            }
+        },
+        None => {}
     }
-    init_logging(cli.log_format);
-    if let Some(dir) = &cli.state_dir {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create state directory {}", dir.display()))?;
+    // Before any thread exists: the flag is inherited by the threads created later (receive,
+    // I/O, HTTP, logging); see `hardening`.
+    let io_flusher = hardening::set_io_flusher();
+    let (log_guard, log_lines_dropped) = init_logging(cli.log_format);
+    let result = run(&cli, io_flusher, &log_lines_dropped);
+    if let Err(e) = &result {
+        error!("{e:#}");
     }
+    let dropped = log_lines_dropped.dropped_lines();
+    if dropped > 0 {
+        warn!(dropped, "log lines were dropped while stderr was blocked");
+    }
+    // Flushes the queue (bounded: tracing-appender gives up after a second).
+    drop(log_guard);
+    if result.is_err() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn run(
+    cli: &Cli,
+    io_flusher: std::io::Result<()>,
+    log_lines_dropped: &tracing_appender::non_blocking::ErrorCounter,
+) -> anyhow::Result<()> {
+    harden(cli, io_flusher)?;
+    let pid_file = PidFile::acquire(&cli.run_dir)?;
     let counters = Arc::new(Counters::default());
     let telemetry = Arc::new(Telemetry::new(Arc::clone(&counters)));
 
@@ -154,21 +331,28 @@ fn main() -> anyhow::Result<()> {
         .max_blocking_threads(2)
         .enable_all()
         .build()?;
-    let (mut term, mut int) = {
+    let (mut term, mut int, mut restart) = {
         use tokio::signal::unix::{signal, SignalKind};
         let _guard = rt.enter();
-        (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?)
+        (
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::from_raw(shutdown::restart_signal()))?,
+        )
     };
 
+    // `stop` ends the probe thread once the receive thread is done; `exit` is what the signals
+    // ask of the receive thread, which decides (see `shutdown`).
     let stop = Arc::new(AtomicBool::new(false));
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<std::io::Result<()>>();
+    let exit = Arc::new(ExitControl::default());
+    let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<std::io::Result<ServeEnd>>();
     let receiver = {
-        let stop = Arc::clone(&stop);
+        let exit = Arc::clone(&exit);
         let socket = Arc::clone(&socket);
         std::thread::Builder::new()
             .name("ulog-recv".into())
             .spawn(move || {
-                let r = transport::serve(&socket, &mut server, &stop);
+                let r = transport::serve(&socket, &mut server, &exit);
                 let _ = done_tx.send(r);
                 server
             })
@@ -179,28 +363,51 @@ fn main() -> anyhow::Result<()> {
             .context("cannot start the probe thread")?,
         None => None,
     };
-    info!(port = socket.port(), state_dir = ?cli.state_dir, "serving dm-log-userspace requests");
+    info!(port = socket.port(), state_dir = ?cli.state_dir, pid_file = %pid_file.path().display(), "serving dm-log-userspace requests");
     telemetry.set_lifecycle(Lifecycle::Serving);
     rt.spawn(metrics::background(Arc::clone(&telemetry)));
+    {
+        let counters = Arc::clone(&counters);
+        let dropped = log_lines_dropped.clone();
+        rt.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                counters.set_log_lines_dropped(dropped.dropped_lines() as u64);
+            }
+        });
+    }
     if cli.no_http {
         info!("HTTP API disabled (--no-http)");
     } else {
         rt.spawn(api::serve(Arc::clone(&telemetry), cli.http_addr));
     }
 
-    let served: std::io::Result<()> = rt.block_on(async {
-        tokio::select! {
-            _ = term.recv() => { info!("SIGTERM: flushing logs and exiting"); Ok(()) }
-            _ = int.recv() => { info!("SIGINT: flushing logs and exiting"); Ok(()) }
-            r = done_rx => r.unwrap_or(Ok(())),
+    let served: std::io::Result<ServeEnd> = rt.block_on(async {
+        loop {
+            tokio::select! {
+                _ = term.recv() => { info!("SIGTERM: exiting if no log is live"); exit.exit_if_idle(); }
+                _ = int.recv() => { info!("SIGINT: exiting if no log is live"); exit.exit_if_idle(); }
+                _ = restart.recv() => {
+                    info!("restart-style exit requested: flushing every log and exiting for a new agent");
+                    exit.restart();
+                }
+                r = &mut done_rx => break r.unwrap_or(Ok(ServeEnd::Idle)),
+            }
         }
     });
     telemetry.set_lifecycle(Lifecycle::Stopping);
     stop.store(true, Ordering::Relaxed);
     let server = receiver.join().map_err(|_| anyhow::anyhow!("receive thread panicked"))?;
+    let live = server.summaries().len();
     server.shutdown();
-    if let Err(e) = &served {
-        error!(error = %e, "receive loop failed");
+    match &served {
+        Ok(ServeEnd::Idle) => info!("no log is live: exiting"),
+        Ok(ServeEnd::Restart) => info!(
+            live_logs = live,
+            "restart-style exit: every log flushed; the kernel reconnects its logs to the next agent (its reconnect loop retries every 2 s)"
+        ),
+        Err(e) => error!(error = %e, "receive loop failed"),
     }
     if let Some(t) = probe_thread {
         let _ = t.join();
@@ -208,6 +415,7 @@ fn main() -> anyhow::Result<()> {
     log_request_summary(&counters, (kernel.attachments() > 0).then_some(&*kernel));
     served.context("serving failed")?;
     info!("exited cleanly");
+    drop(pid_file);
     Ok(())
 }
 

@@ -8,24 +8,29 @@
 //! instead of multicast back to every listener of group 7.
 //!
 //! The loop blocks in `recvfrom` with a 250 ms timeout, only to notice a shutdown request: one
-//! system call per request, none per idle wake-up beyond four a second.
+//! system call per request, none per idle wake-up beyond four a second. Whether it may exit is
+//! decided here, between datagrams (see `crate::shutdown`): SIGTERM ends it only when no log is
+//! live; the restart signal ends it whatever is live. Before returning it leaves the connector
+//! group and serves what was already queued, so the kernel's next request finds no listener
+//! (-ESRCH: reconnect every 2 s) instead of waiting 15 s for an answer from a closed socket.
 
 use std::io;
 use std::mem::{size_of, zeroed};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use tracing::warn;
+use tracing::{info, warn};
 use ulog_common::{CN_IDX_DM, NETLINK_CONNECTOR};
 
 use crate::counters::Dropped;
 use crate::persist::ReplySink;
 use crate::ratelimit::RateLimit;
 use crate::server::LogServer;
+use crate::shutdown::{ExitControl, ExitRequest};
 
 const SOL_NETLINK: libc::c_int = 270;
 const NETLINK_ADD_MEMBERSHIP: libc::c_int = 1;
+const NETLINK_DROP_MEMBERSHIP: libc::c_int = 2;
 
 /// Receive buffer: far more than the kernel's 512-byte requests, so that an oversized
 /// datagram from a misbehaving peer is seen (MSG_TRUNC) rather than silently cut.
@@ -97,6 +102,23 @@ impl ConnectorSocket {
 
     /// Receives one datagram; `Err(WouldBlock/TimedOut)` on the periodic timeout.
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<Received> {
+        self.recv_flags(buf, 0)
+    }
+
+    /// Receives one datagram if one is queued; `Err(WouldBlock)` otherwise.
+    pub fn recv_queued(&self, buf: &mut [u8]) -> io::Result<Received> {
+        self.recv_flags(buf, libc::MSG_DONTWAIT)
+    }
+
+    /// Leaves (`false`) or joins again (`true`) the dm log group: while out of it the kernel's
+    /// requests find no listener (-ESRCH). Replies can still be sent.
+    pub fn set_group_member(&self, member: bool) -> io::Result<()> {
+        let group = CN_IDX_DM as libc::c_int;
+        let opt = if member { NETLINK_ADD_MEMBERSHIP } else { NETLINK_DROP_MEMBERSHIP };
+        setsockopt(&self.fd, SOL_NETLINK, opt, &group)
+    }
+
+    fn recv_flags(&self, buf: &mut [u8], flags: libc::c_int) -> io::Result<Received> {
         // SAFETY: an all-zero sockaddr_nl is valid.
         let mut from: libc::sockaddr_nl = unsafe { zeroed() };
         let mut flen = size_of::<libc::sockaddr_nl>() as libc::socklen_t;
@@ -106,7 +128,7 @@ impl ConnectorSocket {
                 self.fd.as_raw_fd(),
                 buf.as_mut_ptr().cast(),
                 buf.len(),
-                libc::MSG_TRUNC,
+                libc::MSG_TRUNC | flags,
                 (&mut from as *mut libc::sockaddr_nl).cast(),
                 &mut flen,
             )
@@ -189,13 +211,105 @@ impl ReplySink for SocketSink {
     }
 }
 
-/// Serves datagrams until `stop` is set. The loop's heartbeat (`/healthz`) is stamped by every
+/// How the receive loop ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServeEnd {
+    /// Asked to exit (SIGTERM/SIGINT) with no live log.
+    Idle,
+    /// Asked for a restart-style exit: live logs are to be flushed and left to the next agent.
+    Restart,
+}
+
+/// Datagrams served by one [`drain`] at most: a peer flooding the socket cannot keep an exit
+/// waiting forever.
+const DRAIN_LIMIT: usize = 4096;
+
+/// Serves the datagrams already queued (at most [`DRAIN_LIMIT`]).
+fn drain(socket: &ConnectorSocket, server: &mut LogServer, buf: &mut [u8]) -> io::Result<()> {
+    for _ in 0..DRAIN_LIMIT {
+        match socket.recv_queued(buf) {
+            Ok(r) => server.handle_datagram(&buf[..r.len], r.port, r.full_len > r.len),
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EAGAIN) => return Ok(()),
+                Some(libc::EINTR) => {}
+                Some(libc::ENOBUFS) => server.counters().dropped(Dropped::ReceiveOverrun),
+                _ => return Err(e),
+            },
+        }
+    }
+    Ok(())
+}
+
+/// The names of up to 8 live logs and how many there are.
+fn live_logs(server: &LogServer) -> (usize, String) {
+    let logs = server.summaries();
+    let names: Vec<String> =
+        logs.iter().take(8).map(|l| crate::server::short_name(l.uuid.as_bytes(), l.luid)).collect();
+    (logs.len(), names.join(","))
+}
+
+/// Handles an exit request; `Ok(Some(end))` if the loop is to end. An exit-if-idle request with
+/// live logs is refused (logged: a warning with the way out the first time, `warned`).
+fn try_exit(
+    request: ExitRequest,
+    socket: &ConnectorSocket,
+    server: &mut LogServer,
+    control: &ExitControl,
+    buf: &mut [u8],
+    warned: &mut bool,
+) -> io::Result<Option<ServeEnd>> {
+    let end = match request {
+        ExitRequest::None => return Ok(None),
+        ExitRequest::IfIdle => ServeEnd::Idle,
+        ExitRequest::Restart => ServeEnd::Restart,
+    };
+    let refuse = |server: &LogServer, warned: &mut bool| {
+        let (count, names) = live_logs(server);
+        if !*warned {
+            warn!(
+                live_logs = count,
+                logs = %names,
+                "not exiting: logs are live, and without a log server every write to a clean region of their \
+                 mirrors would wait in the kernel (its reconnect loop) and unmounting them would hang; still \
+                 serving. Remove the mirrors first, or ask for a restart-style exit (`ulog-agent stop --restart`, \
+                 which flushes and exits for a new agent to take over)"
+            );
+            *warned = true;
+        } else {
+            info!(live_logs = count, logs = %names, "not exiting: logs are live; still serving");
+        }
+        control.refused();
+    };
+    if end == ServeEnd::Idle {
+        drain(socket, server, buf)?;
+        if !server.summaries().is_empty() {
+            refuse(server, warned);
+            return Ok(None);
+        }
+    }
+    socket.set_group_member(false)?;
+    drain(socket, server, buf)?;
+    if end == ServeEnd::Idle && !server.summaries().is_empty() {
+        // A CTR arrived between the check and leaving the group.
+        socket.set_group_member(true)?;
+        refuse(server, warned);
+        return Ok(None);
+    }
+    Ok(Some(end))
+}
+
+/// Serves datagrams until `control` asks for an exit that is allowed (see `crate::shutdown`).
+/// The loop's heartbeat (`/healthz`) is stamped by every
 /// datagram (`LogServer::handle_datagram`) and every idle timeout.
-pub fn serve(socket: &ConnectorSocket, server: &mut LogServer, stop: &AtomicBool) -> io::Result<()> {
+pub fn serve(socket: &ConnectorSocket, server: &mut LogServer, control: &ExitControl) -> io::Result<ServeEnd> {
     let mut buf = vec![0u8; RECV_BUF];
     let mut overrun_log = RateLimit::new(5, std::time::Duration::from_secs(60));
+    let mut warned = false;
     server.telemetry().beat(crate::metrics::clock::now_ns());
-    while !stop.load(Ordering::Relaxed) {
+    loop {
+        if let Some(end) = try_exit(control.pending(), socket, server, control, &mut buf, &mut warned)? {
+            return Ok(end);
+        }
         match socket.recv(&mut buf) {
             Ok(r) => server.handle_datagram(&buf[..r.len], r.port, r.full_len > r.len),
             Err(e) => match e.raw_os_error() {
@@ -213,5 +327,4 @@ pub fn serve(socket: &ConnectorSocket, server: &mut LogServer, stop: &AtomicBool
             },
         }
     }
-    Ok(())
 }

@@ -297,6 +297,8 @@ agent_start() {
 agent_alive() { [ -n "$AGENT_PID" ] && kill -0 "$AGENT_PID" 2>/dev/null; }
 
 # agent_stop [SIGNAL]: signal (default TERM) and wait up to 5 s, then SIGKILL. Sets AGENT_RC.
+# The agent obeys SIGTERM only when it serves no log: remove the mirrors first (a cleanup after
+# a failure that could not remove them ends in the SIGKILL).
 agent_stop() {
     [ -n "$AGENT_PID" ] || return 0
     kill -"${1:-TERM}" "$AGENT_PID" 2>/dev/null
@@ -461,7 +463,8 @@ assert_totals() {
     log "totals: no errors; served == kernel_sent for every type"
 }
 
-# ulog_stop_totals FILE: agent_stop TERM, assert it exited 0, write its totals to FILE.
+# ulog_stop_totals FILE: agent_stop TERM, assert it exited 0, write its totals to FILE. Remove
+# every mirror first: with a log live the agent keeps serving.
 ulog_stop_totals() {
     agent_stop TERM
     assert_eq "$AGENT_RC" 0 "ulog-agent exit status after SIGTERM"

@@ -33,6 +33,7 @@ pub const FAMILIES: &[(&str, &str, &str, &str)] = &[
     ("ulog_request_duration_seconds", "histogram", "type", "always, every type"),
     ("ulog_malformed_messages_total", "counter", "reason", "always"),
     ("ulog_dropped_messages_total", "counter", "reason", "always"),
+    ("ulog_log_lines_dropped_total", "counter", "", "always"),
     ("ulog_kernel_reconnects_total", "counter", "log", "per log"),
     ("ulog_regions", "gauge", "log, state", "per log"),
     ("ulog_region_size_bytes", "gauge", "log", "per log"),
@@ -249,6 +250,12 @@ impl Exporter {
         for d in Dropped::ALL {
             f.add_counter(&[("reason", d.name())], c.dropped_of(d));
         }
+        f.done(out);
+        let mut f = Fam::counter(
+            "ulog_log_lines_dropped_total",
+            "Log lines dropped because stderr (a pipe, the journal) stopped draining and the logging queue was full: logging never blocks the request path.",
+        );
+        f.add_counter(&[], c.log_lines_dropped());
         f.done(out);
     }
 

@@ -6,6 +6,7 @@ mod api;
 mod common;
 mod ctr;
 mod dashboards;
+mod hardening;
 mod legs;
 mod lifecycle;
 mod persistence;

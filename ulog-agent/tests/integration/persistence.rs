@@ -6,6 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ulog_agent::kernel_peer::AgentOutput;
+
 use crate::common::*;
 
 fn disk_ctr(path: &Path, extra: &str) -> String {
@@ -302,6 +304,13 @@ fn restart_without_state_dir_forgets_core_logs() {
     assert_eq!(a.sync_count(&log), 0, "an in-memory core log starts over");
 }
 
+/// Item 11 of issue 10. The kernel never gives up on a userspace log: with no server, every
+/// request sent through `userspace_do_request` (MARK, FLUSH, IN_SYNC, ...) loops in its
+/// reconnect loop (CTR + RESUME every 2 s) and the mirror's writes to clean regions wait. So
+/// SIGTERM while a log is live must leave the agent serving (cmirrord: "exit only if no logs
+/// exist"); only the restart-style exit (the restart signal, `ulog-agent stop --restart`) stops
+/// it then, after writing everything, and the next agent gets the logs back through that
+/// reconnect loop (CTR in its reconnect form + RESUME).
 fn sigterm_scenario(a: &mut Agent, ctr: &str, disk: Option<&Path>) {
     let log = Log::nth(0);
     a.create(&log, ctr);
@@ -312,30 +321,57 @@ fn sigterm_scenario(a: &mut Agent, ctr: &str, disk: Option<&Path>) {
     a.set_sync(&log, 11, 1);
     a.mark(&log, &[11]);
     a.clear(&log, &[11]);
-    // No FLUSH, no suspend: SIGTERM must write it all.
-    let st = a.proc.terminate(Duration::from_secs(10)).unwrap_or_else(|e| panic!("{e}"));
-    assert!(st.success(), "SIGTERM: exit status 0, got {st}");
+    // Two SIGTERMs: refused both times, explained (a warning) once.
+    for _ in 0..2 {
+        a.proc.terminate_refused(Duration::from_millis(700)).unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert!(a.in_sync(&log, 8), "still answering after SIGTERM");
+    assert_eq!(a.sync_count(&log), 6, "still answering after SIGTERM (regions 0-3, 8, 11)");
+    let out = a.proc.output();
+    let warnings = out.lines().filter(|l| l.contains("WARN") && l.contains("not exiting: logs are live")).count();
+    assert_eq!(warnings, 1, "one warning saying why, then quieter lines:\n{out}");
+    assert!(out.contains("ulog-agent stop --restart"), "the warning names the way out:\n{out}");
+    // No FLUSH, no suspend: the restart-style exit must write it all.
+    let st = a.proc.restart_exit(Duration::from_secs(10)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(st.success(), "restart-style exit: exit status 0, got {st}");
     let want = "1111000000010";
     if let Some(d) = disk {
-        assert_eq!(DiskLog::read(d).map(N), want, "on the device after SIGTERM");
+        assert_eq!(DiskLog::read(d).map(N), want, "on the device after the restart-style exit");
     }
     a.respawn();
     assert!(a.request(&Request::ctr_reconnect(&log.uuid, log.luid, ctr)).error == 0);
     a.resume(&log);
-    assert_eq!(a.sync_map(&log, N), want, "after a SIGTERM restart");
+    assert_eq!(a.sync_map(&log, N), want, "after a restart-style exit and a new agent");
 }
 
 #[test]
-fn sigterm_flushes_disk_logs_and_exits_zero() {
+fn sigterm_keeps_serving_disk_logs_and_restart_exit_flushes_them() {
     let mut a = Agent::start();
     let disk = zero_file(&a.dir.join("disk"), 65536);
     sigterm_scenario(&mut a, &disk_ctr(&disk, ""), Some(&disk));
 }
 
 #[test]
-fn sigterm_flushes_core_logs_in_state_dir_and_exits_zero() {
+fn sigterm_keeps_serving_core_logs_in_state_dir_and_restart_exit_flushes_them() {
     let mut a = Agent::start_with(Core::StateDir);
     sigterm_scenario(&mut a, CORE, None);
+}
+
+/// The kernel sends DTR when the mirror is removed (`userspace_dtr`); after the last one the
+/// agent serves nothing and SIGTERM ends it, exit status 0.
+#[test]
+fn sigterm_after_the_logs_are_destroyed_exits_zero() {
+    let mut a = Agent::start_with(Core::StateDir);
+    let (one, two) = (Log::nth(0), Log::nth(1));
+    a.create(&one, CORE);
+    a.create(&two, CORE);
+    a.proc.terminate_refused(Duration::from_millis(700)).unwrap_or_else(|e| panic!("{e}"));
+    a.ok(&one, T::Dtr, &[]);
+    a.proc.terminate_refused(Duration::from_millis(700)).unwrap_or_else(|e| panic!("one log is still live: {e}"));
+    a.ok(&two, T::Postsuspend, &[]);
+    a.ok(&two, T::Dtr, &[]);
+    let st = a.proc.terminate(Duration::from_secs(10)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(st.success(), "{st}");
 }
 
 #[test]
@@ -343,6 +379,51 @@ fn sigterm_with_no_logs_exits_zero() {
     let mut a = Agent::start();
     let st = a.proc.terminate(Duration::from_secs(10)).unwrap_or_else(|e| panic!("{e}"));
     assert!(st.success(), "{st}");
+}
+
+/// `ulog-agent stop` finds the agent through its pid file: plain, it is SIGTERM (refused while
+/// a log is live: exit status 1, the agent still serves); with `--restart`, the restart-style
+/// exit (the agent exits 0 and so does `stop`). A second agent on the same run directory
+/// refuses to start while the first runs.
+#[test]
+fn stop_subcommand() {
+    let mut a = Agent::start();
+    let log = Log::nth(0);
+    a.create(&log, CORE);
+    let run_dir = a.proc.run_dir().to_path_buf();
+    let stop = |extra: &[&str]| {
+        std::process::Command::new(agent_bin())
+            .arg("stop")
+            .args(extra)
+            .env("ULOG_RUN_DIR", &run_dir)
+            .output()
+            .expect("run ulog-agent stop")
+    };
+    // `env` overrides the run directory of its own that spawn gives every agent.
+    let mut second = AgentProcess::spawn_with(
+        &["env", &format!("ULOG_RUN_DIR={}", run_dir.display())],
+        agent_bin(),
+        a.peer.port(),
+        ["--no-http", "--no-probes"],
+        AgentOutput::File,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let st = second.wait_exit(Duration::from_secs(10)).unwrap_or_else(|e| panic!("a second agent must refuse: {e}"));
+    let err = second.output();
+    assert_eq!(st.code(), Some(1), "a second agent on the same run directory must refuse to start:\n{err}");
+    assert!(err.contains(&format!("another ulog-agent (pid {})", a.proc.pid())), "{err}");
+
+    let plain = stop(&["--timeout", "1"]);
+    assert_eq!(plain.status.code(), Some(1), "{plain:?}");
+    assert!(String::from_utf8_lossy(&plain.stderr).contains("still running"), "{plain:?}");
+    assert_eq!(a.sync_count(&log), 0, "still answering");
+
+    let restart = stop(&["--restart"]);
+    assert!(restart.status.success(), "{restart:?}");
+    let st = a.proc.wait_exit(Duration::from_secs(5)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(st.success(), "{st}");
+    let gone = stop(&["--restart"]);
+    assert!(gone.status.success() && String::from_utf8_lossy(&gone.stderr).contains("no agent"), "{gone:?}");
 }
 
 /// A tmpfs of `kib` KiB mounted on a fresh directory, unmounted on drop (the test's way to

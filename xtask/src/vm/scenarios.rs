@@ -174,6 +174,14 @@ pub const SCENARIOS: &[Scenario] = &[
         suite: true,
     },
     Scenario {
+        name: "ulog-shutdown",
+        about: "SIGTERM with a live nosync mirror: the agent keeps serving (a 4 KiB write completes), exits 0 once the mirror is gone; restart-style exit + new agent: writes go on; hardening (mlock, IO_FLUSHER on every thread, OOM score); state dir on the mirror refused",
+        boots: 1,
+        disks_mib: &[],
+        timeout_s: 120,
+        suite: true,
+    },
+    Scenario {
         name: "ulog-disk-restart",
         about: "clustered-disk on virtio disks: agent crash and hard reset resync exactly the dirty regions; the kernel disk log reads ulog's log",
         boots: 3,
