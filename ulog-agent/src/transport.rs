@@ -319,7 +319,11 @@ pub fn serve(socket: &ConnectorSocket, server: &mut LogServer, control: &ExitCon
                     if let Some(sup) = overrun_log.allow(Instant::now()) {
                         warn!(
                             suppressed = sup,
-                            "receive queue overflowed: requests were lost; the kernel resends them after 15 s"
+                            // netlink_broadcast delivered the request to no listener: the
+                            // kernel's dm_consult_userspace got -ESRCH, and retries through its
+                            // reconnect loop (CTR + RESUME every 2 s) for the request types sent
+                            // through userspace_do_request; the others failed.
+                            "receive queue overflowed: requests were lost; the kernel saw -ESRCH and retries them through its reconnect loop (CTR + RESUME, every 2 s)"
                         );
                     }
                 }

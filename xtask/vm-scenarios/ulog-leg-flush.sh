@@ -70,7 +70,13 @@ f0=$(flushes "$LEG0")
 f1=$(flushes "$LEG1")
 run dd if=W.pat of="/dev/mapper/$DEV" bs=64k count=1 seek=$((5 * 4)) oflag=direct status=none
 disk_log_dirty d "$LOGDEV" "$REGIONS"
-assert_eq "$d" "5" "region 5 dirty on the log device after its write"
+# Usually still dirty here; under load the kernel may already have cleared it and the agent
+# written it clean again (the ordering check below then only has the counts read after it).
+case "$d" in
+    5) ;;
+    "") log "region 5 was already clean again when first read" ;;
+    *) fail "dirty regions on the log device after the write to region 5: '$d'" ;;
+esac
 t0=$(now_cs)
 while :; do
     # Flush counts first, then the bitmap: if the bit is clean, the counts read before it must
@@ -87,6 +93,8 @@ log "leg flushes when region 5's clean bit was on the log device: $LEG0 $f0 -> $
 [ "$g1" -gt "$f1" ] || fail "a clean bit reached the log device before leg 1 ($LEG1, under flakey) was flushed ($f1 -> $g1)"
 scrape m1
 [ "$(leg_flushes m1 ok)" -gt "$(leg_flushes m0 ok)" ] || fail "ulog_leg_flushes_total{result=\"ok\"} did not rise"
+marks() { sum "$1" 'ulog_requests_total{log="ulogflushlegs0001",type="MARK_REGION",result="ok"}'; }
+[ "$(marks m1)" -gt "$(marks m0)" ] || fail "the write to region 5 was not marked"
 assert_eq "$(leg_flushes m1 error)" 0 "failed leg flushes"
 
 log "==== 2. a leg flush fails: no clean bit is written ===="
