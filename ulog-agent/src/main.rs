@@ -340,6 +340,14 @@ fn run(
             signal(SignalKind::from_raw(shutdown::restart_signal()))?,
         )
     };
+    // SIGHUP (logrotate), SIGUSR1 and SIGUSR2 (cmirrord's debug dump) would end the process by
+    // default, taking every mirror's log server down: HUP is acknowledged and ignored, USR1/USR2
+    // write every log's state to the log.
+    let (mut hup, mut usr1, mut usr2) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let _guard = rt.enter();
+        (signal(SignalKind::hangup())?, signal(SignalKind::user_defined1())?, signal(SignalKind::user_defined2())?)
+    };
 
     // `stop` ends the probe thread once the receive thread is done; `exit` is what the signals
     // ask of the receive thread, which decides (see `shutdown`).
@@ -392,6 +400,9 @@ fn run(
                     info!("restart-style exit requested: flushing every log and exiting for a new agent");
                     exit.restart();
                 }
+                _ = hup.recv() => info!("SIGHUP: nothing to reload; logging goes to stderr (no file to reopen)"),
+                _ = usr1.recv() => dump_logs("SIGUSR1", &telemetry),
+                _ = usr2.recv() => dump_logs("SIGUSR2", &telemetry),
                 r = &mut done_rx => break r.unwrap_or(Ok(ServeEnd::Idle)),
             }
         }
@@ -417,6 +428,30 @@ fn run(
     info!("exited cleanly");
     drop(pid_file);
     Ok(())
+}
+
+/// Every log's state, one line each (what cmirrord's SIGUSR1 prints, from the agent's view).
+fn dump_logs(signal: &str, telemetry: &Telemetry) {
+    let logs = telemetry.logs();
+    info!(signal, logs = logs.len(), "log state dump");
+    for h in logs.iter() {
+        let s = h.shared.lock();
+        info!(
+            log = %h.tel.name,
+            uuid = %h.uuid,
+            luid = format!("{:#x}", h.luid),
+            kind = h.kind,
+            ctr = %h.ctr,
+            phase = s.phase().name(),
+            regions = s.region_count(),
+            in_sync = s.sync_count(),
+            dirty = s.dirty_count(),
+            device = ?h.device,
+            device_failed = h.shared.device_failed(),
+            legs_flush_failed = h.shared.legs_flush_failed(),
+            "log state"
+        );
+    }
 }
 
 /// One line per request type seen: what the agent served and, with the probe attached, what

@@ -1,5 +1,5 @@
 //! Log lifecycle: STATUS_INFO/STATUS_TABLE, PRESUSPEND/POSTSUSPEND/RESUME/DTR, core state across
-//! suspend/resume, and the luid swap of a table reload.
+//! suspend/resume, the luid swap of a table reload, and the signals that must not end the agent.
 
 use crate::common::*;
 
@@ -129,4 +129,41 @@ fn luid_swap_of_a_disk_log_carries_the_state_through_the_device() {
     assert_eq!(a.sync_map(&new, N), "1101110000000", "the new luid loaded the old one's state");
     assert_eq!(a.sync_count(&new), 5);
     assert_eq!(a.resync_work(&new), (1, 2));
+}
+
+/// A logrotate SIGHUP, or a cmirrord veteran's `kill -USR1` / `-USR2` (cmirrord dumps its debug
+/// state on them), must not take every mirror's log server down (the default action of all three
+/// is to end the process): HUP is ignored, USR1 and USR2 write every log's state to the log.
+#[test]
+fn hup_usr1_usr2_never_stop_the_agent_and_usr1_dumps_the_logs() {
+    let mut a = Agent::start();
+    let log = Log::nth(0);
+    a.create(&log, CORE);
+    a.mark(&log, &[3]);
+    for sig in [libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2] {
+        // SAFETY: plain kill(2) to our own child.
+        assert_eq!(unsafe { libc::kill(a.proc.pid() as libc::pid_t, sig) }, 0);
+        assert!(!a.is_clean(&log, 3), "signal {sig}: the agent still answers, with the log's state");
+        assert!(a.proc.try_exited().unwrap().is_none(), "signal {sig} ended the agent:\n{}", a.proc.output());
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !a.proc.output().contains("log state") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = a.proc.output();
+    let line = out
+        .lines()
+        .find(|l| l.contains("log state") && l.contains("integrationtest0001"))
+        .unwrap_or_else(|| panic!("no state dump:\n{out}"));
+    // Without the terminal colours of the text format: `\x1b[...m` sequences.
+    let mut plain = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            chars.by_ref().find(|&c| c == 'm');
+        } else {
+            plain.push(c);
+        }
+    }
+    assert!(plain.contains("phase=\"resumed\"") && plain.contains("dirty=1"), "{plain}");
 }
