@@ -1376,66 +1376,28 @@ fn report(dir: &Path, a: &Args, command: &str) -> Result<()> {
     let _ = writeln!(md, "### Against the targets of the issue\n");
     let _ = writeln!(md, "| target | job | measured | |");
     let _ = writeln!(md, "|---|---|---:|---|");
-    for j in &jobs {
-        let (m, lo, hi) = ratio("ucore", "rcore", j.id);
-        if !m.is_nan() {
-            let _ = writeln!(
-                md,
-                "| (b) ulog `clustered-core` ≥ 0.90 × constant responder | {} | {} [{}–{}] (wall clock {}) | {} |",
-                j.id,
-                fmt_ratio(m),
-                fmt_ratio(lo),
-                fmt_ratio(hi),
-                fmt_ratio(ratio_wall("ucore", "rcore", j.id).0),
-                if m >= 0.90 { "met" } else { "**not met**" }
-            );
+    // One row per job of "config a / config b >= floor".
+    let mut floor_rows = |label: &str, a: &str, b: &str, floor: f64| {
+        for j in &jobs {
+            let (m, lo, hi) = ratio(a, b, j.id);
+            if !m.is_nan() {
+                let _ = writeln!(
+                    md,
+                    "| {label} | {} | {} [{}–{}] (wall clock {}) | {} |",
+                    j.id,
+                    fmt_ratio(m),
+                    fmt_ratio(lo),
+                    fmt_ratio(hi),
+                    fmt_ratio(ratio_wall(a, b, j.id).0),
+                    if m >= floor { "met" } else { "**not met**" }
+                );
+            }
         }
-    }
-    for j in &jobs {
-        let (m, lo, hi) = ratio("uif", "rif", j.id);
-        if !m.is_nan() {
-            let _ = writeln!(
-                md,
-                "| (c) ulog + `integrated_flush` ≥ 0.90 × constant responder + `integrated_flush` | {} | {} [{}–{}] (wall clock {}) | {} |",
-                j.id,
-                fmt_ratio(m),
-                fmt_ratio(lo),
-                fmt_ratio(hi),
-                fmt_ratio(ratio_wall("uif", "rif", j.id).0),
-                if m >= 0.90 { "met" } else { "**not met**" }
-            );
-        }
-    }
-    for j in &jobs {
-        let (m, lo, hi) = ratio("pcore", "ucore", j.id);
-        if !m.is_nan() {
-            let _ = writeln!(
-                md,
-                "| (p) eBPF probes attached ≥ 0.98 × (b) | {} | {} [{}–{}] (wall clock {}) | {} |",
-                j.id,
-                fmt_ratio(m),
-                fmt_ratio(lo),
-                fmt_ratio(hi),
-                fmt_ratio(ratio_wall("pcore", "ucore", j.id).0),
-                if m >= 0.98 { "met" } else { "**not met**" }
-            );
-        }
-    }
-    for j in &jobs {
-        let (m, lo, hi) = ratio("qcore", "ucore", j.id);
-        if !m.is_nan() {
-            let _ = writeln!(
-                md,
-                "| (q) eBPF probes attached, BPF statistics off ≥ 0.98 × (b) | {} | {} [{}–{}] (wall clock {}) | {} |",
-                j.id,
-                fmt_ratio(m),
-                fmt_ratio(lo),
-                fmt_ratio(hi),
-                fmt_ratio(ratio_wall("qcore", "ucore", j.id).0),
-                if m >= 0.98 { "met" } else { "**not met**" }
-            );
-        }
-    }
+    };
+    floor_rows("(b) ulog `clustered-core` ≥ 0.90 × constant responder", "ucore", "rcore", 0.90);
+    floor_rows("(c) ulog + `integrated_flush` ≥ 0.90 × constant responder + `integrated_flush`", "uif", "rif", 0.90);
+    floor_rows("(p) eBPF probes attached ≥ 0.98 × (b)", "pcore", "ucore", 0.98);
+    floor_rows("(q) eBPF probes attached, BPF statistics off ≥ 0.98 × (b)", "qcore", "ucore", 0.98);
     for j in &jobs {
         let (m, lo, hi) = ratio("uif", "ucore", j.id);
         if !m.is_nan() {
