@@ -24,12 +24,45 @@
 mod toolchain;
 
 fn main() {
+    git_revision();
     #[cfg(feature = "ebpf")]
     if let Err(message) = ebpf::build() {
         // One readable error (cargo prints it under "failed to run custom build command"), not a
         // panic with a backtrace.
         eprintln!("error: {message}");
         std::process::exit(1);
+    }
+}
+
+/// `ULOG_GIT_REVISION`: the commit the agent is built from (`--version`, the start-up line,
+/// `ulog_build_info`), or `unknown` outside a git checkout (a source tarball). Rebuilt when HEAD
+/// moves.
+fn git_revision() {
+    use std::process::Command;
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    };
+    let rev = std::env::var("ULOG_GIT_REVISION")
+        .ok()
+        .or_else(|| git(&["rev-parse", "--short=12", "HEAD"]))
+        .unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=ULOG_GIT_REVISION={rev}");
+    println!("cargo:rerun-if-env-changed=ULOG_GIT_REVISION");
+    if let Some(dir) = git(&["rev-parse", "--git-dir"]) {
+        println!("cargo:rerun-if-changed={dir}/HEAD");
+    }
+    if let (Some(common), Some(head_ref)) =
+        (git(&["rev-parse", "--git-common-dir"]), git(&["symbolic-ref", "-q", "HEAD"]))
+    {
+        println!("cargo:rerun-if-changed={common}/{head_ref}");
+        println!("cargo:rerun-if-changed={common}/packed-refs");
     }
 }
 

@@ -38,7 +38,7 @@ enum LogFormat {
 /// Userspace server for the device-mapper "userspace" dirty log (clustered-core and
 /// clustered-disk), a drop-in replacement for cmirrord on one node.
 #[derive(Debug, Parser)]
-#[command(name = "ulog-agent", version)]
+#[command(name = "ulog-agent", version = VERSION)]
 struct Cli {
     /// Run in the foreground. Accepted for cmirrord compatibility: ulog never daemonizes
     /// (run it under systemd or another supervisor).
@@ -170,9 +170,20 @@ fn run_stop(run_dir: &std::path::Path, args: &StopArgs) -> i32 {
 /// writes to stderr; when stderr blocks (a full pipe nobody reads, a stalled journal) and the
 /// queue is full, lines are dropped and counted instead of blocking the thread that logs (the
 /// receive thread, an I/O thread). The guard flushes the queue at exit.
+/// `--version`: the package version and the commit it was built from.
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("ULOG_GIT_REVISION"), ")");
+
+/// Logging on stderr, for a terminal, a file or the journal:
+/// - colours only when stderr is a terminal (escape codes in a file or the journal are noise
+///   that breaks grep);
+/// - when stderr is the journal (systemd sets `JOURNAL_STREAM` to its device and inode), text
+///   lines start with the syslog priority (`<3>` error, `<4>` warning, `<6>` info, `<7>` debug),
+///   which journald takes as the entry's priority, so `journalctl -p warning` works; the
+///   journal stamps the time itself.
 fn init_logging(
     format: LogFormat,
 ) -> (tracing_appender::non_blocking::WorkerGuard, tracing_appender::non_blocking::ErrorCounter) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
@@ -181,12 +192,63 @@ fn init_logging(
         .thread_name("ulog-log")
         .finish(std::io::stderr());
     let dropped = writer.error_counter();
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
+        LogFormat::Text if journal::stderr_is_journal() => {
+            builder.event_format(journal::PriorityPrefix(tracing_subscriber::fmt::format().without_time())).init()
+        }
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
     (guard, dropped)
+}
+
+/// Logging to the journal through stderr.
+mod journal {
+    use std::fmt;
+    use std::os::unix::fs::MetadataExt;
+
+    use tracing::{Event, Level, Subscriber};
+    use tracing_subscriber::fmt::format::Writer;
+    use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+    use tracing_subscriber::registry::LookupSpan;
+
+    /// Whether stderr is the stream systemd connected to the journal: `JOURNAL_STREAM` is
+    /// `<device>:<inode>` of it (systemd.exec(5)); a redirected stderr no longer matches.
+    pub fn stderr_is_journal() -> bool {
+        let Ok(v) = std::env::var("JOURNAL_STREAM") else { return false };
+        let Some((dev, ino)) = v.split_once(':') else { return false };
+        let Ok(meta) = std::fs::metadata("/proc/self/fd/2") else { return false };
+        dev.parse() == Ok(meta.dev()) && ino.parse() == Ok(meta.ino())
+    }
+
+    /// The syslog priority of a level, as journald reads it at the start of a line.
+    pub fn priority(level: &Level) -> u8 {
+        match *level {
+            Level::ERROR => 3,
+            Level::WARN => 4,
+            Level::INFO => 6,
+            _ => 7,
+        }
+    }
+
+    /// Prefixes each event's line with `<priority>`.
+    pub struct PriorityPrefix<F>(pub F);
+
+    impl<S, N, F> FormatEvent<S, N> for PriorityPrefix<F>
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+        N: for<'a> FormatFields<'a> + 'static,
+        F: FormatEvent<S, N>,
+    {
+        fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
+            write!(writer, "<{}>", priority(event.metadata().level()))?;
+            self.0.format_event(ctx, writer, event)
+        }
+    }
 }
 
 /// Lines the logging queue holds while stderr blocks (a few MiB at most).
@@ -268,6 +330,7 @@ fn main() -> anyhow::Result<()> {
     // I/O, HTTP, logging); see `hardening`.
     let io_flusher = hardening::set_io_flusher();
     let (log_guard, log_lines_dropped) = init_logging(cli.log_format);
+    info!(version = %env!("CARGO_PKG_VERSION"), revision = %env!("ULOG_GIT_REVISION"), pid = std::process::id(), "ulog-agent starting");
     let result = run(&cli, io_flusher, &log_lines_dropped);
     if let Err(e) = &result {
         error!("{e:#}");

@@ -86,6 +86,8 @@ impl From<LogError> for i32 {
 /// Public facts about a log, for status output.
 #[derive(Clone, Debug)]
 pub struct LogSummary {
+    /// The log's name (its metrics' `log` label).
+    pub name: String,
     /// dm uuid.
     pub uuid: String,
     /// Kernel log id.
@@ -242,6 +244,7 @@ impl LogServer {
             .map(|(luid, e)| {
                 let s = e.shared.lock();
                 LogSummary {
+                    name: e.name.clone(),
                     uuid: String::from_utf8_lossy(&e.uuid).into_owned(),
                     luid,
                     kind: e.args.type_name(),
@@ -613,7 +616,11 @@ impl LogServer {
                 }
             }
         }
-        let name = short_name(uuid, luid);
+        // One name per log everywhere: the `log` label of its metrics and alerts, which the API
+        // shows too (the two logs of a reload share it; the luid tells them apart).
+        let uuid_text = String::from_utf8_lossy(uuid).into_owned();
+        let tel = self.telemetry.log_telemetry(&uuid_text, parsed.reconnect);
+        let name = tel.name.to_string();
         let args = parsed.args.clone();
         let device = match (&args.kind, &self.cfg.state_dir) {
             (LogKind::Disk { device }, _) => {
@@ -656,8 +663,6 @@ impl LogServer {
         let shared = Arc::new(SharedLog::new(log));
         let dev_info = device.as_ref().map(|d| (d.path().to_path_buf(), d.dev));
         let device_key = device.as_ref().map(|d| d.key);
-        let uuid_text = String::from_utf8_lossy(uuid).into_owned();
-        let tel = self.telemetry.log_telemetry(&uuid_text, parsed.reconnect);
         if parsed.reconnect {
             tel.metrics.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
@@ -825,13 +830,6 @@ fn flight_record(
         }
     }
     rec
-}
-
-/// A short, stable name for a log: the uuid's last 12 characters and the luid's low 16 bits.
-pub fn short_name(uuid: &[u8], luid: u64) -> String {
-    let u = String::from_utf8_lossy(uuid);
-    let tail: String = u.chars().rev().take(12).collect::<Vec<_>>().into_iter().rev().collect();
-    format!("{tail}/{:04x}", luid & 0xffff)
 }
 
 #[cfg(test)]

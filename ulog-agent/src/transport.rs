@@ -243,8 +243,7 @@ fn drain(socket: &ConnectorSocket, server: &mut LogServer, buf: &mut [u8]) -> io
 /// The names of up to 8 live logs and how many there are.
 fn live_logs(server: &LogServer) -> (usize, String) {
     let logs = server.summaries();
-    let names: Vec<String> =
-        logs.iter().take(8).map(|l| crate::server::short_name(l.uuid.as_bytes(), l.luid)).collect();
+    let names: Vec<String> = logs.iter().take(8).map(|l| l.name.clone()).collect();
     (logs.len(), names.join(","))
 }
 

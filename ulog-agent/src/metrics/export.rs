@@ -25,7 +25,7 @@ use crate::protocol::Malformed;
 
 /// Every `ulog_*` family: (name, type, labels, when it is exported).
 pub const FAMILIES: &[(&str, &str, &str, &str)] = &[
-    ("ulog_build_info", "gauge", "version, ebpf", "always"),
+    ("ulog_build_info", "gauge", "version, revision, ebpf", "always"),
     ("ulog_probe_attached", "gauge", "", "always"),
     ("ulog_logs", "gauge", "type, state", "always"),
     ("ulog_requests_total", "counter", "log, type, result", "per log"),
@@ -191,9 +191,16 @@ impl Exporter {
     fn global(&self, out: &mut Vec<MetricFamily>) {
         let t = &self.tel;
         let c = t.counters();
-        let mut f = Fam::gauge("ulog_build_info", "ulog-agent's version, and whether its eBPF programs are embedded.");
+        let mut f = Fam::gauge(
+            "ulog_build_info",
+            "ulog-agent's version, the commit it was built from, and whether its eBPF programs are embedded.",
+        );
         f.add_gauge(
-            &[("version", env!("CARGO_PKG_VERSION")), ("ebpf", if cfg!(feature = "ebpf") { "true" } else { "false" })],
+            &[
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("revision", env!("ULOG_GIT_REVISION")),
+                ("ebpf", if cfg!(feature = "ebpf") { "true" } else { "false" }),
+            ],
             1.0,
         );
         f.done(out);

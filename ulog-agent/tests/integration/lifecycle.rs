@@ -167,3 +167,57 @@ fn hup_usr1_usr2_never_stop_the_agent_and_usr1_dumps_the_logs() {
     }
     assert!(plain.contains("phase=\"resumed\"") && plain.contains("dirty=1"), "{plain}");
 }
+
+/// Logs an operator can search: no terminal colour codes in a file or the journal, a start-up
+/// line with the version and the commit, the log named as its metrics and alerts name it
+/// (`log=ulogintegrationtest0001`, the `log` label), and, when stderr is the journal
+/// (`JOURNAL_STREAM` names it), each line led by its syslog priority so `journalctl -p
+/// warning` selects by level.
+#[test]
+fn logs_are_plain_named_like_the_metrics_and_carry_priorities_in_the_journal() {
+    use std::os::unix::fs::MetadataExt;
+    let mut a = Agent::start();
+    let log = Log::nth(0);
+    a.create(&log, CORE);
+    a.ctr(&Log::nth(1), "100 clustered-core 3"); // refused: a warning
+    let out = a.proc.output();
+    assert!(!out.contains('\x1b'), "terminal escape codes in a log file:\n{out}");
+    let start = out.lines().find(|l| l.contains("ulog-agent starting")).unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        start.contains(&format!("version={}", env!("CARGO_PKG_VERSION"))) && start.contains("revision="),
+        "{start}"
+    );
+    let created = out.lines().find(|l| l.contains("log created")).unwrap_or_else(|| panic!("{out}"));
+    assert!(created.contains("log=ulogintegrationtest0001 "), "the metrics' log label: {created}");
+
+    // stderr as the journal would have it: JOURNAL_STREAM = its device:inode.
+    let dir = TempDir::new();
+    let path = dir.join("journal-stream");
+    let file = std::fs::File::create(&path).unwrap();
+    let meta = file.metadata().unwrap();
+    let mut peer = KernelPeer::open().unwrap();
+    let mut agent = std::process::Command::new(agent_bin())
+        .args(["-f", "--no-http", "--accept-peer-port", &peer.port().to_string()])
+        .arg("--run-dir")
+        .arg(dir.join("run"))
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .stderr(file)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !std::fs::read_to_string(&path).unwrap().contains("serving dm-log-userspace requests") {
+        assert!(std::time::Instant::now() < deadline, "{}", std::fs::read_to_string(&path).unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let r = peer.call_request(&Request::ctr(UUID, 7, "100 clustered-core 3")).unwrap();
+    assert_eq!(r.error, EINVAL, "{r}");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+    assert!(lines.iter().all(|l| l.starts_with('<')), "every line has a priority:\n{text}");
+    assert!(lines.iter().any(|l| l.starts_with("<6>") && l.contains("ulog-agent starting")), "{text}");
+    assert!(lines.iter().any(|l| l.starts_with("<4>") && l.contains("CTR refused")), "{text}");
+}
