@@ -47,48 +47,58 @@ struct Cli {
 
     /// Keep clustered-core logs in files in this directory, written before FLUSH is answered,
     /// so an agent restart does not force a full resync. Without it, core logs live in memory.
+    /// The directory must exist: a mistyped path must not become a new, empty state directory
+    /// (every log would start over).
     #[arg(long, env = "ULOG_STATE_DIR", value_name = "DIR")]
     state_dir: Option<PathBuf>,
 
     /// Log output format (filter with RUST_LOG, default "info").
-    #[arg(long, value_enum, default_value = "text")]
+    #[arg(long, env = "ULOG_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
 
     /// FOR TESTS: also serve requests from this userspace netlink port. Normally only the
     /// kernel (port 0) is served; any root process could otherwise drive the logs.
-    #[arg(long, value_name = "PORT")]
+    #[arg(long, env = "ULOG_ACCEPT_PEER_PORT", value_name = "PORT")]
     accept_peer_port: Option<u32>,
 
     /// Do not load the eBPF probes (kernel-side request counts and latency).
-    #[arg(long)]
+    #[arg(long, env = "ULOG_NO_PROBES")]
     no_probes: bool,
 
     /// Do not turn on the kernel's BPF run-time statistics while the probes are attached (they
     /// measure the probes' own cost, `ulog_probe_run_seconds_total`, for two clock reads per run).
-    #[arg(long)]
+    #[arg(long, env = "ULOG_NO_BPF_STATS")]
     no_bpf_stats: bool,
 
     /// Turn on the eBPF programs' own diagnostics (aya-log; rare events such as resends and
     /// reconnect CTRs), logged with target `ulog_ebpf`. Off by default.
-    #[arg(long)]
+    #[arg(long, env = "ULOG_PROBE_LOG")]
     probe_log: bool,
 
     /// Keep requests whose kernel-side round trip took at least this long (µs) for
     /// `/api/v1/kernel/slow`.
-    #[arg(long, default_value_t = 1000, value_name = "MICROSECONDS")]
+    #[arg(long, env = "ULOG_SLOW_REQUEST_US", default_value_t = 1000, value_name = "MICROSECONDS")]
     slow_request_us: u64,
 
-    /// Receive queue size in bytes (many requests may be in flight at once).
-    #[arg(long, default_value_t = 8 << 20, value_name = "BYTES")]
+    /// Receive queue size (many requests may be in flight at once): bytes, or with a K, M or G
+    /// suffix (powers of 1024, e.g. `8M`). Not 0.
+    #[arg(long, env = "ULOG_RCVBUF", default_value = "8M", value_parser = parse_size, value_name = "SIZE")]
     rcvbuf: usize,
 
     /// Address of the HTTP API: /metrics (Prometheus), /healthz, /readyz, /api/v1 (read-only
     /// JSON). Loopback by default; there is no authentication, bind elsewhere deliberately.
-    #[arg(long, env = "ULOG_HTTP_ADDR", default_value = api::DEFAULT_ADDR, value_name = "ADDR")]
+    /// `--web.listen-address` is the exporters' name for it.
+    #[arg(
+        long,
+        visible_alias = "web.listen-address",
+        env = "ULOG_HTTP_ADDR",
+        default_value = api::DEFAULT_ADDR,
+        value_name = "ADDR"
+    )]
     http_addr: SocketAddr,
 
     /// Do not serve the HTTP API.
-    #[arg(long)]
+    #[arg(long, env = "ULOG_NO_HTTP")]
     no_http: bool,
 
     /// Where the pid file (`ulog-agent.pid`, locked while the agent runs) lives: `ulog-agent
@@ -99,7 +109,7 @@ struct Cli {
 
     /// Do not lock the agent's memory (mlockall). Locking keeps every page resident, so that
     /// serving never waits for a page-in from a filesystem that may sit on a mirror it serves.
-    #[arg(long)]
+    #[arg(long, env = "ULOG_NO_MEMORY_LOCK")]
     no_memory_lock: bool,
 
     #[command(subcommand)]
@@ -170,6 +180,27 @@ fn run_stop(run_dir: &std::path::Path, args: &StopArgs) -> i32 {
 /// writes to stderr; when stderr blocks (a full pipe nobody reads, a stalled journal) and the
 /// queue is full, lines are dropped and counted instead of blocking the thread that logs (the
 /// receive thread, an I/O thread). The guard flushes the queue at exit.
+/// A size flag: bytes, or a number with a K, M or G suffix (powers of 1024; `KiB` etc. too).
+fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size (bytes, or a number with K, M or G)"))?;
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        _ => return Err(format!("{s:?}: unknown size unit {unit:?} (K, M or G)")),
+    };
+    let bytes = n.checked_shl(shift).filter(|b| b >> shift == n).ok_or_else(|| format!("{s:?} is too large"))?;
+    match usize::try_from(bytes) {
+        Ok(0) => Err("a size of 0 is not usable".into()),
+        Ok(b) if b <= i32::MAX as usize => Ok(b),
+        _ => Err(format!("{s:?} is too large (at most 2G - 1 bytes)")),
+    }
+}
+
 /// `--version`: the package version and the commit it was built from.
 const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("ULOG_GIT_REVISION"), ")");
 
@@ -283,7 +314,13 @@ fn harden(cli: &Cli, io_flusher: std::io::Result<()>) -> anyhow::Result<()> {
         warn!(error = %e, "cannot set oom_score_adj to -1000: the OOM killer may kill the agent, hanging every write to its mirrors");
     }
     if let Some(dir) = &cli.state_dir {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create state directory {}", dir.display()))?;
+        if !dir.is_dir() {
+            anyhow::bail!(
+                "state directory {} does not exist (or is not a directory): create it (e.g. `install -d -m 0700 {}`); ulog-agent does not, so that a mistyped --state-dir cannot start every log afresh",
+                dir.display(),
+                dir.display()
+            );
+        }
         check_state_dir(dir)?;
     }
     Ok(())
@@ -534,5 +571,24 @@ fn log_request_summary(counters: &Counters, probes: Option<&KernelTelemetry>) {
     let unknown = counters.requests_of(None);
     if unknown > 0 {
         info!(request = "UNKNOWN", served = unknown, "request totals");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("8388608"), Ok(8 << 20));
+        assert_eq!(parse_size("8M"), Ok(8 << 20));
+        assert_eq!(parse_size("512k"), Ok(512 << 10));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("0M").is_err());
+        assert!(parse_size("2G").is_err(), "SO_RCVBUF takes an int");
+        assert!(parse_size("8Q").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("99999999999999999999").is_err());
     }
 }

@@ -135,6 +135,8 @@ impl Agent {
         let dir = TempDir::new();
         let mut args = Vec::new();
         if core == Core::StateDir {
+            // The agent does not create it (a mistyped path must not start every log afresh).
+            std::fs::create_dir_all(dir.join("state")).expect("create the state directory");
             args.push("--state-dir".to_string());
             args.push(dir.join("state").display().to_string());
         }

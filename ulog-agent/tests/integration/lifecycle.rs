@@ -221,3 +221,46 @@ fn logs_are_plain_named_like_the_metrics_and_carry_priorities_in_the_journal() {
     assert!(lines.iter().any(|l| l.starts_with("<6>") && l.contains("ulog-agent starting")), "{text}");
     assert!(lines.iter().any(|l| l.starts_with("<4>") && l.contains("CTR refused")), "{text}");
 }
+
+/// The exporters' conventions and a safe state directory: `--web.listen-address` is accepted
+/// for `--http-addr`, sizes take a unit and 0 is refused, and a `--state-dir` that does not
+/// exist is refused instead of created (a typo would otherwise start every log afresh: a full
+/// resync of every core-log mirror after the next restart).
+#[test]
+fn flags_follow_conventions_and_a_missing_state_dir_is_refused() {
+    enter_private_netns().expect("root");
+    let dir = TempDir::new();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(agent_bin())
+            .args(["-f", "--no-http", "--accept-peer-port", "1"])
+            .arg("--run-dir")
+            .arg(dir.join("run"))
+            .args(args)
+            .env_remove("ULOG_STATE_DIR")
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let missing = dir.join("no-such-dir");
+    let (code, err) = run(&["--state-dir", &missing.display().to_string()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("does not exist") && !missing.exists(), "refused, not created: {err}");
+    let (code, err) = run(&["--rcvbuf", "0"]);
+    assert_eq!(code, Some(2), "clap refuses the value: {err}");
+    assert!(err.contains("size of 0"), "{err}");
+    let help = std::process::Command::new(agent_bin()).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("web.listen-address") && help.contains("ULOG_RCVBUF"), "{help}");
+    // And an agent starts with them.
+    let mut peer = KernelPeer::open().unwrap();
+    let state = dir.join("state");
+    std::fs::create_dir(&state).unwrap();
+    let proc = AgentProcess::spawn_ready(
+        agent_bin(),
+        &mut peer,
+        ["--rcvbuf", "16M", "--web.listen-address", "127.0.0.1:0", "--state-dir", &state.display().to_string()],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let r = peer.call_request(&Request::ctr(UUID, 9, CORE)).unwrap();
+    assert_eq!(r.error, 0, "{r}\n{}", proc.output());
+}
