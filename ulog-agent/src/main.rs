@@ -395,6 +395,7 @@ fn run(
     let telemetry = Arc::new(Telemetry::new(Arc::clone(&counters)));
 
     let kernel = Arc::new(KernelTelemetry::new(cli.slow_request_us.saturating_mul(1000)));
+    telemetry.set_slow_threshold_ns(cli.slow_request_us.saturating_mul(1000));
     let probe_cfg = ManagerConfig {
         opts: ProbeOptions { bpf_stats: !cli.no_bpf_stats, log: cli.probe_log },
         module_poll: std::time::Duration::from_secs(2),

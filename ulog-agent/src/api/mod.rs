@@ -58,6 +58,7 @@ pub const REGIONS_SCAN_BUDGET: u64 = 1 << 24;
 
 /// Every route: (path, method). The OpenAPI test checks that the document has exactly these.
 pub const ROUTES: &[(&str, &str)] = &[
+    ("/", "get"),
     ("/healthz", "get"),
     ("/readyz", "get"),
     ("/metrics", "get"),
@@ -119,7 +120,13 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Q<T> {
         Query::<T>::from_request_parts(parts, state)
             .await
             .map(|Query(v)| Q(v))
-            .map_err(|e| ApiError::bad_request(format!("bad query string: {}", e.body_text())))
+            // The parameter names were checked (`check_query`); what is left is a value of the
+            // wrong form, said without the parser's internals.
+            .map_err(|_| {
+                ApiError::bad_request(
+                    "a query parameter has a value of the wrong form (limit, start: whole numbers; all: true or false)",
+                )
+            })
     }
 }
 
@@ -171,6 +178,7 @@ struct SlowQuery {
 pub fn router(tel: Arc<Telemetry>) -> Router {
     let app = App { exporter: Arc::new(Exporter::new(Arc::clone(&tel))), tel };
     Router::new()
+        .route("/", get(landing))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -180,9 +188,65 @@ pub fn router(tel: Arc<Telemetry>) -> Router {
         .route("/api/v1/logs/{log}/regions", get(log_regions))
         .route("/api/v1/logs/{log}/requests", get(log_requests))
         .route("/api/v1/kernel/slow", get(kernel_slow))
+        // Only on matched routes (it needs the route's pattern); the fallbacks answer the rest.
+        .route_layer(axum::middleware::from_fn(check_query))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(app)
+}
+
+/// The query parameters each route takes; any other is refused with 400, so a typo
+/// (`?lmit=10`) is an error rather than a silently ignored filter.
+fn allowed_params(route: &str) -> &'static [&'static str] {
+    match route {
+        "/api/v1/logs/{log}" => &["luid"],
+        "/api/v1/logs/{log}/regions" => &["luid", "state", "start", "limit"],
+        "/api/v1/logs/{log}/requests" => &["luid", "limit", "type"],
+        "/api/v1/kernel/slow" => &["limit", "all"],
+        _ => &[],
+    }
+}
+
+async fn check_query(
+    matched: axum::extract::MatchedPath,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let allowed = allowed_params(matched.as_str());
+    if let Some(query) = req.uri().query() {
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+            if !allowed.contains(&key) {
+                let takes = if allowed.is_empty() {
+                    "it takes no query parameters".to_string()
+                } else {
+                    format!("it takes {}", allowed.join(", "))
+                };
+                let shown: String = key.chars().take(64).collect();
+                return ApiError::bad_request(format!(
+                    "unknown query parameter {shown:?} for {}: {takes}",
+                    matched.as_str()
+                ))
+                .into_response();
+            }
+        }
+    }
+    next.run(req).await
+}
+
+/// `/`: where to go from here.
+async fn landing() -> Response {
+    let body = concat!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>ulog-agent</title></head><body>",
+        "<h1>ulog-agent</h1><p>Userspace server of the device-mapper userspace dirty log.</p><ul>",
+        "<li><a href=\"/metrics\">/metrics</a> (Prometheus)</li>",
+        "<li><a href=\"/api/v1/agent\">/api/v1/agent</a>, <a href=\"/api/v1/logs\">/api/v1/logs</a>, ",
+        "<a href=\"/api/v1/kernel/slow\">/api/v1/kernel/slow</a> (JSON)</li>",
+        "<li><a href=\"/healthz\">/healthz</a>, <a href=\"/readyz\">/readyz</a></li></ul></body></html>\n"
+    );
+    let mut r = body.into_response();
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    no_store(r)
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {
@@ -360,7 +424,8 @@ async fn kernel_slow(State(app): State<App>, Q(q): Q<SlowQuery>) -> Result<Respo
     }
     let (threshold_ns, recs) = match app.tel.kernel_source() {
         Some(src) => src.recent_requests(!all),
-        None => (0, Vec::new()),
+        // Never attached: nothing kept yet, but the threshold is the configured one.
+        None => (app.tel.slow_threshold_ns(), Vec::new()),
     };
     Ok(json(model::KernelRequests {
         attached: app.tel.probe_attached(),

@@ -483,6 +483,8 @@ pub struct Telemetry {
     mirrors: Mutex<Arc<MirrorView>>,
     http_addr: Mutex<Option<SocketAddr>>,
     seqs: SeqTable,
+    /// `--slow-request-us`, in ns (what `/api/v1/kernel/slow` keeps, probes attached or not).
+    slow_threshold_ns: AtomicU64,
 }
 
 /// The cached log-uuid -> mirror mapping.
@@ -518,7 +520,18 @@ impl Telemetry {
             mirrors: Mutex::new(Arc::default()),
             http_addr: Mutex::new(None),
             seqs: SeqTable::default(),
+            slow_threshold_ns: AtomicU64::new(0),
         }
+    }
+
+    /// Sets the kernel round trip from which a request counts as slow (`--slow-request-us`).
+    pub fn set_slow_threshold_ns(&self, ns: u64) {
+        self.slow_threshold_ns.store(ns, Relaxed);
+    }
+
+    /// The slow-request threshold, ns.
+    pub fn slow_threshold_ns(&self) -> u64 {
+        self.slow_threshold_ns.load(Relaxed)
     }
 
     /// The request-path counters.

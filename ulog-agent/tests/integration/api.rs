@@ -786,6 +786,44 @@ fn the_status_command_summarises_the_agent() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
 }
 
+/// The API does what README says: a parameter an endpoint does not take is refused (a typo
+/// such as `?lmit=10` must not be silently ignored), errors say what is wrong without the
+/// parser's internals, `/` links to the rest, and `/api/v1/kernel/slow` reports the configured
+/// threshold (`--slow-request-us`, default 1 ms) even before any probe was attached.
+#[test]
+fn unknown_parameters_are_refused_and_the_landing_page_links_the_api() {
+    let (mut a, http) = start(Core::InMemory);
+    a.create(&Log::new("LVM-apiconv0001", LUID), "1000 clustered-core 8");
+    for path in [
+        "/metrics?foo=1",
+        "/healthz?x",
+        "/api/v1/agent?verbose=true",
+        "/api/v1/logs?luid=1",
+        "/api/v1/logs/apiconv0001?lmit=3",
+        "/api/v1/logs/apiconv0001/regions?limit=5&sate=dirty",
+        "/api/v1/kernel/slow?limt=2",
+    ] {
+        let (status, body) = http.json(path);
+        assert_eq!(status, 400, "{path}: {body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default().to_string();
+        assert!(message.contains("unknown query parameter"), "{path}: {message}");
+    }
+    // Parameters an endpoint takes still work, and a bad value is said plainly.
+    assert_eq!(http.json("/api/v1/logs/apiconv0001/regions?limit=5").0, 200);
+    let (status, body) = http.json("/api/v1/kernel/slow?limit=x");
+    assert_eq!(status, 400);
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(!message.contains("deserialize") && message.contains("wrong form"), "{message}");
+    let (status, _, page) = http.get("/");
+    assert_eq!(status, 200);
+    for link in ["/metrics", "/api/v1/logs", "/api/v1/agent", "/healthz"] {
+        assert!(page.contains(&format!("href=\"{link}\"")), "{page}");
+    }
+    let (status, slow) = http.json("/api/v1/kernel/slow");
+    assert_eq!(status, 200);
+    assert_eq!(slow["threshold_seconds"], serde_json::json!(0.001), "{slow}");
+}
+
 #[test]
 fn health_and_readiness() {
     let (_a, http) = start(Core::InMemory);
