@@ -60,6 +60,17 @@ const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 /// A start-up check that makes serving impossible.
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
+    /// Another socket of this network namespace is subscribed to the dm log's connector group:
+    /// another log server (cmirrord, a second ulog-agent) would answer every request too, two
+    /// replies per seq, and two writers of every `clustered-disk` device.
+    #[error(
+        "another log server listens to the device-mapper log's connector group 7: {others}; stop it first \
+         (one log server per host: two would both answer every request and both write every disk log)"
+    )]
+    AnotherServer {
+        /// e.g. "pid 812 (cmirrord), netlink port 812".
+        others: String,
+    },
     /// Capabilities the kernel requires of a log server are missing from the effective set.
     #[error(
         "missing capabilities {missing}: {why} (run ulog-agent as root with a full capability set; \
@@ -104,6 +115,7 @@ impl StartupError {
             Self::Capabilities { .. } => libc::EPERM,
             Self::Capget(e) | Self::StateDir { source: e, .. } => e.raw_os_error().unwrap_or(libc::EIO),
             Self::StateDirOnMirror { .. } => libc::EDEADLK,
+            Self::AnotherServer { .. } => libc::EBUSY,
         }
     }
 }
@@ -436,9 +448,74 @@ pub fn served_mirror_under(
     })
 }
 
+/// Refuses to start beside another log server: the sockets of this network namespace
+/// subscribed to connector group 7 (`/proc/net/netlink`: protocol 11, group bit 6), except
+/// `accept_peer` (the test harness's own port), named by the process that holds them (the
+/// socket inode, found among `/proc/<pid>/fd`). Checked before the agent's own socket joins.
+pub fn check_no_other_server(accept_peer: Option<u32>) -> Result<(), StartupError> {
+    let Ok(text) = std::fs::read_to_string("/proc/net/netlink") else { return Ok(()) };
+    let others: Vec<String> = group7_listeners(&text)
+        .into_iter()
+        .filter(|&(port, _)| Some(port) != accept_peer)
+        .map(|(port, inode)| match socket_owner(inode) {
+            Some((pid, comm)) => format!("pid {pid} ({comm}), netlink port {port}"),
+            None => format!("netlink port {port} (process not found)"),
+        })
+        .collect();
+    if others.is_empty() {
+        Ok(())
+    } else {
+        Err(StartupError::AnotherServer { others: others.join("; ") })
+    }
+}
+
+/// (port, socket inode) of the connector sockets subscribed to group 7 in `/proc/net/netlink`
+/// text (`sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode`; Groups is the first 32 groups'
+/// bitmask in hex).
+pub fn group7_listeners(proc_net_netlink: &str) -> Vec<(u32, u64)> {
+    const NETLINK_CONNECTOR: &str = "11";
+    const GROUP_7: u32 = 1 << 6;
+    proc_net_netlink
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let c: Vec<&str> = l.split_whitespace().collect();
+            if c.len() < 10 || c[1] != NETLINK_CONNECTOR {
+                return None;
+            }
+            let groups = u32::from_str_radix(c[3], 16).ok()?;
+            (groups & GROUP_7 != 0).then(|| Some((c[2].parse().ok()?, c[9].parse().ok()?)))?
+        })
+        .collect()
+}
+
+/// The process holding socket `inode`, and its name.
+fn socket_owner(inode: u64) -> Option<(u32, String)> {
+    let want = format!("socket:[{inode}]");
+    for proc_dir in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = proc_dir.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(fds) = std::fs::read_dir(proc_dir.path().join("fd")) else { continue };
+        if fds.flatten().any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == want.as_str())) {
+            let comm = std::fs::read_to_string(proc_dir.path().join("comm")).unwrap_or_default();
+            return Some((pid, comm.trim().to_string()));
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn group7_listeners_from_proc_net_netlink() {
+        let text = "sk               Eth Pid        Groups   Rmem     Wmem     Dump  Locks    Drops    Inode\n\
+            0000000094348724 0   0          00000000 0        0        0     2        0        4\n\
+            00000000211285f4 11  812        00000040 0        0        0     2        0        31337\n\
+            00000000211285f5 11  813        00000001 0        0        0     2        0        31338\n\
+            00000000211285f6 11  814        00000047 0        0        0     2        0        31339\n";
+        assert_eq!(group7_listeners(text), vec![(812, 31337), (814, 31339)], "group 7 is bit 6; group 1 alone is not");
+    }
 
     #[test]
     fn capabilities() {

@@ -408,6 +408,9 @@ fn run(
         Some(manager::adopt(&kernel, &telemetry, ProbeSet::start(probe_cfg.opts)))
     };
 
+    // One log server per host: another listener of group 7 (cmirrord, a second agent) would
+    // answer every request as well.
+    hardening::check_no_other_server(cli.accept_peer_port)?;
     // The socket only now: the kernel starts sending as soon as we join group 7, and the probe
     // must already count those requests (kernel-side and agent-side counts must agree).
     let socket = Arc::new(

@@ -89,3 +89,31 @@ fn a_full_stderr_pipe_never_stops_the_answers() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// One log server per host: a socket already subscribed to connector group 7 (cmirrord, or a
+/// second agent on another run directory) would answer every request too, two replies per seq,
+/// and both would write every `clustered-disk` device. The agent refuses to start and names
+/// the process holding that socket (here: this test, playing the other server).
+#[test]
+fn another_group7_listener_is_refused_by_name() {
+    enter_private_netns().expect("integration tests need root (unshare CLONE_NEWNET)");
+    let peer = KernelPeer::open().expect("open the kernel peer socket");
+    let other = GroupListener::open().expect("a group-7 listener");
+    let mut agent = AgentProcess::spawn_with(&[], agent_bin(), peer.port(), ["--no-http"], AgentOutput::File)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let st = agent.wait_exit(Duration::from_secs(10)).unwrap_or_else(|e| panic!("the agent must refuse to run: {e}"));
+    let out = agent.output();
+    assert_eq!(st.code(), Some(1), "{out}");
+    let me = format!("pid {} (", std::process::id());
+    assert!(
+        out.contains("another log server listens")
+            && out.contains(&me)
+            && out.contains(&format!("port {}", other.port())),
+        "names the other server:\n{out}"
+    );
+    drop(other);
+    // Alone again, it starts.
+    let mut peer = peer;
+    let agent = AgentProcess::spawn_ready(agent_bin(), &mut peer, ["--no-http"]);
+    assert!(agent.is_ok(), "{:?}", agent.err());
+}

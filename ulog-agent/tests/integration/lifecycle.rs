@@ -190,7 +190,9 @@ fn logs_are_plain_named_like_the_metrics_and_carry_priorities_in_the_journal() {
     let created = out.lines().find(|l| l.contains("log created")).unwrap_or_else(|| panic!("{out}"));
     assert!(created.contains("log=ulogintegrationtest0001 "), "the metrics' log label: {created}");
 
-    // stderr as the journal would have it: JOURNAL_STREAM = its device:inode.
+    // stderr as the journal would have it: JOURNAL_STREAM = its device:inode. In a namespace of
+    // its own: the first agent still serves (one log server per namespace).
+    enter_private_netns().expect("root");
     let dir = TempDir::new();
     let path = dir.join("journal-stream");
     let file = std::fs::File::create(&path).unwrap();
