@@ -237,6 +237,32 @@ fn init_logging(
     (guard, dropped)
 }
 
+/// The service manager's readiness protocol (sd_notify(3)), without libsystemd: one datagram
+/// to `$NOTIFY_SOCKET` (a path, or an abstract socket written `@name`). Nothing without it.
+mod systemd {
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+
+    use tracing::warn;
+
+    /// Sends `state` (e.g. `READY=1`) if the agent runs under a service manager that asked.
+    pub fn notify(state: &str) {
+        let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+        let sent = (|| -> std::io::Result<()> {
+            let addr = match path.to_str().and_then(|p| p.strip_prefix('@')) {
+                Some(name) => {
+                    use std::os::linux::net::SocketAddrExt;
+                    SocketAddr::from_abstract_name(name.as_bytes())?
+                }
+                None => SocketAddr::from_pathname(&path)?,
+            };
+            UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &addr).map(drop)
+        })();
+        if let Err(e) = sent {
+            warn!(socket = ?path, error = %e, "cannot notify the service manager");
+        }
+    }
+}
+
 /// Logging to the journal through stderr.
 mod journal {
     use std::fmt;
@@ -477,6 +503,9 @@ fn run(
     };
     info!(port = socket.port(), state_dir = ?cli.state_dir, pid_file = %pid_file.path().display(), "serving dm-log-userspace requests");
     telemetry.set_lifecycle(Lifecycle::Serving);
+    // Only now, joined to group 7 and with the receive thread running: LVM's activation at
+    // boot, ordered after a Type=notify unit, cannot get "Userspace log server not found".
+    systemd::notify(&format!("READY=1\nSTATUS=serving, pid {}\nMAINPID={}", std::process::id(), std::process::id()));
     rt.spawn(metrics::background(Arc::clone(&telemetry)));
     {
         let counters = Arc::clone(&counters);
@@ -512,6 +541,7 @@ fn run(
         }
     });
     telemetry.set_lifecycle(Lifecycle::Stopping);
+    systemd::notify("STOPPING=1");
     stop.store(true, Ordering::Relaxed);
     let server = receiver.join().map_err(|_| anyhow::anyhow!("receive thread panicked"))?;
     let live = server.summaries().len();

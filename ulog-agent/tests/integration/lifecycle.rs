@@ -266,3 +266,39 @@ fn flags_follow_conventions_and_a_missing_state_dir_is_refused() {
     let r = peer.call_request(&Request::ctr(UUID, 9, CORE)).unwrap();
     assert_eq!(r.error, 0, "{r}\n{}", proc.output());
 }
+
+/// systemd `Type=notify`: READY=1 reaches `$NOTIFY_SOCKET` only once the agent listens to
+/// connector group 7, so a unit ordered after it (LVM activation at boot) cannot create a
+/// mirror before the log server is there ("Userspace log server not found"); STOPPING=1 when
+/// it exits.
+#[test]
+fn ready_is_notified_once_the_agent_listens() {
+    enter_private_netns().expect("root");
+    let dir = TempDir::new();
+    let sock_path = dir.join("notify");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let mut peer = KernelPeer::open().unwrap();
+    assert_eq!(peer.group_listeners().unwrap(), 0);
+    let mut agent = std::process::Command::new(agent_bin())
+        .args(["-f", "--no-http", "--accept-peer-port", &peer.port().to_string()])
+        .arg("--run-dir")
+        .arg(dir.join("run"))
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf).expect("READY=1 within 10 s");
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(msg.lines().any(|l| l == "READY=1"), "{msg:?}");
+    assert_eq!(peer.group_listeners().unwrap(), 1, "ready only once the agent is in group 7");
+    let r = peer.call_request(&Request::ctr(UUID, 5, CORE)).unwrap();
+    assert_eq!(r.error, 0, "{r}");
+    peer.call_request(&Request::new(T::Dtr, UUID, 5, vec![])).unwrap();
+    // SAFETY: kill(2) of our child.
+    unsafe { libc::kill(agent.id() as libc::pid_t, libc::SIGTERM) };
+    let n = sock.recv(&mut buf).expect("STOPPING=1");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    assert!(agent.wait().unwrap().success());
+}
