@@ -26,14 +26,8 @@ use ulog_agent::kernel_peer::{enter_private_netns, AgentProcess, KernelPeer, Req
 use ulog_common::RequestType;
 
 fn main() {
-    if !common::invoked_as_bench() {
-        eprintln!("ctr_stall: skipped (a benchmark: run it with `cargo bench -p ulog-agent --bench ctr_stall`)");
+    if !common::start_as_root("ctr_stall") {
         return;
-    }
-    // SAFETY: plain syscall.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("ctr_stall: needs root (network namespaces, connector sockets)");
-        std::process::exit(2);
     }
     let args: Vec<String> = std::env::args().collect();
     let ctrs: usize = args

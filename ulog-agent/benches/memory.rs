@@ -124,14 +124,8 @@ fn run(kind: &str, dir: &Path, marks_per_log: usize, results: &mut Results) -> f
 }
 
 fn main() {
-    if !common::invoked_as_bench() {
-        eprintln!("memory: skipped (a benchmark: run it with `cargo bench -p ulog-agent --bench memory`)");
+    if !common::start_as_root("memory") {
         return;
-    }
-    // SAFETY: plain syscall.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("memory: needs root (network namespaces, connector sockets)");
-        std::process::exit(2);
     }
     // SAFETY: no other thread exists yet.
     unsafe { std::env::set_var("RUST_LOG", "warn") };

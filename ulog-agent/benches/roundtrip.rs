@@ -614,14 +614,8 @@ struct Agg {
 }
 
 fn main() {
-    if !common::invoked_as_bench() {
-        eprintln!("roundtrip: skipped (a benchmark: run it with `cargo bench -p ulog-agent --bench roundtrip`)");
+    if !common::start_as_root("roundtrip") {
         return;
-    }
-    // SAFETY: plain syscall.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("roundtrip: needs root (network namespaces, connector sockets)");
-        std::process::exit(2);
     }
     let cfg = config();
     let mut results = Results::new("roundtrip");

@@ -250,14 +250,8 @@ fn arg_value(name: &str) -> Option<String> {
 }
 
 fn main() {
-    if !common::invoked_as_bench() {
-        eprintln!("scrape: skipped (a benchmark: run it with `cargo bench -p ulog-agent --bench scrape`)");
+    if !common::start_as_root("scrape") {
         return;
-    }
-    // SAFETY: plain syscall.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("scrape: needs root (network namespaces, connector sockets)");
-        std::process::exit(2);
     }
     // SAFETY: no other thread exists yet.
     unsafe { std::env::set_var("RUST_LOG", "warn") };

@@ -12,6 +12,21 @@ pub fn invoked_as_bench() -> bool {
     std::env::args().any(|a| a == "--bench")
 }
 
+/// The start of every harness-less bench: false (after saying why) when it runs under
+/// `cargo test --benches`, where it only reports itself skipped; exits 2 without root.
+pub fn start_as_root(name: &str) -> bool {
+    if !invoked_as_bench() {
+        eprintln!("{name}: skipped (a benchmark: run it with `cargo bench -p ulog-agent --bench {name}`)");
+        return false;
+    }
+    // SAFETY: plain syscall.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("{name}: needs root (network namespaces, connector sockets)");
+        std::process::exit(2);
+    }
+    true
+}
+
 /// `--quick` after `--` (`cargo bench --bench roundtrip -- --quick`), or `ULOG_BENCH_QUICK=1`.
 pub fn quick() -> bool {
     std::env::args().any(|a| a == "--quick") || std::env::var_os("ULOG_BENCH_QUICK").is_some_and(|v| v != "0")
