@@ -71,6 +71,67 @@ fn alert_cases(tests: &str) -> BTreeMap<String, (usize, usize)> {
     out
 }
 
+/// The runbook file every alert's `runbook_url` points into, in dashboards/.
+const RUNBOOKS: &str = "runbooks.md";
+
+/// Per alert of a rule file: its annotations (key, unquoted value), read from the lines between
+/// `- alert: Name` and the next rule (the rule files keep one annotation per line).
+fn alert_annotations(rules: &str) -> Vec<(String, BTreeMap<String, String>)> {
+    let mut out: Vec<(String, BTreeMap<String, String>)> = Vec::new();
+    let mut in_annotations = false;
+    for l in rules.lines() {
+        let t = l.trim();
+        if let Some(name) = t.strip_prefix("- alert: ") {
+            out.push((name.trim().to_string(), BTreeMap::new()));
+            in_annotations = false;
+        } else if t.starts_with("- record: ") || t.starts_with("- name: ") {
+            in_annotations = false;
+        } else if t == "annotations:" {
+            in_annotations = true;
+        } else if in_annotations {
+            if let (Some((k, v)), Some(last)) = (t.split_once(": "), out.last_mut()) {
+                last.1.insert(k.to_string(), v.trim().trim_matches('"').to_string());
+            }
+        }
+    }
+    out
+}
+
+/// What an operator woken at 3 a.m. gets with every alert: a summary, a description that says
+/// what is broken and what to do, and a `runbook_url` whose anchor is the alert's own section
+/// of dashboards/runbooks.md (`<a id="Name"></a>` and a `## Name` heading).
+#[test]
+fn every_alert_has_summary_description_and_a_runbook_section() {
+    let runbooks = read(RUNBOOKS);
+    let mut problems = Vec::new();
+    let mut n = 0;
+    for f in RULE_FILES {
+        for (alert, ann) in alert_annotations(&read(f)) {
+            n += 1;
+            for key in ["summary", "description", "runbook_url"] {
+                if ann.get(key).is_none_or(|v| v.is_empty()) {
+                    problems.push(format!("{f}: {alert} has no {key}"));
+                }
+            }
+            let Some(url) = ann.get("runbook_url") else { continue };
+            match url.split_once('#') {
+                Some((file, a)) if file.ends_with(&format!("dashboards/{RUNBOOKS}")) && a == alert => {}
+                _ => {
+                    problems.push(format!("{f}: {alert}: runbook_url {url:?} is not .../dashboards/{RUNBOOKS}#{alert}"))
+                }
+            }
+            if !runbooks.contains(&format!("<a id=\"{alert}\"></a>"))
+                || !runbooks.lines().any(|l| l.trim() == format!("## {alert}"))
+            {
+                problems
+                    .push(format!("{RUNBOOKS} has no section (`<a id=\"{alert}\"></a>` and `## {alert}`) for {alert}"));
+            }
+        }
+    }
+    assert!(n >= 19, "found only {n} alerts: is the annotation parser still reading the rule files?");
+    assert!(problems.is_empty(), "alerts an operator cannot act on:\n{}", problems.join("\n"));
+}
+
 #[test]
 fn promtool_checks_the_rules_and_unit_tests_every_alert() {
     for f in RULE_FILES {
