@@ -325,7 +325,7 @@ fn the_dashboard_is_file_provisionable() {
         "Kernel round trip vs agent service time (p99)",
         "Kernel round trip: three stages (mean)",
         "Kernel round trip heatmap",
-        "FLUSH and MARK_REGION within 20 ms",
+        "FLUSH and MARK_REGION within the SLO threshold",
         "Error budget burn rate (1 h)",
         "Resync progress",
         "Resync ETA",
@@ -340,8 +340,22 @@ fn the_dashboard_is_file_provisionable() {
     ] {
         assert!(titles.contains(&want), "panel {want:?} missing: {titles:?}");
     }
-    // Per-log filtering: every query of a per-log family filters on $log.
+    // Per-log filtering: every query of a per-log family filters on $log. Per-agent filtering
+    // by job as well as instance (two jobs can scrape hosts of the same name), and the SLO
+    // panels read the rules' threshold (the recorded SLIs), never a copy of its `le`.
     for (title, r, e) in dashboard_queries(&d) {
+        if e.contains("instance=~\"$instance\"") {
+            assert!(e.contains("job=~\"$job\""), "{title}/{r}: filters by instance but not by job: {e}");
+        }
+        if e.contains("ulog_request_duration_seconds_bucket")
+            && !e.contains("type!~")
+            && (e.contains("FLUSH") || e.contains("MARK_REGION"))
+        {
+            assert!(
+                !e.contains("le=\""),
+                "{title}/{r}: an SLO threshold copied into the dashboard; read ulog:sli_good:*: {e}"
+            );
+        }
         for fam in ["ulog_requests_total", "ulog_regions", "ulog_resync_", "ulog_region_dirty", "ulog_disk_flush"] {
             if e.contains(fam) {
                 assert!(e.contains("log=~\"$log\""), "{title}/{r}: {fam} without the $log filter: {e}");
@@ -352,10 +366,64 @@ fn the_dashboard_is_file_provisionable() {
 
 /// Grafana's variables as the live test substitutes them: every agent, every log, a rate
 /// interval of four 1 s scrapes plus one.
+/// The kind of value a panel query plots, from the metric it reads: what its axis unit must be.
+fn value_kind(expr: &str) -> &'static str {
+    if expr.contains("_failed") || expr.contains("ulog_probe_attached") || expr.starts_with("up{") {
+        "flag"
+    } else if expr.contains("bytes") {
+        "bytes"
+    } else if expr.contains("histogram_quantile") && expr.contains("_seconds_bucket") {
+        "seconds"
+    } else {
+        "other"
+    }
+}
+
+/// One unit per axis: in a timeseries panel, the queries on the default axis plot one kind of
+/// value (seconds, bytes, 0/1 flags, or other figures), and a query of another kind is moved,
+/// by a per-query override, to a right axis with its own unit. An operator reading an axis at
+/// 3 a.m. reads one unit.
+#[test]
+fn every_dashboard_axis_has_one_unit() {
+    let d = dashboard();
+    let mut problems = Vec::new();
+    for p in panels(&d).into_iter().filter(|p| p["type"] == "timeseries") {
+        let title = p["title"].as_str().unwrap_or("");
+        if p["fieldConfig"]["defaults"]["unit"].as_str().is_none_or(str::is_empty) {
+            problems.push(format!("{title}: no fieldConfig.defaults.unit"));
+        }
+        // refIds moved to their own axis: overrides by refId that set a unit and the right axis.
+        let mut own_axis = BTreeSet::new();
+        for o in p["fieldConfig"]["overrides"].as_array().into_iter().flatten() {
+            let props: Vec<&str> =
+                o["properties"].as_array().into_iter().flatten().filter_map(|x| x["id"].as_str()).collect();
+            let sets_unit = props.contains(&"unit");
+            if sets_unit && !props.contains(&"custom.axisPlacement") {
+                problems.push(format!("{title}: an override sets a unit without an axis of its own"));
+            }
+            if sets_unit && o["matcher"]["id"] == "byFrameRefID" {
+                own_axis.insert(o["matcher"]["options"].as_str().unwrap_or("").to_string());
+            }
+        }
+        let kinds: BTreeSet<&str> = p["targets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|t| !own_axis.contains(t["refId"].as_str().unwrap_or("")))
+            .map(|t| value_kind(t["expr"].as_str().unwrap_or("")))
+            .collect();
+        if kinds.len() > 1 {
+            problems.push(format!("{title}: one axis plots {kinds:?}"));
+        }
+    }
+    assert!(problems.is_empty(), "panels mixing units:\n{}", problems.join("\n"));
+}
+
 fn substitute(expr: &str) -> String {
     expr.replace("$__rate_interval", "5s")
         .replace("$__interval", "1s")
         .replace("$__range", "30s")
+        .replace("\"$job\"", "\".*\"")
         .replace("\"$instance\"", "\".*\"")
         .replace("\"$log\"", "\".*\"")
 }
