@@ -1,6 +1,8 @@
 //! The operator-facing files in `dashboards/` against the real tools: `promtool check rules` and
-//! `promtool test rules` (a firing and a quiet case for every alert), SLO thresholds that are
-//! real bucket edges, the Grafana dashboard's file-provisionable structure, and a real
+//! `promtool test rules` (a firing and a quiet case for every alert), every alert's summary,
+//! description and runbook section (dashboards/runbooks.md), SLO thresholds that are
+//! real bucket edges, the Grafana dashboard's file-provisionable structure (job and instance
+//! filters, the SLO threshold read from the rules, one unit per axis), and a real
 //! Prometheus (Debian's `prometheus`) scraping a live agent under kernel-peer traffic that
 //! runs every PromQL expression of the dashboard and of the rules through its HTTP API.
 
