@@ -27,6 +27,7 @@ use crate::protocol::Malformed;
 pub const FAMILIES: &[(&str, &str, &str, &str)] = &[
     ("ulog_build_info", "gauge", "version, ebpf", "always"),
     ("ulog_probe_attached", "gauge", "", "always"),
+    ("ulog_probes_disabled", "gauge", "", "always"),
     ("ulog_receive_loop_idle_seconds", "gauge", "", "once the receive loop runs"),
     ("ulog_logs", "gauge", "type, state", "always"),
     ("ulog_requests_total", "counter", "log, type, result", "per log"),
@@ -203,6 +204,12 @@ impl Exporter {
             "1 while the eBPF probes (dm_consult_userspace entry and return, cn_netlink_send) are attached, else 0 (the reason is logged and in /api/v1/agent). Kernel-side families keep their last values while detached.",
         );
         f.add_gauge(&[], if t.probe_attached() { 1.0 } else { 0.0 });
+        f.done(out);
+        let mut f = Fam::gauge(
+            "ulog_probes_disabled",
+            "1 when the operator turned the eBPF probes off (--no-probes): a detached probe is intended (UlogProbeNotAttached stays quiet), else 0.",
+        );
+        f.add_gauge(&[], if t.probes_disabled() { 1.0 } else { 0.0 });
         f.done(out);
         // The receive loop beats at least every 250 ms, traffic or not, so a growing value means
         // a stuck loop (what /healthz reports), visible to Prometheus without a blackbox job.
