@@ -429,6 +429,7 @@ fn run(
     let adopted = if cli.no_probes {
         info!("eBPF probes disabled (--no-probes)");
         telemetry.set_probe_state(false, "disabled (--no-probes)".into());
+        telemetry.set_probes_disabled(true);
         None
     } else {
         Some(manager::adopt(&kernel, &telemetry, ProbeSet::start(probe_cfg.opts)))

@@ -27,6 +27,8 @@ use crate::protocol::Malformed;
 pub const FAMILIES: &[(&str, &str, &str, &str)] = &[
     ("ulog_build_info", "gauge", "version, revision, ebpf", "always"),
     ("ulog_probe_attached", "gauge", "", "always"),
+    ("ulog_probes_disabled", "gauge", "", "always"),
+    ("ulog_receive_loop_idle_seconds", "gauge", "", "once the receive loop runs"),
     ("ulog_logs", "gauge", "type, state", "always"),
     ("ulog_requests_total", "counter", "log, type, result", "per log"),
     ("ulog_requests_without_log_total", "counter", "type", "always"),
@@ -210,6 +212,23 @@ impl Exporter {
         );
         f.add_gauge(&[], if t.probe_attached() { 1.0 } else { 0.0 });
         f.done(out);
+        let mut f = Fam::gauge(
+            "ulog_probes_disabled",
+            "1 when the operator turned the eBPF probes off (--no-probes): a detached probe is intended (UlogProbeNotAttached stays quiet), else 0.",
+        );
+        f.add_gauge(&[], if t.probes_disabled() { 1.0 } else { 0.0 });
+        f.done(out);
+        // The receive loop beats at least every 250 ms, traffic or not, so a growing value means
+        // a stuck loop (what /healthz reports), visible to Prometheus without a blackbox job.
+        let hb = t.heartbeat_ns();
+        if hb != 0 {
+            let mut f = Fam::gauge(
+                "ulog_receive_loop_idle_seconds",
+                "Seconds since the netlink receive loop last ran (it runs at least every 250 ms, traffic or not; /healthz fails above its stall limit).",
+            );
+            f.add_gauge(&[], clock::now_ns().saturating_sub(hb) as f64 / 1e9);
+            f.done(out);
+        }
 
         let logs = t.logs();
         let mut f = Fam::gauge("ulog_logs", "Logs served, by log type and life-cycle state.");

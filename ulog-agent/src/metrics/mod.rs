@@ -478,6 +478,7 @@ pub struct Telemetry {
     heartbeat_ns: AtomicU64,
     lifecycle: AtomicU8,
     probe_attached: AtomicBool,
+    probes_disabled: AtomicBool,
     kernel: Mutex<Option<Arc<dyn KernelSource>>>,
     probe_status: Mutex<String>,
     mirrors: Mutex<Arc<MirrorView>>,
@@ -515,6 +516,7 @@ impl Telemetry {
             heartbeat_ns: AtomicU64::new(0),
             lifecycle: AtomicU8::new(0),
             probe_attached: AtomicBool::new(false),
+            probes_disabled: AtomicBool::new(false),
             kernel: Mutex::new(None),
             probe_status: Mutex::new("not started".into()),
             mirrors: Mutex::new(Arc::default()),
@@ -597,6 +599,17 @@ impl Telemetry {
     /// Whether the eBPF probe is attached.
     pub fn probe_attached(&self) -> bool {
         self.probe_attached.load(Relaxed)
+    }
+
+    /// The operator turned the probes off (`--no-probes`): a detached probe is then intended,
+    /// and the probe alert stays quiet.
+    pub fn set_probes_disabled(&self, disabled: bool) {
+        self.probes_disabled.store(disabled, Relaxed);
+    }
+
+    /// Whether the probes were turned off by the operator.
+    pub fn probes_disabled(&self) -> bool {
+        self.probes_disabled.load(Relaxed)
     }
 
     /// What the probes say (or why there are none).

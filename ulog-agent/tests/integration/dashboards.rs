@@ -1,6 +1,8 @@
 //! The operator-facing files in `dashboards/` against the real tools: `promtool check rules` and
-//! `promtool test rules` (a firing and a quiet case for every alert), SLO thresholds that are
-//! real bucket edges, the Grafana dashboard's file-provisionable structure, and a real
+//! `promtool test rules` (a firing and a quiet case for every alert), every alert's summary,
+//! description and runbook section (dashboards/runbooks.md), SLO thresholds that are
+//! real bucket edges, the Grafana dashboard's file-provisionable structure (job and instance
+//! filters, the SLO threshold read from the rules, one unit per axis), and a real
 //! Prometheus (Debian's `prometheus`) scraping a live agent under kernel-peer traffic that
 //! runs every PromQL expression of the dashboard and of the rules through its HTTP API.
 
@@ -69,6 +71,67 @@ fn alert_cases(tests: &str) -> BTreeMap<String, (usize, usize)> {
         }
     }
     out
+}
+
+/// The runbook file every alert's `runbook_url` points into, in dashboards/.
+const RUNBOOKS: &str = "runbooks.md";
+
+/// Per alert of a rule file: its annotations (key, unquoted value), read from the lines between
+/// `- alert: Name` and the next rule (the rule files keep one annotation per line).
+fn alert_annotations(rules: &str) -> Vec<(String, BTreeMap<String, String>)> {
+    let mut out: Vec<(String, BTreeMap<String, String>)> = Vec::new();
+    let mut in_annotations = false;
+    for l in rules.lines() {
+        let t = l.trim();
+        if let Some(name) = t.strip_prefix("- alert: ") {
+            out.push((name.trim().to_string(), BTreeMap::new()));
+            in_annotations = false;
+        } else if t.starts_with("- record: ") || t.starts_with("- name: ") {
+            in_annotations = false;
+        } else if t == "annotations:" {
+            in_annotations = true;
+        } else if in_annotations {
+            if let (Some((k, v)), Some(last)) = (t.split_once(": "), out.last_mut()) {
+                last.1.insert(k.to_string(), v.trim().trim_matches('"').to_string());
+            }
+        }
+    }
+    out
+}
+
+/// What an operator woken at 3 a.m. gets with every alert: a summary, a description that says
+/// what is broken and what to do, and a `runbook_url` whose anchor is the alert's own section
+/// of dashboards/runbooks.md (`<a id="Name"></a>` and a `## Name` heading).
+#[test]
+fn every_alert_has_summary_description_and_a_runbook_section() {
+    let runbooks = read(RUNBOOKS);
+    let mut problems = Vec::new();
+    let mut n = 0;
+    for f in RULE_FILES {
+        for (alert, ann) in alert_annotations(&read(f)) {
+            n += 1;
+            for key in ["summary", "description", "runbook_url"] {
+                if ann.get(key).is_none_or(|v| v.is_empty()) {
+                    problems.push(format!("{f}: {alert} has no {key}"));
+                }
+            }
+            let Some(url) = ann.get("runbook_url") else { continue };
+            match url.split_once('#') {
+                Some((file, a)) if file.ends_with(&format!("dashboards/{RUNBOOKS}")) && a == alert => {}
+                _ => {
+                    problems.push(format!("{f}: {alert}: runbook_url {url:?} is not .../dashboards/{RUNBOOKS}#{alert}"))
+                }
+            }
+            if !runbooks.contains(&format!("<a id=\"{alert}\"></a>"))
+                || !runbooks.lines().any(|l| l.trim() == format!("## {alert}"))
+            {
+                problems
+                    .push(format!("{RUNBOOKS} has no section (`<a id=\"{alert}\"></a>` and `## {alert}`) for {alert}"));
+            }
+        }
+    }
+    assert!(n >= 19, "found only {n} alerts: is the annotation parser still reading the rule files?");
+    assert!(problems.is_empty(), "alerts an operator cannot act on:\n{}", problems.join("\n"));
 }
 
 #[test]
@@ -264,7 +327,7 @@ fn the_dashboard_is_file_provisionable() {
         "Kernel round trip vs agent service time (p99)",
         "Kernel round trip: three stages (mean)",
         "Kernel round trip heatmap",
-        "FLUSH and MARK_REGION within 20 ms",
+        "FLUSH and MARK_REGION within the SLO threshold",
         "Error budget burn rate (1 h)",
         "Resync progress",
         "Resync ETA",
@@ -279,8 +342,22 @@ fn the_dashboard_is_file_provisionable() {
     ] {
         assert!(titles.contains(&want), "panel {want:?} missing: {titles:?}");
     }
-    // Per-log filtering: every query of a per-log family filters on $log.
+    // Per-log filtering: every query of a per-log family filters on $log. Per-agent filtering
+    // by job as well as instance (two jobs can scrape hosts of the same name), and the SLO
+    // panels read the rules' threshold (the recorded SLIs), never a copy of its `le`.
     for (title, r, e) in dashboard_queries(&d) {
+        if e.contains("instance=~\"$instance\"") {
+            assert!(e.contains("job=~\"$job\""), "{title}/{r}: filters by instance but not by job: {e}");
+        }
+        if e.contains("ulog_request_duration_seconds_bucket")
+            && !e.contains("type!~")
+            && (e.contains("FLUSH") || e.contains("MARK_REGION"))
+        {
+            assert!(
+                !e.contains("le=\""),
+                "{title}/{r}: an SLO threshold copied into the dashboard; read ulog:sli_good:*: {e}"
+            );
+        }
         for fam in ["ulog_requests_total", "ulog_regions", "ulog_resync_", "ulog_region_dirty", "ulog_disk_flush"] {
             if e.contains(fam) {
                 assert!(e.contains("log=~\"$log\""), "{title}/{r}: {fam} without the $log filter: {e}");
@@ -291,10 +368,64 @@ fn the_dashboard_is_file_provisionable() {
 
 /// Grafana's variables as the live test substitutes them: every agent, every log, a rate
 /// interval of four 1 s scrapes plus one.
+/// The kind of value a panel query plots, from the metric it reads: what its axis unit must be.
+fn value_kind(expr: &str) -> &'static str {
+    if expr.contains("_failed") || expr.contains("ulog_probe_attached") || expr.starts_with("up{") {
+        "flag"
+    } else if expr.contains("bytes") {
+        "bytes"
+    } else if expr.contains("histogram_quantile") && expr.contains("_seconds_bucket") {
+        "seconds"
+    } else {
+        "other"
+    }
+}
+
+/// One unit per axis: in a timeseries panel, the queries on the default axis plot one kind of
+/// value (seconds, bytes, 0/1 flags, or other figures), and a query of another kind is moved,
+/// by a per-query override, to a right axis with its own unit. An operator reading an axis at
+/// 3 a.m. reads one unit.
+#[test]
+fn every_dashboard_axis_has_one_unit() {
+    let d = dashboard();
+    let mut problems = Vec::new();
+    for p in panels(&d).into_iter().filter(|p| p["type"] == "timeseries") {
+        let title = p["title"].as_str().unwrap_or("");
+        if p["fieldConfig"]["defaults"]["unit"].as_str().is_none_or(str::is_empty) {
+            problems.push(format!("{title}: no fieldConfig.defaults.unit"));
+        }
+        // refIds moved to their own axis: overrides by refId that set a unit and the right axis.
+        let mut own_axis = BTreeSet::new();
+        for o in p["fieldConfig"]["overrides"].as_array().into_iter().flatten() {
+            let props: Vec<&str> =
+                o["properties"].as_array().into_iter().flatten().filter_map(|x| x["id"].as_str()).collect();
+            let sets_unit = props.contains(&"unit");
+            if sets_unit && !props.contains(&"custom.axisPlacement") {
+                problems.push(format!("{title}: an override sets a unit without an axis of its own"));
+            }
+            if sets_unit && o["matcher"]["id"] == "byFrameRefID" {
+                own_axis.insert(o["matcher"]["options"].as_str().unwrap_or("").to_string());
+            }
+        }
+        let kinds: BTreeSet<&str> = p["targets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|t| !own_axis.contains(t["refId"].as_str().unwrap_or("")))
+            .map(|t| value_kind(t["expr"].as_str().unwrap_or("")))
+            .collect();
+        if kinds.len() > 1 {
+            problems.push(format!("{title}: one axis plots {kinds:?}"));
+        }
+    }
+    assert!(problems.is_empty(), "panels mixing units:\n{}", problems.join("\n"));
+}
+
 fn substitute(expr: &str) -> String {
     expr.replace("$__rate_interval", "5s")
         .replace("$__interval", "1s")
         .replace("$__range", "30s")
+        .replace("\"$job\"", "\".*\"")
         .replace("\"$instance\"", "\".*\"")
         .replace("\"$log\"", "\".*\"")
 }
