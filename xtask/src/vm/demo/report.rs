@@ -18,7 +18,7 @@ pub const PANELS: &[&str] = &[
     "Agent service time percentiles",
     "Kernel round trip vs agent service time (p99)",
     "Kernel round trip: three stages (mean)",
-    "FLUSH and MARK_REGION within 20 ms",
+    "FLUSH and MARK_REGION within the SLO threshold",
     "Resync progress",
     "Regions by state",
     "How long regions stay dirty",
@@ -39,6 +39,7 @@ struct Series {
 pub fn substitute(expr: &str, scrape_s: u64) -> String {
     expr.replace("$__rate_interval", &format!("{}s", 4 * scrape_s.max(1)))
         .replace("$__interval", &format!("{}s", scrape_s.max(1)))
+        .replace("\"$job\"", "\".*\"")
         .replace("\"$instance\"", "\".*\"")
         .replace("\"$log\"", "\".*\"")
 }
@@ -257,7 +258,7 @@ pub fn write(prom: &Prom, dashboard: &Path, t0: f64, t1: f64, scrape_s: u64, out
          ul{{list-style:none;padding:0;margin:4px 0;font-size:12px;columns:2}} li span{{display:inline-block;width:10px;height:10px;margin-right:5px}}\
          </style></head><body><h1>ulog demo: {span:.0} s on a real kernel</h1>\
          <p>Drawn by <code>cargo xtask demo</code> from Prometheus <code>query_range</code> (step {step} s) with the queries of \
-         <code>dashboards/ulog.json</code> ($instance and $log = all, $__rate_interval = {ri} s). Legends show the last value.</p>\
+         <code>dashboards/ulog.json</code> ($job, $instance and $log = all, $__rate_interval = {ri} s). Legends show the last value.</p>\
          <h2>Alerts at the end</h2><ul>{alert_rows}</ul>{body}</body></html>",
         span = t1 - t0,
         ri = 4 * scrape_s.max(1)
