@@ -844,26 +844,29 @@ fn read_run(res: &Path, tag: &str) -> Result<Run> {
             _ => {}
         }
     }
-    if let Ok(s) = fs::read_to_string(res.join(format!("{tag}.server"))) {
-        for l in s.lines() {
-            if let Some(rest) = l.strip_prefix("REQUESTS ") {
-                let mut it = rest.split_whitespace();
-                if let (Some(n), Some(c)) = (it.next(), it.next().and_then(|c| c.parse().ok())) {
-                    r.counts.insert(n.to_string(), c);
-                }
-            } else if l.starts_with('{') {
-                if let Ok(v) = serde_json::from_str::<Value>(l) {
-                    let f = &v["fields"];
-                    if f["message"] == "request totals" {
-                        if let (Some(n), Some(c)) = (f["request"].as_str(), f["served"].as_u64()) {
-                            r.counts.insert(n.to_string(), c);
-                        }
-                    }
+    server_request_counts(&res.join(format!("{tag}.server")), &mut r.counts);
+    Ok(r)
+}
+
+/// The request counts a server printed when it stopped: the responder's `REQUESTS <type> <n>`
+/// lines, the agent's JSON "request totals" lines. Nothing if the file is missing.
+fn server_request_counts(path: &Path, counts: &mut BTreeMap<String, u64>) {
+    let Ok(s) = fs::read_to_string(path) else { return };
+    for l in s.lines() {
+        if let Some(rest) = l.strip_prefix("REQUESTS ") {
+            let mut it = rest.split_whitespace();
+            if let (Some(n), Some(c)) = (it.next(), it.next().and_then(|c| c.parse().ok())) {
+                counts.insert(n.to_string(), c);
+            }
+        } else if let Ok(v) = serde_json::from_str::<Value>(l) {
+            let f = &v["fields"];
+            if f["message"] == "request totals" {
+                if let (Some(n), Some(c)) = (f["request"].as_str(), f["served"].as_u64()) {
+                    counts.insert(n.to_string(), c);
                 }
             }
         }
     }
-    Ok(r)
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -1850,24 +1853,7 @@ fn read_resync_run(res: &Path, tag: &str, windows: &BTreeMap<String, (f64, f64)>
             }
         }
     }
-    // The server's request counts (REQUESTS lines of the responder, the agent's totals).
-    if let Ok(s) = fs::read_to_string(res.join(format!("{tag}.server"))) {
-        for l in s.lines() {
-            if let Some(rest) = l.strip_prefix("REQUESTS ") {
-                let mut it = rest.split_whitespace();
-                if let (Some(n), Some(c)) = (it.next(), it.next().and_then(|c| c.parse().ok())) {
-                    r.counts.insert(n.to_string(), c);
-                }
-            } else if let Ok(v) = serde_json::from_str::<Value>(l) {
-                let f = &v["fields"];
-                if f["message"] == "request totals" {
-                    if let (Some(n), Some(c)) = (f["request"].as_str(), f["served"].as_u64()) {
-                        r.counts.insert(n.to_string(), c);
-                    }
-                }
-            }
-        }
-    }
+    server_request_counts(&res.join(format!("{tag}.server")), &mut r.counts);
     r
 }
 
