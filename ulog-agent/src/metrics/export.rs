@@ -580,3 +580,33 @@ impl Exporter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::FAMILIES;
+
+    /// The README's metric table is what operators read: every family is in it with the type
+    /// and labels the exporter writes, and it names no family the exporter does not have.
+    #[test]
+    fn the_readme_metric_table_matches_the_families() {
+        let readme = include_str!("../../../README.md");
+        let mut documented = std::collections::BTreeMap::new();
+        for row in readme.lines().filter(|l| l.starts_with("| `ulog_")) {
+            let cols: Vec<&str> = row.split('|').map(str::trim).collect();
+            // "", names, type, labels, what, ""
+            assert!(cols.len() >= 5, "a metric row has name, type, labels and text: {row}");
+            for name in cols[1].split(',') {
+                let name = name.trim().trim_matches('`');
+                let prev = documented.insert(name.to_owned(), (cols[2].to_owned(), cols[3].to_owned()));
+                assert!(prev.is_none(), "{name} is in the README's table twice");
+            }
+        }
+        for (name, kind, labels, _) in FAMILIES {
+            let Some((doc_kind, doc_labels)) = documented.remove(*name) else {
+                panic!("{name} is exported but not in the README's metric table");
+            };
+            assert_eq!((doc_kind.as_str(), doc_labels.as_str()), (*kind, *labels), "README row of {name}");
+        }
+        assert!(documented.is_empty(), "the README documents families the agent does not export: {documented:?}");
+    }
+}
