@@ -115,6 +115,18 @@ server_start() { # KIND LOGFILE
 server_stop() {
     [ -n "$SERVER_PID" ] || return 0
     kill -TERM "$SERVER_PID" 2>/dev/null
+    # ulog-agent refuses SIGTERM while a mirror still uses it (e.g. on the way out after a failed
+    # step): give it 10 s, then the restart-style exit (SIGRTMIN+1 = 35), then SIGKILL, so a
+    # failing run ends instead of waiting forever.
+    _n=0
+    while kill -0 "$SERVER_PID" 2>/dev/null && [ "$_n" -lt 200 ]; do usleep 50000; _n=$((_n + 1)); done
+    if kill -0 "$SERVER_PID" 2>/dev/null; then
+        echo "server $SERVER_PID still running 10 s after SIGTERM: restart-style exit" >&2
+        kill -35 "$SERVER_PID" 2>/dev/null
+        _n=0
+        while kill -0 "$SERVER_PID" 2>/dev/null && [ "$_n" -lt 200 ]; do usleep 50000; _n=$((_n + 1)); done
+        kill -0 "$SERVER_PID" 2>/dev/null && kill -KILL "$SERVER_PID" 2>/dev/null
+    fi
     wait "$SERVER_PID"
     _rc=$?
     SERVER_PID=
