@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod bitmap;
+pub mod cluster;
 pub mod counters;
 pub mod ctr;
 pub mod dirty_log;

@@ -1,0 +1,35 @@
+//! Cluster logs: one coherent dirty log for a mirror that several nodes activate on shared
+//! storage (`clustered-core` / `clustered-disk` with cluster mode on).
+//!
+//! # Design
+//!
+//! Every node's kernel talks only to its own agent. The agents of one log agree on one totally
+//! ordered history of *events* (corosync CPG, AGREED order) and apply it to a deterministic
+//! state machine, [`state::ReplicatedLog`]: same history, same state, same answers on every
+//! member. The state machine is pure (no I/O, no clock, no corosync), so it is tested here by
+//! a deterministic simulation against a reference model of the guarantees (`state::tests`),
+//! with no root and no cluster.
+//!
+//! What the state machine guarantees, whatever order the events come in:
+//! - **No region is clean while any node may still be writing it.** Marks are owned per node
+//!   ([`state::ReplicatedLog::is_clean`] is "no owner and in sync").
+//! - **A departed node's marks are held, never dropped**, unless it left cleanly (a `Leave`: its
+//!   kernel suspended the mirror, so its writes completed). They are *adopted* when an agent of
+//!   the same kernel incarnation (boot id) joins again (the agent died, the kernel lives on), and
+//!   *reclaimed* when the node is known dead: a fencing confirmation for that incarnation, or
+//!   the node coming back with a new boot id (a reboot is proof the old kernel is gone).
+//!   Reclaimed regions may differ between the legs (a write may have been torn), so they become
+//!   out of sync and are handed out for resync before any other region.
+//! - **Resync is coordinated:** one recovery slot per node (dm-raid1 recovers one region at a
+//!   time per node), no region in two slots, and no region owned by a writer (live or held) is
+//!   handed out. A held node's slot stays taken until it is adopted or reclaimed.
+//!
+//! # Status and limits
+//!
+//! This module holds the state machine only. Not here yet: the corosync transport (one thread
+//! owning the CPG and quorum handles), holding requests without quorum, the durability rule
+//! for MARK (answered only once another live member or the shared log device holds it), state
+//! transfer to joiners in atomic chunks, the single disk writer, digests, and their telemetry.
+//! Until they land, cluster mode cannot be turned on and single-node serving is unchanged.
+
+pub mod state;

@@ -1,0 +1,600 @@
+//! `ReplicatedLog`: the state of one cluster log, changed only by totally ordered [`Event`]s.
+//!
+//! Every member applies the same events in the same order, so every member holds the same
+//! state and gives the same answers (IN_SYNC, IS_CLEAN, GET_SYNC_COUNT, IS_REMOTE_RECOVERING,
+//! GET_RESYNC_WORK). Nothing here reads a clock, a random source or a hash map's iteration
+//! order: ordered containers only, so [`ReplicatedLog::digest`] and [`ReplicatedLog::encode`]
+//! are the same bytes on every member.
+//!
+//! The state per log: the sync bitmap (legs identical), and per node that has joined the log
+//! the kernel incarnation of its agent (the node's boot id), whether that agent is live, the
+//! regions its kernel marked (a set: a second MARK of a region changes nothing, one CLEAR ends
+//! it, as dm-raid1's region hash marks a region once per dirty period), and its recovery slot.
+//! Derived, kept for speed: how many nodes own each marked region, which node recovers each
+//! slotted region, and a lower bound of the lowest out-of-sync region.
+//!
+//! Costs: marks and slots are in ordered maps (a node marks at most the regions with writes in
+//! flight, dm-raid1 batches them by 32); the bitmap is one bit per region. Handing out work
+//! scans the bitmap from the lowest out-of-sync region, skipping owned and slotted ones.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use crate::bitmap::RegionBitmap;
+
+/// A corosync node id.
+pub type NodeId = u32;
+
+/// A kernel incarnation: the node's boot id (`/proc/sys/kernel/random/boot_id` as 128 bits).
+/// An agent that restarts under the same kernel has the same one; a rebooted node a new one.
+pub type Incarnation = u128;
+
+/// One totally ordered change to a cluster log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A node's agent joined the log (its first message after joining the group).
+    Join {
+        /// The node whose agent sent it (or that the membership change is about).
+        node: NodeId,
+        /// The kernel incarnation (boot id) of that node.
+        incarnation: Incarnation,
+    },
+    /// A node's agent left the group without [`Event::Release`] (its agent or its whole node
+    /// died, or it was partitioned away): its marks and slot are held, because its kernel may
+    /// still be writing, or may have died mid-write.
+    Depart {
+        /// The node whose agent sent it (or that the membership change is about).
+        node: NodeId,
+    },
+    /// A node's kernel no longer writes the mirror (sent by the node itself once its kernel
+    /// suspended or destroyed the log): its marks and slot are let go.
+    Release {
+        /// The node whose agent sent it (or that the membership change is about).
+        node: NodeId,
+    },
+    /// The node's kernel of that incarnation is known dead (fencing, or an operator's word):
+    /// its held marks and slot are reclaimed.
+    FenceConfirmed {
+        /// The node whose agent sent it (or that the membership change is about).
+        node: NodeId,
+        /// The kernel incarnation (boot id) of that node.
+        incarnation: Incarnation,
+    },
+    /// MARK_REGION (or FLUSH's integrated marks) from a node's kernel.
+    Mark {
+        /// The node whose agent sent it (or that the membership change is about).
+        node: NodeId,
+        /// The regions, in the order the kernel sent them.
+        regions: Vec<u64>,
+    },
+    /// CLEAR_REGION (or FLUSH's integrated clears) from a node's kernel.
+    Clear {
+        /// The node whose agent sent it (or that the membership change is about).
+        node: NodeId,
+        /// The regions, in the order the kernel sent them.
+        regions: Vec<u64>,
+    },
+    /// GET_RESYNC_WORK from a node's kernel.
+    GetResyncWork {
+        /// The node whose agent sent it (or that the membership change is about).
+        node: NodeId,
+    },
+    /// SET_REGION_SYNC from a node's kernel.
+    SetRegionSync {
+        /// The node whose agent sent it (or that the membership change is about).
+        node: NodeId,
+        /// The region.
+        region: u64,
+        /// The state the kernel reports for it.
+        in_sync: bool,
+    },
+}
+
+/// What applying an event did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The state changed (or the event changed nothing, e.g. a second CLEAR).
+    Applied,
+    /// GET_RESYNC_WORK's answer: the region this node is to recover, if any.
+    ResyncWork(Option<u64>),
+}
+
+/// Why an event was refused. Refusals are deterministic (every member refuses the same event),
+/// and the node whose kernel asked answers it with [`Refusal::errno`].
+#[derive(thiserror::Error, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// A request from a node whose agent is not a live member of the log.
+    #[error("node {0} is not a live member of this log")]
+    NotMember(NodeId),
+    /// A region number at or beyond the region count.
+    #[error("region {region} is beyond the log's {count} regions")]
+    RegionOutOfRange {
+        /// The region.
+        region: u64,
+        /// The region count of the log.
+        count: u64,
+    },
+    /// A fencing confirmation for an incarnation that is not held (already reclaimed, adopted,
+    /// or never seen): nothing to reclaim, and nothing is.
+    #[error("no held state of node {node} incarnation {incarnation:032x} to reclaim")]
+    NothingToReclaim {
+        /// The node whose agent sent it (or that the membership change is about).
+        node: NodeId,
+        /// The kernel incarnation (boot id) of that node.
+        incarnation: Incarnation,
+    },
+}
+
+impl Refusal {
+    /// The negative errno a kernel request refused so is answered with.
+    pub fn errno(&self) -> i32 {
+        match self {
+            // The kernel reconnects (CTR + RESUME) on -ESRCH, which makes the agent join again.
+            Refusal::NotMember(_) => -libc::ESRCH,
+            Refusal::RegionOutOfRange { .. } | Refusal::NothingToReclaim { .. } => -libc::EINVAL,
+        }
+    }
+}
+
+/// One node's share of a log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeShare {
+    /// The kernel incarnation whose marks these are.
+    pub incarnation: Incarnation,
+    /// The agent is a live member; false while held after a departure.
+    pub live: bool,
+    /// Regions this node's kernel marked and has not cleared.
+    pub marks: BTreeSet<u64>,
+    /// The region this node is recovering.
+    pub slot: Option<u64>,
+}
+
+/// The replicated state of one cluster log.
+#[derive(Clone, Debug)]
+pub struct ReplicatedLog {
+    sync: RegionBitmap,
+    nodes: BTreeMap<NodeId, NodeShare>,
+    /// Reclaimed regions, handed out before any other (oldest reclaim first).
+    reclaimed: VecDeque<u64>,
+    // Derived from `nodes` (never encoded, rebuilt on decode):
+    owners: BTreeMap<u64, u32>,
+    recovering: BTreeMap<u64, NodeId>,
+    /// No region below this is out of sync (a lower bound; any lower bound gives the same answers).
+    search_from: u64,
+}
+
+/// Snapshot format version of [`ReplicatedLog::encode`].
+pub const SNAPSHOT_VERSION: u32 = 1;
+const SNAPSHOT_MAGIC: [u8; 4] = *b"ULRL";
+
+/// Why a snapshot could not be decoded.
+#[derive(thiserror::Error, Debug, PartialEq, Eq)]
+pub enum SnapshotError {
+    #[error("not a ulog log snapshot (bad magic)")]
+    /// The bytes do not start with the snapshot magic.
+    Magic,
+    #[error("snapshot version {0} is not {SNAPSHOT_VERSION}")]
+    /// Another snapshot format version.
+    Version(u32),
+    #[error("snapshot truncated")]
+    /// The bytes end before the snapshot does.
+    Truncated,
+    #[error("snapshot has {0} bytes after its end")]
+    /// Bytes follow the snapshot's end.
+    Trailing(usize),
+    #[error("snapshot inconsistent: {0}")]
+    /// The snapshot contradicts itself (what, in the text).
+    Inconsistent(&'static str),
+    #[error("no memory for a snapshot of {0} regions")]
+    /// The region count does not fit in memory.
+    NoMemory(u64),
+}
+
+impl SnapshotError {
+    /// Errno for the kernel request that waited on a state transfer that failed so.
+    pub fn errno(&self) -> i32 {
+        match self {
+            SnapshotError::NoMemory(_) => -libc::ENOMEM,
+            _ => -libc::EPROTO,
+        }
+    }
+}
+
+impl ReplicatedLog {
+    /// A log of `region_count` regions, all in sync (`nosync` tables) or none.
+    pub fn new(region_count: u64, in_sync: bool) -> Result<Self, std::collections::TryReserveError> {
+        Ok(Self {
+            sync: RegionBitmap::try_new(region_count, in_sync)?,
+            nodes: BTreeMap::new(),
+            reclaimed: VecDeque::new(),
+            owners: BTreeMap::new(),
+            recovering: BTreeMap::new(),
+            search_from: 0,
+        })
+    }
+
+    /// Number of regions.
+    pub fn region_count(&self) -> u64 {
+        self.sync.len()
+    }
+
+    /// IN_SYNC: the legs hold the same data for region `r`.
+    ///
+    /// A region marked by a held node is answered "not in sync" whatever its sync bit: that
+    /// node's kernel may have died mid-write (its legs may differ), and until it is adopted or
+    /// reclaimed nobody knows. dm-raid1 then reads such a region from the default leg only,
+    /// and writes it to every leg as before. Its sync bit is kept: an agent that restarted
+    /// under a live kernel adopts the marks, and the region counts as in sync again.
+    pub fn in_sync(&self, r: u64) -> Result<bool, Refusal> {
+        self.check(r)?;
+        Ok(self.sync.get(r) && !self.held_mark(r))
+    }
+
+    fn held_mark(&self, r: u64) -> bool {
+        self.nodes.values().any(|s| !s.live && s.marks.contains(&r))
+    }
+
+    /// IS_CLEAN: in sync and marked by no node, live or held.
+    pub fn is_clean(&self, r: u64) -> Result<bool, Refusal> {
+        self.check(r)?;
+        Ok(self.sync.get(r) && !self.owners.contains_key(&r))
+    }
+
+    /// GET_SYNC_COUNT: the regions [`Self::in_sync`] answers true for.
+    pub fn sync_count(&self) -> u64 {
+        let held: BTreeSet<u64> = self
+            .nodes
+            .values()
+            .filter(|s| !s.live)
+            .flat_map(|s| s.marks.iter().copied())
+            .filter(|&r| self.sync.get(r))
+            .collect();
+        self.sync.count_ones() - held.len() as u64
+    }
+
+    /// IS_REMOTE_RECOVERING from `node`'s kernel: `(is_recovering, in_sync_hint)`.
+    ///
+    /// Recovering: another node (live or held) has `r` in its slot. The hint (the kernel
+    /// treats every region below it as not recovering without asking, and stops asking for
+    /// resync work once it reaches region_count; see `DirtyLog::remote_recovering`): while any
+    /// region is out of sync, the lowest out-of-sync region when another node shares the log
+    /// (any such region may be handed to it at any moment), capped at `region_count - 1` so
+    /// resync work keeps flowing; alone, `region_count - 1` as a single node answers;
+    /// `region_count` once all is in sync.
+    pub fn remote_recovering(&self, node: NodeId, r: u64) -> Result<(bool, u64), Refusal> {
+        self.check(r)?;
+        let recovering = self.recovering.get(&r).is_some_and(|&n| n != node);
+        let count = self.region_count();
+        let hint = match self.sync.next_zero(self.search_from) {
+            None => count,
+            Some(lowest) if self.nodes.keys().any(|&n| n != node) => lowest.min(count - 1),
+            Some(_) => count - 1,
+        };
+        Ok((recovering, hint))
+    }
+
+    /// The nodes that share the log, live or held.
+    pub fn nodes(&self) -> &BTreeMap<NodeId, NodeShare> {
+        &self.nodes
+    }
+
+    /// Reclaimed regions not yet handed out again.
+    pub fn reclaimed(&self) -> impl Iterator<Item = u64> + '_ {
+        self.reclaimed.iter().copied()
+    }
+
+    fn check(&self, r: u64) -> Result<(), Refusal> {
+        if r < self.region_count() {
+            Ok(())
+        } else {
+            Err(Refusal::RegionOutOfRange { region: r, count: self.region_count() })
+        }
+    }
+
+    fn live(&self, node: NodeId) -> Result<(), Refusal> {
+        match self.nodes.get(&node) {
+            Some(s) if s.live => Ok(()),
+            _ => Err(Refusal::NotMember(node)),
+        }
+    }
+
+    /// Applies one event. A refused event changes nothing.
+    pub fn apply(&mut self, event: &Event) -> Result<Outcome, Refusal> {
+        match *event {
+            Event::Join { node, incarnation } => {
+                match self.nodes.get_mut(&node) {
+                    // The agent restarted under the same kernel: it adopts its kernel's marks
+                    // and slot (the kernel will CLEAR them and report its recovery).
+                    Some(s) if s.incarnation == incarnation => s.live = true,
+                    // A new kernel on that node: the old one is dead (a reboot), so what it
+                    // held is reclaimed without waiting for fencing.
+                    Some(_) => {
+                        self.reclaim(node);
+                        self.nodes.insert(node, NodeShare::new(incarnation));
+                    }
+                    None => {
+                        self.nodes.insert(node, NodeShare::new(incarnation));
+                    }
+                }
+                Ok(Outcome::Applied)
+            }
+            Event::Depart { node } => {
+                if let Some(s) = self.nodes.get_mut(&node) {
+                    s.live = false;
+                }
+                Ok(Outcome::Applied)
+            }
+            Event::Release { node } => {
+                self.live(node)?;
+                if let Some(s) = self.nodes.remove(&node) {
+                    for r in s.marks {
+                        self.disown(r);
+                    }
+                    if let Some(r) = s.slot {
+                        self.recovering.remove(&r);
+                    }
+                }
+                Ok(Outcome::Applied)
+            }
+            Event::FenceConfirmed { node, incarnation } => match self.nodes.get(&node) {
+                Some(s) if !s.live && s.incarnation == incarnation => {
+                    self.reclaim(node);
+                    Ok(Outcome::Applied)
+                }
+                _ => Err(Refusal::NothingToReclaim { node, incarnation }),
+            },
+            Event::Mark { node, ref regions } => {
+                self.live(node)?;
+                self.check_all(regions)?;
+                let share = self.nodes.get_mut(&node).ok_or(Refusal::NotMember(node))?;
+                for &r in regions {
+                    if share.marks.insert(r) {
+                        *self.owners.entry(r).or_insert(0) += 1;
+                    }
+                }
+                Ok(Outcome::Applied)
+            }
+            Event::Clear { node, ref regions } => {
+                self.live(node)?;
+                self.check_all(regions)?;
+                let share = self.nodes.get_mut(&node).ok_or(Refusal::NotMember(node))?;
+                let mut gone = Vec::new();
+                for &r in regions {
+                    if share.marks.remove(&r) {
+                        gone.push(r);
+                    }
+                }
+                for r in gone {
+                    self.disown(r);
+                }
+                Ok(Outcome::Applied)
+            }
+            Event::GetResyncWork { node } => {
+                self.live(node)?;
+                if let Some(r) = self.nodes.get(&node).and_then(|s| s.slot) {
+                    // A resend (or the kernel's reconnect) asks again: same answer.
+                    return Ok(Outcome::ResyncWork(Some(r)));
+                }
+                let work = self.next_work();
+                if let Some(r) = work {
+                    // A reclaimed region stays queued until it is in sync: if this copy
+                    // fails (SET_REGION_SYNC 0), it is still first in line.
+                    self.recovering.insert(r, node);
+                    if let Some(s) = self.nodes.get_mut(&node) {
+                        s.slot = Some(r);
+                    }
+                }
+                Ok(Outcome::ResyncWork(work))
+            }
+            Event::SetRegionSync { node, region, in_sync } => {
+                self.live(node)?;
+                self.check(region)?;
+                self.sync.set(region, in_sync);
+                if !in_sync {
+                    self.search_from = self.search_from.min(region);
+                }
+                if let Some(s) = self.nodes.get_mut(&node) {
+                    if s.slot == Some(region) {
+                        s.slot = None;
+                        self.recovering.remove(&region);
+                    }
+                }
+                Ok(Outcome::Applied)
+            }
+        }
+    }
+
+    fn check_all(&self, regions: &[u64]) -> Result<(), Refusal> {
+        regions.iter().try_for_each(|&r| self.check(r))
+    }
+
+    fn disown(&mut self, r: u64) {
+        if let Some(n) = self.owners.get_mut(&r) {
+            *n -= 1;
+            if *n == 0 {
+                self.owners.remove(&r);
+            }
+        }
+    }
+
+    /// The node's kernel is dead: every region it marked may differ between the legs (a write
+    /// may have reached one leg only), and so may the region it was recovering. They go out of
+    /// sync and to the front of the resync queue; its share is removed.
+    fn reclaim(&mut self, node: NodeId) {
+        let Some(share) = self.nodes.remove(&node) else { return };
+        if let Some(r) = share.slot {
+            self.recovering.remove(&r);
+        }
+        for &r in &share.marks {
+            self.disown(r);
+        }
+        let slot_only = share.slot.filter(|r| !share.marks.contains(r));
+        for r in share.marks.iter().copied().chain(slot_only) {
+            self.sync.set(r, false);
+            self.search_from = self.search_from.min(r);
+            if !self.reclaimed.contains(&r) {
+                self.reclaimed.push_back(r);
+            }
+        }
+    }
+
+    fn is_free(&self, r: u64) -> bool {
+        !self.sync.get(r) && !self.owners.contains_key(&r) && !self.recovering.contains_key(&r)
+    }
+
+    /// The region to hand out next: the oldest free reclaimed region, else the lowest free
+    /// out-of-sync one. Free: out of sync, marked by no node (a live writer's region is never
+    /// recovered under it; a held node's may be torn and waits for its reclaim), in no slot.
+    fn next_work(&mut self) -> Option<u64> {
+        self.reclaimed.retain(|&r| !self.sync.get(r));
+        if let Some(&r) = self.reclaimed.iter().find(|&&r| self.is_free(r)) {
+            return Some(r);
+        }
+        let mut r = self.sync.next_zero(self.search_from)?;
+        self.search_from = r;
+        loop {
+            if self.is_free(r) {
+                return Some(r);
+            }
+            r = self.sync.next_zero(r + 1)?;
+        }
+    }
+
+    /// A digest of the replicated state (not of derived fields): members compare it at the
+    /// same point of the ordered history to detect divergence. FNV-1a over [`Self::encode`].
+    pub fn digest(&self) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in self.encode() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h
+    }
+
+    /// The state as bytes, for a joiner (the transport cuts it into atomic chunks) and for
+    /// [`Self::digest`]. Little-endian, versioned: magic, version, region count, sync bitmap,
+    /// nodes (id, incarnation, live, slot, marks), reclaim queue.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(32 + self.sync.words().len() * 8);
+        out.extend_from_slice(&SNAPSHOT_MAGIC);
+        out.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
+        out.extend_from_slice(&self.region_count().to_le_bytes());
+        for w in self.sync.words() {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        out.extend_from_slice(&(self.nodes.len() as u64).to_le_bytes());
+        for (&id, s) in &self.nodes {
+            out.extend_from_slice(&id.to_le_bytes());
+            out.extend_from_slice(&s.incarnation.to_le_bytes());
+            out.push(u8::from(s.live));
+            out.extend_from_slice(&s.slot.unwrap_or(u64::MAX).to_le_bytes());
+            out.extend_from_slice(&(s.marks.len() as u64).to_le_bytes());
+            for r in &s.marks {
+                out.extend_from_slice(&r.to_le_bytes());
+            }
+        }
+        out.extend_from_slice(&(self.reclaimed.len() as u64).to_le_bytes());
+        for r in &self.reclaimed {
+            out.extend_from_slice(&r.to_le_bytes());
+        }
+        out
+    }
+
+    /// Decodes [`Self::encode`]'s bytes; every length and region is checked.
+    pub fn decode(bytes: &[u8]) -> Result<Self, SnapshotError> {
+        let mut rd = Reader(bytes);
+        if rd.take(4)? != SNAPSHOT_MAGIC {
+            return Err(SnapshotError::Magic);
+        }
+        let version = u32::from_le_bytes(rd.array()?);
+        if version != SNAPSHOT_VERSION {
+            return Err(SnapshotError::Version(version));
+        }
+        let count = rd.u64()?;
+        let words = usize::try_from(count.div_ceil(64)).map_err(|_| SnapshotError::Truncated)?;
+        if rd.0.len() / 8 < words {
+            return Err(SnapshotError::Truncated);
+        }
+        let mut log = Self::new(count, false).map_err(|_| SnapshotError::NoMemory(count))?;
+        let image = rd.take(words * 8)?;
+        log.sync.load_le_bytes(image);
+        // load_le_bytes clears bits beyond the count: a snapshot that had any is not ours.
+        if log.sync.words().iter().flat_map(|w| w.to_le_bytes()).ne(image.iter().copied()) {
+            return Err(SnapshotError::Inconsistent("sync bit beyond the region count"));
+        }
+        let region = |r: u64| if r < count { Ok(r) } else { Err(SnapshotError::Inconsistent("region out of range")) };
+        let nodes = rd.u64()?;
+        for _ in 0..nodes {
+            let id = u32::from_le_bytes(rd.array()?);
+            let incarnation = u128::from_le_bytes(rd.array()?);
+            let live = match rd.take(1)?[0] {
+                0 => false,
+                1 => true,
+                _ => return Err(SnapshotError::Inconsistent("live flag")),
+            };
+            let slot = match rd.u64()? {
+                u64::MAX => None,
+                r => Some(region(r)?),
+            };
+            let mut share = NodeShare { incarnation, live, marks: BTreeSet::new(), slot };
+            let n = rd.u64()?;
+            if rd.0.len() as u64 / 8 < n {
+                return Err(SnapshotError::Truncated);
+            }
+            for _ in 0..n {
+                let r = region(rd.u64()?)?;
+                if !share.marks.insert(r) {
+                    return Err(SnapshotError::Inconsistent("a mark twice"));
+                }
+                *log.owners.entry(r).or_insert(0) += 1;
+            }
+            if let Some(r) = slot {
+                if log.recovering.insert(r, id).is_some() {
+                    return Err(SnapshotError::Inconsistent("a region in two slots"));
+                }
+            }
+            if log.nodes.insert(id, share).is_some() {
+                return Err(SnapshotError::Inconsistent("a node twice"));
+            }
+        }
+        let n = rd.u64()?;
+        if rd.0.len() as u64 / 8 < n {
+            return Err(SnapshotError::Truncated);
+        }
+        for _ in 0..n {
+            let r = region(rd.u64()?)?;
+            log.reclaimed.push_back(r);
+        }
+        if !rd.0.is_empty() {
+            return Err(SnapshotError::Trailing(rd.0.len()));
+        }
+        Ok(log)
+    }
+}
+
+impl NodeShare {
+    fn new(incarnation: Incarnation) -> Self {
+        Self { incarnation, live: true, marks: BTreeSet::new(), slot: None }
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], SnapshotError> {
+        if self.0.len() < n {
+            return Err(SnapshotError::Truncated);
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], SnapshotError> {
+        self.take(N)?.try_into().map_err(|_| SnapshotError::Truncated)
+    }
+    fn u64(&mut self) -> Result<u64, SnapshotError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+}
+
+#[cfg(test)]
+mod tests;
