@@ -26,10 +26,13 @@
 //!
 //! # Status and limits
 //!
-//! This module holds the state machine only. Not here yet: the corosync transport (one thread
-//! owning the CPG and quorum handles), holding requests without quorum, the durability rule
-//! for MARK (answered only once another live member or the shared log device holds it), state
-//! transfer to joiners in atomic chunks, the single disk writer, digests, and their telemetry.
+//! This module holds the state machine and the wire format ([`wire`]: versioned frames,
+//! cmirrord detection, acknowledgements, digests, state transfer in atomic chunks). Not here
+//! yet: the corosync transport (one thread owning the CPG and quorum handles), holding
+//! requests without quorum, the durability rule for MARK (answered only once another live
+//! member acknowledged it or the shared log device holds it), the single disk writer, digest
+//! comparison, and their telemetry.
 //! Until they land, cluster mode cannot be turned on and single-node serving is unchanged.
 
 pub mod state;
+pub mod wire;

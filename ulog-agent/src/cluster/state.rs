@@ -462,12 +462,7 @@ impl ReplicatedLog {
     /// A digest of the replicated state (not of derived fields): members compare it at the
     /// same point of the ordered history to detect divergence. FNV-1a over [`Self::encode`].
     pub fn digest(&self) -> u64 {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in self.encode() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        h
+        super::wire::fnv1a(&self.encode())
     }
 
     /// The state as bytes, for a joiner (the transport cuts it into atomic chunks) and for
