@@ -496,7 +496,7 @@ impl ReplicatedLog {
 
     /// Decodes [`Self::encode`]'s bytes; every length and region is checked.
     pub fn decode(bytes: &[u8]) -> Result<Self, SnapshotError> {
-        let mut rd = Reader(bytes);
+        let mut rd = super::wire::Reader(bytes);
         if rd.take(4)? != SNAPSHOT_MAGIC {
             return Err(SnapshotError::Magic);
         }
@@ -572,22 +572,9 @@ impl NodeShare {
     }
 }
 
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], SnapshotError> {
-        if self.0.len() < n {
-            return Err(SnapshotError::Truncated);
-        }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(head)
-    }
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], SnapshotError> {
-        self.take(N)?.try_into().map_err(|_| SnapshotError::Truncated)
-    }
-    fn u64(&mut self) -> Result<u64, SnapshotError> {
-        Ok(u64::from_le_bytes(self.array()?))
+impl From<super::wire::Truncated> for SnapshotError {
+    fn from(_: super::wire::Truncated) -> Self {
+        SnapshotError::Truncated
     }
 }
 

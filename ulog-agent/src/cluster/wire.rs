@@ -343,27 +343,38 @@ impl Assembler {
     }
 }
 
-struct Reader<'a>(&'a [u8]);
+/// The bytes ended before the field did.
+#[derive(Debug)]
+pub(super) struct Truncated;
+
+impl From<Truncated> for WireError {
+    fn from(_: Truncated) -> Self {
+        WireError::Truncated
+    }
+}
+
+/// A little-endian cursor over a frame or a snapshot; every read is checked.
+pub(super) struct Reader<'a>(pub(super) &'a [u8]);
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+    pub(super) fn take(&mut self, n: usize) -> Result<&'a [u8], Truncated> {
         if self.0.len() < n {
-            return Err(WireError::Truncated);
+            return Err(Truncated);
         }
         let (h, t) = self.0.split_at(n);
         self.0 = t;
         Ok(h)
     }
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
-        self.take(N)?.try_into().map_err(|_| WireError::Truncated)
+    pub(super) fn array<const N: usize>(&mut self) -> Result<[u8; N], Truncated> {
+        self.take(N)?.try_into().map_err(|_| Truncated)
     }
-    fn u16(&mut self) -> Result<u16, WireError> {
+    pub(super) fn u16(&mut self) -> Result<u16, Truncated> {
         Ok(u16::from_le_bytes(self.array()?))
     }
-    fn u32(&mut self) -> Result<u32, WireError> {
+    pub(super) fn u32(&mut self) -> Result<u32, Truncated> {
         Ok(u32::from_le_bytes(self.array()?))
     }
-    fn u64(&mut self) -> Result<u64, WireError> {
+    pub(super) fn u64(&mut self) -> Result<u64, Truncated> {
         Ok(u64::from_le_bytes(self.array()?))
     }
 }
