@@ -27,12 +27,14 @@
 //! # Status and limits
 //!
 //! This module holds the state machine and the wire format ([`wire`]: versioned frames,
-//! cmirrord detection, acknowledgements, digests, state transfer in atomic chunks). Not here
-//! yet: the corosync transport (one thread owning the CPG and quorum handles), holding
-//! requests without quorum, the durability rule for MARK (answered only once another live
-//! member acknowledged it or the shared log device holds it), the single disk writer, digest
+//! cmirrord detection, acknowledgements, digests, state transfer in atomic chunks) and
+//! [`stability`] (when a frame is held by another live member, so MARK may be answered). Not
+//! here yet: the corosync transport (one thread owning the CPG and quorum handles), holding
+//! requests without quorum, the durability rule for a lone `clustered-disk` member (the
+//! log device must hold a mark before it is answered), the single disk writer, digest
 //! comparison, and their telemetry.
 //! Until they land, cluster mode cannot be turned on and single-node serving is unchanged.
 
+pub mod stability;
 pub mod state;
 pub mod wire;
