@@ -16,7 +16,8 @@
 //! (binutils, dpkg-dev); and the checks want to look at the exact tree anyway.
 //!
 //! `--check` then verifies what was built, failing on any miss: every expected file in
-//! `dpkg-deb --contents`, the control fields, the binary stripped with a debuglink and a matching
+//! `dpkg-deb --contents`, the control fields and members (md5sums, maintainer scripts that `sh -n`
+//! parses), the binary stripped with a debuglink and a matching
 //! build id in the dbgsym package, the unit's settings that README.md's "What a systemd unit must
 //! do" requires ([`REQUIRED_UNIT_SETTINGS`]), `systemd-analyze verify` on the unit (a copy whose
 //! `ExecStart` points at the extracted binary, its man page on `MANPATH`), `mandoc -T lint` on the man pages, the
@@ -451,7 +452,17 @@ pub fn check(root: &Path, built: &Built) -> Result<()> {
     for field in ["Package: ulog-agent", "Architecture:", "Depends: libc6", "Maintainer:", "Description:"] {
         ensure!(info.contains(field), "control of {} lacks {field:?}", built.main.display());
     }
-    ensure!(info.contains("conffiles"), "no conffiles in {}", built.main.display());
+    for member in ["conffiles", "md5sums", "postinst", "prerm", "postrm"] {
+        ensure!(info.contains(member), "no {member} in {}", built.main.display());
+    }
+    // The maintainer scripts parse (dash, as dpkg runs them).
+    let control_dir = built.main.with_extension("control");
+    let _ = fs::remove_dir_all(&control_dir);
+    output(Command::new("dpkg-deb").arg("--control").arg(&built.main).arg(&control_dir))?;
+    for script in ["postinst", "prerm", "postrm"] {
+        output(Command::new("sh").arg("-n").arg(control_dir.join(script)))?;
+    }
+    let _ = fs::remove_dir_all(&control_dir);
 
     let files = contents(&built.main)?;
     let missing: Vec<&&str> = EXPECTED_FILES.iter().filter(|f| !files.iter().any(|p| p == **f)).collect();
