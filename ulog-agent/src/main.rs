@@ -134,6 +134,53 @@ enum Command {
     /// a new agent to take over; the kernel reconnects within ~2 s of the new agent's start).
     /// Exit status 0 once it exited (or none was running).
     Stop(StopArgs),
+    /// Print the man page (roff) or a shell completion script generated from these flags, for
+    /// packaging (`cargo xtask package`).
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        what: Generated,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Generated {
+    /// A man page, section 8, in roff: ulog-agent(8), or with SUBCOMMAND ulog-agent-SUBCOMMAND(8)
+    /// (the pages ulog-agent(8) refers to).
+    Man {
+        subcommand: Option<String>,
+        /// The page's date (YYYY-MM-DD; packaging passes the last commit's).
+        #[arg(long, default_value = "")]
+        date: String,
+    },
+    /// A completion script for SHELL.
+    Completions { shell: clap_complete::Shell },
+}
+
+/// Writes what `ulog-agent generate` asks for to stdout.
+fn run_generate(what: &Generated) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    let mut out = std::io::stdout().lock();
+    match what {
+        Generated::Man { subcommand, date } => {
+            // Without clap's `help` subcommand: the page would refer to a ulog-agent-help(8).
+            let mut cmd = cmd.version(env!("CARGO_PKG_VERSION")).disable_help_subcommand(true);
+            // Built first: a subcommand's display name ("ulog-agent-status") is set by build.
+            cmd.build();
+            let page = match subcommand {
+                None => cmd,
+                Some(name) => cmd
+                    .find_subcommand(name)
+                    .filter(|c| !c.is_hide_set())
+                    .cloned()
+                    .ok_or_else(|| anyhow::anyhow!("no subcommand {name:?}"))?,
+            };
+            clap_mangen::Man::new(page).section("8").date(date).manual("System Administration").render(&mut out)?;
+        }
+        Generated::Completions { shell } => clap_complete::generate(*shell, &mut cmd, "ulog-agent", &mut out),
+    }
+    Ok(())
 }
 
 #[derive(Debug, clap::Args)]
@@ -374,6 +421,7 @@ fn main() -> anyhow::Result<()> {
     match &cli.command {
         Some(Command::Status(args)) => std::process::exit(status::run(args)),
         Some(Command::Stop(args)) => std::process::exit(run_stop(&cli.run_dir, args)),
+        Some(Command::Generate { what }) => return run_generate(what),
         Some(Command::CheckStateDir { path }) => match std::fs::metadata(path)
             .with_context(|| format!("{}", path.display()))
             .and_then(|_| check_state_dir(path))

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod fuzz;
+mod package;
 mod run;
 mod setup;
 mod test;
@@ -35,6 +36,9 @@ enum Cmd {
     Fuzz(fuzz::Args),
     /// Benchmarks; results go to BENCHMARKS.md.
     Bench(bench::Args),
+    /// Build the Debian packages (ulog-agent and its -dbgsym) into target/package/; `--check`
+    /// verifies them.
+    Package(package::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,5 +50,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Vm(a) => vm::run(a),
         Cmd::Fuzz(a) => fuzz::run(a),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::Package(a) => package::run(a),
     }
 }

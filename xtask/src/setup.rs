@@ -46,6 +46,13 @@ pub const APT_PACKAGES: &[&str] = &[
     "prometheus",
     "xz-utils",
     "e2fsprogs",
+    // `cargo xtask package [--check]`: dpkg-deb/dpkg-shlibdeps, objcopy/strip/readelf,
+    // systemd-analyze verify, mandoc -T lint, lintian
+    "dpkg-dev",
+    "binutils",
+    "systemd",
+    "mandoc",
+    "lintian",
 ];
 
 #[derive(clap::Args, Debug, Default)]

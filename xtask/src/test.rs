@@ -11,7 +11,8 @@
 //!    includes `promtool check metrics` on a live agent's scrape and `promtool check rules` on
 //!    `dashboards/ulog-rules.yml` (ulog-agent/tests/integration/api.rs; promtool comes from
 //!    Debian's `prometheus` package, which `setup` installs);
-//! 5. the suites in [`SUITES`], each a `cargo ...` command run from the repo root (the VM suite is
+//! 5. the suites in [`SUITES`], each a `cargo ...` command run from the repo root (first
+//!    `cargo xtask package --check`, the Debian package and its unit; the VM suite is
 //!    `cargo xtask vm test`, then a 20 s smoke run of `cargo xtask demo --check`; they are called
 //!    as commands, not functions, so they can change freely; `--skip-vm` skips both).
 //!
@@ -59,6 +60,9 @@ pub struct Suite {
 
 /// Further suites, in order. Register new ones here.
 pub const SUITES: &[Suite] = &[
+    // `cargo xtask package --check`: the .deb's files, the stripped binary and its debug package,
+    // the systemd unit (README's requirements, systemd-analyze verify), the man page, lintian.
+    Suite { name: "package", cargo_args: &["xtask", "package", "--check"] },
     // qemu with a Debian kernel: dm-mirror + dm-log-userspace against the real kernel, eBPF probes.
     Suite { name: "vm", cargo_args: &["xtask", "vm", "test"] },
     // `cargo xtask demo` for 20 s of workload: the forwarded /metrics and the host's Prometheus
