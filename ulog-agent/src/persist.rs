@@ -388,7 +388,7 @@ impl Worker {
         let service_ns = now.saturating_sub(r.received_ns);
         self.telemetry.observe_service(r.kind(), service_ns);
         if let Some(kind) = r.kind() {
-            self.log_tel.answered(kind, error, now);
+            self.log_tel.answered(kind, error, now, service_ns);
         }
         if r.flight_id == 0 {
             return;

@@ -359,7 +359,8 @@ impl LogServer {
                 }
                 // The log is gone: its result is counted, no flight record is kept.
                 if let (Some(tel), Ok(Outcome::Reply(error, _))) = (&tel, &outcome) {
-                    tel.answered(RequestType::Dtr, *error, clock::now_ns());
+                    let now = clock::now_ns();
+                    tel.answered(RequestType::Dtr, *error, now, now.saturating_sub(received));
                 }
                 self.finish(req, sender, received, None, 0, outcome)
             }
@@ -416,7 +417,7 @@ impl LogServer {
         self.telemetry.observe_service(req.kind, service_ns);
         if let Some((tel, shared)) = log {
             if let Some(kind) = req.kind {
-                tel.answered(kind, error, now);
+                tel.answered(kind, error, now, service_ns);
             }
             if flight_id != 0 {
                 let rec = flight_record(req, flight_id, received, service_ns, error, false, payload.as_bytes());

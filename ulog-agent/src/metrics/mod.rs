@@ -5,7 +5,10 @@
 //! * **Request path** (receive thread, and a persistent log's I/O thread for the requests it
 //!   answers): per-request figures are relaxed atomics in handles resolved once, at CTR, and kept
 //!   in the log's entry ([`LogTelemetry`], [`LogMetrics`]); the service-time histograms are
-//!   [`histogram::AtomicHistogram`]s indexed by request type. The flight recorder
+//!   [`histogram::AtomicHistogram`]s indexed by request type. Per log, only FLUSH and
+//!   MARK_REGION ([`SLO_TYPES`]) also get a service-time histogram ([`LogMetrics::slo_service`]),
+//!   over the three SLO edges only: 12 series per log (2 types x 4 buckets, sum, count), enough
+//!   for a per-log SLI without a full ladder's 31 series per type and log. The flight recorder
 //!   ([`flight`]) and the dirty-time table ([`dirty`]) live inside the log's mutex
 //!   ([`LogState`]), written in critical sections the request path takes anyway (plus one short
 //!   one to record the request after its reply is sent). Nothing allocates per request.
@@ -43,7 +46,7 @@ use crate::persist::SharedLog;
 use crate::telemetry::correlate::SeqTable;
 use dirty::DirtyTracker;
 use flight::{FlightIds, FlightRing};
-use histogram::{AtomicHistogram, DIRTY_EDGES_NS};
+use histogram::{AtomicHistogram, DIRTY_EDGES_NS, PER_LOG_SLO_EDGES_NS};
 use kernel::KernelSource;
 use mirror::MirrorDevice;
 use regions::RegionCounts;
@@ -194,6 +197,16 @@ pub fn short_name(uuid: &str, taken: impl Fn(&str) -> bool) -> String {
     (2u32..).map(|k| format!("{uuid}~{k}")).find(|n| !taken(n)).unwrap_or_default()
 }
 
+/// The request types with a latency SLO (dm-raid1 waits for them on every write to a clean
+/// region), which get a per-log service-time histogram: `ulog_log_request_duration_seconds`.
+pub const SLO_TYPES: [RequestType; 2] = [RequestType::Flush, RequestType::MarkRegion];
+
+/// The slot of a request type in [`LogMetrics::slo_service`] (None: not an SLO type).
+#[inline]
+pub fn slo_slot(kind: RequestType) -> Option<usize> {
+    SLO_TYPES.iter().position(|&t| t == kind)
+}
+
 /// Per-log counters and histograms, shared by every log of one uuid (their series continue across
 /// a table reload). All relaxed atomics.
 #[derive(Debug)]
@@ -215,6 +228,10 @@ pub struct LogMetrics {
     pub flush_errors: AtomicU64,
     /// Flushes of the mirror legs before clean bits were written: `[ok, failed]`.
     pub leg_flushes: [AtomicU64; 2],
+    /// Service time of the [`SLO_TYPES`] answered for this log, over the SLO edges only
+    /// ([`PER_LOG_SLO_EDGES_NS`]: 6 series per type, 12 per log), so one slow log is not
+    /// diluted by busy fast ones in the per-type histogram. Receive and I/O threads both write.
+    pub slo_service: [AtomicHistogram; SLO_TYPES.len()],
 }
 
 impl Default for LogMetrics {
@@ -228,6 +245,7 @@ impl Default for LogMetrics {
             flush_bytes: AtomicU64::new(0),
             flush_errors: AtomicU64::new(0),
             leg_flushes: Default::default(),
+            slo_service: std::array::from_fn(|_| AtomicHistogram::new(&PER_LOG_SLO_EDGES_NS)),
         }
     }
 }
@@ -279,10 +297,14 @@ pub struct LogTelemetry {
 }
 
 impl LogTelemetry {
-    /// A request of this log was answered (receive thread or I/O thread).
+    /// A request of this log was answered (receive thread or I/O thread), `service_ns` after it
+    /// was received.
     #[inline]
-    pub fn answered(&self, kind: RequestType, error: i32, now_ns: u64) {
+    pub fn answered(&self, kind: RequestType, error: i32, now_ns: u64, service_ns: u64) {
         self.metrics.request(kind, error);
+        if let Some(slot) = slo_slot(kind) {
+            self.metrics.slo_service[slot].observe_ns(service_ns);
+        }
         if kind == RequestType::Resume && error == 0 {
             self.resumed_ns.store(now_ns.max(1), Relaxed);
         }

@@ -335,6 +335,87 @@ fn scrape_and_api_match_the_traffic_sent() {
     assert!(m["service_time_seconds"].as_f64().unwrap() > 0.0);
 }
 
+/// The per-log SLO histogram (`ulog_log_request_duration_seconds{log, type}`): FLUSH and
+/// MARK_REGION only, over the SLO edges only (12 series per log), at zero from the CTR on, counting
+/// exactly the answers of its own log (a busy log's fast answers do not land in another log's
+/// series), and gone with the DTR.
+#[test]
+fn per_log_slo_histograms_count_each_logs_flush_and_mark() {
+    let (mut a, http) = start(Core::InMemory);
+    let disk = zero_file(&a.dir.join("disk"), 65536);
+    let busy = Log::new("LVM-slobusy0001", LUID);
+    let dlog = Log::new("LVM-slodisk0001", LUID + 1);
+    a.create(&busy, "1000 clustered-core 8");
+    a.create(&dlog, &format!("1000 clustered-disk {} 8", disk.display()));
+    let family = "ulog_log_request_duration_seconds";
+    let s = http.scrape();
+    assert_eq!(s.les(family), ["+Inf", "0.0001", "0.02", "15"].map(String::from).into(), "the SLO edges only");
+    for name in ["slobusy0001", "slodisk0001"] {
+        let series =
+            s.samples.iter().filter(|x| x.0.starts_with(family) && x.1.iter().any(|l| l.0 == "log" && l.1 == name));
+        assert_eq!(series.count(), 12, "{name}: 2 types x (4 buckets, _sum, _count)");
+        for t in ["FLUSH", "MARK_REGION"] {
+            assert_eq!(s.get(&format!("{family}_count"), &[("log", name), ("type", t)]), 0.0, "{name} {t} at CTR");
+            assert_eq!(s.get(&format!("{family}_bucket"), &[("log", name), ("type", t), ("le", "+Inf")]), 0.0);
+        }
+        assert_eq!(s.sum(&format!("{family}_count"), &[("log", name), ("type", "IN_SYNC")]), 0.0, "no other type");
+        assert!(!s.matching(&format!("{family}_count"), &[("type", "IN_SYNC")]).any(|_| true));
+    }
+
+    // Busy core log: 40 FLUSH, 30 MARK_REGION. Disk log: 3 recoveries, 3 MARKs (each waits for
+    // a durable write), 5 FLUSHes.
+    for r in 0..30 {
+        a.mark(&busy, &[r]);
+        a.flush(&busy, &[]);
+    }
+    for _ in 0..10 {
+        a.flush(&busy, &[]);
+    }
+    for r in [3, 50, 100] {
+        a.recover(&dlog, r);
+        a.mark(&dlog, &[r]);
+    }
+    for _ in 0..5 {
+        a.flush(&dlog, &[]);
+    }
+    let s = http.scrape();
+    let count = |name: &str, t: &str| s.get(&format!("{family}_count"), &[("log", name), ("type", t)]);
+    let inf = |name: &str, t: &str| s.get(&format!("{family}_bucket"), &[("log", name), ("type", t), ("le", "+Inf")]);
+    let requests = |name: &str, t: &str| s.sum("ulog_requests_total", &[("log", name), ("type", t)]);
+    for (name, t, want) in [
+        ("slobusy0001", "FLUSH", 40.0),
+        ("slobusy0001", "MARK_REGION", 30.0),
+        ("slodisk0001", "FLUSH", 5.0),
+        ("slodisk0001", "MARK_REGION", 3.0),
+    ] {
+        assert_eq!(count(name, t), want, "{name} {t}");
+    }
+    for name in ["slobusy0001", "slodisk0001"] {
+        for t in ["FLUSH", "MARK_REGION"] {
+            assert_eq!(count(name, t), requests(name, t), "{name} {t}: one observation per answer, ok or error");
+            assert_eq!(inf(name, t), count(name, t), "{name} {t}: +Inf = _count");
+            let le15 = s.get(&format!("{family}_bucket"), &[("log", name), ("type", t), ("le", "15")]);
+            assert_eq!(le15, count(name, t), "{name} {t}: nothing took 15 s");
+            assert!(s.get(&format!("{family}_sum"), &[("log", name), ("type", t)]) > 0.0);
+        }
+    }
+    // The per-type histogram sums both logs.
+    for t in ["FLUSH", "MARK_REGION"] {
+        assert_eq!(
+            s.get("ulog_request_duration_seconds_count", &[("type", t)]),
+            count("slobusy0001", t) + count("slodisk0001", t),
+            "{t}"
+        );
+    }
+
+    // DTR: the log's series go with it; the other log's stay.
+    a.suspend(&dlog);
+    a.ok(&dlog, T::Dtr, &[]);
+    let s = http.scrape();
+    assert!(!s.matching(&format!("{family}_count"), &[("log", "slodisk0001")]).any(|_| true), "removed at DTR");
+    assert_eq!(s.get(&format!("{family}_count"), &[("log", "slobusy0001"), ("type", "FLUSH")]), 40.0);
+}
+
 #[test]
 fn persistent_logs_export_their_durable_writes() {
     let (mut a, http) = start(Core::InMemory);
