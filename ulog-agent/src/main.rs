@@ -573,6 +573,7 @@ fn dump_logs(signal: &str, telemetry: &Telemetry) {
         let s = h.shared.lock();
         info!(
             log = %h.tel.name,
+            mirror = h.tel.mirror().as_deref(),
             uuid = %h.uuid,
             luid = format!("{:#x}", h.luid),
             kind = h.kind,

@@ -627,9 +627,9 @@ impl LogServer {
             let replaced = self.take(uuid, luid);
             if let Some(old) = replaced {
                 if phase == Phase::Constructed {
-                    info!(log = %old.name, "CTR for a log that was never resumed: replaced (the kernel gave up on it, or resent its CTR)");
+                    info!(log = %old.name, mirror = old.tel.mirror().as_deref(), "CTR for a log that was never resumed: replaced (the kernel gave up on it, or resent its CTR)");
                 } else {
-                    warn!(log = %old.name, phase = phase.name(), old = %old.ctr_text, new = %parsed.text, "CTR for a log that exists: the kernel destroyed it without a DTR reaching this agent; it is replaced");
+                    warn!(log = %old.name, mirror = old.tel.mirror().as_deref(), phase = phase.name(), old = %old.ctr_text, new = %parsed.text, "CTR for a log that exists: the kernel destroyed it without a DTR reaching this agent; it is replaced");
                 }
                 if let Some(p) = old.persister {
                     p.stop(None);
@@ -772,7 +772,7 @@ impl LogServer {
         pending: PendingReply,
     ) -> (Result<Outcome, i32>, Option<Arc<LogTelemetry>>) {
         let Some(entry) = self.take(uuid, luid) else { return (Err(-libc::EINVAL), None) };
-        info!(log = %entry.name, "log destroyed");
+        info!(log = %entry.name, mirror = entry.tel.mirror().as_deref(), "log destroyed");
         let outcome = match entry.persister {
             Some(p) => {
                 p.stop(Some(pending));
@@ -788,7 +788,7 @@ impl LogServer {
         for entry in self.logs.into_values().flatten() {
             if let Some(p) = entry.persister {
                 p.stop_and_wait();
-                info!(log = %entry.name, "log flushed");
+                info!(log = %entry.name, mirror = entry.tel.mirror().as_deref(), "log flushed");
             }
         }
     }
