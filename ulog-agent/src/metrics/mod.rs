@@ -32,6 +32,7 @@ pub mod histogram;
 pub mod kernel;
 pub mod mirror;
 pub mod regions;
+pub mod textfile;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;

@@ -416,6 +416,60 @@ fn per_log_slo_histograms_count_each_logs_flush_and_mark() {
     assert_eq!(s.get(&format!("{family}_count"), &[("log", "slobusy0001"), ("type", "FLUSH")]), 40.0);
 }
 
+/// `--textfile-dir`: the file node_exporter reads says "serving, API not bound" while the API
+/// cannot bind (another process holds its port), and "listening" once the port is free and the
+/// agent's 5 s bind retry succeeds: what `up{job="ulog"} == 0` alone cannot tell.
+#[test]
+fn the_textfile_tells_serving_without_api_from_dead() {
+    let textfiles = TempDir::new();
+    let mut squatter = None;
+    let mut a = Agent::start_with_args_after(
+        Core::InMemory,
+        &["--textfile-dir".to_string(), textfiles.path().display().to_string()],
+        || {
+            lo_up();
+            squatter = Some(std::net::TcpListener::bind(ADDR).expect("take the API port first"));
+        },
+    );
+    let file = textfiles.join("ulog-agent.prom");
+    let value = |text: &str, name: &str| -> Option<f64> {
+        text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.parse().ok())
+    };
+    // Polls the file until `want` holds (the agent writes it every 5 s).
+    let wait_for = |want: &dyn Fn(&str) -> bool, what: &str, a: &Agent| -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = std::fs::read_to_string(&file).unwrap_or_default();
+            if want(&text) {
+                return text;
+            }
+            assert!(Instant::now() < deadline, "{what}: {text:?}\n{}", a.proc.output());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let log = Log::new("LVM-textfile0001", LUID);
+    a.create(&log, "1000 clustered-core 8");
+    let text = wait_for(&|t| value(t, "ulog_agent_logs") == Some(1.0), "the log counted", &a);
+    assert_eq!(value(&text, "ulog_agent_serving"), Some(1.0), "{text}");
+    assert_eq!(
+        value(&text, "ulog_agent_http_listening"),
+        Some(0.0),
+        "no such address: no API\n{text}\n{}",
+        a.proc.output()
+    );
+    assert!(value(&text, "ulog_agent_textfile_timestamp_seconds").unwrap() > 1.7e9);
+    // The requests are still served.
+    assert_eq!(a.region_size(&log), 8);
+    // The port freed: the agent's bind retry succeeds and the file says so.
+    drop(squatter.take());
+    let text = wait_for(&|t| value(t, "ulog_agent_http_listening") == Some(1.0), "the API bound", &a);
+    assert_eq!(value(&text, "ulog_agent_serving"), Some(1.0));
+    assert_eq!(Http::new().get("/readyz").0, 200, "the agent's API answers");
+    let out = Command::new("promtool").args(["check", "metrics"]).stdin(std::fs::File::open(&file).unwrap()).output();
+    let out = out.expect("promtool");
+    assert!(out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(), "promtool check metrics: {out:?}");
+}
+
 #[test]
 fn persistent_logs_export_their_durable_writes() {
     let (mut a, http) = start(Core::InMemory);
