@@ -101,6 +101,12 @@ struct Cli {
     #[arg(long, env = "ULOG_NO_HTTP")]
     no_http: bool,
 
+    /// Write `ulog-agent.prom` here every 5 s for node_exporter's textfile collector
+    /// (`ulog_agent_serving`, `ulog_agent_http_listening`, a timestamp): tells "agent serving,
+    /// HTTP API not bound" from "agent dead" where `up{job="ulog"} == 0` cannot.
+    #[arg(long, env = "ULOG_TEXTFILE_DIR", value_name = "DIR")]
+    textfile_dir: Option<PathBuf>,
+
     /// Where the pid file (`ulog-agent.pid`, locked while the agent runs) lives: `ulog-agent
     /// stop` finds the agent there, and a second agent with the same run directory refuses to
     /// start.
@@ -556,6 +562,10 @@ fn run(
     // boot, ordered after a Type=notify unit, cannot get "Userspace log server not found".
     systemd::notify(&format!("READY=1\nSTATUS=serving, pid {}\nMAINPID={}", std::process::id(), std::process::id()));
     rt.spawn(metrics::background(Arc::clone(&telemetry)));
+    if let Some(dir) = &cli.textfile_dir {
+        info!(dir = %dir.display(), file = metrics::textfile::FILE_NAME, "writing the textfile-collector file every 5 s");
+        rt.spawn(metrics::textfile::run(Arc::clone(&telemetry), dir.clone()));
+    }
     {
         let counters = Arc::clone(&counters);
         let dropped = log_lines_dropped.clone();
@@ -621,6 +631,7 @@ fn dump_logs(signal: &str, telemetry: &Telemetry) {
         let s = h.shared.lock();
         info!(
             log = %h.tel.name,
+            mirror = h.tel.mirror().as_deref(),
             uuid = %h.uuid,
             luid = format!("{:#x}", h.luid),
             kind = h.kind,

@@ -388,7 +388,7 @@ impl Worker {
         let service_ns = now.saturating_sub(r.received_ns);
         self.telemetry.observe_service(r.kind(), service_ns);
         if let Some(kind) = r.kind() {
-            self.log_tel.answered(kind, error, now);
+            self.log_tel.answered(kind, error, now, service_ns);
         }
         if r.flight_id == 0 {
             return;
@@ -446,7 +446,7 @@ impl Worker {
             Err(e) => {
                 self.log.lock().snapshot_failed(&snap);
                 if !self.log.device_failed.swap(true, Ordering::Relaxed) {
-                    error!(log = %self.name, device = %self.device.path().display(), error = %e, "log device write failed; the log is marked failed (D)");
+                    error!(log = %self.name, mirror = self.log_tel.mirror().as_deref(), device = %self.device.path().display(), error = %e, "log device write failed; the log is marked failed (D)");
                 }
                 -e.raw_os_error().unwrap_or(libc::EIO)
             }
@@ -467,7 +467,7 @@ impl Worker {
                 metrics.leg_flushed(false);
                 self.log.lock().legs_flush_failed(&mut self.image, snap);
                 if !self.log.legs_flush_failed.swap(true, Ordering::Relaxed) {
-                    error!(log = %self.name, error = %e, consequence = "every region is written dirty; clears are ignored until the table is reloaded (dm-log.c flush_failed)", "flushing the mirror legs failed");
+                    error!(log = %self.name, mirror = self.log_tel.mirror().as_deref(), error = %e, consequence = "every region is written dirty; clears are ignored until the table is reloaded (dm-log.c flush_failed)", "flushing the mirror legs failed");
                 }
             }
         }
@@ -505,13 +505,13 @@ impl Worker {
         match self.legs.resolve() {
             Ok(LegLookup::Found(legs)) => {
                 let legs: Vec<String> = legs.iter().map(ToString::to_string).collect();
-                info!(log = %self.name, legs = %legs.join(" "), "mirror legs found");
+                info!(log = %self.name, mirror = self.log_tel.mirror().as_deref(), legs = %legs.join(" "), "mirror legs found");
             }
             Ok(LegLookup::NoDeviceMapper) => {
                 info!(log = %self.name, "no device-mapper in this kernel: no mirror legs to flush")
             }
             Err(e) => {
-                warn!(log = %self.name, error = %e, "cannot find the mirror legs (retried before the next clean bits are written)")
+                warn!(log = %self.name, mirror = self.log_tel.mirror().as_deref(), error = %e, "cannot find the mirror legs (retried before the next clean bits are written)")
             }
         }
         let device = Arc::clone(&self.shared_device);
@@ -526,7 +526,7 @@ impl Worker {
         self.write_locked();
         let read = self.device.read_image(&mut self.image);
         if let Err(e) = &read {
-            warn!(log = %self.name, device = %self.device.path().display(), error = %e, "cannot read the log; every region will be resynchronised");
+            warn!(log = %self.name, mirror = self.log_tel.mirror().as_deref(), device = %self.device.path().display(), error = %e, "cannot read the log; every region will be resynchronised");
             self.log.device_failed.store(true, Ordering::Relaxed);
         } else {
             self.log.device_failed.store(false, Ordering::Relaxed);

@@ -359,7 +359,8 @@ impl LogServer {
                 }
                 // The log is gone: its result is counted, no flight record is kept.
                 if let (Some(tel), Ok(Outcome::Reply(error, _))) = (&tel, &outcome) {
-                    tel.answered(RequestType::Dtr, *error, clock::now_ns());
+                    let now = clock::now_ns();
+                    tel.answered(RequestType::Dtr, *error, now, now.saturating_sub(received));
                 }
                 self.finish(req, sender, received, None, 0, outcome)
             }
@@ -416,7 +417,7 @@ impl LogServer {
         self.telemetry.observe_service(req.kind, service_ns);
         if let Some((tel, shared)) = log {
             if let Some(kind) = req.kind {
-                tel.answered(kind, error, now);
+                tel.answered(kind, error, now, service_ns);
             }
             if flight_id != 0 {
                 let rec = flight_record(req, flight_id, received, service_ns, error, false, payload.as_bytes());
@@ -626,9 +627,9 @@ impl LogServer {
             let replaced = self.take(uuid, luid);
             if let Some(old) = replaced {
                 if phase == Phase::Constructed {
-                    info!(log = %old.name, "CTR for a log that was never resumed: replaced (the kernel gave up on it, or resent its CTR)");
+                    info!(log = %old.name, mirror = old.tel.mirror().as_deref(), "CTR for a log that was never resumed: replaced (the kernel gave up on it, or resent its CTR)");
                 } else {
-                    warn!(log = %old.name, phase = phase.name(), old = %old.ctr_text, new = %parsed.text, "CTR for a log that exists: the kernel destroyed it without a DTR reaching this agent; it is replaced");
+                    warn!(log = %old.name, mirror = old.tel.mirror().as_deref(), phase = phase.name(), old = %old.ctr_text, new = %parsed.text, "CTR for a log that exists: the kernel destroyed it without a DTR reaching this agent; it is replaced");
                 }
                 if let Some(p) = old.persister {
                     p.stop(None);
@@ -771,7 +772,7 @@ impl LogServer {
         pending: PendingReply,
     ) -> (Result<Outcome, i32>, Option<Arc<LogTelemetry>>) {
         let Some(entry) = self.take(uuid, luid) else { return (Err(-libc::EINVAL), None) };
-        info!(log = %entry.name, "log destroyed");
+        info!(log = %entry.name, mirror = entry.tel.mirror().as_deref(), "log destroyed");
         let outcome = match entry.persister {
             Some(p) => {
                 p.stop(Some(pending));
@@ -787,7 +788,7 @@ impl LogServer {
         for entry in self.logs.into_values().flatten() {
             if let Some(p) = entry.persister {
                 p.stop_and_wait();
-                info!(log = %entry.name, "log flushed");
+                info!(log = %entry.name, mirror = entry.tel.mirror().as_deref(), "log flushed");
             }
         }
     }

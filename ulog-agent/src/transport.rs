@@ -240,11 +240,20 @@ fn drain(socket: &ConnectorSocket, server: &mut LogServer, buf: &mut [u8]) -> io
     Ok(())
 }
 
-/// The names of up to 8 live logs and how many there are.
+/// The names of up to 8 live logs (`name(mirror=<dm name>)` where the mirror device is known, from
+/// the telemetry's last discovery: no device-mapper call here) and how many there are.
 fn live_logs(server: &LogServer) -> (usize, String) {
-    let logs = server.summaries();
-    let names: Vec<String> = logs.iter().take(8).map(|l| l.name.clone()).collect();
-    (logs.len(), names.join(","))
+    let count = server.summaries().len();
+    let logs = server.telemetry().logs();
+    let names: Vec<String> = logs
+        .iter()
+        .take(8)
+        .map(|h| match h.tel.mirror() {
+            Some(m) => format!("{}(mirror={m})", h.tel.name),
+            None => h.tel.name.to_string(),
+        })
+        .collect();
+    (count, names.join(","))
 }
 
 /// Handles an exit request; `Ok(Some(end))` if the loop is to end. An exit-if-idle request with

@@ -18,7 +18,7 @@ use ulog_common::{RequestType, REQUEST_TYPE_COUNT};
 use super::histogram::HistSnapshot;
 use super::kernel::{Retry, Stage};
 use super::regions::RegionState;
-use super::{clock, mirror, primary, type_label, LogHandle, Telemetry};
+use super::{clock, mirror, primary, type_label, LogHandle, Telemetry, SLO_TYPES};
 use crate::counters::Dropped;
 use crate::dirty_log::Phase;
 use crate::protocol::Malformed;
@@ -41,6 +41,7 @@ pub const FAMILIES: &[(&str, &str, &str, &str)] = &[
     ("ulog_region_size_bytes", "gauge", "log", "per log"),
     ("ulog_resync_progress_ratio", "gauge", "log", "per log"),
     ("ulog_resync_remaining_seconds", "gauge", "log", "per log, when estimable"),
+    ("ulog_log_request_duration_seconds", "histogram", "log, type", "per log, FLUSH and MARK_REGION"),
     ("ulog_region_dirty_duration_seconds", "histogram", "log", "per log"),
     ("ulog_region_dirty_untimed_total", "counter", "log", "per log"),
     ("ulog_log_last_resume_timestamp_seconds", "gauge", "log", "per log, once resumed"),
@@ -311,6 +312,10 @@ impl Exporter {
             "ulog_resync_remaining_seconds",
             "Estimated time until every region is in sync, from the resync rate over the last 30 s (0 when in sync; absent while no progress is seen).",
         );
+        let mut slo_service = Fam::histogram(
+            "ulog_log_request_duration_seconds",
+            "Agent service time of this log's FLUSH and MARK_REGION answers (the SLO types), over the SLO bucket edges only (0.0001, 0.02, 15 s): 12 series per log, for per-log SLIs.",
+        );
         let mut dirty = Fam::histogram(
             "ulog_region_dirty_duration_seconds",
             "How long regions stayed dirty: from the MARK that made a region dirty to the CLEAR that made it clean.",
@@ -374,6 +379,11 @@ impl Exporter {
             if let (_, Some(s)) = p.tel.resync_estimate(p.region_count, sync) {
                 eta.add_gauge(&l, s);
             }
+            // From the CTR on, zeros included (a series born with its first observation loses it
+            // to rate()).
+            for (t, h) in SLO_TYPES.iter().zip(&m.slo_service) {
+                slo_service.add_histogram(&[("log", name), ("type", t.name())], &h.snapshot());
+            }
             dirty.add_histogram(&l, &m.dirty.snapshot());
             untimed.add_counter(&l, m.dirty_untimed.load(std::sync::atomic::Ordering::Relaxed));
             let r = p.tel.resumed_ns.load(std::sync::atomic::Ordering::Relaxed);
@@ -419,6 +429,7 @@ impl Exporter {
             region_size,
             progress,
             eta,
+            slo_service,
             dirty,
             untimed,
             resumed,

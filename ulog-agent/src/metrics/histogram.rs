@@ -71,6 +71,12 @@ pub static LATENCY_EDGES_NS: [u64; LATENCY_LOG2_MAX as usize + 1 + SLO_EDGES_NS.
 /// Edges of kernel-side histograms: the log2 ladder 1 µs .. 2^24 µs only.
 pub static KERNEL_EDGES_NS: [u64; LATENCY_LOG2_MAX as usize + 1] = LATENCY_LOG2;
 
+/// Edges of the per-log SLO histograms (`ulog_log_request_duration_seconds`): the SLO edges
+/// only, so a log costs 6 series per request type (3 edges, `+Inf`, `_sum`, `_count`) instead
+/// of the 31 of a full latency histogram. Enough for the SLIs (good = `le` at the threshold),
+/// not for quantiles (use `ulog_request_duration_seconds` for those).
+pub static PER_LOG_SLO_EDGES_NS: [u64; SLO_EDGES_NS.len()] = SLO_EDGES_NS;
+
 /// Edges of how long regions stay dirty: the log2 ladder 1 µs .. 2^32 µs.
 pub static DIRTY_EDGES_NS: [u64; DIRTY_LOG2_MAX as usize + 1] = log2_ladder();
 

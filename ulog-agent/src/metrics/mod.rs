@@ -5,7 +5,10 @@
 //! * **Request path** (receive thread, and a persistent log's I/O thread for the requests it
 //!   answers): per-request figures are relaxed atomics in handles resolved once, at CTR, and kept
 //!   in the log's entry ([`LogTelemetry`], [`LogMetrics`]); the service-time histograms are
-//!   [`histogram::AtomicHistogram`]s indexed by request type. The flight recorder
+//!   [`histogram::AtomicHistogram`]s indexed by request type. Per log, only FLUSH and
+//!   MARK_REGION ([`SLO_TYPES`]) also get a service-time histogram ([`LogMetrics::slo_service`]),
+//!   over the three SLO edges only: 12 series per log (2 types x 4 buckets, sum, count), enough
+//!   for a per-log SLI without a full ladder's 31 series per type and log. The flight recorder
 //!   ([`flight`]) and the dirty-time table ([`dirty`]) live inside the log's mutex
 //!   ([`LogState`]), written in critical sections the request path takes anyway (plus one short
 //!   one to record the request after its reply is sent). Nothing allocates per request.
@@ -15,7 +18,9 @@
 //! * **Names**: the `log` label is a short, stable name derived from the dm uuid alone
 //!   ([`short_name`]), shared by the logs of one uuid (a table reload's two logs), so a mirror's
 //!   series survive reloads; `ulog_log_info` maps it back to the uuid, the log device and the
-//!   mirror's dm name.
+//!   mirror's dm name. Log lines that name a log add `mirror=<dm name>` once the 5 s discovery
+//!   has found it ([`LogTelemetry::mirror`], handed to each log by [`Telemetry::set_mirrors`] and
+//!   at registration): the engine's lines read that cached name, never a DM ioctl of their own.
 //! * **Off the request path**: a 1 s sampler (resync rate and ETA) and a 5 s mirror-device
 //!   refresh ([`mirror`]) run on the runtime's blocking pool; the exporter reads everything at
 //!   scrape time.
@@ -27,6 +32,7 @@ pub mod histogram;
 pub mod kernel;
 pub mod mirror;
 pub mod regions;
+pub mod textfile;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -43,7 +49,7 @@ use crate::persist::SharedLog;
 use crate::telemetry::correlate::SeqTable;
 use dirty::DirtyTracker;
 use flight::{FlightIds, FlightRing};
-use histogram::{AtomicHistogram, DIRTY_EDGES_NS};
+use histogram::{AtomicHistogram, DIRTY_EDGES_NS, PER_LOG_SLO_EDGES_NS};
 use kernel::KernelSource;
 use mirror::MirrorDevice;
 use regions::RegionCounts;
@@ -194,6 +200,16 @@ pub fn short_name(uuid: &str, taken: impl Fn(&str) -> bool) -> String {
     (2u32..).map(|k| format!("{uuid}~{k}")).find(|n| !taken(n)).unwrap_or_default()
 }
 
+/// The request types with a latency SLO (dm-raid1 waits for them on every write to a clean
+/// region), which get a per-log service-time histogram: `ulog_log_request_duration_seconds`.
+pub const SLO_TYPES: [RequestType; 2] = [RequestType::Flush, RequestType::MarkRegion];
+
+/// The slot of a request type in [`LogMetrics::slo_service`] (None: not an SLO type).
+#[inline]
+pub fn slo_slot(kind: RequestType) -> Option<usize> {
+    SLO_TYPES.iter().position(|&t| t == kind)
+}
+
 /// Per-log counters and histograms, shared by every log of one uuid (their series continue across
 /// a table reload). All relaxed atomics.
 #[derive(Debug)]
@@ -215,6 +231,10 @@ pub struct LogMetrics {
     pub flush_errors: AtomicU64,
     /// Flushes of the mirror legs before clean bits were written: `[ok, failed]`.
     pub leg_flushes: [AtomicU64; 2],
+    /// Service time of the [`SLO_TYPES`] answered for this log, over the SLO edges only
+    /// ([`PER_LOG_SLO_EDGES_NS`]: 6 series per type, 12 per log), so one slow log is not
+    /// diluted by busy fast ones in the per-type histogram. Receive and I/O threads both write.
+    pub slo_service: [AtomicHistogram; SLO_TYPES.len()],
 }
 
 impl Default for LogMetrics {
@@ -228,6 +248,7 @@ impl Default for LogMetrics {
             flush_bytes: AtomicU64::new(0),
             flush_errors: AtomicU64::new(0),
             leg_flushes: Default::default(),
+            slo_service: std::array::from_fn(|_| AtomicHistogram::new(&PER_LOG_SLO_EDGES_NS)),
         }
     }
 }
@@ -276,15 +297,36 @@ pub struct LogTelemetry {
     /// Constructed by a reconnect-form CTR.
     pub by_reconnect: bool,
     history: Mutex<SyncHistory>,
+    /// The dm name of the log's mirror, as the 5 s discovery last found it (None: not found).
+    /// For log lines that name the log (`mirror=<dm name>`): read off the request path only,
+    /// written by [`Telemetry::set_mirrors`] and at registration, never by a DM ioctl of its own.
+    mirror: Mutex<Option<Arc<str>>>,
 }
 
 impl LogTelemetry {
-    /// A request of this log was answered (receive thread or I/O thread).
+    /// A request of this log was answered (receive thread or I/O thread), `service_ns` after it
+    /// was received.
     #[inline]
-    pub fn answered(&self, kind: RequestType, error: i32, now_ns: u64) {
+    pub fn answered(&self, kind: RequestType, error: i32, now_ns: u64, service_ns: u64) {
         self.metrics.request(kind, error);
+        if let Some(slot) = slo_slot(kind) {
+            self.metrics.slo_service[slot].observe_ns(service_ns);
+        }
         if kind == RequestType::Resume && error == 0 {
             self.resumed_ns.store(now_ns.max(1), Relaxed);
+        }
+    }
+
+    /// The dm name of the log's mirror, if discovery found it. For log lines: record it as
+    /// `mirror = tel.mirror().as_deref()` (tracing records nothing for `None`).
+    pub fn mirror(&self) -> Option<Arc<str>> {
+        lock(&self.mirror).clone()
+    }
+
+    fn set_mirror(&self, name: Option<&str>) {
+        let mut m = lock(&self.mirror);
+        if m.as_deref() != name {
+            *m = name.map(Arc::from);
         }
     }
 
@@ -642,8 +684,12 @@ impl Telemetry {
         Arc::clone(&lock(&self.mirrors))
     }
 
-    /// Replaces the mirror mapping.
+    /// Replaces the mirror mapping, and hands each registered log its mirror's dm name (for its
+    /// log lines).
     pub fn set_mirrors(&self, v: MirrorView) {
+        for h in self.logs().iter() {
+            h.tel.set_mirror(v.by_uuid.get(&h.uuid).map(|m| m.name.as_str()));
+        }
         *lock(&self.mirrors) = Arc::new(v);
     }
 
@@ -681,11 +727,14 @@ impl Telemetry {
             resumed_ns: AtomicU64::new(0),
             by_reconnect,
             history: Mutex::default(),
+            mirror: Mutex::new(None),
         })
     }
 
-    /// Registers a constructed log.
+    /// Registers a constructed log (with its mirror's dm name, if the last discovery found it:
+    /// a reconnected or reloaded log's mirror is known at once).
     pub fn add_log(&self, h: Arc<LogHandle>) {
+        h.tel.set_mirror(self.mirrors().by_uuid.get(&h.uuid).map(|m| m.name.as_str()));
         let mut reg = lock(&self.registry);
         let named = reg.by_uuid.entry(h.uuid.clone()).or_insert_with(|| Named {
             name: Arc::clone(&h.tel.name),
@@ -746,7 +795,8 @@ impl Telemetry {
         }
         for (uuid, m) in &view.by_uuid {
             if old.by_uuid.get(uuid) != Some(m) {
-                tracing::info!(uuid = %uuid, mirror = %m.name, dev = %format!("{}:{}", m.major, m.minor), "found the mirror device of a log");
+                let log = self.logs().iter().find(|h| &h.uuid == uuid).map(|h| Arc::clone(&h.tel.name));
+                tracing::info!(log = log.as_deref(), uuid = %uuid, mirror = %m.name, dev = %format!("{}:{}", m.major, m.minor), "found the mirror device of a log");
             }
         }
         self.set_mirrors(view);
@@ -800,6 +850,51 @@ mod tests {
         assert_eq!(short_name("LVM-", none), "LVM-");
         assert_eq!(short_name("LVM-abc", |n: &str| n == "abc"), "LVM-abc");
         assert_eq!(short_name("abc", |n: &str| n == "abc"), "abc~2");
+    }
+
+    /// Log lines name a log's mirror from the last discovery: at registration if the cached view
+    /// has it (a reconnect), on every refresh after, and not once it is gone.
+    #[test]
+    fn logs_carry_their_mirror_name_from_discovery() {
+        let tel = Telemetry::new(Arc::default());
+        let view = |names: &[(&str, &str)]| MirrorView {
+            by_uuid: names
+                .iter()
+                .map(|(u, n)| (u.to_string(), MirrorDevice { name: n.to_string(), major: 253, minor: 3 }))
+                .collect(),
+            refreshed_ns: 1,
+            error: None,
+        };
+        let handle = |uuid: &str| {
+            let args = crate::ctr::parse(b"1000 clustered-core 8").unwrap().args;
+            let log = DirtyLog::new(&args, false).unwrap();
+            Arc::new(LogHandle {
+                uuid: uuid.into(),
+                luid: 1,
+                kind: "clustered-core",
+                ctr: "1000 clustered-core 8".into(),
+                region_size: 8,
+                region_count: 125,
+                device: None,
+                dev: None,
+                shared: Arc::new(SharedLog::new(log)),
+                tel: tel.log_telemetry(uuid, false),
+            })
+        };
+        let a = handle("LVM-mirrora");
+        tel.add_log(Arc::clone(&a));
+        assert_eq!(a.tel.mirror(), None, "not discovered yet");
+        tel.set_mirrors(view(&[("LVM-mirrora", "m_core")]));
+        assert_eq!(a.tel.mirror().as_deref(), Some("m_core"));
+        // A log constructed after the discovery (a reconnect) has it at once.
+        let b = handle("LVM-mirrorb");
+        tel.set_mirrors(view(&[("LVM-mirrora", "m_core"), ("LVM-mirrorb", "m_disk")]));
+        tel.add_log(Arc::clone(&b));
+        assert_eq!(b.tel.mirror().as_deref(), Some("m_disk"));
+        // The mirror removed: no stale name.
+        tel.set_mirrors(view(&[("LVM-mirrorb", "m_disk")]));
+        assert_eq!(a.tel.mirror(), None);
+        assert_eq!(b.tel.mirror().as_deref(), Some("m_disk"));
     }
 
     #[test]

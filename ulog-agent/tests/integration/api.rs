@@ -335,6 +335,141 @@ fn scrape_and_api_match_the_traffic_sent() {
     assert!(m["service_time_seconds"].as_f64().unwrap() > 0.0);
 }
 
+/// The per-log SLO histogram (`ulog_log_request_duration_seconds{log, type}`): FLUSH and
+/// MARK_REGION only, over the SLO edges only (12 series per log), at zero from the CTR on, counting
+/// exactly the answers of its own log (a busy log's fast answers do not land in another log's
+/// series), and gone with the DTR.
+#[test]
+fn per_log_slo_histograms_count_each_logs_flush_and_mark() {
+    let (mut a, http) = start(Core::InMemory);
+    let disk = zero_file(&a.dir.join("disk"), 65536);
+    let busy = Log::new("LVM-slobusy0001", LUID);
+    let dlog = Log::new("LVM-slodisk0001", LUID + 1);
+    a.create(&busy, "1000 clustered-core 8");
+    a.create(&dlog, &format!("1000 clustered-disk {} 8", disk.display()));
+    let family = "ulog_log_request_duration_seconds";
+    let s = http.scrape();
+    assert_eq!(s.les(family), ["+Inf", "0.0001", "0.02", "15"].map(String::from).into(), "the SLO edges only");
+    for name in ["slobusy0001", "slodisk0001"] {
+        let series =
+            s.samples.iter().filter(|x| x.0.starts_with(family) && x.1.iter().any(|l| l.0 == "log" && l.1 == name));
+        assert_eq!(series.count(), 12, "{name}: 2 types x (4 buckets, _sum, _count)");
+        for t in ["FLUSH", "MARK_REGION"] {
+            assert_eq!(s.get(&format!("{family}_count"), &[("log", name), ("type", t)]), 0.0, "{name} {t} at CTR");
+            assert_eq!(s.get(&format!("{family}_bucket"), &[("log", name), ("type", t), ("le", "+Inf")]), 0.0);
+        }
+        assert_eq!(s.sum(&format!("{family}_count"), &[("log", name), ("type", "IN_SYNC")]), 0.0, "no other type");
+        assert!(!s.matching(&format!("{family}_count"), &[("type", "IN_SYNC")]).any(|_| true));
+    }
+
+    // Busy core log: 40 FLUSH, 30 MARK_REGION. Disk log: 3 recoveries, 3 MARKs (each waits for
+    // a durable write), 5 FLUSHes.
+    for r in 0..30 {
+        a.mark(&busy, &[r]);
+        a.flush(&busy, &[]);
+    }
+    for _ in 0..10 {
+        a.flush(&busy, &[]);
+    }
+    for r in [3, 50, 100] {
+        a.recover(&dlog, r);
+        a.mark(&dlog, &[r]);
+    }
+    for _ in 0..5 {
+        a.flush(&dlog, &[]);
+    }
+    let s = http.scrape();
+    let count = |name: &str, t: &str| s.get(&format!("{family}_count"), &[("log", name), ("type", t)]);
+    let inf = |name: &str, t: &str| s.get(&format!("{family}_bucket"), &[("log", name), ("type", t), ("le", "+Inf")]);
+    let requests = |name: &str, t: &str| s.sum("ulog_requests_total", &[("log", name), ("type", t)]);
+    for (name, t, want) in [
+        ("slobusy0001", "FLUSH", 40.0),
+        ("slobusy0001", "MARK_REGION", 30.0),
+        ("slodisk0001", "FLUSH", 5.0),
+        ("slodisk0001", "MARK_REGION", 3.0),
+    ] {
+        assert_eq!(count(name, t), want, "{name} {t}");
+    }
+    for name in ["slobusy0001", "slodisk0001"] {
+        for t in ["FLUSH", "MARK_REGION"] {
+            assert_eq!(count(name, t), requests(name, t), "{name} {t}: one observation per answer, ok or error");
+            assert_eq!(inf(name, t), count(name, t), "{name} {t}: +Inf = _count");
+            let le15 = s.get(&format!("{family}_bucket"), &[("log", name), ("type", t), ("le", "15")]);
+            assert_eq!(le15, count(name, t), "{name} {t}: nothing took 15 s");
+            assert!(s.get(&format!("{family}_sum"), &[("log", name), ("type", t)]) > 0.0);
+        }
+    }
+    // The per-type histogram sums both logs.
+    for t in ["FLUSH", "MARK_REGION"] {
+        assert_eq!(
+            s.get("ulog_request_duration_seconds_count", &[("type", t)]),
+            count("slobusy0001", t) + count("slodisk0001", t),
+            "{t}"
+        );
+    }
+
+    // DTR: the log's series go with it; the other log's stay.
+    a.suspend(&dlog);
+    a.ok(&dlog, T::Dtr, &[]);
+    let s = http.scrape();
+    assert!(!s.matching(&format!("{family}_count"), &[("log", "slodisk0001")]).any(|_| true), "removed at DTR");
+    assert_eq!(s.get(&format!("{family}_count"), &[("log", "slobusy0001"), ("type", "FLUSH")]), 40.0);
+}
+
+/// `--textfile-dir`: the file node_exporter reads says "serving, API not bound" while the API
+/// cannot bind (another process holds its port), and "listening" once the port is free and the
+/// agent's 5 s bind retry succeeds: what `up{job="ulog"} == 0` alone cannot tell.
+#[test]
+fn the_textfile_tells_serving_without_api_from_dead() {
+    let textfiles = TempDir::new();
+    let mut squatter = None;
+    let mut a = Agent::start_with_args_after(
+        Core::InMemory,
+        &["--textfile-dir".to_string(), textfiles.path().display().to_string()],
+        || {
+            lo_up();
+            squatter = Some(std::net::TcpListener::bind(ADDR).expect("take the API port first"));
+        },
+    );
+    let file = textfiles.join("ulog-agent.prom");
+    let value = |text: &str, name: &str| -> Option<f64> {
+        text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.parse().ok())
+    };
+    // Polls the file until `want` holds (the agent writes it every 5 s).
+    let wait_for = |want: &dyn Fn(&str) -> bool, what: &str, a: &Agent| -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = std::fs::read_to_string(&file).unwrap_or_default();
+            if want(&text) {
+                return text;
+            }
+            assert!(Instant::now() < deadline, "{what}: {text:?}\n{}", a.proc.output());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let log = Log::new("LVM-textfile0001", LUID);
+    a.create(&log, "1000 clustered-core 8");
+    let text = wait_for(&|t| value(t, "ulog_agent_logs") == Some(1.0), "the log counted", &a);
+    assert_eq!(value(&text, "ulog_agent_serving"), Some(1.0), "{text}");
+    assert_eq!(
+        value(&text, "ulog_agent_http_listening"),
+        Some(0.0),
+        "no such address: no API\n{text}\n{}",
+        a.proc.output()
+    );
+    assert!(value(&text, "ulog_agent_textfile_timestamp_seconds").unwrap() > 1.7e9);
+    // The requests are still served.
+    assert_eq!(a.region_size(&log), 8);
+    // The port freed: the agent's bind retry succeeds and the file says so.
+    drop(squatter.take());
+    let text = wait_for(&|t| value(t, "ulog_agent_http_listening") == Some(1.0), "the API bound", &a);
+    assert_eq!(value(&text, "ulog_agent_serving"), Some(1.0));
+    assert_eq!(Http::new().get("/readyz").0, 200, "the agent's API answers");
+    let out = Command::new("promtool").args(["check", "metrics"]).stdin(std::fs::File::open(&file).unwrap()).output();
+    let out = out.expect("promtool");
+    assert!(out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(), "promtool check metrics: {out:?}");
+}
+
 #[test]
 fn persistent_logs_export_their_durable_writes() {
     let (mut a, http) = start(Core::InMemory);

@@ -130,10 +130,22 @@ impl Agent {
     }
 
     pub fn start_with(core: Core) -> Self {
+        Self::start_with_args(core, &[])
+    }
+
+    /// An agent with more command-line arguments.
+    pub fn start_with_args(core: Core, extra: &[String]) -> Self {
+        Self::start_with_args_after(core, extra, || {})
+    }
+
+    /// An agent with more command-line arguments, `before` run in the test's namespace just
+    /// before the agent starts (e.g. to take a port the agent wants).
+    pub fn start_with_args_after(core: Core, extra: &[String], before: impl FnOnce()) -> Self {
         enter_private_netns().expect("integration tests need root (unshare CLONE_NEWNET)");
+        before();
         let mut peer = KernelPeer::open().expect("open the kernel peer socket");
         let dir = TempDir::new();
-        let mut args = Vec::new();
+        let mut args = extra.to_vec();
         if core == Core::StateDir {
             // The agent does not create it (a mistyped path must not start every log afresh).
             std::fs::create_dir_all(dir.join("state")).expect("create the state directory");

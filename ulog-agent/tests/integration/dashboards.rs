@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use ulog_agent::metrics::histogram::{edge_seconds, KERNEL_EDGES_NS, LATENCY_EDGES_NS};
+use ulog_agent::metrics::histogram::{edge_seconds, KERNEL_EDGES_NS, LATENCY_EDGES_NS, PER_LOG_SLO_EDGES_NS};
 
 use crate::api;
 use crate::common::*;
@@ -236,6 +236,21 @@ fn slo_thresholds_are_bucket_edges_and_agree() {
         let ty = lines[i + 2].split("type: ").nth(1).and_then(|t| t.split([',', ' ', '}']).next()).expect("labels");
         thresholds.insert(ty.to_string(), v.to_string());
     }
+    // The per-log SLIs (ulog_log_request_duration_seconds, SLO edges only) read the same
+    // threshold as the per-type ones, in five windows each, on a real per-log bucket edge.
+    let per_log: BTreeSet<String> = PER_LOG_SLO_EDGES_NS.iter().map(|&e| edge_seconds(e).to_string()).collect();
+    let mut per_log_les: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let open = "ulog_log_request_duration_seconds_bucket{type=\"";
+    for (at, _) in slo.match_indices(open) {
+        let rest = &slo[at + open.len()..];
+        let ty = &rest[..rest.find('"').unwrap()];
+        let le = bucket_thresholds(&slo[at..], "ulog_log_request_duration_seconds").remove(0);
+        assert!(per_log.contains(&le), "per-log le=\"{le}\" is not an edge of the per-log histogram: {per_log:?}");
+        let n = slo.matches(&format!("{open}{ty}\",le=\"{le}\"}}")).count();
+        assert_eq!(n, 5, "{ty}: per-log SLI windows 5m, 30m, 1h, 6h, 3d");
+        per_log_les.entry(ty.to_string()).or_default().insert(le);
+    }
+    assert_eq!(per_log_les, les, "per-log and per-type SLIs read the same threshold of each type");
     for (ty, set) in &les {
         assert_eq!(set.len(), 1, "{ty}: the SLI windows read different buckets: {set:?}");
         let le = set.iter().next().unwrap();
