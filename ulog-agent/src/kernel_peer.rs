@@ -1100,6 +1100,20 @@ impl AgentProcess {
         std::fs::read_to_string(&self.output_path).unwrap_or_else(|e| format!("(unreadable: {e})\n"))
     }
 
+    /// Its output once `done` holds for it, or as it is after `timeout`. The agent logs through
+    /// a writer thread (logging never blocks the request path), so a line may reach the file
+    /// after the request that caused it was answered.
+    pub fn output_when(&self, done: impl Fn(&str) -> bool, timeout: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let out = self.output();
+            if done(&out) || start.elapsed() >= timeout {
+                return out;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn agent_error(&self, msg: String) -> PeerError {
         PeerError::Agent { msg, output: self.output(), path: self.output_path.display().to_string() }
     }

@@ -180,7 +180,8 @@ fn logs_are_plain_named_like_the_metrics_and_carry_priorities_in_the_journal() {
     let log = Log::nth(0);
     a.create(&log, CORE);
     a.ctr(&Log::nth(1), "100 clustered-core 3"); // refused: a warning
-    let out = a.proc.output();
+                                                 // Lines reach the file through the agent's logging thread: wait for the last one expected.
+    let out = a.proc.output_when(|o| o.contains("log created"), std::time::Duration::from_secs(30));
     assert!(!out.contains('\x1b'), "terminal escape codes in a log file:\n{out}");
     let start = out.lines().find(|l| l.contains("ulog-agent starting")).unwrap_or_else(|| panic!("{out}"));
     assert!(
@@ -214,7 +215,11 @@ fn logs_are_plain_named_like_the_metrics_and_carry_priorities_in_the_journal() {
     }
     let r = peer.call_request(&Request::ctr(UUID, 7, "100 clustered-core 3")).unwrap();
     assert_eq!(r.error, EINVAL, "{r}");
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    // The warning reaches stderr through the logging thread: wait for it (bounded) before the kill.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !std::fs::read_to_string(&path).unwrap().contains("CTR refused") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let _ = agent.kill();
     let _ = agent.wait();
     let text = std::fs::read_to_string(&path).unwrap();
