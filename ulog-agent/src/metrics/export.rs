@@ -33,6 +33,7 @@ pub const FAMILIES: &[(&str, &str, &str, &str)] = &[
     ("ulog_requests_total", "counter", "log, type, result", "per log"),
     ("ulog_requests_without_log_total", "counter", "type", "always"),
     ("ulog_request_duration_seconds", "histogram", "type", "always, every type"),
+    ("ulog_requests_after_stall_total", "counter", "type", "always, every type"),
     ("ulog_malformed_messages_total", "counter", "reason", "always"),
     ("ulog_dropped_messages_total", "counter", "reason", "always"),
     ("ulog_log_lines_dropped_total", "counter", "", "always"),
@@ -258,6 +259,15 @@ impl Exporter {
         // observation loses that increment to rate() (it has no earlier sample to differ from).
         for slot in 0..=REQUEST_TYPE_COUNT {
             f.add_histogram(&[("type", type_label(slot))], &t.service(slot).snapshot());
+        }
+        f.done(out);
+
+        let mut f = Fam::counter(
+            "ulog_requests_after_stall_total",
+            "Requests received right after the receive loop did not run for over 0.5 s (stopped, starved): they waited in the socket queue for an unknown part of that time, which ulog_request_duration_seconds does not include. By request type.",
+        );
+        for slot in 0..=REQUEST_TYPE_COUNT {
+            f.add_counter(&[("type", type_label(slot))], c.after_stall_of(RequestType::ALL.get(slot).copied()));
         }
         f.done(out);
 
