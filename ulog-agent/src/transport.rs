@@ -17,10 +17,11 @@
 //! Stalls: netlink gives no receive timestamp, so the time a request waited in the socket queue
 //! is unknown. What the loop can tell is that it did not run: a `recvfrom` that returns well
 //! after its 250 ms timeout (a datagram, the timeout, or the EINTR that SO_RCVTIMEO sockets
-//! report after SIGCONT) means the process was stopped or starved. The requests served right
-//! after that (the first datagram and what is already queued) are counted per type
+//! report after SIGCONT) means the process was stopped or starved; serving one datagram for that
+//! long (stopped meanwhile, or a slow request) kept the queue waiting too. The requests served
+//! right after either (the first datagram and what is already queued) are counted per type
 //! (`ulog_requests_after_stall_total`, bad events of the SLO without the eBPF probes). Limits:
-//! stalls under `LATE_WAKE` (0.5 s) and waits behind a slow request are not seen, and a request that
+//! stalls and waits under `LATE_WAKE` (0.5 s) are not seen, and a request that
 //! arrived just before the loop resumed is counted although it hardly waited.
 
 use std::io;
@@ -338,18 +339,25 @@ pub fn serve(socket: &ConnectorSocket, server: &mut LogServer, control: &ExitCon
         stall_pending |= late;
         match received {
             Ok(r) if stall_pending => {
-                stall_pending = false;
+                let start = Instant::now();
                 server.counters().set_after_stall(true);
                 server.handle_datagram(&buf[..r.len], r.port, r.full_len > r.len);
                 let drained = drain(socket, server, &mut buf);
                 server.counters().set_after_stall(false);
                 drained?;
+                stall_pending = start.elapsed() > LATE_WAKE;
             }
             Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && !late => {
                 stall_pending = false;
                 server.telemetry().beat(crate::metrics::clock::now_ns());
             }
-            Ok(r) => server.handle_datagram(&buf[..r.len], r.port, r.full_len > r.len),
+            Ok(r) => {
+                // Away from recvfrom this long (stopped while serving, or a slow request): what
+                // queued meanwhile waited for it.
+                let start = Instant::now();
+                server.handle_datagram(&buf[..r.len], r.port, r.full_len > r.len);
+                stall_pending = start.elapsed() > LATE_WAKE;
+            }
             Err(e) => match e.raw_os_error() {
                 Some(libc::EAGAIN) | Some(libc::EINTR) => server.telemetry().beat(crate::metrics::clock::now_ns()),
                 Some(libc::ENOBUFS) => {

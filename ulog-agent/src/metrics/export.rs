@@ -264,7 +264,7 @@ impl Exporter {
 
         let mut f = Fam::counter(
             "ulog_requests_after_stall_total",
-            "Requests received right after the receive loop did not run for over 0.5 s (stopped, starved): they waited in the socket queue for an unknown part of that time, which ulog_request_duration_seconds does not include. By request type.",
+            "Requests served right after the receive loop was away from recvfrom for over 0.5 s (stopped, starved, or serving one slow request): they waited in the socket queue for an unknown part of that time, which ulog_request_duration_seconds does not include. By request type.",
         );
         for slot in 0..=REQUEST_TYPE_COUNT {
             f.add_counter(&[("type", type_label(slot))], c.after_stall_of(RequestType::ALL.get(slot).copied()));
