@@ -7,7 +7,7 @@
 //! Limits: no per-log breakdown here (per-log counters are `metrics::LogMetrics`, kept in each
 //! log's entry).
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 use ulog_common::{RequestType, REQUEST_TYPE_COUNT};
 
@@ -44,6 +44,10 @@ pub struct Counters {
     errors: [AtomicU64; REQUEST_TYPE_COUNT + 1],
     deferred: [AtomicU64; REQUEST_TYPE_COUNT + 1],
     without_log: [AtomicU64; REQUEST_TYPE_COUNT + 1],
+    after_stall: [AtomicU64; REQUEST_TYPE_COUNT + 1],
+    /// Set by the receive loop while it serves what queued up during a stall (see
+    /// `transport::serve`): the requests counted meanwhile are also counted in `after_stall`.
+    stalled: AtomicBool,
     malformed: [AtomicU64; Malformed::ALL.len()],
     dropped: [AtomicU64; Dropped::ALL.len()],
     disk_writes: AtomicU64,
@@ -68,6 +72,20 @@ impl Counters {
         if deferred {
             self.deferred[i].fetch_add(1, Relaxed);
         }
+        if self.stalled.load(Relaxed) {
+            self.after_stall[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// While `true`, every request counted is also counted as received after a stall of the
+    /// receive loop: it waited in the socket queue for an unknown part of the stall.
+    pub fn set_after_stall(&self, on: bool) {
+        self.stalled.store(on, Relaxed);
+    }
+
+    /// Requests of a type received right after a stall of the receive loop.
+    pub fn after_stall_of(&self, kind: Option<RequestType>) -> u64 {
+        self.after_stall[slot(kind)].load(Relaxed)
     }
 
     /// A request answered without a log (unknown (uuid, luid), refused CTR, unknown type).

@@ -13,6 +13,16 @@
 //! live; the restart signal ends it whatever is live. Before returning it leaves the connector
 //! group and serves what was already queued, so the kernel's next request finds no listener
 //! (-ESRCH: reconnect every 2 s) instead of waiting 15 s for an answer from a closed socket.
+//!
+//! Stalls: netlink gives no receive timestamp, so the time a request waited in the socket queue
+//! is unknown. What the loop can tell is that it did not run: a `recvfrom` that returns well
+//! after its 250 ms timeout (a datagram, the timeout, or the EINTR that SO_RCVTIMEO sockets
+//! report after SIGCONT) means the process was stopped or starved; serving one datagram for that
+//! long (stopped meanwhile, or a slow request) kept the queue waiting too. The requests served
+//! right after either (the first datagram and what is already queued) are counted per type
+//! (`ulog_requests_after_stall_total`, bad events of the SLO without the eBPF probes). Limits:
+//! stalls and waits under `LATE_WAKE` (0.5 s) are not seen, and a request that
+//! arrived just before the loop resumed is counted although it hardly waited.
 
 use std::io;
 use std::mem::{size_of, zeroed};
@@ -89,7 +99,7 @@ impl ConnectorSocket {
         if setsockopt(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &size).is_err() {
             let _ = setsockopt(&fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &size);
         }
-        let tv = libc::timeval { tv_sec: 0, tv_usec: 250_000 };
+        let tv = libc::timeval { tv_sec: 0, tv_usec: RECV_TIMEOUT.as_micros() as libc::suseconds_t };
         setsockopt(&fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv)?;
         let port = local_port(&fd)?;
         Ok(Self { fd, port })
@@ -220,6 +230,14 @@ pub enum ServeEnd {
     Restart,
 }
 
+/// The receive timeout (`SO_RCVTIMEO`): the loop wakes at least this often to notice an exit.
+const RECV_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// A `recvfrom` that returns a datagram later than this after the loop started waiting means the
+/// process did not run for a while (SIGSTOP, CPU starvation, swap): the timeout plus a margin
+/// for ordinary scheduling delay. Shorter stalls are not detected.
+const LATE_WAKE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Datagrams served by one [`drain`] at most: a peer flooding the socket cannot keep an exit
 /// waiting forever.
 const DRAIN_LIMIT: usize = 4096;
@@ -313,13 +331,42 @@ pub fn serve(socket: &ConnectorSocket, server: &mut LogServer, control: &ExitCon
     let mut buf = vec![0u8; RECV_BUF];
     let mut overrun_log = RateLimit::new(5, std::time::Duration::from_secs(60));
     let mut warned = false;
+    let mut stall_pending = false;
     server.telemetry().beat(crate::metrics::clock::now_ns());
     loop {
         if let Some(end) = try_exit(control.pending(), socket, server, control, &mut buf, &mut warned)? {
             return Ok(end);
         }
-        match socket.recv(&mut buf) {
-            Ok(r) => server.handle_datagram(&buf[..r.len], r.port, r.full_len > r.len),
+        let call = Instant::now();
+        let received = socket.recv(&mut buf);
+        // recvfrom returns within RECV_TIMEOUT while the process runs: a return this late (a
+        // datagram, the timeout, or the EINTR that SO_RCVTIMEO sockets report after SIGCONT)
+        // means the process was stopped or starved, and what is queued may have waited through
+        // it (netlink gives no receive timestamp to tell how long). It stays pending until a
+        // datagram is served or a timeout comes on time (the queue was empty then).
+        let late = call.elapsed() > LATE_WAKE;
+        stall_pending |= late;
+        match received {
+            Ok(r) if stall_pending => {
+                let start = Instant::now();
+                server.counters().set_after_stall(true);
+                server.handle_datagram(&buf[..r.len], r.port, r.full_len > r.len);
+                let drained = drain(socket, server, &mut buf);
+                server.counters().set_after_stall(false);
+                drained?;
+                stall_pending = start.elapsed() > LATE_WAKE;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && !late => {
+                stall_pending = false;
+                server.telemetry().beat(crate::metrics::clock::now_ns());
+            }
+            Ok(r) => {
+                // Away from recvfrom this long (stopped while serving, or a slow request): what
+                // queued meanwhile waited for it.
+                let start = Instant::now();
+                server.handle_datagram(&buf[..r.len], r.port, r.full_len > r.len);
+                stall_pending = start.elapsed() > LATE_WAKE;
+            }
             Err(e) => match e.raw_os_error() {
                 Some(libc::EAGAIN) | Some(libc::EINTR) => server.telemetry().beat(crate::metrics::clock::now_ns()),
                 Some(libc::ENOBUFS) => {

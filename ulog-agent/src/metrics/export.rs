@@ -33,6 +33,7 @@ pub const FAMILIES: &[(&str, &str, &str, &str)] = &[
     ("ulog_requests_total", "counter", "log, type, result", "per log"),
     ("ulog_requests_without_log_total", "counter", "type", "always"),
     ("ulog_request_duration_seconds", "histogram", "type", "always, every type"),
+    ("ulog_requests_after_stall_total", "counter", "type", "always, every type"),
     ("ulog_malformed_messages_total", "counter", "reason", "always"),
     ("ulog_dropped_messages_total", "counter", "reason", "always"),
     ("ulog_log_lines_dropped_total", "counter", "", "always"),
@@ -263,6 +264,15 @@ impl Exporter {
         f.done(out);
 
         let mut f = Fam::counter(
+            "ulog_requests_after_stall_total",
+            "Requests served right after the receive loop was away from recvfrom for over 0.5 s (stopped, starved, or serving one slow request): they waited in the socket queue for an unknown part of that time, which ulog_request_duration_seconds does not include. By request type.",
+        );
+        for slot in 0..=REQUEST_TYPE_COUNT {
+            f.add_counter(&[("type", type_label(slot))], c.after_stall_of(RequestType::ALL.get(slot).copied()));
+        }
+        f.done(out);
+
+        let mut f = Fam::counter(
             "ulog_malformed_messages_total",
             "Malformed datagrams, by reason (answered -EINVAL where a reply can be matched, else dropped).",
         );
@@ -314,7 +324,7 @@ impl Exporter {
         );
         let mut slo_service = Fam::histogram(
             "ulog_log_request_duration_seconds",
-            "Agent service time of this log's FLUSH and MARK_REGION answers (the SLO types), over the SLO bucket edges only (0.0001, 0.02, 15 s): 12 series per log, for per-log SLIs.",
+            "Agent service time of this log's FLUSH and MARK_REGION answers (the SLO types), over the SLO bucket edges only (0.0001, 0.016384, 15 s): 12 series per log, for per-log SLIs.",
         );
         let mut dirty = Fam::histogram(
             "ulog_region_dirty_duration_seconds",

@@ -75,7 +75,7 @@ pub static KERNEL_EDGES_NS: [u64; LATENCY_LOG2_MAX as usize + 1] = LATENCY_LOG2;
 /// only, so a log costs 6 series per request type (3 edges, `+Inf`, `_sum`, `_count`) instead
 /// of the 31 of a full latency histogram. Enough for the SLIs (good = `le` at the threshold),
 /// not for quantiles (use `ulog_request_duration_seconds` for those).
-pub static PER_LOG_SLO_EDGES_NS: [u64; SLO_EDGES_NS.len()] = SLO_EDGES_NS;
+pub static PER_LOG_SLO_EDGES_NS: [u64; 3] = [100_000, 16_384_000, 15_000_000_000];
 
 /// Edges of how long regions stay dirty: the log2 ladder 1 µs .. 2^32 µs.
 pub static DIRTY_EDGES_NS: [u64; DIRTY_LOG2_MAX as usize + 1] = log2_ladder();

@@ -349,7 +349,7 @@ fn per_log_slo_histograms_count_each_logs_flush_and_mark() {
     a.create(&dlog, &format!("1000 clustered-disk {} 8", disk.display()));
     let family = "ulog_log_request_duration_seconds";
     let s = http.scrape();
-    assert_eq!(s.les(family), ["+Inf", "0.0001", "0.02", "15"].map(String::from).into(), "the SLO edges only");
+    assert_eq!(s.les(family), ["+Inf", "0.0001", "0.016384", "15"].map(String::from).into(), "the SLO edges only");
     for name in ["slobusy0001", "slodisk0001"] {
         let series =
             s.samples.iter().filter(|x| x.0.starts_with(family) && x.1.iter().any(|l| l.0 == "log" && l.1 == name));
@@ -1004,4 +1004,69 @@ fn an_agent_in_a_time_namespace_says_so() {
         out.contains("the agent runs in a time namespace") && out.contains("86400000000000"),
         "no word of the time namespace in:\n{out}"
     );
+}
+
+/// Requests that waited in the socket queue while the agent was stopped (SIGSTOP for 1 s, sent
+/// while it waited in recvfrom) are counted in ulog_requests_after_stall_total by type; their
+/// service time (from recvfrom) would not show the wait. Requests served without a stall are
+/// not counted.
+#[test]
+fn requests_queued_through_a_stall_are_counted() {
+    let (mut a, http) = start(Core::InMemory);
+    let log = Log::nth(0);
+    a.create(&log, "512 clustered-core 8");
+    a.mark(&log, &[1]);
+    a.flush(&log, &[]);
+    let after_stall = |s: &Scrape, t: &str| s.get("ulog_requests_after_stall_total", &[("type", t)]);
+    let s0 = http.scrape();
+    assert_eq!(after_stall(&s0, "MARK_REGION"), 0.0, "before the stall");
+    assert_eq!(after_stall(&s0, "FLUSH"), 0.0, "before the stall");
+
+    let pid = a.proc.pid() as libc::pid_t;
+    // SAFETY: signals to our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    // kill() returns before the stop takes effect: wait until every thread is stopped, so the
+    // requests below are queued, not received by a receive loop that still runs.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !all_threads_stopped(pid) {
+        assert!(Instant::now() < deadline, "the agent did not stop");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mark = a.peer.send(&Request::new(T::MarkRegion, &log.uuid, log.luid, regions_payload(&[2]))).unwrap();
+    let flush = a.peer.send(&Request::new(T::Flush, &log.uuid, log.luid, vec![])).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    let mut answered = Vec::new();
+    for _ in 0..2 {
+        let r = a.peer.recv_reply(Duration::from_secs(10)).unwrap();
+        assert_eq!(r.error, 0, "{r}");
+        answered.push(r.seq);
+    }
+    answered.sort_unstable();
+    let mut sent = vec![mark, flush];
+    sent.sort_unstable();
+    assert_eq!(answered, sent);
+    let s1 = http.scrape();
+    assert_eq!(after_stall(&s1, "MARK_REGION"), 1.0, "the MARK_REGION queued during the stall");
+    assert_eq!(after_stall(&s1, "FLUSH"), 1.0, "the FLUSH queued during the stall");
+    assert_eq!(after_stall(&s1, "IN_SYNC"), 0.0);
+
+    // Served without a stall: not counted.
+    a.mark(&log, &[3]);
+    a.flush(&log, &[]);
+    let s2 = http.scrape();
+    assert_eq!(after_stall(&s2, "MARK_REGION"), 1.0, "a request served without a stall");
+    assert_eq!(after_stall(&s2, "FLUSH"), 1.0, "a request served without a stall");
+}
+
+/// Whether every thread of `pid` is in the stopped state (`T` in /proc/PID/task/TID/stat).
+fn all_threads_stopped(pid: libc::pid_t) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat"))
+            .ok()
+            .and_then(|st| st.rsplit_once(") ").map(|(_, rest)| rest.starts_with('T')))
+            .unwrap_or(false)
+    })
 }

@@ -215,17 +215,20 @@ fn slo_thresholds_are_bucket_edges_and_agree() {
     }
     assert!(checked >= 16, "thresholds found: {checked}");
 
-    // ulog-slo.yml: per SLO type, every window's SLI reads the same bucket, and that bucket is
-    // the type's `ulog:slo_threshold:seconds`.
+    // ulog-slo.yml: per SLO type, every window's SLI reads the same bucket of the kernel
+    // round-trip histogram (probes attached) and of the agent's service-time histogram (the
+    // fallback), and that bucket is the type's `ulog:slo_threshold:seconds`.
     let slo = read("ulog-slo.yml");
     let mut les: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for (at, _) in slo.match_indices("ulog_request_duration_seconds_bucket{type=\"") {
-        let rest = &slo[at + "ulog_request_duration_seconds_bucket{type=\"".len()..];
-        let ty = &rest[..rest.find('"').unwrap()];
-        let le = bucket_thresholds(&slo[at..], "ulog_request_duration_seconds").remove(0);
-        les.entry(ty.to_string()).or_default().insert(le);
+    for family in ["ulog_request_duration_seconds", "ulog_kernel_request_duration_seconds"] {
+        let open = format!("{family}_bucket{{type=\"");
+        for (at, _) in slo.match_indices(&open) {
+            let rest = &slo[at + open.len()..];
+            let ty = &rest[..rest.find('"').unwrap()];
+            let le = bucket_thresholds(&slo[at..], family).remove(0);
+            les.entry(ty.to_string()).or_default().insert(le);
+        }
     }
-    assert_eq!(les.keys().map(String::as_str).collect::<Vec<_>>(), ["FLUSH", "MARK_REGION"]);
     let lines: Vec<&str> = slo.lines().map(str::trim).collect();
     let mut thresholds: BTreeMap<String, String> = BTreeMap::new();
     for (i, l) in lines.iter().enumerate() {
@@ -256,9 +259,13 @@ fn slo_thresholds_are_bucket_edges_and_agree() {
         let le = set.iter().next().unwrap();
         let t = thresholds.get(ty).unwrap_or_else(|| panic!("no ulog:slo_threshold:seconds for {ty}"));
         assert_eq!(t.parse::<f64>().unwrap(), le.parse::<f64>().unwrap(), "{ty}: threshold constant vs le");
-        // Five windows each.
-        let n = slo.matches(&format!("ulog_request_duration_seconds_bucket{{type=\"{ty}\",le=\"{le}\"}}")).count();
-        assert_eq!(n, 5, "{ty}: SLI windows 5m, 30m, 1h, 6h, 3d");
+        // Five windows each, on both sides. Each SLI rule names its bucket as the good events and
+        // as the zero that stands in for an absent counter: the error answers (both sides) and
+        // the requests received after a stall (agent side).
+        for (family, per_rule) in [("ulog_request_duration_seconds", 3), ("ulog_kernel_request_duration_seconds", 2)] {
+            let n = slo.matches(&format!("{family}_bucket{{type=\"{ty}\",le=\"{le}\"}}")).count();
+            assert_eq!(n, 5 * per_rule, "{ty}: {family}: SLI windows 5m, 30m, 1h, 6h, 3d");
+        }
     }
 }
 

@@ -126,6 +126,14 @@ pub const SCENARIOS: &[Scenario] = &[
         suite: true,
     },
     Scenario {
+        name: "ulog-slo-stall",
+        about: "the agent stopped 2 s under MARK_REGION load: the kernel-side latency SLI of ulog-slo.yml (evaluated by hand) drops below the objective and the fast-burn condition holds, though the agent answered every request it received fast",
+        boots: 1,
+        disks_mib: &[],
+        timeout_s: 120,
+        suite: true,
+    },
+    Scenario {
         name: "ulog-reload",
         about: "suspend/resume and a same-uuid table reload under writes, then integrated_flush: data intact, legs equal",
         boots: 1,
