@@ -332,46 +332,52 @@ pub fn serve(socket: &ConnectorSocket, server: &mut LogServer, control: &ExitCon
     let mut overrun_log = RateLimit::new(5, std::time::Duration::from_secs(60));
     let mut warned = false;
     let mut stall_pending = false;
+    // When recvfrom returned the datagram the loop then served (None: the last pass served none).
+    // With the next pass's start it gives how long serving took, without clock reads of its own.
+    let mut served_from: Option<Instant> = None;
     server.telemetry().beat(crate::metrics::clock::now_ns());
     loop {
         if let Some(end) = try_exit(control.pending(), socket, server, control, &mut buf, &mut warned)? {
             return Ok(end);
         }
         let call = Instant::now();
+        // Away from recvfrom this long serving (stopped while serving, or a slow request): what
+        // queued meanwhile waited for it.
+        if served_from.take().is_some_and(|t| call.saturating_duration_since(t) > LATE_WAKE) {
+            stall_pending = true;
+        }
         let received = socket.recv(&mut buf);
+        let returned = Instant::now();
         // recvfrom returns within RECV_TIMEOUT while the process runs: a return this late (a
         // datagram, the timeout, or the EINTR that SO_RCVTIMEO sockets report after SIGCONT)
         // means the process was stopped or starved, and what is queued may have waited through
         // it (netlink gives no receive timestamp to tell how long). It stays pending until a
         // datagram is served or a timeout comes on time (the queue was empty then).
-        let late = call.elapsed() > LATE_WAKE;
+        let late = returned.saturating_duration_since(call) > LATE_WAKE;
         stall_pending |= late;
         match received {
-            Ok(r) if stall_pending => {
-                let start = Instant::now();
-                server.counters().set_after_stall(true);
-                server.handle_datagram(&buf[..r.len], r.port, r.full_len > r.len);
-                let drained = drain(socket, server, &mut buf);
-                server.counters().set_after_stall(false);
-                drained?;
-                stall_pending = start.elapsed() > LATE_WAKE;
+            Ok(r) => {
+                served_from = Some(returned);
+                if stall_pending {
+                    server.counters().set_after_stall(true);
+                    server.handle_datagram(&buf[..r.len], r.port, r.full_len > r.len);
+                    let drained = drain(socket, server, &mut buf);
+                    server.counters().set_after_stall(false);
+                    drained?;
+                    stall_pending = false;
+                } else {
+                    server.handle_datagram(&buf[..r.len], r.port, r.full_len > r.len);
+                }
             }
             Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && !late => {
                 stall_pending = false;
                 server.telemetry().beat(crate::metrics::clock::now_ns());
             }
-            Ok(r) => {
-                // Away from recvfrom this long (stopped while serving, or a slow request): what
-                // queued meanwhile waited for it.
-                let start = Instant::now();
-                server.handle_datagram(&buf[..r.len], r.port, r.full_len > r.len);
-                stall_pending = start.elapsed() > LATE_WAKE;
-            }
             Err(e) => match e.raw_os_error() {
                 Some(libc::EAGAIN) | Some(libc::EINTR) => server.telemetry().beat(crate::metrics::clock::now_ns()),
                 Some(libc::ENOBUFS) => {
                     server.counters().dropped(Dropped::ReceiveOverrun);
-                    if let Some(sup) = overrun_log.allow(Instant::now()) {
+                    if let Some(sup) = overrun_log.allow(returned) {
                         warn!(
                             suppressed = sup,
                             // netlink_broadcast delivered the request to no listener: the
