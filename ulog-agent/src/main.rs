@@ -603,7 +603,7 @@ fn run(
     systemd::notify("STOPPING=1");
     stop.store(true, Ordering::Relaxed);
     let server = receiver.join().map_err(|_| anyhow::anyhow!("receive thread panicked"))?;
-    let live = server.summaries().len();
+    let live = server.log_count();
     server.shutdown();
     match &served {
         Ok(ServeEnd::Idle) => info!("no log is live: exiting"),

@@ -255,6 +255,21 @@ impl LogServer {
         &self.telemetry
     }
 
+    /// How many logs are live (constructed, not destroyed); locks none of them.
+    pub fn log_count(&self) -> usize {
+        self.logs.values().map(Vec::len).sum()
+    }
+
+    /// Every live log's name with its mirror's dm name where discovery found it (the cached
+    /// [`LogTelemetry::mirror`]: no device-mapper call), in (uuid, luid) order as
+    /// [`Self::summaries`]; locks none of the logs.
+    pub fn log_names(&self) -> Vec<(String, Option<Arc<str>>)> {
+        let mut v: Vec<(&[u8], u64, &LogEntry)> =
+            self.logs.iter().flat_map(|(luid, entries)| entries.iter().map(move |e| (&*e.uuid, *luid, e))).collect();
+        v.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        v.into_iter().map(|(_, _, e)| (e.name.clone(), e.tel.mirror())).collect()
+    }
+
     /// A summary of every log.
     pub fn summaries(&self) -> Vec<LogSummary> {
         let mut v: Vec<LogSummary> = self

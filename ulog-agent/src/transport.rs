@@ -261,17 +261,16 @@ fn drain(socket: &ConnectorSocket, server: &mut LogServer, buf: &mut [u8]) -> io
 /// The names of up to 8 live logs (`name(mirror=<dm name>)` where the mirror device is known, from
 /// the telemetry's last discovery: no device-mapper call here) and how many there are.
 fn live_logs(server: &LogServer) -> (usize, String) {
-    let count = server.summaries().len();
-    let logs = server.telemetry().logs();
+    let logs = server.log_names();
     let names: Vec<String> = logs
         .iter()
         .take(8)
-        .map(|h| match h.tel.mirror() {
-            Some(m) => format!("{}(mirror={m})", h.tel.name),
-            None => h.tel.name.to_string(),
+        .map(|(name, mirror)| match mirror {
+            Some(m) => format!("{name}(mirror={m})"),
+            None => name.clone(),
         })
         .collect();
-    (count, names.join(","))
+    (logs.len(), names.join(","))
 }
 
 /// Handles an exit request; `Ok(Some(end))` if the loop is to end. An exit-if-idle request with
@@ -308,14 +307,14 @@ fn try_exit(
     };
     if end == ServeEnd::Idle {
         drain(socket, server, buf)?;
-        if !server.summaries().is_empty() {
+        if server.log_count() != 0 {
             refuse(server, warned);
             return Ok(None);
         }
     }
     socket.set_group_member(false)?;
     drain(socket, server, buf)?;
-    if end == ServeEnd::Idle && !server.summaries().is_empty() {
+    if end == ServeEnd::Idle && server.log_count() != 0 {
         // A CTR arrived between the check and leaving the group.
         socket.set_group_member(true)?;
         refuse(server, warned);
