@@ -48,7 +48,7 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections are closed (after the request in progress) once this old.
 pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
 /// `/healthz` fails when the receive loop has not run for this long.
-pub const STALL_LIMIT_NS: u64 = 10_000_000_000;
+pub const STALL_LIMIT_NS: u64 = crate::metrics::RECEIVE_LOOP_STALL_NS;
 /// Default and largest page of `/regions`.
 pub const REGIONS_DEFAULT_LIMIT: usize = 100;
 /// Largest page of `/regions`.
@@ -277,10 +277,8 @@ fn health(status: StatusCode, word: &str, reason: Option<String>) -> Response {
 
 /// Why the receive loop is not healthy, if it is not.
 fn stalled(tel: &Telemetry) -> Option<String> {
-    let hb = tel.heartbeat_ns();
-    let idle = clock::now_ns().saturating_sub(hb);
-    (tel.lifecycle() == Lifecycle::Serving && hb != 0 && idle > STALL_LIMIT_NS)
-        .then(|| format!("the receive loop has not run for {:.1} s", idle as f64 / 1e9))
+    tel.receive_loop_stall(clock::now_ns())
+        .map(|idle| format!("the receive loop has not run for {:.1} s", idle as f64 / 1e9))
 }
 
 async fn healthz(State(app): State<App>) -> Response {

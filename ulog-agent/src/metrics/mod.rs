@@ -200,6 +200,9 @@ pub fn short_name(uuid: &str, taken: impl Fn(&str) -> bool) -> String {
     (2u32..).map(|k| format!("{uuid}~{k}")).find(|n| !taken(n)).unwrap_or_default()
 }
 
+/// A receive loop that has not run for this long is stalled (it runs at least every 250 ms).
+pub const RECEIVE_LOOP_STALL_NS: u64 = 10_000_000_000;
+
 /// The request types with a latency SLO (dm-raid1 waits for them on every write to a clean
 /// region), which get a per-log service-time histogram: `ulog_log_request_duration_seconds`.
 pub const SLO_TYPES: [RequestType; 2] = [RequestType::Flush, RequestType::MarkRegion];
@@ -603,6 +606,15 @@ impl Telemetry {
     /// Last heartbeat (0: none yet).
     pub fn heartbeat_ns(&self) -> u64 {
         self.heartbeat_ns.load(Relaxed)
+    }
+
+    /// How long the receive loop has not run, as of `now_ns`, if it is serving, has run, and has
+    /// been away longer than [`RECEIVE_LOOP_STALL_NS`] (`/healthz` fails, the textfile says it
+    /// does not serve).
+    pub fn receive_loop_stall(&self, now_ns: u64) -> Option<u64> {
+        let hb = self.heartbeat_ns();
+        let idle = now_ns.saturating_sub(hb);
+        (self.lifecycle() == Lifecycle::Serving && hb != 0 && idle > RECEIVE_LOOP_STALL_NS).then_some(idle)
     }
 
     /// Sets the life-cycle phase.

@@ -28,13 +28,11 @@ pub const FILE_NAME: &str = "ulog-agent.prom";
 /// How often it is written.
 pub const INTERVAL: Duration = Duration::from_secs(5);
 
-/// A receive loop idle for longer than this (the `/healthz` stall limit) is not serving.
-const STALL_NS: u64 = 10_000_000_000;
-
 /// The file's text, as of `now_ns` ([`clock`]).
 pub fn render(tel: &Telemetry, now_ns: u64) -> String {
-    let hb = tel.heartbeat_ns();
-    let serving = tel.lifecycle() == Lifecycle::Serving && hb != 0 && now_ns.saturating_sub(hb) <= STALL_NS;
+    // Serving, its loop has run, and not stalled beyond the `/healthz` limit.
+    let serving =
+        tel.lifecycle() == Lifecycle::Serving && tel.heartbeat_ns() != 0 && tel.receive_loop_stall(now_ns).is_none();
     let mut out = String::with_capacity(1024);
     let mut gauge = |name: &str, help: &str, v: f64| {
         let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n");
@@ -111,7 +109,10 @@ mod tests {
         tel.set_lifecycle(Lifecycle::Serving);
         tel.beat(now - 1_000_000_000);
         assert!(render(&tel, now).contains("\nulog_agent_serving 1\n"));
-        assert!(render(&tel, now + STALL_NS).contains("\nulog_agent_serving 0\n"), "a stalled loop");
+        assert!(
+            render(&tel, now + crate::metrics::RECEIVE_LOOP_STALL_NS).contains("\nulog_agent_serving 0\n"),
+            "a stalled loop"
+        );
         tel.set_http_addr(Some("127.0.0.1:9477".parse().unwrap()));
         let t = render(&tel, now);
         assert!(t.contains("\nulog_agent_http_listening 1\n") && t.contains("\nulog_agent_logs 0\n"), "{t}");
