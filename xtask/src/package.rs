@@ -139,14 +139,10 @@ pub fn run(args: Args) -> Result<()> {
     println!("package: {}", built.main.display());
     println!("package: {}", built.dbgsym.display());
     if args.check {
-        check(&root, &built)?;
+        check(&built)?;
         println!("package: all checks passed");
     }
     Ok(())
-}
-
-fn target_dir(root: &Path) -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"))
 }
 
 /// Runs `cmd`, returning its stdout; fails with its stderr on a non-zero exit.
@@ -238,7 +234,7 @@ fn md5sums(stage: &Path) -> Result<()> {
 
 /// Stages and builds both packages under `target/package/`.
 pub fn build(root: &Path) -> Result<Built> {
-    let target = target_dir(root);
+    let target = crate::vm::target_dir();
     let release_bin = target.join("release/ulog-agent");
     ensure!(
         release_bin.exists(),
@@ -446,7 +442,7 @@ fn elf_sections(elf: &Path) -> Result<String> {
 }
 
 /// Verifies the built packages; the first failure ends the check with an error naming it.
-pub fn check(root: &Path, built: &Built) -> Result<()> {
+pub fn check(built: &Built) -> Result<()> {
     let info = output(Command::new("dpkg-deb").arg("--info").arg(&built.main))?;
     println!("{info}");
     for field in ["Package: ulog-agent", "Architecture:", "Depends: libc6", "Maintainer:", "Description:"] {
@@ -488,7 +484,7 @@ pub fn check(root: &Path, built: &Built) -> Result<()> {
     println!(
         "package: binary {} bytes stripped (release build {} bytes), debug file {} bytes, .deb {} bytes, dbgsym {} bytes",
         fs::metadata(&bin)?.len(),
-        fs::metadata(target_dir(root).join("release/ulog-agent"))?.len(),
+        fs::metadata(crate::vm::target_dir().join("release/ulog-agent"))?.len(),
         fs::metadata(&debug_file)?.len(),
         fs::metadata(&built.main)?.len(),
         fs::metadata(&built.dbgsym)?.len(),

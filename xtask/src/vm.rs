@@ -230,7 +230,8 @@ fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
-fn target_dir() -> PathBuf {
+/// Cargo's target directory: `$CARGO_TARGET_DIR` (made absolute) or `<workspace>/target`.
+pub(crate) fn target_dir() -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR").filter(|p| !p.is_empty()) {
         Some(p) => std::path::absolute(PathBuf::from(p)).unwrap_or_default(),
         None => workspace_root().join("target"),
