@@ -35,6 +35,7 @@
 //! comparison, and their telemetry.
 //! Until they land, cluster mode cannot be turned on and single-node serving is unchanged.
 
+pub mod bus;
 pub mod stability;
 pub mod state;
 pub mod wire;
