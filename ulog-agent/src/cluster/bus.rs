@@ -101,4 +101,8 @@ pub trait BusHandler: Send + 'static {
     fn on_event(&mut self, ev: BusEvent, out: &mut dyn Outbound);
     /// Called about every tick interval (periodic digests, timeouts).
     fn on_tick(&mut self, _out: &mut dyn Outbound) {}
+    /// Called once the events of one dispatch (and the commands waiting) were handed over,
+    /// before the transport carries out what was queued: the place to send one
+    /// acknowledgement for a batch instead of one per message.
+    fn on_idle(&mut self, _out: &mut dyn Outbound) {}
 }

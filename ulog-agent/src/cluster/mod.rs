@@ -36,6 +36,7 @@
 //! Until they land, cluster mode cannot be turned on and single-node serving is unchanged.
 
 pub mod bus;
+pub mod engine;
 pub mod stability;
 pub mod state;
 pub mod wire;

@@ -63,6 +63,18 @@ pub enum Body {
     },
     /// A piece of a state transfer.
     Chunk(Chunk),
+    /// The sender joined the group and has no state: the state transfer it gets is cut at
+    /// this frame's place in the agreed order (its donor snapshots when it applies it, the
+    /// sender keeps every frame delivered after it and replays them on the snapshot).
+    Hello,
+    /// No member of the group holds the log's state (the first member, or every holder is
+    /// gone): every member starts from a fresh log of this shape at this frame.
+    Genesis {
+        /// Region count of the log.
+        region_count: u64,
+        /// Every region starts in sync (`nosync` tables).
+        in_sync: bool,
+    },
 }
 
 /// A piece of a snapshot.
@@ -137,6 +149,8 @@ const K_SYNC: u16 = 8;
 const K_ACK: u16 = 32;
 const K_DIGEST: u16 = 33;
 const K_CHUNK: u16 = 34;
+const K_HELLO: u16 = 35;
+const K_GENESIS: u16 = 36;
 
 /// The frame as bytes (little-endian).
 pub fn encode(f: &Frame) -> Vec<u8> {
@@ -155,6 +169,8 @@ pub fn encode(f: &Frame) -> Vec<u8> {
         Body::Ack { .. } => K_ACK,
         Body::Digest { .. } => K_DIGEST,
         Body::Chunk(_) => K_CHUNK,
+        Body::Hello => K_HELLO,
+        Body::Genesis { .. } => K_GENESIS,
     };
     o.extend_from_slice(&MAGIC);
     o.extend_from_slice(&VERSION.to_le_bytes());
@@ -196,6 +212,11 @@ pub fn encode(f: &Frame) -> Vec<u8> {
             o.extend_from_slice(&c.digest.to_le_bytes());
             o.extend_from_slice(&(c.data.len() as u32).to_le_bytes());
             o.extend_from_slice(&c.data);
+        }
+        Body::Hello => {}
+        Body::Genesis { region_count, in_sync } => {
+            o.extend_from_slice(&region_count.to_le_bytes());
+            o.push(u8::from(*in_sync));
         }
     }
     o
@@ -269,6 +290,16 @@ pub fn decode(b: &[u8]) -> Result<Frame, WireError> {
             }
             let data = r.take(len)?.to_vec();
             Body::Chunk(Chunk { transfer, index, count, total_len, digest, data })
+        }
+        K_HELLO => Body::Hello,
+        K_GENESIS => {
+            let region_count = r.u64()?;
+            let in_sync = match r.take(1)?[0] {
+                0 => false,
+                1 => true,
+                _ => return Err(WireError::Field("in_sync flag")),
+            };
+            Body::Genesis { region_count, in_sync }
         }
         k => return Err(WireError::Kind(k)),
     };
@@ -414,6 +445,8 @@ mod tests {
                     Body::Chunk(Chunk { transfer, index: count - 1, count, total_len: 7, digest: 9, data })
                 }
             ),
+            Just(Body::Hello),
+            (any::<u64>(), any::<bool>()).prop_map(|(region_count, in_sync)| Body::Genesis { region_count, in_sync }),
         ]
     }
 

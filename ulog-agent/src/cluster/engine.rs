@@ -1,0 +1,1119 @@
+//! The cluster engine: runs every cluster log of this agent over the bus (one CPG group per log),
+//! turning kernel requests into ordered frames and delivered frames into answers.
+//!
+//! # Design
+//!
+//! One [`Engine`] runs on the transport's thread ([`BusHandler`]); the receive thread sends it
+//! [`Command`]s and reads the replicated state through each log's [`ClusterView`] (IN_SYNC,
+//! IS_CLEAN, GET_SYNC_COUNT, IS_REMOTE_RECOVERING are answered locally, as cmirrord does: every
+//! member holds the same state). What changes the state goes through the group's agreed order:
+//!
+//! - **RESUME** joins the group. The member gets the log's state (below), then multicasts
+//!   `Join` with its kernel incarnation; RESUME is answered when that `Join` is delivered back.
+//! - **MARK** (and FLUSH carrying marks) is answered once the frame is *stable*: applied by a
+//!   second live member ([`Stability`]), so a crash of this node cannot lose it. CLEAR,
+//!   GET_RESYNC_WORK and SET_REGION_SYNC are answered on their own delivery, with the answer
+//!   the ordered state gives. A FLUSH waits until every earlier frame of this node is stable.
+//! - **POSTSUSPEND** multicasts `Release` (the kernel's writes are done) and leaves the group.
+//!
+//! **State transfer, cut at a known point.** A member that joins has no state. It multicasts
+//! `Hello`; the donor (the lowest member that has the state) snapshots its state when it
+//! *applies* that `Hello` and sends it in atomic chunks; the joiner keeps every frame and
+//! membership change delivered after its own `Hello`, installs the snapshot when its last chunk
+//! arrives and replays what it kept. Total order makes the cut exact, whatever the snapshot's
+//! size or the load. Every member sees the last chunk of the transfer for a joiner's latest
+//! `Hello` and counts the joiner as holding the state from there on. A joiner sends `Hello`
+//! again after every membership change until it holds the state (its donor may have died; a
+//! duplicate transfer is ignored). If every member has sent `Hello` since the last membership
+//! change, nobody holds the state: the lowest member multicasts `Genesis`, and every member
+//! starts from a fresh log of the table's shape at that point (all regions out of sync unless
+//! the table says `nosync`: the marks of nodes that died with the state are unknown).
+//!
+//! **Quorum.** Nothing is multicast without quorum: requests that need agreement are held
+//! (the mirror's I/O waits; the log does not fail). A member that lost quorum (or its local
+//! corosync) may have missed what the quorate side did, so its state is *stale*: when quorum
+//! returns it leaves the group and joins again, getting the state by transfer; requests it had
+//! sent but not answered are sent again (MARK, CLEAR and SET_REGION_SYNC are idempotent;
+//! GET_RESYNC_WORK returns the slot the node already has). It never merges its own state.
+//!
+//! # Limits (not done yet)
+//! - `clustered-disk` in cluster mode (one disk writer, hand-over) is refused at CTR.
+//! - No periodic digest comparison yet (frames exist: [`Body::Digest`]).
+//! - An acknowledgement proves the acker *applied* the frame. If the sender and its acker are
+//!   both cut off into a minority and both crash there, the majority may lack a mark that was
+//!   answered (needs >= 4 nodes and two crashes); SAFE delivery or a majority ack would close it.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tracing::{debug, error, info, warn};
+
+use super::bus::{BusEvent, BusHandler, Member, Outbound};
+use super::stability::Stability;
+use super::state::{Event, Incarnation, NodeId, Outcome, ReplicatedLog};
+use super::wire::{self, Assembler, Body, Frame};
+use crate::persist::PendingReply;
+use crate::protocol;
+
+/// Where the engine's answers to kernel requests go (the server sends them and records their
+/// telemetry; tests collect them).
+pub trait Replies: Send + 'static {
+    /// Answers a request the receive thread handed to the engine.
+    fn answer(&self, pending: &PendingReply, error: i32, payload: &[u8]);
+}
+
+/// The shape of a log, from its table. Every member of a group must have the same.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogShape {
+    /// Region count.
+    pub region_count: u64,
+    /// The table says `nosync`: a fresh log starts with every region in sync.
+    pub in_sync: bool,
+}
+
+/// What the receive thread reads of a cluster log: the replicated state, once this member
+/// holds it. Written only by the engine's thread.
+#[derive(Debug, Default)]
+pub struct ClusterView {
+    state: Mutex<ViewState>,
+    /// Kernel requests waiting for quorum or for the state (a gauge for the API).
+    held: AtomicU64,
+    /// cmirrord was seen on the group: the log is refused.
+    refused: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct ViewState {
+    node: Option<NodeId>,
+    log: Option<ReplicatedLog>,
+}
+
+impl ClusterView {
+    fn lock(&self) -> MutexGuard<'_, ViewState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// IN_SYNC. Before this member holds the state: not in sync (the kernel then reads the
+    /// default leg only, which is always safe).
+    pub fn in_sync(&self, r: u64) -> Result<bool, i32> {
+        match &self.lock().log {
+            Some(l) => l.in_sync(r).map_err(|e| e.errno()),
+            None => Ok(false),
+        }
+    }
+
+    /// IS_CLEAN (false before the state is held).
+    pub fn is_clean(&self, r: u64) -> Result<bool, i32> {
+        match &self.lock().log {
+            Some(l) => l.is_clean(r).map_err(|e| e.errno()),
+            None => Ok(false),
+        }
+    }
+
+    /// GET_SYNC_COUNT (0 before the state is held).
+    pub fn sync_count(&self) -> u64 {
+        self.lock().log.as_ref().map_or(0, ReplicatedLog::sync_count)
+    }
+
+    /// IS_REMOTE_RECOVERING: before the state is held, "recovering" with hint 0 (the kernel
+    /// waits and asks again rather than writing a region another node may be copying).
+    pub fn remote_recovering(&self, r: u64) -> Result<(bool, u64), i32> {
+        let s = self.lock();
+        match (&s.log, s.node) {
+            (Some(l), Some(node)) => l.remote_recovering(node, r).map_err(|e| e.errno()),
+            _ => Ok((true, 0)),
+        }
+    }
+
+    /// Requests held for quorum or state.
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Whether the log was refused (cmirrord on its group).
+    pub fn refused(&self) -> bool {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// A copy of the replicated state, if held (status output, tests).
+    pub fn snapshot(&self) -> Option<ReplicatedLog> {
+        self.lock().log.clone()
+    }
+}
+
+/// A kernel request that changes the replicated state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// MARK_REGION, or FLUSH with marks.
+    Mark(Vec<u64>),
+    /// CLEAR_REGION.
+    Clear(Vec<u64>),
+    /// GET_RESYNC_WORK.
+    GetResyncWork,
+    /// SET_REGION_SYNC.
+    SetRegionSync(u64, bool),
+}
+
+/// What the receive thread (and the operator's API) asks of the engine.
+#[derive(Debug)]
+pub enum Command {
+    /// A CTR made a log of this group on this node (a table reload makes a second one).
+    Open {
+        /// The group (the dm uuid and its NUL).
+        group: Vec<u8>,
+        /// The table's shape.
+        shape: LogShape,
+        /// Where the receive thread reads the state.
+        view: Arc<ClusterView>,
+    },
+    /// RESUME: join the group, get the state, multicast `Join`.
+    Resume {
+        /// The group.
+        group: Vec<u8>,
+        /// The kernel's request.
+        pending: PendingReply,
+    },
+    /// A request that changes the state.
+    Change {
+        /// The group.
+        group: Vec<u8>,
+        /// What.
+        change: Change,
+        /// The kernel's request (answered on delivery, MARK once stable).
+        pending: PendingReply,
+    },
+    /// FLUSH without marks: answered once every earlier frame of this node is stable.
+    Flush {
+        /// The group.
+        group: Vec<u8>,
+        /// The kernel's request.
+        pending: PendingReply,
+    },
+    /// POSTSUSPEND: multicast `Release`, leave the group.
+    Suspend {
+        /// The group.
+        group: Vec<u8>,
+        /// The kernel's request.
+        pending: PendingReply,
+    },
+    /// DTR of one of this node's logs of the group.
+    Close {
+        /// The group.
+        group: Vec<u8>,
+    },
+    /// The operator (or fencing) confirms that `node`'s kernel of `incarnation` is dead.
+    ConfirmFenced {
+        /// The group.
+        group: Vec<u8>,
+        /// The dead node.
+        node: NodeId,
+        /// Its kernel incarnation.
+        incarnation: Incarnation,
+    },
+}
+
+/// Counters of the engine, read by the telemetry (lock-free).
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Frames multicast.
+    pub frames_sent: AtomicU64,
+    /// Frames delivered (all groups, all senders).
+    pub frames_delivered: AtomicU64,
+    /// Frames that did not decode (other than cmirrord's).
+    pub frames_malformed: AtomicU64,
+    /// State transfers this member sent as donor.
+    pub transfers_sent: AtomicU64,
+    /// Bytes of state this member sent as donor.
+    pub transfer_bytes_sent: AtomicU64,
+    /// State transfers this member installed.
+    pub transfers_received: AtomicU64,
+    /// Times every member started over from `Genesis`.
+    pub geneses: AtomicU64,
+    /// Times a stale member left and joined again to re-sync.
+    pub resyncs_after_stale: AtomicU64,
+    /// The node is quorate (0/1).
+    pub quorate: AtomicU64,
+    /// Logs refused because cmirrord shares their group.
+    pub cmirrord_refusals: AtomicU64,
+}
+
+/// A request waiting to be multicast, or for its frame.
+#[derive(Debug)]
+struct Pend {
+    what: PendWhat,
+    reply: Option<PendingReply>,
+}
+
+#[derive(Clone, Debug)]
+enum PendWhat {
+    Join,
+    Change(Change),
+    Release,
+    Flush,
+}
+
+enum Held {
+    /// Waiting for stability of own frames up to this sequence (MARK, FLUSH).
+    Stable(u64, Pend),
+}
+
+/// Whether this member holds the state.
+enum Holding {
+    Yes,
+    No {
+        /// Sequence of this member's latest `Hello` delivered back to it.
+        hello: Option<u64>,
+        /// Everything delivered after that `Hello`, replayed once the snapshot is installed.
+        kept: Vec<Kept>,
+        assembler: Assembler,
+    },
+}
+
+enum Kept {
+    Frame(Member, Frame),
+    Membership(Vec<Member>),
+}
+
+/// The state of one group on this member.
+struct LogCtx {
+    shape: LogShape,
+    view: Arc<ClusterView>,
+    /// Local logs (CTRs) of the group.
+    opens: u32,
+    /// A RESUME asked for membership (until POSTSUSPEND).
+    wanted: bool,
+    /// A membership naming this member was delivered (and it has not left since).
+    in_group: bool,
+    members: BTreeSet<Member>,
+    /// Members that hold the state.
+    holders: BTreeSet<Member>,
+    /// Latest `Hello` sequence of each member without the state.
+    hellos: BTreeMap<Member, u64>,
+    /// Members whose `Hello` was delivered since the last membership change.
+    hellos_since_change: BTreeSet<Member>,
+    genesis_sent: bool,
+    holding: Holding,
+    /// Lost quorum or the local corosync while in the group: must leave and join again.
+    stale: bool,
+    log: Option<ReplicatedLog>,
+    stability: Option<Stability>,
+    seq: u64,
+    /// Highest own Event sequence multicast.
+    last_event: u64,
+    /// A `Join` of this member is in flight.
+    join_in_flight: bool,
+    to_send: VecDeque<Pend>,
+    in_flight: BTreeMap<u64, Pend>,
+    waiting: Vec<Held>,
+    /// Acknowledgements owed (sender node -> highest sequence), sent at idle.
+    acks_owed: BTreeMap<NodeId, u64>,
+}
+
+/// The cluster engine of one agent.
+pub struct Engine<R: Replies> {
+    replies: R,
+    incarnation: Incarnation,
+    me: Option<Member>,
+    max_atomic: usize,
+    quorate: bool,
+    logs: BTreeMap<Vec<u8>, LogCtx>,
+    stats: Arc<EngineStats>,
+}
+
+/// Bytes of a snapshot before the log's own encoding: target node and pid, the `Hello` it
+/// answers, and the holder/hello tables.
+const SNAPSHOT_MAGIC: [u8; 4] = *b"ULCS";
+
+fn group_name(group: &[u8]) -> String {
+    String::from_utf8_lossy(group.strip_suffix(b"\0").unwrap_or(group)).into_owned()
+}
+
+impl<R: Replies> Engine<R> {
+    /// An engine for the kernel incarnation `incarnation` (this node's boot id).
+    pub fn new(replies: R, incarnation: Incarnation) -> Self {
+        Self {
+            replies,
+            incarnation,
+            me: None,
+            max_atomic: 0,
+            quorate: false,
+            logs: BTreeMap::new(),
+            stats: Arc::new(EngineStats::default()),
+        }
+    }
+
+    /// The engine's counters.
+    pub fn stats(&self) -> Arc<EngineStats> {
+        Arc::clone(&self.stats)
+    }
+
+    fn answer(&self, p: &Pend, error: i32, payload: &[u8]) {
+        if let Some(r) = &p.reply {
+            self.replies.answer(r, error, payload);
+        }
+    }
+
+    fn send(&self, ctx: &mut LogCtx, group: &[u8], body: Body, out: &mut dyn Outbound) -> Option<u64> {
+        let me = self.me?;
+        ctx.seq += 1;
+        let frame = Frame { sender: me.node, seq: ctx.seq, body };
+        out.send(group, wire::encode(&frame));
+        self.stats.frames_sent.fetch_add(1, Ordering::Relaxed);
+        Some(ctx.seq)
+    }
+
+    /// Multicasts what can be: `Hello`/`Genesis` for a member without state, `Join` for a
+    /// resumed one that is not live, then the queued requests once it is.
+    fn pump(&mut self, group: &[u8], out: &mut dyn Outbound) {
+        let Some(mut ctx) = self.logs.remove(group) else { return };
+        self.pump_ctx(&mut ctx, group, out);
+        ctx.view.held.store((ctx.to_send.len() + ctx.in_flight.len()) as u64, Ordering::Relaxed);
+        self.logs.insert(group.to_vec(), ctx);
+    }
+
+    fn pump_ctx(&mut self, ctx: &mut LogCtx, group: &[u8], out: &mut dyn Outbound) {
+        let Some(me) = self.me else { return };
+        if !self.quorate || !ctx.in_group || ctx.stale || ctx.view.refused() {
+            return;
+        }
+        if !matches!(ctx.holding, Holding::Yes) {
+            return;
+        }
+        let live = ctx.log.as_ref().and_then(|l| l.nodes().get(&me.node)).is_some_and(|s| s.live);
+        if !live {
+            if ctx.wanted && !ctx.join_in_flight {
+                // Join first: a resumed member sends nothing before its Join is delivered.
+                let reply = match ctx.to_send.front() {
+                    Some(Pend { what: PendWhat::Join, .. }) => ctx.to_send.pop_front().and_then(|p| p.reply),
+                    _ => None,
+                };
+                let ev = Event::Join { node: me.node, incarnation: self.incarnation };
+                if let Some(seq) = self.send(ctx, group, Body::Event(ev), out) {
+                    ctx.last_event = seq;
+                    ctx.join_in_flight = true;
+                    ctx.in_flight.insert(seq, Pend { what: PendWhat::Join, reply });
+                }
+            }
+            return;
+        }
+        while let Some(p) = ctx.to_send.pop_front() {
+            let ev = match &p.what {
+                PendWhat::Join => {
+                    // Already live (an agent adopted its marks, or a second RESUME).
+                    self.answer(&p, 0, &[]);
+                    continue;
+                }
+                PendWhat::Flush => {
+                    let upto = ctx.last_event;
+                    ctx.waiting.push(Held::Stable(upto, p));
+                    continue;
+                }
+                PendWhat::Release => Event::Release { node: me.node },
+                PendWhat::Change(Change::Mark(r)) => Event::Mark { node: me.node, regions: r.clone() },
+                PendWhat::Change(Change::Clear(r)) => Event::Clear { node: me.node, regions: r.clone() },
+                PendWhat::Change(Change::GetResyncWork) => Event::GetResyncWork { node: me.node },
+                PendWhat::Change(Change::SetRegionSync(region, in_sync)) => {
+                    Event::SetRegionSync { node: me.node, region: *region, in_sync: *in_sync }
+                }
+            };
+            match self.send(ctx, group, Body::Event(ev), out) {
+                Some(seq) => {
+                    ctx.last_event = seq;
+                    ctx.in_flight.insert(seq, p);
+                }
+                None => {
+                    ctx.to_send.push_front(p);
+                    break;
+                }
+            }
+        }
+        self.release_stable(ctx);
+    }
+
+    /// Answers the MARKs and FLUSHes whose frames are stable now.
+    fn release_stable(&self, ctx: &mut LogCtx) {
+        let Some(st) = &ctx.stability else { return };
+        let (ready, rest): (Vec<Held>, Vec<Held>) =
+            ctx.waiting.drain(..).partition(|Held::Stable(seq, _)| *seq == 0 || st.is_stable(*seq));
+        ctx.waiting = rest;
+        for Held::Stable(_, p) in ready {
+            self.answer(&p, 0, &[]);
+        }
+    }
+
+    /// The member lost its view of the group (quorum, corosync, or it left): requests sent
+    /// but not answered go back to the front of the queue, in their order.
+    fn requeue(ctx: &mut LogCtx) {
+        let mut again: Vec<Pend> = std::mem::take(&mut ctx.in_flight).into_values().collect();
+        for Held::Stable(_, p) in ctx.waiting.drain(..) {
+            again.push(p);
+        }
+        ctx.join_in_flight = false;
+        for p in again.into_iter().rev() {
+            ctx.to_send.push_front(p);
+        }
+    }
+
+    fn reset_membership(ctx: &mut LogCtx) {
+        ctx.in_group = false;
+        ctx.members.clear();
+        ctx.holders.clear();
+        ctx.hellos.clear();
+        ctx.hellos_since_change.clear();
+        ctx.genesis_sent = false;
+        ctx.holding = Holding::No { hello: None, kept: Vec::new(), assembler: Assembler::default() };
+        ctx.stale = false;
+        ctx.stability = None;
+        ctx.acks_owed.clear();
+        Self::requeue(ctx);
+    }
+
+    fn on_membership(&mut self, group: &[u8], members: Vec<Member>, joined: &[Member], out: &mut dyn Outbound) {
+        let Some(me) = self.me else { return };
+        let Some(mut ctx) = self.logs.remove(group) else { return };
+        if joined.contains(&me) || (!ctx.in_group && members.contains(&me)) {
+            Self::reset_membership(&mut ctx);
+            ctx.in_group = true;
+            info!(group = %group_name(group), members = members.len(), "joined the cluster log's group");
+        }
+        if !members.contains(&me) {
+            // Our own leave, or a change seen after it.
+            if ctx.in_group {
+                Self::reset_membership(&mut ctx);
+            }
+            self.logs.insert(group.to_vec(), ctx);
+            return;
+        }
+        if let Holding::No { hello: Some(_), kept, .. } = &mut ctx.holding {
+            kept.push(Kept::Membership(members.clone()));
+        }
+        self.apply_membership(&mut ctx, group, &members, out);
+        if !matches!(ctx.holding, Holding::Yes) {
+            // A donor may have left; ask again (a duplicate transfer is ignored).
+            self.send_hello(&mut ctx, group, out);
+        }
+        self.logs.insert(group.to_vec(), ctx);
+        self.pump(group, out);
+    }
+
+    /// The deterministic part of a membership change (also replayed by a joiner).
+    fn apply_membership(&mut self, ctx: &mut LogCtx, group: &[u8], members: &[Member], out: &mut dyn Outbound) {
+        let new: BTreeSet<Member> = members.iter().copied().collect();
+        let gone: Vec<Member> = ctx.members.difference(&new).copied().collect();
+        ctx.members = new;
+        ctx.holders.retain(|m| ctx.members.contains(m));
+        ctx.hellos.retain(|m, _| ctx.members.contains(m));
+        ctx.hellos_since_change.clear();
+        ctx.genesis_sent = false;
+        if let (Holding::Yes, Some(log)) = (&ctx.holding, ctx.log.as_mut()) {
+            for m in &gone {
+                // Without a Release its kernel may still write, or died mid-write: held.
+                if log.nodes().get(&m.node).is_some_and(|s| s.live) {
+                    let _ = log.apply(&Event::Depart { node: m.node });
+                    warn!(group = %group_name(group), node = m.node, "a member left without releasing its log: its marks are held until it comes back or is fenced");
+                }
+            }
+            self.publish(ctx);
+        }
+        self.holders_changed(ctx);
+        let _ = out;
+    }
+
+    fn holders_changed(&mut self, ctx: &mut LogCtx) {
+        let nodes: Vec<NodeId> = ctx.holders.iter().map(|m| m.node).collect();
+        if let Some(st) = ctx.stability.as_mut() {
+            for (node, seq) in st.acks_due_after_change(nodes) {
+                let e = ctx.acks_owed.entry(node).or_insert(0);
+                *e = (*e).max(seq);
+            }
+        }
+        self.release_stable(ctx);
+    }
+
+    fn send_hello(&mut self, ctx: &mut LogCtx, group: &[u8], out: &mut dyn Outbound) {
+        if self.quorate && ctx.in_group && !ctx.stale && !matches!(ctx.holding, Holding::Yes) {
+            self.send(ctx, group, Body::Hello, out);
+        }
+    }
+
+    fn publish(&self, ctx: &LogCtx) {
+        let mut v = ctx.view.lock();
+        v.node = self.me.map(|m| m.node);
+        v.log = match (&ctx.holding, &ctx.log) {
+            (Holding::Yes, Some(l)) => Some(l.clone()),
+            _ => None,
+        };
+    }
+
+    fn on_delivered(&mut self, group: &[u8], from: Member, data: &[u8], out: &mut dyn Outbound) {
+        self.stats.frames_delivered.fetch_add(1, Ordering::Relaxed);
+        let Some(me) = self.me else { return };
+        let Some(mut ctx) = self.logs.remove(group) else { return };
+        if !ctx.in_group {
+            self.logs.insert(group.to_vec(), ctx);
+            return;
+        }
+        let frame = match wire::decode(data) {
+            Ok(f) if f.sender == from.node => f,
+            Ok(f) => {
+                self.stats.frames_malformed.fetch_add(1, Ordering::Relaxed);
+                warn!(group = %group_name(group), node = from.node, claimed = f.sender, "cluster frame names another sender: ignored");
+                self.logs.insert(group.to_vec(), ctx);
+                return;
+            }
+            Err(wire::WireError::Cmirrord(v)) => {
+                self.refuse(&mut ctx, group, v, out);
+                self.logs.insert(group.to_vec(), ctx);
+                return;
+            }
+            Err(e) => {
+                self.stats.frames_malformed.fetch_add(1, Ordering::Relaxed);
+                warn!(group = %group_name(group), node = from.node, error = %e, "malformed cluster frame: ignored");
+                self.logs.insert(group.to_vec(), ctx);
+                return;
+            }
+        };
+        if matches!(ctx.holding, Holding::Yes) {
+            self.apply_frame(&mut ctx, group, from, frame, out);
+        } else {
+            self.unheld_frame(&mut ctx, group, me, from, frame, out);
+        }
+        self.logs.insert(group.to_vec(), ctx);
+        self.pump(group, out);
+    }
+
+    /// A frame delivered to a member that does not hold the state yet.
+    fn unheld_frame(
+        &mut self,
+        ctx: &mut LogCtx,
+        group: &[u8],
+        me: Member,
+        from: Member,
+        frame: Frame,
+        out: &mut dyn Outbound,
+    ) {
+        match &frame.body {
+            Body::Hello => {
+                ctx.hellos.insert(from, frame.seq);
+                ctx.hellos_since_change.insert(from);
+                if from == me {
+                    if let Holding::No { hello, kept, assembler } = &mut ctx.holding {
+                        *hello = Some(frame.seq);
+                        kept.clear();
+                        *assembler = Assembler::default();
+                    }
+                    self.maybe_genesis(ctx, group, me, out);
+                    return;
+                }
+                self.maybe_genesis(ctx, group, me, out);
+            }
+            Body::Genesis { region_count, in_sync } => {
+                let shape = LogShape { region_count: *region_count, in_sync: *in_sync };
+                self.genesis(ctx, group, shape);
+                return;
+            }
+            Body::Chunk(c) if transfer_target(c.transfer) == (me.node, low32(ctx_hello(ctx))) => {
+                let c = c.clone();
+                let Holding::No { assembler, .. } = &mut ctx.holding else { return };
+                match assembler.push(c) {
+                    Ok(None) => {}
+                    Ok(Some(bytes)) => {
+                        self.install(ctx, group, me, &bytes, out);
+                        return;
+                    }
+                    Err(e) => {
+                        error!(group = %group_name(group), error = %e, "state transfer damaged: leaving the group to join again");
+                        out.leave(group);
+                        out.join(group);
+                        Self::reset_membership(ctx);
+                        return;
+                    }
+                }
+            }
+            _ => {}
+        }
+        if let Holding::No { hello: Some(_), kept, .. } = &mut ctx.holding {
+            kept.push(Kept::Frame(from, frame));
+        }
+    }
+
+    fn maybe_genesis(&mut self, ctx: &mut LogCtx, group: &[u8], me: Member, out: &mut dyn Outbound) {
+        // Every member asked for the state since the last change: nobody holds it.
+        let all_asked = ctx.members.iter().all(|m| ctx.hellos_since_change.contains(m));
+        if all_asked && !ctx.genesis_sent && ctx.members.first() == Some(&me) && self.quorate {
+            ctx.genesis_sent = true;
+            let body = Body::Genesis { region_count: ctx.shape.region_count, in_sync: ctx.shape.in_sync };
+            self.send(ctx, group, body, out);
+        }
+    }
+
+    fn genesis(&mut self, ctx: &mut LogCtx, group: &[u8], shape: LogShape) {
+        if shape != ctx.shape {
+            error!(group = %group_name(group), ?shape, ours = ?ctx.shape, "the cluster log's members have different tables: refused");
+            ctx.view.refused.store(true, Ordering::Relaxed);
+            self.fail_all(ctx, -libc::EINVAL);
+            return;
+        }
+        let log = match ReplicatedLog::new(shape.region_count, shape.in_sync) {
+            Ok(l) => l,
+            Err(_) => {
+                error!(group = %group_name(group), regions = shape.region_count, "no memory for the cluster log");
+                self.fail_all(ctx, -libc::ENOMEM);
+                return;
+            }
+        };
+        info!(group = %group_name(group), members = ctx.members.len(), in_sync = shape.in_sync, "no member held the log's state: every member starts from a fresh log");
+        self.stats.geneses.fetch_add(1, Ordering::Relaxed);
+        ctx.log = Some(log);
+        ctx.holders = ctx.members.clone();
+        ctx.hellos.clear();
+        ctx.holding = Holding::Yes;
+        let me = self.me.map_or(0, |m| m.node);
+        ctx.stability = Some(Stability::new(me, ctx.holders.iter().map(|m| m.node)));
+        self.publish(ctx);
+    }
+
+    fn fail_all(&self, ctx: &mut LogCtx, error: i32) {
+        Self::requeue(ctx);
+        for p in ctx.to_send.drain(..) {
+            self.answer(&p, error, &[]);
+        }
+    }
+
+    fn install(&mut self, ctx: &mut LogCtx, group: &[u8], me: Member, bytes: &[u8], out: &mut dyn Outbound) {
+        let parsed = decode_snapshot(bytes);
+        let (target, hello, holders, hellos, log) = match parsed {
+            Ok(v) => v,
+            Err(e) => {
+                error!(group = %group_name(group), error = %e, "state transfer unreadable: leaving the group to join again");
+                out.leave(group);
+                out.join(group);
+                Self::reset_membership(ctx);
+                return;
+            }
+        };
+        if target != me || Some(hello) != ctx_hello(ctx) {
+            return;
+        }
+        if log.region_count() != ctx.shape.region_count {
+            error!(group = %group_name(group), theirs = log.region_count(), ours = ctx.shape.region_count, "the cluster log's members have different tables: refused");
+            ctx.view.refused.store(true, Ordering::Relaxed);
+            self.fail_all(ctx, -libc::EINVAL);
+            return;
+        }
+        self.stats.transfers_received.fetch_add(1, Ordering::Relaxed);
+        info!(group = %group_name(group), bytes = bytes.len(), "installed the cluster log's state");
+        let kept = match std::mem::replace(&mut ctx.holding, Holding::Yes) {
+            Holding::No { kept, .. } => kept,
+            Holding::Yes => Vec::new(),
+        };
+        ctx.log = Some(log);
+        ctx.holders = holders;
+        ctx.hellos = hellos;
+        // Replay what was delivered after the cut, as a holder would have applied it; this
+        // member owed no acknowledgements then (it held nothing).
+        for k in kept {
+            match k {
+                Kept::Membership(members) => self.apply_membership(ctx, group, &members, out),
+                Kept::Frame(from, frame) => self.apply_frame(ctx, group, from, frame, out),
+            }
+        }
+        ctx.holders.insert(me);
+        ctx.hellos.remove(&me);
+        ctx.stability = Some(Stability::new(me.node, ctx.holders.iter().map(|m| m.node)));
+        self.publish(ctx);
+    }
+
+    /// Applies a frame as a member that holds the state.
+    fn apply_frame(&mut self, ctx: &mut LogCtx, group: &[u8], from: Member, frame: Frame, out: &mut dyn Outbound) {
+        let me = self.me;
+        match frame.body {
+            Body::Event(ev) => {
+                let Some(log) = ctx.log.as_mut() else { return };
+                let result = log.apply(&ev);
+                if let Some(st) = ctx.stability.as_mut() {
+                    if let Some((node, seq)) = st.delivered(from.node, frame.seq) {
+                        let e = ctx.acks_owed.entry(node).or_insert(0);
+                        *e = (*e).max(seq);
+                    }
+                }
+                self.publish(ctx);
+                if Some(from) == me {
+                    if let Some(p) = ctx.in_flight.remove(&frame.seq) {
+                        self.resolved(ctx, group, frame.seq, p, result, out);
+                    }
+                }
+            }
+            Body::Ack { node, seq } => {
+                if let Some(st) = ctx.stability.as_mut() {
+                    st.ack(from.node, node, seq);
+                }
+                self.release_stable(ctx);
+            }
+            Body::Hello => {
+                ctx.hellos.insert(from, frame.seq);
+                ctx.hellos_since_change.insert(from);
+                if Some(from) != me && ctx.holders.first().copied() == me && me.is_some() {
+                    self.donate(ctx, group, from, frame.seq, out);
+                }
+            }
+            Body::Chunk(c) => {
+                if c.index + 1 == c.count {
+                    let (node, low) = transfer_target(c.transfer);
+                    let target =
+                        ctx.hellos.iter().find(|(m, &h)| m.node == node && low32(Some(h)) == low).map(|(m, _)| *m);
+                    if let Some(t) = target {
+                        ctx.hellos.remove(&t);
+                        ctx.holders.insert(t);
+                        self.holders_changed(ctx);
+                    }
+                }
+            }
+            Body::Genesis { .. } | Body::Digest { .. } => {}
+        }
+    }
+
+    fn resolved(
+        &mut self,
+        ctx: &mut LogCtx,
+        group: &[u8],
+        seq: u64,
+        p: Pend,
+        result: Result<Outcome, super::state::Refusal>,
+        out: &mut dyn Outbound,
+    ) {
+        match (&p.what, result) {
+            (_, Err(refusal)) => {
+                if matches!(p.what, PendWhat::Join) {
+                    ctx.join_in_flight = false;
+                }
+                debug!(group = %group_name(group), %refusal, "cluster request refused");
+                self.answer(&p, refusal.errno(), &[]);
+            }
+            (PendWhat::Join, Ok(_)) => {
+                ctx.join_in_flight = false;
+                self.answer(&p, 0, &[]);
+            }
+            (PendWhat::Change(Change::Mark(_)), Ok(_)) => {
+                ctx.waiting.push(Held::Stable(seq, p));
+                self.release_stable(ctx);
+            }
+            (PendWhat::Change(Change::GetResyncWork), Ok(Outcome::ResyncWork(work))) => {
+                let payload = match work {
+                    Some(r) => protocol::pair(1, r),
+                    None => protocol::pair(0, ctx.shape.region_count),
+                };
+                self.answer(&p, 0, &payload);
+            }
+            (PendWhat::Release, Ok(_)) => {
+                self.answer(&p, 0, &[]);
+                if !ctx.wanted {
+                    out.leave(group);
+                    Self::reset_membership(ctx);
+                }
+            }
+            (_, Ok(_)) => self.answer(&p, 0, &[]),
+        }
+    }
+
+    fn donate(&mut self, ctx: &mut LogCtx, group: &[u8], target: Member, hello: u64, out: &mut dyn Outbound) {
+        let Some(log) = &ctx.log else { return };
+        let bytes = encode_snapshot(target, hello, &ctx.holders, &ctx.hellos, log);
+        let limit = if self.max_atomic == 0 { 1 << 20 } else { self.max_atomic };
+        let transfer = (u64::from(target.node) << 32) | u64::from(low32(Some(hello)));
+        match wire::split(transfer, &bytes, limit) {
+            Ok(chunks) => {
+                self.stats.transfers_sent.fetch_add(1, Ordering::Relaxed);
+                self.stats.transfer_bytes_sent.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                info!(group = %group_name(group), node = target.node, bytes = bytes.len(), chunks = chunks.len(), "sending the cluster log's state to a joining member");
+                for c in chunks {
+                    self.send(ctx, group, Body::Chunk(c), out);
+                }
+            }
+            Err(e) => error!(group = %group_name(group), error = %e, "cannot split the state transfer"),
+        }
+    }
+
+    fn refuse(&mut self, ctx: &mut LogCtx, group: &[u8], version: u64, out: &mut dyn Outbound) {
+        if !ctx.view.refused.swap(true, Ordering::Relaxed) {
+            self.stats.cmirrord_refusals.fetch_add(1, Ordering::Relaxed);
+            error!(group = %group_name(group), version, "cmirrord serves this mirror too (its message on the log's group): the log is refused and the group left; stop one of them");
+        }
+        out.leave(group);
+        Self::reset_membership(ctx);
+        self.fail_all(ctx, -libc::EPROTO);
+    }
+
+    fn command(&mut self, cmd: Command, out: &mut dyn Outbound) {
+        match cmd {
+            Command::Open { group, shape, view } => {
+                let ctx = self.logs.entry(group.clone()).or_insert_with(|| LogCtx::new(shape, Arc::clone(&view)));
+                ctx.opens += 1;
+                if ctx.opens > 1 && !Arc::ptr_eq(&ctx.view, &view) {
+                    // A reload: the new table's log reads the same state.
+                    let state = ctx.view.lock().log.clone();
+                    let node = ctx.view.lock().node;
+                    {
+                        let mut v = view.lock();
+                        v.log = state;
+                        v.node = node;
+                    }
+                    ctx.view = view;
+                }
+            }
+            Command::Resume { group, pending } => {
+                let Some(ctx) = self.logs.get_mut(&group) else {
+                    self.replies.answer(&pending, -libc::EINVAL, &[]);
+                    return;
+                };
+                if ctx.view.refused() {
+                    self.replies.answer(&pending, -libc::EPROTO, &[]);
+                    return;
+                }
+                ctx.wanted = true;
+                ctx.to_send.push_front(Pend { what: PendWhat::Join, reply: Some(pending) });
+                if !ctx.in_group {
+                    out.join(&group);
+                }
+                self.pump(&group, out);
+            }
+            Command::Change { group, change, pending } => self.enqueue(&group, PendWhat::Change(change), pending, out),
+            Command::Flush { group, pending } => self.enqueue(&group, PendWhat::Flush, pending, out),
+            Command::Suspend { group, pending } => {
+                if let Some(ctx) = self.logs.get_mut(&group) {
+                    if !ctx.in_group && ctx.to_send.is_empty() && ctx.in_flight.is_empty() {
+                        // Never joined (or already left): nothing to release.
+                        ctx.wanted = false;
+                        self.replies.answer(&pending, 0, &[]);
+                        return;
+                    }
+                    ctx.wanted = false;
+                }
+                self.enqueue(&group, PendWhat::Release, pending, out)
+            }
+            Command::Close { group } => {
+                let gone = match self.logs.get_mut(&group) {
+                    Some(ctx) => {
+                        ctx.opens = ctx.opens.saturating_sub(1);
+                        ctx.opens == 0
+                    }
+                    None => false,
+                };
+                if gone {
+                    if let Some(mut ctx) = self.logs.remove(&group) {
+                        out.leave(&group);
+                        self.fail_all(&mut ctx, -libc::ESRCH);
+                    }
+                }
+            }
+            Command::ConfirmFenced { group, node, incarnation } => {
+                let Some(mut ctx) = self.logs.remove(&group) else { return };
+                info!(group = %group_name(&group), node, incarnation = %format!("{incarnation:032x}"), "fencing confirmed: the node's held regions are reclaimed and resynchronised");
+                self.send(&mut ctx, &group, Body::Event(Event::FenceConfirmed { node, incarnation }), out);
+                self.logs.insert(group, ctx);
+            }
+        }
+    }
+
+    fn enqueue(&mut self, group: &[u8], what: PendWhat, pending: PendingReply, out: &mut dyn Outbound) {
+        let Some(ctx) = self.logs.get_mut(group) else {
+            self.replies.answer(&pending, -libc::ESRCH, &[]);
+            return;
+        };
+        if ctx.view.refused() {
+            self.replies.answer(&pending, -libc::EPROTO, &[]);
+            return;
+        }
+        ctx.to_send.push_back(Pend { what, reply: Some(pending) });
+        self.pump(group, out);
+    }
+
+    fn flush_acks(&mut self, out: &mut dyn Outbound) {
+        let groups: Vec<Vec<u8>> =
+            self.logs.iter().filter(|(_, c)| !c.acks_owed.is_empty()).map(|(g, _)| g.clone()).collect();
+        for g in groups {
+            let Some(mut ctx) = self.logs.remove(&g) else { continue };
+            if self.quorate && ctx.in_group && !ctx.stale {
+                for (node, seq) in std::mem::take(&mut ctx.acks_owed) {
+                    self.send(&mut ctx, &g, Body::Ack { node, seq }, out);
+                }
+            }
+            self.logs.insert(g, ctx);
+        }
+    }
+}
+
+fn ctx_hello(ctx: &LogCtx) -> Option<u64> {
+    match &ctx.holding {
+        Holding::No { hello, .. } => *hello,
+        Holding::Yes => None,
+    }
+}
+
+fn low32(seq: Option<u64>) -> u32 {
+    seq.map_or(u32::MAX, |s| (s & 0xffff_ffff) as u32)
+}
+
+fn transfer_target(transfer: u64) -> (NodeId, u32) {
+    ((transfer >> 32) as NodeId, (transfer & 0xffff_ffff) as u32)
+}
+
+impl LogCtx {
+    fn new(shape: LogShape, view: Arc<ClusterView>) -> Self {
+        Self {
+            shape,
+            view,
+            opens: 0,
+            wanted: false,
+            in_group: false,
+            members: BTreeSet::new(),
+            holders: BTreeSet::new(),
+            hellos: BTreeMap::new(),
+            hellos_since_change: BTreeSet::new(),
+            genesis_sent: false,
+            holding: Holding::No { hello: None, kept: Vec::new(), assembler: Assembler::default() },
+            stale: false,
+            log: None,
+            stability: None,
+            seq: 0,
+            last_event: 0,
+            join_in_flight: false,
+            to_send: VecDeque::new(),
+            in_flight: BTreeMap::new(),
+            waiting: Vec::new(),
+            acks_owed: BTreeMap::new(),
+        }
+    }
+}
+
+fn encode_snapshot(
+    target: Member,
+    hello: u64,
+    holders: &BTreeSet<Member>,
+    hellos: &BTreeMap<Member, u64>,
+    log: &ReplicatedLog,
+) -> Vec<u8> {
+    let body = log.encode();
+    let mut o = Vec::with_capacity(body.len() + 64);
+    o.extend_from_slice(&SNAPSHOT_MAGIC);
+    o.extend_from_slice(&target.node.to_le_bytes());
+    o.extend_from_slice(&target.pid.to_le_bytes());
+    o.extend_from_slice(&hello.to_le_bytes());
+    o.extend_from_slice(&(holders.len() as u32).to_le_bytes());
+    for m in holders {
+        o.extend_from_slice(&m.node.to_le_bytes());
+        o.extend_from_slice(&m.pid.to_le_bytes());
+    }
+    o.extend_from_slice(&(hellos.len() as u32).to_le_bytes());
+    for (m, h) in hellos {
+        o.extend_from_slice(&m.node.to_le_bytes());
+        o.extend_from_slice(&m.pid.to_le_bytes());
+        o.extend_from_slice(&h.to_le_bytes());
+    }
+    o.extend_from_slice(&body);
+    o
+}
+
+type Decoded = (Member, u64, BTreeSet<Member>, BTreeMap<Member, u64>, ReplicatedLog);
+
+fn decode_snapshot(b: &[u8]) -> Result<Decoded, super::state::SnapshotError> {
+    use super::state::SnapshotError;
+    if b.get(..4) != Some(&SNAPSHOT_MAGIC[..]) {
+        return Err(SnapshotError::Magic);
+    }
+    let mut r = wire::Reader(&b[4..]);
+    let target = Member { node: r.u32()?, pid: r.u32()? };
+    let hello = r.u64()?;
+    let n = r.u32()? as usize;
+    if n > 1 << 16 {
+        return Err(SnapshotError::Inconsistent("member count"));
+    }
+    let mut holders = BTreeSet::new();
+    for _ in 0..n {
+        holders.insert(Member { node: r.u32()?, pid: r.u32()? });
+    }
+    let n = r.u32()? as usize;
+    if n > 1 << 16 {
+        return Err(SnapshotError::Inconsistent("member count"));
+    }
+    let mut hellos = BTreeMap::new();
+    for _ in 0..n {
+        hellos.insert(Member { node: r.u32()?, pid: r.u32()? }, r.u64()?);
+    }
+    let log = ReplicatedLog::decode(r.0)?;
+    Ok((target, hello, holders, hellos, log))
+}
+
+impl<R: Replies> BusHandler for Engine<R> {
+    type Command = Command;
+
+    fn on_command(&mut self, cmd: Command, out: &mut dyn Outbound) {
+        self.command(cmd, out);
+    }
+
+    fn on_event(&mut self, ev: BusEvent, out: &mut dyn Outbound) {
+        match ev {
+            BusEvent::Connected { node, pid, max_atomic } => {
+                self.me = Some(Member { node, pid });
+                self.max_atomic = max_atomic;
+                info!(node, max_atomic, "connected to corosync");
+                for (g, ctx) in &self.logs {
+                    if ctx.wanted {
+                        out.join(g);
+                    }
+                }
+            }
+            BusEvent::Disconnected => {
+                warn!("lost the local corosync: cluster logs hold their requests until it is back and quorate");
+                self.quorate = false;
+                self.stats.quorate.store(0, Ordering::Relaxed);
+                for ctx in self.logs.values_mut() {
+                    Self::reset_membership(ctx);
+                    ctx.view.held.store((ctx.to_send.len()) as u64, Ordering::Relaxed);
+                }
+            }
+            BusEvent::Quorum { quorate } => {
+                let was = self.quorate;
+                self.quorate = quorate;
+                self.stats.quorate.store(u64::from(quorate), Ordering::Relaxed);
+                if was && !quorate {
+                    warn!("lost quorum: cluster logs hold every request that needs agreement");
+                    for ctx in self.logs.values_mut() {
+                        if ctx.in_group {
+                            ctx.stale = true;
+                        }
+                    }
+                }
+                if quorate && !was {
+                    info!("quorate");
+                    let groups: Vec<Vec<u8>> = self.logs.keys().cloned().collect();
+                    for g in groups {
+                        let Some(mut ctx) = self.logs.remove(&g) else { continue };
+                        if ctx.stale {
+                            // Our state may miss what the quorate side did: get it again.
+                            self.stats.resyncs_after_stale.fetch_add(1, Ordering::Relaxed);
+                            info!(group = %group_name(&g), "back in a quorate partition: leaving and joining the log's group again to get its state");
+                            out.leave(&g);
+                            out.join(&g);
+                            Self::reset_membership(&mut ctx);
+                        } else if ctx.in_group && !matches!(ctx.holding, Holding::Yes) && ctx_hello(&ctx).is_none() {
+                            self.send_hello(&mut ctx, &g, out);
+                        }
+                        self.logs.insert(g.clone(), ctx);
+                        self.pump(&g, out);
+                    }
+                }
+            }
+            BusEvent::Membership { group, members, joined, .. } => self.on_membership(&group, members, &joined, out),
+            BusEvent::Delivered { group, from, data } => self.on_delivered(&group, from, &data, out),
+        }
+    }
+
+    fn on_idle(&mut self, out: &mut dyn Outbound) {
+        self.flush_acks(out);
+    }
+}
+
+#[cfg(test)]
+mod tests;
