@@ -118,6 +118,12 @@ struct Cli {
     #[arg(long, env = "ULOG_NO_MEMORY_LOCK")]
     no_memory_lock: bool,
 
+    /// Cluster mode: serve every log as one coherent log of all the nodes that activate its
+    /// mirror on shared storage (`clustered-core`), agreed over the local corosync (CPG and
+    /// quorum). Without it no corosync is needed or contacted. See README "Cluster logs".
+    #[arg(long, env = "ULOG_CLUSTER")]
+    cluster: bool,
+
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -407,6 +413,30 @@ fn harden(cli: &Cli, io_flusher: std::io::Result<()>) -> anyhow::Result<()> {
 
 /// Refuses a state directory on a userspace-log mirror. Every such mirror on the host is served
 /// by the one log server: this agent.
+/// Starts the cluster engine on the corosync transport's thread (it connects, and reconnects,
+/// on its own: until the local corosync is up and quorate, cluster requests wait).
+#[cfg(feature = "cluster")]
+fn start_cluster(
+    sink: Arc<SocketSink>,
+    telemetry: Arc<ulog_agent::metrics::Telemetry>,
+) -> anyhow::Result<ulog_agent::server::ClusterCommands> {
+    use ulog_agent::cluster::{corosync, engine::Engine};
+    let incarnation = ulog_agent::cluster::boot_id().context("cannot read this kernel's boot id")?;
+    let engine = Engine::new(ulog_agent::server::ClusterReplies::new(sink, telemetry), incarnation);
+    let (bus, _thread) = corosync::spawn(engine, corosync::BusConfig::default())
+        .context("cannot start the corosync transport thread")?;
+    info!(incarnation = %format!("{incarnation:032x}"), "cluster mode: logs are served over corosync");
+    Ok(Arc::new(move |c| bus.command(c).is_ok()))
+}
+
+#[cfg(not(feature = "cluster"))]
+fn start_cluster(
+    _sink: Arc<SocketSink>,
+    _telemetry: Arc<ulog_agent::metrics::Telemetry>,
+) -> anyhow::Result<ulog_agent::server::ClusterCommands> {
+    anyhow::bail!("--cluster: this ulog-agent was built without the `cluster` feature (corosync)")
+}
+
 fn check_state_dir(dir: &std::path::Path) -> anyhow::Result<()> {
     match metrics::mirror::discover() {
         Ok(found) => {
@@ -498,8 +528,9 @@ fn run(
         ConnectorSocket::open(cli.rcvbuf)
             .context("cannot open the netlink connector socket (ulog-agent must run as root)")?,
     );
-    let cfg = ServerConfig { state_dir: cli.state_dir.clone(), accept_peer: cli.accept_peer_port };
     let sink = Arc::new(SocketSink::new(Arc::clone(&socket)));
+    let cluster = if cli.cluster { Some(start_cluster(sink.clone(), Arc::clone(&telemetry))?) } else { None };
+    let cfg = ServerConfig { state_dir: cli.state_dir.clone(), accept_peer: cli.accept_peer_port, cluster };
     let mut server = LogServer::with_telemetry(cfg, sink, socket.port(), Arc::clone(&telemetry));
     if let Some(port) = cli.accept_peer_port {
         info!(port, "also serving a userspace test peer");

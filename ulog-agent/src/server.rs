@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 use ulog_common::RequestType;
 
+use crate::cluster::engine::{Change, ClusterView, Command as ClusterCommand, LogShape};
 use crate::counters::{Counters, Dropped};
 use crate::ctr::{self, CtrArgs, LogKind, SyncMode};
 use crate::dirty_log::{DirtyLog, LoadRule, LogError, Phase};
@@ -29,13 +30,69 @@ use crate::protocol::{self, Answer, ReplyBuf, Request, MAX_REPLY_PAYLOAD};
 use crate::ratelimit::RateLimit;
 use crate::store::{self, DeviceKey, LogDevice};
 
+/// Where a cluster log's requests go: the cluster engine's command queue (false: the engine
+/// is gone, the request is answered -EIO).
+pub type ClusterCommands = Arc<dyn Fn(ClusterCommand) -> bool + Send + Sync>;
+
 /// Server configuration.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct ServerConfig {
     /// Keep `clustered-core` logs in files here, with the disk log's durability.
     pub state_dir: Option<PathBuf>,
     /// Also serve requests from this userspace netlink port (tests; the kernel is port 0).
     pub accept_peer: Option<u32>,
+    /// Cluster mode (`--cluster`): every log is one coherent log of all the nodes that
+    /// activate its mirror, served through the cluster engine.
+    pub cluster: Option<ClusterCommands>,
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("state_dir", &self.state_dir)
+            .field("accept_peer", &self.accept_peer)
+            .field("cluster", &self.cluster.is_some())
+            .finish()
+    }
+}
+
+/// How the cluster engine answers the kernel: like a persister (the reply, the request
+/// counters, the service time from receipt), from the engine's thread.
+pub struct ClusterReplies {
+    sink: Arc<dyn ReplySink>,
+    telemetry: Arc<Telemetry>,
+}
+
+impl ClusterReplies {
+    /// Answers through `sink`, recording into `telemetry`.
+    pub fn new(sink: Arc<dyn ReplySink>, telemetry: Arc<Telemetry>) -> Self {
+        Self { sink, telemetry }
+    }
+}
+
+impl crate::cluster::engine::Replies for ClusterReplies {
+    fn answer(&self, r: &PendingReply, error: i32, payload: &[u8]) {
+        let kind = RequestType::from_raw(r.header.request_type);
+        let reply = ReplyBuf::full(&r.header, r.cn_seq, error, payload, r.own_port);
+        if error != 0 {
+            self.telemetry.counters().deferred_error(kind);
+        }
+        self.telemetry.about_to_reply(r.header.seq, r.received_ns);
+        if !self.sink.send_reply(r.port, reply.as_bytes()) {
+            self.telemetry.counters().dropped(Dropped::SendFailed);
+        }
+        self.telemetry.observe_service(kind, clock::now_ns().saturating_sub(r.received_ns));
+    }
+}
+
+/// A log served through the cluster engine.
+struct ClusterLog {
+    /// Its CPG group: the uuid and its NUL, as cmirrord names it (so a cmirrord on the same
+    /// mirror shares the group and is seen).
+    group: Vec<u8>,
+    /// The replicated state, for the requests answered locally.
+    view: Arc<ClusterView>,
+    commands: ClusterCommands,
 }
 
 /// The largest answer a hot request carries: two `u64`s (GET_RESYNC_WORK,
@@ -91,6 +148,8 @@ enum Outcome {
     Reply(i32, Payload),
     /// A persister answers.
     Deferred,
+    /// The cluster engine answers (no flight record: it completes none).
+    DeferredToCluster,
 }
 
 fn ok(p: Payload) -> Result<Outcome, i32> {
@@ -139,6 +198,8 @@ struct LogEntry {
     name: String,
     /// Request-path telemetry handles, resolved at CTR.
     tel: Arc<LogTelemetry>,
+    /// Cluster mode: the log's group and replicated state.
+    cluster: Option<ClusterLog>,
 }
 
 /// Hashes a luid (the kernel's address of its log context) with one multiplication. Every
@@ -413,6 +474,10 @@ impl LogServer {
         outcome: Result<Outcome, i32>,
     ) -> i32 {
         let (error, payload) = match outcome {
+            Ok(Outcome::DeferredToCluster) => {
+                self.counters.request(req.kind, 0, true);
+                return 0;
+            }
             Ok(Outcome::Deferred) => {
                 self.counters.request(req.kind, 0, true);
                 if let (Some((_, shared)), true) = (log, flight_id != 0) {
@@ -491,6 +556,11 @@ impl LogServer {
     /// A request for an existing log (CTR and DTR have their own paths).
     fn dispatch(entry: &LogEntry, kind: RequestType, req: &Request<'_>, pending: PendingReply) -> Result<Outcome, i32> {
         use RequestType::*;
+        if let Some(c) = &entry.cluster {
+            if let Some(outcome) = Self::dispatch_cluster(c, kind, req, pending)? {
+                return Ok(outcome);
+            }
+        }
         let p = req.payload;
         let now_ns = pending.received_ns;
         match kind {
@@ -585,6 +655,58 @@ impl LogServer {
         }
     }
 
+    /// A request for a cluster log: what changes the state goes to the engine (answered in the
+    /// group's order), what reads it is answered from the replicated state here. `None`: the
+    /// request is answered as for a single node (PRESUSPEND, GET_REGION_SIZE, the STATUS pair:
+    /// they read only the table).
+    fn dispatch_cluster(
+        c: &ClusterLog,
+        kind: RequestType,
+        req: &Request<'_>,
+        pending: PendingReply,
+    ) -> Result<Option<Outcome>, i32> {
+        use RequestType::*;
+        let p = req.payload;
+        let group = c.group.clone();
+        let command = match kind {
+            Resume => ClusterCommand::Resume { group, pending },
+            Postsuspend => ClusterCommand::Suspend { group, pending },
+            Flush if p.is_empty() => ClusterCommand::Flush { group, pending },
+            Flush | MarkRegion => ClusterCommand::Change {
+                group,
+                change: Change::Mark(protocol::regions(p).ok_or(-libc::EINVAL)?.collect()),
+                pending,
+            },
+            ClearRegion => ClusterCommand::Change {
+                group,
+                change: Change::Clear(protocol::regions(p).ok_or(-libc::EINVAL)?.collect()),
+                pending,
+            },
+            GetResyncWork => ClusterCommand::Change { group, change: Change::GetResyncWork, pending },
+            SetRegionSync => {
+                let (r, in_sync) = protocol::two_u64(p).ok_or(-libc::EINVAL)?;
+                ClusterCommand::Change { group, change: Change::SetRegionSync(r, in_sync != 0), pending }
+            }
+            IsClean | InSync => {
+                let r = protocol::one_u64(p).ok_or(-libc::EINVAL)?;
+                let v = if kind == IsClean { c.view.is_clean(r)? } else { c.view.in_sync(r)? };
+                return Ok(Some(Outcome::Reply(0, Payload::bytes(&i64::from(v).to_ne_bytes()))));
+            }
+            GetSyncCount => return Ok(Some(Outcome::Reply(0, Payload::bytes(&c.view.sync_count().to_ne_bytes())))),
+            IsRemoteRecovering => {
+                let r = protocol::one_u64(p).ok_or(-libc::EINVAL)?;
+                let (rec, hint) = c.view.remote_recovering(r)?;
+                return Ok(Some(Outcome::Reply(0, Payload::bytes(&protocol::pair(u64::from(rec), hint)))));
+            }
+            Ctr | Dtr | Presuspend | GetRegionSize | StatusInfo | StatusTable => return Ok(None),
+        };
+        if (c.commands)(command) {
+            Ok(Some(Outcome::DeferredToCluster))
+        } else {
+            Err(-libc::EIO)
+        }
+    }
+
     /// After a MARK or FLUSH: answer now, or once the marks are durable.
     fn after_change(
         entry: &LogEntry,
@@ -653,11 +775,17 @@ impl LogServer {
         }
         // One name per log everywhere: the `log` label of its metrics and alerts, which the API
         // shows too (the two logs of a reload share it; the luid tells them apart).
+        if self.cfg.cluster.is_some() && matches!(parsed.args.kind, LogKind::Disk { .. }) {
+            warn!(uuid = %String::from_utf8_lossy(uuid), "CTR refused: clustered-disk is not served in cluster mode yet (use clustered-core, or run without --cluster)");
+            return Err(-libc::EINVAL);
+        }
         let uuid_text = String::from_utf8_lossy(uuid).into_owned();
         let tel = self.telemetry.log_telemetry(&uuid_text, parsed.reconnect);
         let name = tel.name.to_string();
         let args = parsed.args.clone();
-        let device = match (&args.kind, &self.cfg.state_dir) {
+        // A cluster log's state lives in the group (its members hold it), not in a state file.
+        let state_dir = if self.cfg.cluster.is_some() { &None } else { &self.cfg.state_dir };
+        let device = match (&args.kind, state_dir) {
             (LogKind::Disk { device }, _) => {
                 let path = store::resolve_device(device).map_err(|e| {
                     warn!(log = %name, error = %e, "CTR refused");
@@ -720,7 +848,21 @@ impl LogServer {
             ),
             _ => None,
         };
-        info!(log = %name, uuid = %String::from_utf8_lossy(uuid), luid, ctr = %parsed.text, regions = args.region_count(), reconnect = parsed.reconnect, "log created");
+        let cluster = match &self.cfg.cluster {
+            Some(commands) => {
+                let mut group = uuid.to_vec();
+                group.push(0);
+                let view = Arc::new(ClusterView::default());
+                let shape = LogShape { region_count: args.region_count(), in_sync: args.sync == SyncMode::NoSync };
+                if !commands(ClusterCommand::Open { group: group.clone(), shape, view: Arc::clone(&view) }) {
+                    warn!(log = %name, "CTR refused: the cluster engine is gone");
+                    return Err(-libc::EIO);
+                }
+                Some(ClusterLog { group, view, commands: Arc::clone(commands) })
+            }
+            None => None,
+        };
+        info!(log = %name, uuid = %String::from_utf8_lossy(uuid), luid, ctr = %parsed.text, regions = args.region_count(), reconnect = parsed.reconnect, cluster = cluster.is_some(), "log created");
         let payload = reply_payload(&args);
         self.telemetry.add_log(Arc::new(LogHandle {
             uuid: uuid_text,
@@ -744,6 +886,7 @@ impl LogServer {
             device_key,
             name,
             tel,
+            cluster,
         });
         ok(payload)
     }
@@ -774,6 +917,9 @@ impl LogServer {
         let entry = entries.swap_remove(i);
         if entries.is_empty() {
             self.logs.remove(&luid);
+        }
+        if let Some(c) = &entry.cluster {
+            (c.commands)(ClusterCommand::Close { group: c.group.clone() });
         }
         self.telemetry.remove_log(&String::from_utf8_lossy(uuid), luid);
         Some(entry)
@@ -887,7 +1033,7 @@ mod tests {
 
     fn server() -> (LogServer, Arc<Collect>) {
         let sink = Arc::new(Collect::default());
-        let cfg = ServerConfig { state_dir: None, accept_peer: Some(77) };
+        let cfg = ServerConfig { state_dir: None, accept_peer: Some(77), ..Default::default() };
         (LogServer::new(cfg, sink.clone(), 1, Arc::new(Counters::default())), sink)
     }
 

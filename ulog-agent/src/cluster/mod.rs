@@ -40,3 +40,25 @@ pub mod engine;
 pub mod stability;
 pub mod state;
 pub mod wire;
+
+/// This kernel's incarnation: its boot id (`/proc/sys/kernel/random/boot_id`) as 128 bits. An
+/// agent restarted under the same kernel has the same one, a rebooted node a new one.
+pub fn boot_id() -> std::io::Result<state::Incarnation> {
+    let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")?;
+    parse_boot_id(&text).ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("boot id {text:?}")))
+}
+
+fn parse_boot_id(text: &str) -> Option<state::Incarnation> {
+    let hex: String = text.trim().chars().filter(|&c| c != '-').collect();
+    (hex.len() == 32).then(|| u128::from_str_radix(&hex, 16).ok()).flatten()
+}
+
+#[cfg(test)]
+mod boot_id_tests {
+    #[test]
+    fn boot_ids_parse_as_128_bits() {
+        assert_eq!(super::parse_boot_id("0d0c1b2a-3f4e-5a6b-7c8d-9e0fa1b2c3d4\n"), Some(0x0d0c1b2a3f4e5a6b7c8d9e0fa1b2c3d4));
+        assert_eq!(super::parse_boot_id("not-a-boot-id"), None);
+        assert!(super::boot_id().is_ok(), "this kernel has a boot id");
+    }
+}
