@@ -875,6 +875,7 @@ impl LogServer {
             dev: dev_info.as_ref().map(|d| d.1),
             shared: Arc::clone(&shared),
             tel: Arc::clone(&tel),
+            cluster: cluster.as_ref().map(|c| Arc::clone(&c.view)),
         }));
         self.logs.entry(luid).or_default().push(LogEntry {
             uuid: uuid.into(),

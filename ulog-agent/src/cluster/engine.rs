@@ -87,6 +87,46 @@ pub struct ClusterView {
 struct ViewState {
     node: Option<NodeId>,
     log: Option<ReplicatedLog>,
+    members: Vec<Member>,
+}
+
+/// One node's share of a cluster log, for status output.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct NodeStatus {
+    /// corosync node id.
+    pub node: NodeId,
+    /// Its kernel incarnation (boot id), 32 hex digits.
+    pub incarnation: String,
+    /// Its agent is a live member. False: departed without releasing; its marks are held
+    /// until its agent comes back (same boot id) or its death is confirmed (fencing).
+    pub live: bool,
+    /// Regions its kernel marked and has not cleared.
+    pub marked: u64,
+    /// The region it is recovering.
+    pub recovering: Option<u64>,
+}
+
+/// A cluster log as this member sees it, for metrics, `/api/v1` and `ulog-agent status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ClusterLogStatus {
+    /// This node's id (None until connected to corosync).
+    pub node: Option<NodeId>,
+    /// This member holds the replicated state (false while joining, without quorum, ...).
+    pub holding: bool,
+    /// Node ids of the group's current members (processes of this log's group).
+    pub members: Vec<NodeId>,
+    /// Kernel requests waiting for quorum, membership or the state.
+    pub held_requests: u64,
+    /// Refused because cmirrord serves the same mirror.
+    pub refused: bool,
+    /// Every node that shares the log (live or held).
+    pub nodes: Vec<NodeStatus>,
+    /// Regions reclaimed from dead nodes and not yet resynchronised.
+    pub reclaimed: u64,
+    /// In-sync regions (as GET_SYNC_COUNT answers).
+    pub sync_count: u64,
+    /// Region count (0 until the state is held).
+    pub region_count: u64,
 }
 
 impl ClusterView {
@@ -136,9 +176,39 @@ impl ClusterView {
         self.refused.load(Ordering::Relaxed)
     }
 
-    /// A copy of the replicated state, if held (status output, tests).
+    /// A copy of the replicated state, if held (tests).
     pub fn snapshot(&self) -> Option<ReplicatedLog> {
         self.lock().log.clone()
+    }
+
+    /// The log as this member sees it (walks the marks: for status, not for the request path).
+    pub fn status(&self) -> ClusterLogStatus {
+        let s = self.lock();
+        let mut st = ClusterLogStatus {
+            node: s.node,
+            holding: s.log.is_some(),
+            members: s.members.iter().map(|m| m.node).collect(),
+            held_requests: self.held(),
+            refused: self.refused(),
+            ..ClusterLogStatus::default()
+        };
+        if let Some(log) = &s.log {
+            st.nodes = log
+                .nodes()
+                .iter()
+                .map(|(&node, share)| NodeStatus {
+                    node,
+                    incarnation: format!("{:032x}", share.incarnation),
+                    live: share.live,
+                    marked: share.marks.len() as u64,
+                    recovering: share.slot,
+                })
+                .collect();
+            st.reclaimed = log.reclaimed().count() as u64;
+            st.sync_count = log.sync_count();
+            st.region_count = log.region_count();
+        }
+        st
     }
 }
 
@@ -514,8 +584,8 @@ impl<R: Replies> Engine<R> {
                     warn!(group = %group_name(group), node = m.node, "a member left without releasing its log: its marks are held until it comes back or is fenced");
                 }
             }
-            self.publish(ctx);
         }
+        self.publish(ctx);
         self.holders_changed(ctx);
         let _ = out;
     }
@@ -540,6 +610,7 @@ impl<R: Replies> Engine<R> {
     fn publish(&self, ctx: &LogCtx) {
         let mut v = ctx.view.lock();
         v.node = self.me.map(|m| m.node);
+        v.members = ctx.members.iter().copied().collect();
         v.log = match (&ctx.holding, &ctx.log) {
             (Holding::Yes, Some(l)) => Some(l.clone()),
             _ => None,

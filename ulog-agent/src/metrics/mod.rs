@@ -483,6 +483,9 @@ pub struct LogHandle {
     pub shared: Arc<SharedLog>,
     /// Its telemetry.
     pub tel: Arc<LogTelemetry>,
+    /// Cluster mode: the replicated state this member serves from (the `shared` log is then
+    /// only the table's shape; sync and mark counts come from here).
+    pub cluster: Option<Arc<crate::cluster::engine::ClusterView>>,
 }
 
 impl LogHandle {
@@ -891,6 +894,7 @@ mod tests {
                 dev: None,
                 shared: Arc::new(SharedLog::new(log)),
                 tel: tel.log_telemetry(uuid, false),
+                cluster: None,
             })
         };
         let a = handle("LVM-mirrora");
