@@ -106,3 +106,18 @@ pub trait BusHandler: Send + 'static {
     /// acknowledgement for a batch instead of one per message.
     fn on_idle(&mut self, _out: &mut dyn Outbound) {}
 }
+
+/// Counters of the transport, readable from any thread (the telemetry reads them).
+#[derive(Debug, Default)]
+pub struct BusStats {
+    /// `CS_ERR_TRY_AGAIN` answers to a send or join (each one a retry later).
+    pub try_again: std::sync::atomic::AtomicU64,
+    /// `CS_ERR_INTERRUPT` answers to a send (each one a resend of the whole message).
+    pub interrupts: std::sync::atomic::AtomicU64,
+    /// Successful connects after a lost connection.
+    pub reconnects: std::sync::atomic::AtomicU64,
+    /// Messages corosync accepted (`CS_OK` from `cpg_mcast_joined`).
+    pub sent: std::sync::atomic::AtomicU64,
+    /// Messages delivered to the handler.
+    pub delivered: std::sync::atomic::AtomicU64,
+}
