@@ -854,7 +854,13 @@ impl LogServer {
                 group.push(0);
                 let view = Arc::new(ClusterView::default());
                 let shape = LogShape { region_count: args.region_count(), in_sync: args.sync == SyncMode::NoSync };
-                if !commands(ClusterCommand::Open { group: group.clone(), shape, view: Arc::clone(&view) }) {
+                let open = ClusterCommand::Open {
+                    group: group.clone(),
+                    shape,
+                    view: Arc::clone(&view),
+                    reconnect: parsed.reconnect,
+                };
+                if !commands(open) {
                     warn!(log = %name, "CTR refused: the cluster engine is gone");
                     return Err(-libc::EIO);
                 }

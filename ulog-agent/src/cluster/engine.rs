@@ -236,6 +236,8 @@ pub enum Command {
         shape: LogShape,
         /// Where the receive thread reads the state.
         view: Arc<ClusterView>,
+        /// The CTR was the kernel's reconnect (its agent restarted while it wrote).
+        reconnect: bool,
     },
     /// RESUME: join the group, get the state, multicast `Join`.
     Resume {
@@ -321,6 +323,8 @@ enum PendWhat {
     Change(Change),
     Release,
     Flush,
+    /// An event with no kernel request behind it (marks re-asserted after a re-sync).
+    Event(Event),
 }
 
 enum Held {
@@ -342,7 +346,9 @@ enum Holding {
 
 enum Kept {
     Frame(Member, Frame),
-    Membership(Vec<Member>),
+    /// A membership change: the members after it, and who left (computed when it was
+    /// delivered: at replay the member list is already the latest).
+    Membership(Vec<Member>, Vec<Member>),
 }
 
 /// The state of one group on this member.
@@ -378,6 +384,19 @@ struct LogCtx {
     waiting: Vec<Held>,
     /// Acknowledgements owed (sender node -> highest sequence), sent at idle.
     acks_owed: BTreeMap<NodeId, u64>,
+    /// Events applied to `log` since the log began (the length of its history; the same on
+    /// every holder, carried by state transfers).
+    applied: u64,
+    /// The state this member held when it lost quorum or its corosync, with its `applied`:
+    /// what it saw there is re-asserted after it gets the current state (or, if nobody holds
+    /// one, the longest such history becomes the log's).
+    stale_state: Option<(u64, ReplicatedLog)>,
+    /// Each asking member's `Hello { stale }` since the last membership change.
+    hello_stale: BTreeMap<Member, u64>,
+    /// Members whose `Hello` said their kernel reconnected, since the last change.
+    hello_reconnected: BTreeSet<Member>,
+    /// This node's kernel reconnected to this agent (see [`Body::Hello`]).
+    reconnected: bool,
 }
 
 /// The cluster engine of one agent.
@@ -480,6 +499,7 @@ impl<R: Replies> Engine<R> {
                     continue;
                 }
                 PendWhat::Release => Event::Release { node: me.node },
+                PendWhat::Event(ev) => ev.clone(),
                 PendWhat::Change(Change::Mark(r)) => Event::Mark { node: me.node, regions: r.clone() },
                 PendWhat::Change(Change::Clear(r)) => Event::Clear { node: me.node, regions: r.clone() },
                 PendWhat::Change(Change::GetResyncWork) => Event::GetResyncWork { node: me.node },
@@ -526,6 +546,18 @@ impl<R: Replies> Engine<R> {
     }
 
     fn reset_membership(ctx: &mut LogCtx) {
+        if let (Holding::Yes, Some(log)) = (&ctx.holding, ctx.log.take()) {
+            // Keep what we knew: it is re-asserted once we hold the group's state again.
+            let keep = match ctx.stale_state.take() {
+                Some((a, old)) if a > ctx.applied => (a, old),
+                _ => (ctx.applied, log),
+            };
+            ctx.stale_state = Some(keep);
+        }
+        ctx.log = None;
+        ctx.applied = 0;
+        ctx.hello_stale.clear();
+        ctx.hello_reconnected.clear();
         ctx.in_group = false;
         ctx.members.clear();
         ctx.holders.clear();
@@ -555,10 +587,11 @@ impl<R: Replies> Engine<R> {
             self.logs.insert(group.to_vec(), ctx);
             return;
         }
+        let gone: Vec<Member> = ctx.members.iter().filter(|m| !members.contains(m)).copied().collect();
         if let Holding::No { hello: Some(_), kept, .. } = &mut ctx.holding {
-            kept.push(Kept::Membership(members.clone()));
+            kept.push(Kept::Membership(members.clone(), gone.clone()));
         }
-        self.apply_membership(&mut ctx, group, &members, out);
+        self.apply_membership(&mut ctx, group, &members, &gone, out);
         if !matches!(ctx.holding, Holding::Yes) {
             // A donor may have left; ask again (a duplicate transfer is ignored).
             self.send_hello(&mut ctx, group, out);
@@ -568,16 +601,23 @@ impl<R: Replies> Engine<R> {
     }
 
     /// The deterministic part of a membership change (also replayed by a joiner).
-    fn apply_membership(&mut self, ctx: &mut LogCtx, group: &[u8], members: &[Member], out: &mut dyn Outbound) {
-        let new: BTreeSet<Member> = members.iter().copied().collect();
-        let gone: Vec<Member> = ctx.members.difference(&new).copied().collect();
-        ctx.members = new;
+    fn apply_membership(
+        &mut self,
+        ctx: &mut LogCtx,
+        group: &[u8],
+        members: &[Member],
+        gone: &[Member],
+        out: &mut dyn Outbound,
+    ) {
+        ctx.members = members.iter().copied().collect();
         ctx.holders.retain(|m| ctx.members.contains(m));
         ctx.hellos.retain(|m, _| ctx.members.contains(m));
         ctx.hellos_since_change.clear();
+        ctx.hello_stale.clear();
+        ctx.hello_reconnected.clear();
         ctx.genesis_sent = false;
         if let (Holding::Yes, Some(log)) = (&ctx.holding, ctx.log.as_mut()) {
-            for m in &gone {
+            for m in gone {
                 // Without a Release its kernel may still write, or died mid-write: held.
                 if log.nodes().get(&m.node).is_some_and(|s| s.live) {
                     let _ = log.apply(&Event::Depart { node: m.node });
@@ -593,6 +633,7 @@ impl<R: Replies> Engine<R> {
     fn holders_changed(&mut self, ctx: &mut LogCtx) {
         let nodes: Vec<NodeId> = ctx.holders.iter().map(|m| m.node).collect();
         if let Some(st) = ctx.stability.as_mut() {
+            st.set_others_in_group(ctx.members.len() > 1);
             for (node, seq) in st.acks_due_after_change(nodes) {
                 let e = ctx.acks_owed.entry(node).or_insert(0);
                 *e = (*e).max(seq);
@@ -603,7 +644,8 @@ impl<R: Replies> Engine<R> {
 
     fn send_hello(&mut self, ctx: &mut LogCtx, group: &[u8], out: &mut dyn Outbound) {
         if self.quorate && ctx.in_group && !ctx.stale && !matches!(ctx.holding, Holding::Yes) {
-            self.send(ctx, group, Body::Hello, out);
+            let stale = ctx.stale_state.as_ref().map_or(0, |(a, _)| a + 1);
+            self.send(ctx, group, Body::Hello { stale, reconnected: ctx.reconnected }, out);
         }
     }
 
@@ -665,9 +707,13 @@ impl<R: Replies> Engine<R> {
         out: &mut dyn Outbound,
     ) {
         match &frame.body {
-            Body::Hello => {
+            Body::Hello { stale, reconnected } => {
                 ctx.hellos.insert(from, frame.seq);
                 ctx.hellos_since_change.insert(from);
+                ctx.hello_stale.insert(from, *stale);
+                if *reconnected {
+                    ctx.hello_reconnected.insert(from);
+                }
                 if from == me {
                     if let Holding::No { hello, kept, assembler } = &mut ctx.holding {
                         *hello = Some(frame.seq);
@@ -679,9 +725,13 @@ impl<R: Replies> Engine<R> {
                 }
                 self.maybe_genesis(ctx, group, me, out);
             }
-            Body::Genesis { region_count, in_sync } => {
+            Body::Genesis { region_count, in_sync, from_stale } => {
                 let shape = LogShape { region_count: *region_count, in_sync: *in_sync };
-                self.genesis(ctx, group, shape);
+                if *from_stale {
+                    self.genesis_from_stale(ctx, group, me, from, out);
+                } else {
+                    self.genesis(ctx, group, shape, out);
+                }
                 return;
             }
             Body::Chunk(c) if transfer_target(c.transfer) == (me.node, low32(ctx_hello(ctx))) => {
@@ -710,17 +760,69 @@ impl<R: Replies> Engine<R> {
     }
 
     fn maybe_genesis(&mut self, ctx: &mut LogCtx, group: &[u8], me: Member, out: &mut dyn Outbound) {
-        // Every member asked for the state since the last change: nobody holds it.
+        // Every member asked for the state since the last change: nobody holds it. The member
+        // with the longest kept history starts the log from it (the lowest on a tie; a fresh
+        // log when nobody kept one); every member computes the same choice.
         let all_asked = ctx.members.iter().all(|m| ctx.hellos_since_change.contains(m));
-        if all_asked && !ctx.genesis_sent && ctx.members.first() == Some(&me) && self.quorate {
+        if !all_asked || ctx.genesis_sent || !self.quorate {
+            return;
+        }
+        let best = ctx
+            .members
+            .iter()
+            .map(|m| (ctx.hello_stale.get(m).copied().unwrap_or(0), *m))
+            .max_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+        let Some((stale, chosen)) = best else { return };
+        if chosen == me {
             ctx.genesis_sent = true;
-            let body = Body::Genesis { region_count: ctx.shape.region_count, in_sync: ctx.shape.in_sync };
+            // A kernel that reconnected may hold dirty regions it will never mark again: a
+            // fresh log then starts with every region out of sync, whatever the table says.
+            let body = Body::Genesis {
+                region_count: ctx.shape.region_count,
+                in_sync: ctx.shape.in_sync && ctx.hello_reconnected.is_empty(),
+                from_stale: stale > 0 && ctx.stale_state.is_some(),
+            };
             self.send(ctx, group, body, out);
         }
     }
 
-    fn genesis(&mut self, ctx: &mut LogCtx, group: &[u8], shape: LogShape) {
-        if shape != ctx.shape {
+    /// `Genesis` from a kept history: its sender holds the log from there; every other member
+    /// asks it for the state (a transfer cut after this frame).
+    fn genesis_from_stale(&mut self, ctx: &mut LogCtx, group: &[u8], me: Member, from: Member, out: &mut dyn Outbound) {
+        ctx.hellos_since_change.clear();
+        ctx.hello_stale.clear();
+        ctx.hello_reconnected.clear();
+        ctx.hellos.clear();
+        if from == me {
+            let Some((mut applied, mut log)) = ctx.stale_state.take() else { return };
+            // Nodes live in the kept state but not in the group now left while this member
+            // was not holding: their departure is applied here (their marks are held).
+            let present: BTreeSet<NodeId> = ctx.members.iter().map(|m| m.node).collect();
+            let gone: Vec<NodeId> =
+                log.nodes().iter().filter(|(n, s)| s.live && !present.contains(n)).map(|(&n, _)| n).collect();
+            for node in gone {
+                let _ = log.apply(&Event::Depart { node });
+                applied += 1;
+            }
+            warn!(group = %group_name(group), applied, "no member held a current state: the log continues from the longest history kept (this member's), and every member adds the marks it saw");
+            self.stats.geneses.fetch_add(1, Ordering::Relaxed);
+            ctx.log = Some(log);
+            ctx.applied = applied;
+            ctx.holders = [me].into_iter().collect();
+            ctx.holding = Holding::Yes;
+            ctx.stability = Some(Stability::new(me.node, [me.node]));
+            if let Some(st) = ctx.stability.as_mut() {
+                st.set_others_in_group(ctx.members.len() > 1);
+            }
+            self.publish(ctx);
+        } else {
+            ctx.holders = [from].into_iter().collect();
+            self.send_hello(ctx, group, out);
+        }
+    }
+
+    fn genesis(&mut self, ctx: &mut LogCtx, group: &[u8], shape: LogShape, out: &mut dyn Outbound) {
+        if shape.region_count != ctx.shape.region_count {
             error!(group = %group_name(group), ?shape, ours = ?ctx.shape, "the cluster log's members have different tables: refused");
             ctx.view.refused.store(true, Ordering::Relaxed);
             self.fail_all(ctx, -libc::EINVAL);
@@ -742,7 +844,45 @@ impl<R: Replies> Engine<R> {
         ctx.holding = Holding::Yes;
         let me = self.me.map_or(0, |m| m.node);
         ctx.stability = Some(Stability::new(me, ctx.holders.iter().map(|m| m.node)));
+        if let Some(st) = ctx.stability.as_mut() {
+            st.set_others_in_group(ctx.members.len() > 1);
+        }
+        ctx.applied = 0;
         self.publish(ctx);
+        self.reassert_stale(ctx, group, out);
+    }
+
+    /// After getting the group's state, re-asserts what this member saw while the others could
+    /// not: its own kernel's marks (sent after its `Join`) and the marks of nodes that are held
+    /// in both states. Nothing is taken away: the merge only adds dirty regions.
+    fn reassert_stale(&mut self, ctx: &mut LogCtx, group: &[u8], out: &mut dyn Outbound) {
+        let (Some((_, old)), Some(me), Some(new)) = (ctx.stale_state.take(), self.me, ctx.log.as_ref()) else { return };
+        let mut front = Vec::new();
+        for (&node, share) in old.nodes() {
+            let now = new.nodes().get(&node);
+            let missing: Vec<u64> =
+                share.marks.iter().copied().filter(|r| !now.is_some_and(|n| n.marks.contains(r))).collect();
+            if missing.is_empty() {
+                continue;
+            }
+            if node == me.node {
+                for part in missing.chunks(wire::MAX_REGIONS) {
+                    front.push(Pend { what: PendWhat::Change(Change::Mark(part.to_vec())), reply: None });
+                }
+            } else if now.is_some_and(|n| !n.live && n.incarnation == share.incarnation) {
+                for part in missing.chunks(wire::MAX_HOLD_REGIONS) {
+                    let ev = Event::HoldMarks { node, incarnation: share.incarnation, regions: part.to_vec() };
+                    front.push(Pend { what: PendWhat::Event(ev), reply: None });
+                }
+            }
+        }
+        if !front.is_empty() {
+            info!(group = %group_name(group), frames = front.len(), "re-asserting marks seen while out of the quorate group");
+        }
+        for p in front.into_iter().rev() {
+            ctx.to_send.push_front(p);
+        }
+        let _ = out;
     }
 
     fn fail_all(&self, ctx: &mut LogCtx, error: i32) {
@@ -754,7 +894,7 @@ impl<R: Replies> Engine<R> {
 
     fn install(&mut self, ctx: &mut LogCtx, group: &[u8], me: Member, bytes: &[u8], out: &mut dyn Outbound) {
         let parsed = decode_snapshot(bytes);
-        let (target, hello, holders, hellos, log) = match parsed {
+        let (target, hello, applied, seqs, holders, hellos, log) = match parsed {
             Ok(v) => v,
             Err(e) => {
                 error!(group = %group_name(group), error = %e, "state transfer unreadable: leaving the group to join again");
@@ -780,20 +920,34 @@ impl<R: Replies> Engine<R> {
             Holding::Yes => Vec::new(),
         };
         ctx.log = Some(log);
+        ctx.applied = applied;
         ctx.holders = holders;
         ctx.hellos = hellos;
-        // Replay what was delivered after the cut, as a holder would have applied it; this
-        // member owed no acknowledgements then (it held nothing).
+        ctx.stability = Some(Stability::with_applied(me.node, ctx.holders.iter().map(|m| m.node), seqs));
+        if let Some(st) = ctx.stability.as_mut() {
+            st.set_others_in_group(ctx.members.len() > 1);
+        }
+        // Replay what was delivered after the cut, as a holder would have applied it. This
+        // member owed no acknowledgements then (it held nothing): they are dropped.
         for k in kept {
             match k {
-                Kept::Membership(members) => self.apply_membership(ctx, group, &members, out),
+                Kept::Membership(members, gone) => self.apply_membership(ctx, group, &members, &gone, out),
                 Kept::Frame(from, frame) => self.apply_frame(ctx, group, from, frame, out),
             }
         }
+        ctx.acks_owed.clear();
         ctx.holders.insert(me);
         ctx.hellos.remove(&me);
-        ctx.stability = Some(Stability::new(me.node, ctx.holders.iter().map(|m| m.node)));
+        if let Some(st) = ctx.stability.as_mut() {
+            st.acks_due_after_change(ctx.holders.iter().map(|m| m.node));
+            // Now a holder: acknowledge what this member holds for the senders it acks (their
+            // acker may have been unable to, e.g. without quorum).
+            for (node, seq) in st.acks_owed() {
+                ctx.acks_owed.insert(node, seq);
+            }
+        }
         self.publish(ctx);
+        self.reassert_stale(ctx, group, out);
     }
 
     /// Applies a frame as a member that holds the state.
@@ -803,6 +957,7 @@ impl<R: Replies> Engine<R> {
             Body::Event(ev) => {
                 let Some(log) = ctx.log.as_mut() else { return };
                 let result = log.apply(&ev);
+                ctx.applied += 1;
                 if let Some(st) = ctx.stability.as_mut() {
                     if let Some((node, seq)) = st.delivered(from.node, frame.seq) {
                         let e = ctx.acks_owed.entry(node).or_insert(0);
@@ -822,9 +977,10 @@ impl<R: Replies> Engine<R> {
                 }
                 self.release_stable(ctx);
             }
-            Body::Hello => {
+            Body::Hello { stale, .. } => {
                 ctx.hellos.insert(from, frame.seq);
                 ctx.hellos_since_change.insert(from);
+                ctx.hello_stale.insert(from, stale);
                 if Some(from) != me && ctx.holders.first().copied() == me && me.is_some() {
                     self.donate(ctx, group, from, frame.seq, out);
                 }
@@ -890,7 +1046,8 @@ impl<R: Replies> Engine<R> {
 
     fn donate(&mut self, ctx: &mut LogCtx, group: &[u8], target: Member, hello: u64, out: &mut dyn Outbound) {
         let Some(log) = &ctx.log else { return };
-        let bytes = encode_snapshot(target, hello, &ctx.holders, &ctx.hellos, log);
+        let seqs = ctx.stability.as_ref().map(|s| s.applied().clone()).unwrap_or_default();
+        let bytes = encode_snapshot(target, hello, ctx.applied, &seqs, &ctx.holders, &ctx.hellos, log);
         let limit = if self.max_atomic == 0 { 1 << 20 } else { self.max_atomic };
         let transfer = (u64::from(target.node) << 32) | u64::from(low32(Some(hello)));
         match wire::split(transfer, &bytes, limit) {
@@ -918,9 +1075,10 @@ impl<R: Replies> Engine<R> {
 
     fn command(&mut self, cmd: Command, out: &mut dyn Outbound) {
         match cmd {
-            Command::Open { group, shape, view } => {
+            Command::Open { group, shape, view, reconnect } => {
                 let ctx = self.logs.entry(group.clone()).or_insert_with(|| LogCtx::new(shape, Arc::clone(&view)));
                 ctx.opens += 1;
+                ctx.reconnected |= reconnect;
                 if ctx.opens > 1 && !Arc::ptr_eq(&ctx.view, &view) {
                     // A reload: the new table's log reads the same state.
                     let state = ctx.view.lock().log.clone();
@@ -1005,13 +1163,40 @@ impl<R: Replies> Engine<R> {
             self.logs.iter().filter(|(_, c)| !c.acks_owed.is_empty()).map(|(g, _)| g.clone()).collect();
         for g in groups {
             let Some(mut ctx) = self.logs.remove(&g) else { continue };
-            if self.quorate && ctx.in_group && !ctx.stale {
+            // Acknowledgements go out even without quorum: they say "applied here", which stays
+            // true (a stale member re-asserts what it held when it re-syncs).
+            if ctx.in_group {
                 for (node, seq) in std::mem::take(&mut ctx.acks_owed) {
                     self.send(&mut ctx, &g, Body::Ack { node, seq }, out);
                 }
             }
             self.logs.insert(g, ctx);
         }
+    }
+}
+
+#[cfg(test)]
+impl<R: Replies> Engine<R> {
+    /// The engine's per-group bookkeeping, for a failing simulation's message.
+    fn debug_state(&self) -> String {
+        self.logs
+            .values()
+            .map(|c| {
+                format!(
+                    "in_group {} holding {} stale {} members {:?} holders {:?} to_send {:?} in_flight {:?} waiting {:?} stability {:?} quorate {}",
+                    c.in_group,
+                    matches!(c.holding, Holding::Yes),
+                    c.stale,
+                    c.members,
+                    c.holders,
+                    c.to_send.iter().map(|p| &p.what).collect::<Vec<_>>(),
+                    c.in_flight.keys().collect::<Vec<_>>(),
+                    c.waiting.iter().map(|Held::Stable(s, _)| *s).collect::<Vec<_>>(),
+                    c.stability,
+                    self.quorate
+                )
+            })
+            .collect()
     }
 }
 
@@ -1054,6 +1239,11 @@ impl LogCtx {
             in_flight: BTreeMap::new(),
             waiting: Vec::new(),
             acks_owed: BTreeMap::new(),
+            applied: 0,
+            stale_state: None,
+            hello_stale: BTreeMap::new(),
+            hello_reconnected: BTreeSet::new(),
+            reconnected: false,
         }
     }
 }
@@ -1061,6 +1251,8 @@ impl LogCtx {
 fn encode_snapshot(
     target: Member,
     hello: u64,
+    applied: u64,
+    seqs: &BTreeMap<NodeId, u64>,
     holders: &BTreeSet<Member>,
     hellos: &BTreeMap<Member, u64>,
     log: &ReplicatedLog,
@@ -1071,6 +1263,12 @@ fn encode_snapshot(
     o.extend_from_slice(&target.node.to_le_bytes());
     o.extend_from_slice(&target.pid.to_le_bytes());
     o.extend_from_slice(&hello.to_le_bytes());
+    o.extend_from_slice(&applied.to_le_bytes());
+    o.extend_from_slice(&(seqs.len() as u32).to_le_bytes());
+    for (n, q) in seqs {
+        o.extend_from_slice(&n.to_le_bytes());
+        o.extend_from_slice(&q.to_le_bytes());
+    }
     o.extend_from_slice(&(holders.len() as u32).to_le_bytes());
     for m in holders {
         o.extend_from_slice(&m.node.to_le_bytes());
@@ -1086,7 +1284,9 @@ fn encode_snapshot(
     o
 }
 
-type Decoded = (Member, u64, BTreeSet<Member>, BTreeMap<Member, u64>, ReplicatedLog);
+/// A decoded state transfer: target, the Hello it answers, events applied, sequences applied
+/// per sender, holders, pending Hellos, the log.
+type Decoded = (Member, u64, u64, BTreeMap<NodeId, u64>, BTreeSet<Member>, BTreeMap<Member, u64>, ReplicatedLog);
 
 fn decode_snapshot(b: &[u8]) -> Result<Decoded, super::state::SnapshotError> {
     use super::state::SnapshotError;
@@ -1096,6 +1296,15 @@ fn decode_snapshot(b: &[u8]) -> Result<Decoded, super::state::SnapshotError> {
     let mut r = wire::Reader(&b[4..]);
     let target = Member { node: r.u32()?, pid: r.u32()? };
     let hello = r.u64()?;
+    let applied = r.u64()?;
+    let n = r.u32()? as usize;
+    if n > 1 << 16 {
+        return Err(SnapshotError::Inconsistent("member count"));
+    }
+    let mut seqs = BTreeMap::new();
+    for _ in 0..n {
+        seqs.insert(r.u32()?, r.u64()?);
+    }
     let n = r.u32()? as usize;
     if n > 1 << 16 {
         return Err(SnapshotError::Inconsistent("member count"));
@@ -1113,7 +1322,7 @@ fn decode_snapshot(b: &[u8]) -> Result<Decoded, super::state::SnapshotError> {
         hellos.insert(Member { node: r.u32()?, pid: r.u32()? }, r.u64()?);
     }
     let log = ReplicatedLog::decode(r.0)?;
-    Ok((target, hello, holders, hellos, log))
+    Ok((target, hello, applied, seqs, holders, hellos, log))
 }
 
 impl<R: Replies> BusHandler for Engine<R> {

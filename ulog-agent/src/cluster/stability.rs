@@ -31,6 +31,10 @@ pub struct Stability {
     acked: u64,
     /// Highest sequence applied from each sender (to acknowledge after a change).
     applied: BTreeMap<NodeId, u64>,
+    /// The group has other members that do not hold the state yet (joiners): this member is
+    /// not alone, even if it is the only holder, and its frames wait for a joiner to hold
+    /// them (it acknowledges once it installed the state and replayed them).
+    others_in_group: bool,
 }
 
 impl Stability {
@@ -38,7 +42,31 @@ impl Stability {
     pub fn new(me: NodeId, members: impl IntoIterator<Item = NodeId>) -> Self {
         let mut members: BTreeSet<NodeId> = members.into_iter().collect();
         members.insert(me);
-        Self { me, members, delivered: 0, acked: 0, applied: BTreeMap::new() }
+        Self { me, members, delivered: 0, acked: 0, applied: BTreeMap::new(), others_in_group: false }
+    }
+
+    /// A member that got the state by transfer: `applied` is the highest sequence of each
+    /// sender that the transferred state contains (the donor's [`Stability::applied`]), so it
+    /// can acknowledge those frames if it becomes their sender's acker.
+    pub fn with_applied(me: NodeId, members: impl IntoIterator<Item = NodeId>, applied: BTreeMap<NodeId, u64>) -> Self {
+        let mut s = Self::new(me, members);
+        s.applied = applied;
+        s
+    }
+
+    /// Highest sequence applied from each sender.
+    pub fn applied(&self) -> &BTreeMap<NodeId, u64> {
+        &self.applied
+    }
+
+    /// The acknowledgements this member owes as acker of its senders, for everything it
+    /// applied (after it got the state: the frames it replayed may never have been acked).
+    pub fn acks_owed(&self) -> Vec<(NodeId, u64)> {
+        self.applied
+            .iter()
+            .filter(|&(&s, _)| s != self.me && self.acker_of(s) == Some(self.me))
+            .map(|(&s, &seq)| (s, seq))
+            .collect()
     }
 
     /// The member that acknowledges `sender`'s frames: the lowest live member other than it.
@@ -68,7 +96,12 @@ impl Stability {
     /// Whether own frame `seq` is held where a crash of this node cannot lose it: acknowledged
     /// by a live other member, or (alone in the group) delivered.
     pub fn is_stable(&self, seq: u64) -> bool {
-        self.acked >= seq || (self.members.len() == 1 && self.delivered >= seq)
+        self.acked >= seq || (self.members.len() == 1 && !self.others_in_group && self.delivered >= seq)
+    }
+
+    /// Whether the group has members other than this one (holders or not).
+    pub fn set_others_in_group(&mut self, others: bool) {
+        self.others_in_group = others;
     }
 
     /// A membership change was delivered. Returns the acknowledgements this node now owes:
@@ -138,6 +171,10 @@ mod tests {
         assert!(!s.is_stable(1));
         s.delivered(4, 1);
         assert!(s.is_stable(1));
+        s.set_others_in_group(true);
+        s.delivered(4, 2);
+        assert!(!s.is_stable(2), "a joiner without the state yet: it must hold the frame first");
+        s.set_others_in_group(false);
         s.acks_due_after_change([4, 5]);
         s.delivered(4, 2);
         assert!(!s.is_stable(2), "a second member joined: it must hold the frame");

@@ -59,6 +59,19 @@ pub enum Event {
         /// The kernel incarnation (boot id) of that node.
         incarnation: Incarnation,
     },
+    /// A member that re-synced after losing quorum saw these marks of a departed node in its
+    /// old state (made where the others could not see them): they are added to that node's
+    /// held marks, so the merge of what the partitions knew loses no dirty region. Applied only
+    /// to a held share of that incarnation (a live node re-asserts its own marks; an absent one
+    /// released or was reclaimed, which only the quorate side can do).
+    HoldMarks {
+        /// The departed node.
+        node: NodeId,
+        /// Its kernel incarnation (boot id).
+        incarnation: Incarnation,
+        /// The regions.
+        regions: Vec<u64>,
+    },
     /// MARK_REGION (or FLUSH's integrated marks) from a node's kernel.
     Mark {
         /// The node whose agent sent it (or that the membership change is about).
@@ -342,6 +355,18 @@ impl ReplicatedLog {
                 }
                 _ => Err(Refusal::NothingToReclaim { node, incarnation }),
             },
+            Event::HoldMarks { node, incarnation, ref regions } => {
+                self.check_all(regions)?;
+                let Some(share) = self.nodes.get_mut(&node).filter(|s| !s.live && s.incarnation == incarnation) else {
+                    return Ok(Outcome::Applied);
+                };
+                for &r in regions {
+                    if share.marks.insert(r) {
+                        *self.owners.entry(r).or_insert(0) += 1;
+                    }
+                }
+                Ok(Outcome::Applied)
+            }
             Event::Mark { node, ref regions } => {
                 self.live(node)?;
                 self.check_all(regions)?;

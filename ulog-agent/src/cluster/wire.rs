@@ -30,6 +30,9 @@ pub const CHUNK_OVERHEAD: usize = HEADER_LEN + 8 + 4 + 4 + 8 + 8 + 4;
 /// The most regions one MARK or CLEAR frame carries (dm-raid1 sends at most 32 per FLUSH;
 /// a bound keeps a hostile length from allocating).
 pub const MAX_REGIONS: usize = 1024;
+/// The most regions one HoldMarks frame carries (a node's marks after a partition; more are
+/// sent in several frames): 65 536 regions, 512 KiB, within the atomic message size.
+pub const MAX_HOLD_REGIONS: usize = 65_536;
 
 /// One message between the agents of a log.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,14 +69,26 @@ pub enum Body {
     /// The sender joined the group and has no state: the state transfer it gets is cut at
     /// this frame's place in the agreed order (its donor snapshots when it applies it, the
     /// sender keeps every frame delivered after it and replays them on the snapshot).
-    Hello,
+    Hello {
+        /// The sender kept a state from before it lost quorum (or its corosync): how many
+        /// events it had applied, plus one (0: no state). Used only when nobody holds a
+        /// current state, to start from the longest history instead of a fresh log.
+        stale: u64,
+        /// The sender's kernel reconnected (its agent restarted): the kernel may hold regions
+        /// dirty that it will never mark again, so a fresh log must not start in sync.
+        reconnected: bool,
+    },
     /// No member of the group holds the log's state (the first member, or every holder is
-    /// gone): every member starts from a fresh log of this shape at this frame.
+    /// gone): the log starts over at this frame, from the sender's stale state if it names
+    /// one (the longest history any member kept), else from a fresh log of this shape.
     Genesis {
         /// Region count of the log.
         region_count: u64,
         /// Every region starts in sync (`nosync` tables).
         in_sync: bool,
+        /// The sender's stale state is the start (it alone holds it; the others get it by
+        /// transfer) rather than a fresh log on every member.
+        from_stale: bool,
     },
 }
 
@@ -146,6 +161,7 @@ const K_MARK: u16 = 5;
 const K_CLEAR: u16 = 6;
 const K_WORK: u16 = 7;
 const K_SYNC: u16 = 8;
+const K_HOLD: u16 = 9;
 const K_ACK: u16 = 32;
 const K_DIGEST: u16 = 33;
 const K_CHUNK: u16 = 34;
@@ -165,11 +181,12 @@ pub fn encode(f: &Frame) -> Vec<u8> {
             Event::Clear { .. } => K_CLEAR,
             Event::GetResyncWork { .. } => K_WORK,
             Event::SetRegionSync { .. } => K_SYNC,
+            Event::HoldMarks { .. } => K_HOLD,
         },
         Body::Ack { .. } => K_ACK,
         Body::Digest { .. } => K_DIGEST,
         Body::Chunk(_) => K_CHUNK,
-        Body::Hello => K_HELLO,
+        Body::Hello { .. } => K_HELLO,
         Body::Genesis { .. } => K_GENESIS,
     };
     o.extend_from_slice(&MAGIC);
@@ -198,6 +215,14 @@ pub fn encode(f: &Frame) -> Vec<u8> {
                 o.extend_from_slice(&region.to_le_bytes());
                 o.push(u8::from(*in_sync));
             }
+            Event::HoldMarks { node, incarnation, regions } => {
+                o.extend_from_slice(&node.to_le_bytes());
+                o.extend_from_slice(&incarnation.to_le_bytes());
+                o.extend_from_slice(&(regions.len() as u32).to_le_bytes());
+                for r in regions {
+                    o.extend_from_slice(&r.to_le_bytes());
+                }
+            }
         },
         Body::Ack { node, seq } => {
             o.extend_from_slice(&node.to_le_bytes());
@@ -213,10 +238,14 @@ pub fn encode(f: &Frame) -> Vec<u8> {
             o.extend_from_slice(&(c.data.len() as u32).to_le_bytes());
             o.extend_from_slice(&c.data);
         }
-        Body::Hello => {}
-        Body::Genesis { region_count, in_sync } => {
+        Body::Hello { stale, reconnected } => {
+            o.extend_from_slice(&stale.to_le_bytes());
+            o.push(u8::from(*reconnected));
+        }
+        Body::Genesis { region_count, in_sync, from_stale } => {
             o.extend_from_slice(&region_count.to_le_bytes());
             o.push(u8::from(*in_sync));
+            o.push(u8::from(*from_stale));
         }
     }
     o
@@ -257,6 +286,16 @@ pub fn decode(b: &[u8]) -> Result<Frame, WireError> {
         K_DEPART => Body::Event(Event::Depart { node: r.u32()? }),
         K_RELEASE => Body::Event(Event::Release { node: r.u32()? }),
         K_WORK => Body::Event(Event::GetResyncWork { node: r.u32()? }),
+        K_HOLD => {
+            let node = r.u32()?;
+            let incarnation: Incarnation = u128::from_le_bytes(r.array()?);
+            let n = r.u32()? as usize;
+            if n > MAX_HOLD_REGIONS {
+                return Err(WireError::Field("region count"));
+            }
+            let regions = (0..n).map(|_| r.u64()).collect::<Result<Vec<_>, _>>()?;
+            Body::Event(Event::HoldMarks { node, incarnation, regions })
+        }
         K_MARK | K_CLEAR => {
             let node = r.u32()?;
             let n = r.u32()? as usize;
@@ -291,15 +330,26 @@ pub fn decode(b: &[u8]) -> Result<Frame, WireError> {
             let data = r.take(len)?.to_vec();
             Body::Chunk(Chunk { transfer, index, count, total_len, digest, data })
         }
-        K_HELLO => Body::Hello,
-        K_GENESIS => {
-            let region_count = r.u64()?;
-            let in_sync = match r.take(1)?[0] {
+        K_HELLO => {
+            let stale = r.u64()?;
+            let reconnected = match r.take(1)?[0] {
                 0 => false,
                 1 => true,
-                _ => return Err(WireError::Field("in_sync flag")),
+                _ => return Err(WireError::Field("reconnected flag")),
             };
-            Body::Genesis { region_count, in_sync }
+            Body::Hello { stale, reconnected }
+        }
+        K_GENESIS => {
+            let region_count = r.u64()?;
+            let mut flag = |what| match r.take(1).map(|b| b[0]) {
+                Ok(0) => Ok(false),
+                Ok(1) => Ok(true),
+                Ok(_) => Err(WireError::Field(what)),
+                Err(e) => Err(WireError::from(e)),
+            };
+            let in_sync = flag("in_sync flag")?;
+            let from_stale = flag("from_stale flag")?;
+            Body::Genesis { region_count, in_sync, from_stale }
         }
         k => return Err(WireError::Kind(k)),
     };
@@ -432,6 +482,8 @@ mod tests {
                 region,
                 in_sync
             }),
+            (node, any::<u128>(), proptest::collection::vec(any::<u64>(), 0..40))
+                .prop_map(|(node, incarnation, regions)| Event::HoldMarks { node, incarnation, regions }),
         ]
     }
 
@@ -445,8 +497,9 @@ mod tests {
                     Body::Chunk(Chunk { transfer, index: count - 1, count, total_len: 7, digest: 9, data })
                 }
             ),
-            Just(Body::Hello),
-            (any::<u64>(), any::<bool>()).prop_map(|(region_count, in_sync)| Body::Genesis { region_count, in_sync }),
+            (any::<u64>(), any::<bool>()).prop_map(|(stale, reconnected)| Body::Hello { stale, reconnected }),
+            (any::<u64>(), any::<bool>(), any::<bool>())
+                .prop_map(|(region_count, in_sync, from_stale)| Body::Genesis { region_count, in_sync, from_stale }),
         ]
     }
 
