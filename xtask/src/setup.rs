@@ -53,6 +53,15 @@ pub const APT_PACKAGES: &[&str] = &[
     "systemd",
     "mandoc",
     "lintian",
+    // Cluster logs: `rust-corosync` links libcpg, libcfg, libcmap, libquorum and libvotequorum
+    // unconditionally at build time (all five -dev packages); corosync itself runs the test
+    // clusters (one per network namespace, `ulog_agent::cluster::test_cluster`).
+    "corosync",
+    "libcpg-dev",
+    "libcfg-dev",
+    "libcmap-dev",
+    "libquorum-dev",
+    "libvotequorum-dev",
 ];
 
 #[derive(clap::Args, Debug, Default)]

@@ -10,6 +10,8 @@
 //! The engine is written against these types only, so it runs unchanged over the real
 //! transport and over the deterministic in-memory bus of its tests.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use super::state::NodeId;
 
 /// One process in a CPG group: corosync's node id and the process id on that node.
@@ -111,13 +113,41 @@ pub trait BusHandler: Send + 'static {
 #[derive(Debug, Default)]
 pub struct BusStats {
     /// `CS_ERR_TRY_AGAIN` answers to a send or join (each one a retry later).
-    pub try_again: std::sync::atomic::AtomicU64,
+    pub try_again: AtomicU64,
     /// `CS_ERR_INTERRUPT` answers to a send (each one a resend of the whole message).
-    pub interrupts: std::sync::atomic::AtomicU64,
+    pub interrupts: AtomicU64,
     /// Successful connects after a lost connection.
-    pub reconnects: std::sync::atomic::AtomicU64,
+    pub reconnects: AtomicU64,
     /// Messages corosync accepted (`CS_OK` from `cpg_mcast_joined`).
-    pub sent: std::sync::atomic::AtomicU64,
+    pub sent: AtomicU64,
     /// Messages delivered to the handler.
-    pub delivered: std::sync::atomic::AtomicU64,
+    pub delivered: AtomicU64,
+}
+
+/// A copy of [`BusStats`] at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BusStatsSnapshot {
+    /// See [`BusStats::try_again`].
+    pub try_again: u64,
+    /// See [`BusStats::interrupts`].
+    pub interrupts: u64,
+    /// See [`BusStats::reconnects`].
+    pub reconnects: u64,
+    /// See [`BusStats::sent`].
+    pub sent: u64,
+    /// See [`BusStats::delivered`].
+    pub delivered: u64,
+}
+
+impl BusStats {
+    /// The counters now.
+    pub fn snapshot(&self) -> BusStatsSnapshot {
+        BusStatsSnapshot {
+            try_again: self.try_again.load(Ordering::Relaxed),
+            interrupts: self.interrupts.load(Ordering::Relaxed),
+            reconnects: self.reconnects.load(Ordering::Relaxed),
+            sent: self.sent.load(Ordering::Relaxed),
+            delivered: self.delivered.load(Ordering::Relaxed),
+        }
+    }
 }

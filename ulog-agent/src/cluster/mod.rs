@@ -28,17 +28,22 @@
 //!
 //! This module holds the state machine and the wire format ([`wire`]: versioned frames,
 //! cmirrord detection, acknowledgements, digests, state transfer in atomic chunks) and
-//! [`stability`] (when a frame is held by another live member, so MARK may be answered). Not
-//! here yet: the corosync transport (one thread owning the CPG and quorum handles), holding
+//! [`stability`] (when a frame is held by another live member, so MARK may be answered), the bus
+//! interface ([`bus`]), its corosync transport (`corosync`, feature `cluster`: one thread owning
+//! the CPG and quorum handles) and a real corosync cluster in network namespaces for the tests
+//! ([`test_cluster`]). Not here yet: the engine on the bus, holding
 //! requests without quorum, the durability rule for a lone `clustered-disk` member (the
 //! log device must hold a mark before it is answered), the single disk writer, digest
 //! comparison, and their telemetry.
 //! Until they land, cluster mode cannot be turned on and single-node serving is unchanged.
 
 pub mod bus;
+#[cfg(feature = "cluster")]
+pub mod corosync;
 pub mod engine;
 pub mod stability;
 pub mod state;
+pub mod test_cluster;
 pub mod wire;
 
 /// This kernel's incarnation: its boot id (`/proc/sys/kernel/random/boot_id`) as 128 bits. An

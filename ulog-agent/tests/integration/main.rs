@@ -3,6 +3,10 @@
 //! They need root. Run with `cargo test -p ulog-agent --test integration`.
 
 mod api;
+// The corosync transport against a real 3-node corosync cluster in network namespaces
+// (order, quorum, partition, corosync restart, flood); needs corosync installed.
+#[cfg(feature = "cluster")]
+mod cluster_bus;
 mod common;
 mod ctr;
 mod dashboards;
