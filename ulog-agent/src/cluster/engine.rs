@@ -91,7 +91,7 @@ struct ViewState {
 }
 
 /// One node's share of a cluster log, for status output.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NodeStatus {
     /// corosync node id.
     pub node: NodeId,
@@ -107,7 +107,7 @@ pub struct NodeStatus {
 }
 
 /// A cluster log as this member sees it, for metrics, `/api/v1` and `ulog-agent status`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ClusterLogStatus {
     /// This node's id (None until connected to corosync).
     pub node: Option<NodeId>,
@@ -125,6 +125,9 @@ pub struct ClusterLogStatus {
     pub reclaimed: u64,
     /// In-sync regions (as GET_SYNC_COUNT answers).
     pub sync_count: u64,
+    /// In-sync regions that some node marked and has not cleared (the `dirty` of
+    /// `ulog_regions`; a region marked by a held node is out of sync, not dirty).
+    pub dirty: u64,
     /// Region count (0 until the state is held).
     pub region_count: u64,
 }
@@ -181,6 +184,17 @@ impl ClusterView {
         self.lock().log.clone()
     }
 
+    /// A view holding `log` as member `node` of a group of `members`, with `held` requests
+    /// waiting (telemetry tests: the engine is the only writer otherwise).
+    #[cfg(test)]
+    pub(crate) fn holding(node: NodeId, members: Vec<Member>, log: ReplicatedLog, held: u64) -> Self {
+        Self {
+            state: Mutex::new(ViewState { node: Some(node), log: Some(log), members }),
+            held: AtomicU64::new(held),
+            refused: AtomicBool::new(false),
+        }
+    }
+
     /// The log as this member sees it (walks the marks: for status, not for the request path).
     pub fn status(&self) -> ClusterLogStatus {
         let s = self.lock();
@@ -205,6 +219,8 @@ impl ClusterView {
                 })
                 .collect();
             st.reclaimed = log.reclaimed().count() as u64;
+            let marked: BTreeSet<u64> = log.nodes().values().flat_map(|n| n.marks.iter().copied()).collect();
+            st.dirty = marked.into_iter().filter(|&r| log.in_sync(r) == Ok(true)).count() as u64;
             st.sync_count = log.sync_count();
             st.region_count = log.region_count();
         }

@@ -45,7 +45,8 @@ pub mod wire;
 /// agent restarted under the same kernel has the same one, a rebooted node a new one.
 pub fn boot_id() -> std::io::Result<state::Incarnation> {
     let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")?;
-    parse_boot_id(&text).ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("boot id {text:?}")))
+    parse_boot_id(&text)
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("boot id {text:?}")))
 }
 
 fn parse_boot_id(text: &str) -> Option<state::Incarnation> {
@@ -57,7 +58,10 @@ fn parse_boot_id(text: &str) -> Option<state::Incarnation> {
 mod boot_id_tests {
     #[test]
     fn boot_ids_parse_as_128_bits() {
-        assert_eq!(super::parse_boot_id("0d0c1b2a-3f4e-5a6b-7c8d-9e0fa1b2c3d4\n"), Some(0x0d0c1b2a3f4e5a6b7c8d9e0fa1b2c3d4));
+        assert_eq!(
+            super::parse_boot_id("0d0c1b2a-3f4e-5a6b-7c8d-9e0fa1b2c3d4\n"),
+            Some(0x0d0c1b2a3f4e5a6b7c8d9e0fa1b2c3d4)
+        );
         assert_eq!(super::parse_boot_id("not-a-boot-id"), None);
         assert!(super::boot_id().is_ok(), "this kernel has a boot id");
     }
