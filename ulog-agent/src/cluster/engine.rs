@@ -184,6 +184,34 @@ impl ClusterView {
         self.lock().log.clone()
     }
 
+    /// The IS_CLEAN and IN_SYNC answers of the regions from word `first` on (region `64 *
+    /// first` up) as bitmap words, into `clean` and `sync`, as many as both hold and the log
+    /// has (`region_count`: the table's); returns how many. Before the state is held every
+    /// region reads as out of sync (as IN_SYNC answers). One lock per call, answering region by
+    /// region: the HTTP API's region pages pass small chunks (the receive thread reads the view
+    /// too).
+    pub fn copy_words(&self, first: usize, region_count: u64, clean: &mut [u64], sync: &mut [u64]) -> usize {
+        let words = region_count.div_ceil(64) as usize;
+        if first >= words {
+            return 0;
+        }
+        let n = (words - first).min(clean.len()).min(sync.len());
+        let s = self.lock();
+        for i in 0..n {
+            let (mut c, mut y) = (0u64, 0u64);
+            if let Some(log) = &s.log {
+                let base = (first + i) as u64 * 64;
+                for b in 0..64u64.min(region_count - base) {
+                    c |= u64::from(log.is_clean(base + b) == Ok(true)) << b;
+                    y |= u64::from(log.in_sync(base + b) == Ok(true)) << b;
+                }
+            }
+            clean[i] = c;
+            sync[i] = y;
+        }
+        n
+    }
+
     /// A view holding `log` as member `node` of a group of `members`, with `held` requests
     /// waiting (telemetry tests: the engine is the only writer otherwise).
     #[cfg(test)]
