@@ -422,9 +422,14 @@ fn start_cluster(
 ) -> anyhow::Result<ulog_agent::server::ClusterCommands> {
     use ulog_agent::cluster::{corosync, engine::Engine};
     let incarnation = ulog_agent::cluster::boot_id().context("cannot read this kernel's boot id")?;
-    let engine = Engine::new(ulog_agent::server::ClusterReplies::new(sink, telemetry), incarnation);
+    let engine = Engine::new(ulog_agent::server::ClusterReplies::new(sink, Arc::clone(&telemetry)), incarnation);
+    // The engine moves to the transport's thread: take its counters first.
+    let engine_stats = engine.stats();
     let (bus, _thread) = corosync::spawn(engine, corosync::BusConfig::default())
         .context("cannot start the corosync transport thread")?;
+    // TODO(merge): bus stats: corosync::BusHandle::stats() — pass `Some(bus.stats())` here.
+    let bus_stats: Option<Arc<ulog_agent::cluster::bus::BusStats>> = None;
+    telemetry.set_cluster(engine_stats, bus_stats);
     info!(incarnation = %format!("{incarnation:032x}"), "cluster mode: logs are served over corosync");
     Ok(Arc::new(move |c| bus.command(c).is_ok()))
 }

@@ -57,7 +57,8 @@ impl std::fmt::Debug for ServerConfig {
 }
 
 /// How the cluster engine answers the kernel: like a persister (the reply, the request
-/// counters, the service time from receipt), from the engine's thread.
+/// counters, the service time from receipt, also into the cluster's own service-time
+/// histogram), from the engine's thread.
 pub struct ClusterReplies {
     sink: Arc<dyn ReplySink>,
     telemetry: Arc<Telemetry>,
@@ -81,7 +82,9 @@ impl crate::cluster::engine::Replies for ClusterReplies {
         if !self.sink.send_reply(r.port, reply.as_bytes()) {
             self.telemetry.counters().dropped(Dropped::SendFailed);
         }
-        self.telemetry.observe_service(kind, clock::now_ns().saturating_sub(r.received_ns));
+        let service_ns = clock::now_ns().saturating_sub(r.received_ns);
+        self.telemetry.observe_service(kind, service_ns);
+        self.telemetry.observe_cluster_service(kind, service_ns);
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::api::model::{AgentInfo, Distribution, Health, LogDetail, LogSummary};
+use crate::api::model::{AgentInfo, ClusterLogStatus, Distribution, Health, LogDetail, LogSummary};
 
 /// `ulog-agent status` options.
 #[derive(Clone, Debug, clap::Args)]
@@ -197,6 +197,22 @@ fn render(before: Option<&Sample>, now: &Sample, elapsed: Option<f64>, ready: &H
     if let Some(e) = &a.mirror_discovery.error {
         let _ = writeln!(o, "Mirror devices: not discovered ({e})");
     }
+    if let Some(c) = &a.cluster {
+        let _ = writeln!(
+            o,
+            "Cluster: {}; frames {} sent, {} delivered; state transfers {} sent, {} received{}",
+            if c.quorate { "quorate" } else { "NOT QUORATE (requests that need agreement are held)" },
+            c.frames_sent,
+            c.frames_delivered,
+            c.state_transfers_sent,
+            c.state_transfers_received,
+            if c.cmirrord_refusals > 0 {
+                format!("; {} refused (cmirrord)", c.cmirrord_refusals)
+            } else {
+                String::new()
+            }
+        );
+    }
 
     let _ = writeln!(o);
     if now.logs.is_empty() {
@@ -260,6 +276,12 @@ fn render(before: Option<&Sample>, now: &Sample, elapsed: Option<f64>, ready: &H
         }
     }
 
+    for l in &now.logs {
+        if let Some(c) = &l.summary.cluster {
+            cluster_block(&mut o, &l.summary.name, c);
+        }
+    }
+
     let _ = writeln!(o);
     let window = match elapsed {
         Some(dt) => format!("over the last {dt:.1} s; * = since start"),
@@ -302,6 +324,36 @@ fn render(before: Option<&Sample>, now: &Sample, elapsed: Option<f64>, ready: &H
     o
 }
 
+/// A cluster log: the group as this member sees it, and every node that shares the log.
+fn cluster_block(o: &mut String, name: &str, c: &ClusterLogStatus) {
+    let members: Vec<String> = c.members.iter().map(u32::to_string).collect();
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "Cluster log {name}: node {}, members {}; {}{}{}{}",
+        c.node.map_or("?".to_string(), |n| n.to_string()),
+        if members.is_empty() { "none".to_string() } else { members.join(", ") },
+        if c.holding { "holding the state" } else { "NOT holding the state (joining or rejoining)" },
+        if c.held_requests > 0 { format!("; {} requests held", c.held_requests) } else { String::new() },
+        if c.reclaimed > 0 { format!("; {} reclaimed regions awaiting resync", c.reclaimed) } else { String::new() },
+        if c.refused { "; REFUSED: cmirrord serves this mirror" } else { "" }
+    );
+    if c.nodes.is_empty() {
+        return;
+    }
+    let _ = writeln!(o, "  {:<10} {:<34} {:>9} {:>11}", "NODE", "STATE", "MARKED", "RECOVERING");
+    for n in &c.nodes {
+        let _ = writeln!(
+            o,
+            "  {:<10} {:<34} {:>9} {:>11}",
+            n.node,
+            if n.live { "live" } else { "departed, marks held (agent/fence)" },
+            n.marked,
+            n.recovering.map_or("-".to_string(), |r| r.to_string())
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,6 +376,40 @@ mod tests {
         assert_eq!(quantile(&before, Some(&before), 0.5), None);
         let all = quantile(&after, None, 0.5).unwrap();
         assert!((all - 1e-6).abs() < 1e-12, "{all}");
+    }
+
+    /// A cluster log gets its block: members, state, per node live or held, marks, slot; the
+    /// agent line says whether the node is quorate. A single-node report has neither.
+    #[test]
+    fn cluster_logs_get_a_block() {
+        use crate::metrics::test_support::{handle, three_node_view};
+        use crate::metrics::Telemetry;
+        use std::sync::Arc;
+        let tel = Telemetry::new(Arc::default());
+        let ready = Health { status: "ready".into(), reason: None };
+        let single = handle(&tel, "LVM-stsingle", None);
+        let now =
+            Sample { agent: crate::api::model::agent(&tel), logs: vec![crate::api::model::detail(&single, &tel)] };
+        let text = render(None, &now, None, &ready, "x");
+        assert!(!text.contains("Cluster"), "{text}");
+
+        tel.set_cluster(Arc::default(), None);
+        let shared = handle(&tel, "LVM-stshared", Some(three_node_view()));
+        let now =
+            Sample { agent: crate::api::model::agent(&tel), logs: vec![crate::api::model::detail(&shared, &tel)] };
+        let text = render(None, &now, None, &ready, "x");
+        assert!(text.contains("Cluster: NOT QUORATE"), "{text}");
+        assert!(
+            text.contains(
+                "Cluster log stshared: node 1, members 1; holding the state; 5 requests held; 2 reclaimed regions awaiting resync"
+            ),
+            "{text}"
+        );
+        let rows: Vec<Vec<&str>> =
+            text.lines().filter(|l| l.starts_with("  ")).map(|l| l.split_whitespace().collect()).collect();
+        assert_eq!(rows[0], ["NODE", "STATE", "MARKED", "RECOVERING"]);
+        assert_eq!(rows[1], ["1", "live", "3", "7"]);
+        assert_eq!(rows[2], ["2", "departed,", "marks", "held", "(agent/fence)", "2", "-"]);
     }
 
     #[test]

@@ -364,7 +364,10 @@ async fn log_regions(State(app): State<App>, LogKey(key): LogKey, Q(q): Q<Region
         return Err(ApiError::bad_request(format!("start {start} is beyond the log's {} regions", h.region_count)));
     }
     let page = blocking(move || {
-        let p = regions::list(&h.shared, h.region_count, start, limit, filter, REGIONS_SCAN_BUDGET);
+        let p = match &h.cluster {
+            Some(view) => regions::list_cluster(view, h.region_count, start, limit, filter, REGIONS_SCAN_BUDGET),
+            None => regions::list(&h.shared, h.region_count, start, limit, filter, REGIONS_SCAN_BUDGET),
+        };
         RegionPage {
             log: h.tel.name.to_string(),
             luid: model::luid_hex(h.luid),

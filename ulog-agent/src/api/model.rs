@@ -7,9 +7,11 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 use ulog_common::{RequestType, REQUEST_TYPE_COUNT};
 
+pub use crate::cluster::engine::{ClusterLogStatus, NodeStatus};
 use crate::kernel_peer::errno_name;
 use crate::metrics::flight::{FlightRecord, PENDING};
 use crate::metrics::histogram::HistSnapshot;
+use crate::metrics::regions::RegionCounts;
 use crate::metrics::{clock, mirror, type_label, LogHandle, Telemetry};
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ`.
@@ -129,6 +131,73 @@ pub struct AgentInfo {
     pub dropped: BTreeMap<String, u64>,
     /// The mirror-device mapping's last refresh.
     pub mirror_discovery: MirrorDiscovery,
+    /// Cluster mode only: quorum and the engine's and transport's counters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<AgentCluster>,
+}
+
+/// The agent's cluster mode (`--cluster`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AgentCluster {
+    /// The node is part of a quorate corosync partition (without quorum, cluster requests that
+    /// need agreement are held).
+    pub quorate: bool,
+    /// Frames multicast.
+    pub frames_sent: u64,
+    /// Frames delivered (every group and sender).
+    pub frames_delivered: u64,
+    /// Delivered frames that did not decode.
+    pub frames_malformed: u64,
+    /// State transfers sent as donor.
+    pub state_transfers_sent: u64,
+    /// Bytes of state sent as donor.
+    pub state_transfer_sent_bytes: u64,
+    /// State transfers installed.
+    pub state_transfers_received: u64,
+    /// Groups started over from a fresh log (nobody held the state).
+    pub geneses: u64,
+    /// Rejoins to fetch the state after losing quorum or the local corosync.
+    pub resyncs_after_stale: u64,
+    /// Logs refused because cmirrord serves the same mirror.
+    pub cmirrord_refusals: u64,
+    /// The corosync transport's counters (null until the transport hands them over).
+    pub bus: Option<BusCounters>,
+}
+
+/// The corosync transport's counters.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BusCounters {
+    /// `CS_ERR_TRY_AGAIN` answers (flow control; each a retry later).
+    pub try_again: u64,
+    /// `CS_ERR_INTERRUPT` answers (each a resend).
+    pub interrupts: u64,
+    /// Connections to the local corosync made again after one was lost.
+    pub reconnects: u64,
+}
+
+impl AgentCluster {
+    /// From the counters.
+    pub fn of(c: &crate::metrics::ClusterStats) -> Self {
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        let e = &c.engine;
+        Self {
+            quorate: load(&e.quorate) != 0,
+            frames_sent: load(&e.frames_sent),
+            frames_delivered: load(&e.frames_delivered),
+            frames_malformed: load(&e.frames_malformed),
+            state_transfers_sent: load(&e.transfers_sent),
+            state_transfer_sent_bytes: load(&e.transfer_bytes_sent),
+            state_transfers_received: load(&e.transfers_received),
+            geneses: load(&e.geneses),
+            resyncs_after_stale: load(&e.resyncs_after_stale),
+            cmirrord_refusals: load(&e.cmirrord_refusals),
+            bus: c.bus.as_ref().map(|b| BusCounters {
+                try_again: load(&b.try_again),
+                interrupts: load(&b.interrupts),
+                reconnects: load(&b.reconnects),
+            }),
+        }
+    }
 }
 
 /// The probe's state.
@@ -203,6 +272,10 @@ pub struct LogSummary {
     pub resumed_at: Option<String>,
     /// Constructed by the kernel's reconnect loop (it had lost its server).
     pub by_reconnect: bool,
+    /// Cluster mode: the log as this member sees the group (absent for single-node logs).
+    /// `sync_count` and the region counts above are the replicated state's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterLogStatus>,
 }
 
 /// Regions per state.
@@ -468,10 +541,13 @@ pub struct Health {
 
 /// The summary of a log.
 pub fn summary(h: &LogHandle, tel: &Telemetry) -> LogSummary {
-    let (sync_count, phase) = {
+    let (local_sync_count, phase) = {
         let s = h.shared.lock();
         (s.sync_count(), s.phase())
     };
+    // A cluster log's state is the group's (the local log only has the table's shape).
+    let cluster = h.cluster.as_ref().map(|v| v.status());
+    let sync_count = cluster.as_ref().map_or(local_sync_count, |c| c.sync_count);
     let mirror = tel.mirrors().by_uuid.get(&h.uuid).map(|m| {
         let st = mirror::write_stats(m.major, m.minor).ok();
         MirrorRef {
@@ -500,13 +576,22 @@ pub fn summary(h: &LogHandle, tel: &Telemetry) -> LogSummary {
         created_at: at(h.tel.created_ns),
         resumed_at: (resumed != 0).then(|| at(resumed)),
         by_reconnect: h.tel.by_reconnect,
+        cluster,
     }
 }
 
 /// The details of a log.
 pub fn detail(h: &LogHandle, tel: &Telemetry) -> LogDetail {
     let summary = summary(h, tel);
-    let counts = h.tel.region_counts(&h.shared, h.region_count);
+    let counts = match &summary.cluster {
+        // Not holding the state: nothing is known to be in sync (as GET_SYNC_COUNT answers).
+        Some(st) => crate::metrics::cluster_region_counts(st).unwrap_or(RegionCounts {
+            clean: 0,
+            dirty: 0,
+            out_of_sync: h.region_count,
+        }),
+        None => h.tel.region_counts(&h.shared, h.region_count),
+    };
     let (rate, eta) = h.tel.resync_estimate(h.region_count, summary.sync_count);
     let m = &h.tel.metrics;
     let requests = RequestType::ALL
@@ -575,12 +660,14 @@ pub fn agent(tel: &Telemetry) -> AgentInfo {
             mirrors: mirrors.by_uuid.len(),
             error: mirrors.error.clone(),
         },
+        cluster: tel.cluster().as_ref().map(AgentCluster::of),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use std::time::Duration;
 
     #[test]
@@ -590,6 +677,66 @@ mod tests {
         assert_eq!(rfc3339(t), "2026-11-21T12:24:05.123Z");
         let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
+    }
+
+    /// Validates `v` against a schema of `openapi.json` (as the integration test does live).
+    fn check_schema(name: &str, v: &serde_json::Value) {
+        let doc: serde_json::Value = serde_json::from_str(include_str!("../../openapi.json")).unwrap();
+        let root = serde_json::json!({
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$ref": format!("#/components/schemas/{name}"),
+            "components": doc["components"].clone(),
+        });
+        let validator = jsonschema::validator_for(&root).unwrap();
+        let errors: Vec<String> = validator.iter_errors(v).map(|e| format!("{e} at {}", e.instance_path())).collect();
+        assert!(errors.is_empty(), "{name}: {}\n{v:#}", errors.join("\n"));
+    }
+
+    /// A cluster log's summary and detail carry the group's view and the replicated state's
+    /// counts; the agent document has a cluster section in cluster mode only; single-node
+    /// documents are unchanged (no `cluster` key). All match openapi.json.
+    #[test]
+    fn cluster_logs_and_agent_in_the_api() {
+        use crate::metrics::test_support::{handle, three_node_view};
+        let tel = Telemetry::new(Arc::default());
+        let single = handle(&tel, "LVM-apisingle", None);
+        let clustered = handle(&tel, "LVM-apishared", Some(three_node_view()));
+
+        let v = serde_json::to_value(detail(&single, &tel)).unwrap();
+        assert!(v.get("cluster").is_none(), "{v:#}");
+        check_schema("LogDetail", &v);
+        let a = serde_json::to_value(agent(&tel)).unwrap();
+        assert!(a.get("cluster").is_none(), "{a:#}");
+        check_schema("AgentInfo", &a);
+
+        let d = detail(&clustered, &tel);
+        assert_eq!(d.summary.sync_count, 96, "the replicated state's, not the local log's 0");
+        assert_eq!((d.regions.clean, d.regions.dirty, d.regions.out_of_sync), (94, 2, 4));
+        let c = d.summary.cluster.as_ref().expect("cluster view");
+        assert_eq!((c.node, c.holding, c.held_requests, c.reclaimed), (Some(1), true, 5, 2));
+        let nodes: Vec<(u32, bool, u64, Option<u64>)> =
+            c.nodes.iter().map(|n| (n.node, n.live, n.marked, n.recovering)).collect();
+        assert_eq!(nodes, vec![(1, true, 3, Some(7)), (2, false, 2, None)]);
+        let v = serde_json::to_value(&d).unwrap();
+        check_schema("LogDetail", &v);
+        check_schema("LogSummary", &serde_json::to_value(summary(&clustered, &tel)).unwrap());
+        // What `ulog-agent status` reads back.
+        let back: LogDetail = serde_json::from_value(v).unwrap();
+        assert_eq!(back.summary.cluster.as_ref(), Some(c));
+
+        let engine = Arc::new(crate::cluster::engine::EngineStats::default());
+        engine.quorate.store(1, std::sync::atomic::Ordering::Relaxed);
+        engine.geneses.store(3, std::sync::atomic::Ordering::Relaxed);
+        tel.set_cluster(engine, None);
+        let a = agent(&tel);
+        let ac = a.cluster.as_ref().expect("cluster section");
+        assert!(ac.quorate && ac.geneses == 3 && ac.bus.is_none());
+        check_schema("AgentInfo", &serde_json::to_value(&a).unwrap());
+        tel.set_cluster(Arc::default(), Some(Arc::default()));
+        let a = serde_json::to_value(agent(&tel)).unwrap();
+        assert_eq!(a["cluster"]["quorate"], false);
+        assert_eq!(a["cluster"]["bus"]["try_again"], 0);
+        check_schema("AgentInfo", &a);
     }
 
     #[test]

@@ -91,7 +91,7 @@ struct ViewState {
 }
 
 /// One node's share of a cluster log, for status output.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NodeStatus {
     /// corosync node id.
     pub node: NodeId,
@@ -107,7 +107,7 @@ pub struct NodeStatus {
 }
 
 /// A cluster log as this member sees it, for metrics, `/api/v1` and `ulog-agent status`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ClusterLogStatus {
     /// This node's id (None until connected to corosync).
     pub node: Option<NodeId>,
@@ -125,6 +125,9 @@ pub struct ClusterLogStatus {
     pub reclaimed: u64,
     /// In-sync regions (as GET_SYNC_COUNT answers).
     pub sync_count: u64,
+    /// In-sync regions that some node marked and has not cleared (the `dirty` of
+    /// `ulog_regions`; a region marked by a held node is out of sync, not dirty).
+    pub dirty: u64,
     /// Region count (0 until the state is held).
     pub region_count: u64,
 }
@@ -181,6 +184,45 @@ impl ClusterView {
         self.lock().log.clone()
     }
 
+    /// The IS_CLEAN and IN_SYNC answers of the regions from word `first` on (region `64 *
+    /// first` up) as bitmap words, into `clean` and `sync`, as many as both hold and the log
+    /// has (`region_count`: the table's); returns how many. Before the state is held every
+    /// region reads as out of sync (as IN_SYNC answers). One lock per call, answering region by
+    /// region: the HTTP API's region pages pass small chunks (the receive thread reads the view
+    /// too).
+    pub fn copy_words(&self, first: usize, region_count: u64, clean: &mut [u64], sync: &mut [u64]) -> usize {
+        let words = region_count.div_ceil(64) as usize;
+        if first >= words {
+            return 0;
+        }
+        let n = (words - first).min(clean.len()).min(sync.len());
+        let s = self.lock();
+        for i in 0..n {
+            let (mut c, mut y) = (0u64, 0u64);
+            if let Some(log) = &s.log {
+                let base = (first + i) as u64 * 64;
+                for b in 0..64u64.min(region_count - base) {
+                    c |= u64::from(log.is_clean(base + b) == Ok(true)) << b;
+                    y |= u64::from(log.in_sync(base + b) == Ok(true)) << b;
+                }
+            }
+            clean[i] = c;
+            sync[i] = y;
+        }
+        n
+    }
+
+    /// A view holding `log` as member `node` of a group of `members`, with `held` requests
+    /// waiting (telemetry tests: the engine is the only writer otherwise).
+    #[cfg(test)]
+    pub(crate) fn holding(node: NodeId, members: Vec<Member>, log: ReplicatedLog, held: u64) -> Self {
+        Self {
+            state: Mutex::new(ViewState { node: Some(node), log: Some(log), members }),
+            held: AtomicU64::new(held),
+            refused: AtomicBool::new(false),
+        }
+    }
+
     /// The log as this member sees it (walks the marks: for status, not for the request path).
     pub fn status(&self) -> ClusterLogStatus {
         let s = self.lock();
@@ -205,6 +247,8 @@ impl ClusterView {
                 })
                 .collect();
             st.reclaimed = log.reclaimed().count() as u64;
+            let marked: BTreeSet<u64> = log.nodes().values().flat_map(|n| n.marks.iter().copied()).collect();
+            st.dirty = marked.into_iter().filter(|&r| log.in_sync(r) == Ok(true)).count() as u64;
             st.sync_count = log.sync_count();
             st.region_count = log.region_count();
         }

@@ -18,7 +18,10 @@ use ulog_common::{RequestType, REQUEST_TYPE_COUNT};
 use super::histogram::HistSnapshot;
 use super::kernel::{Retry, Stage};
 use super::regions::RegionState;
-use super::{clock, mirror, primary, type_label, LogHandle, Telemetry, SLO_TYPES};
+use super::{
+    clock, cluster_region_counts, mirror, primary, type_label, type_slot, LogHandle, Telemetry, CLUSTER_TYPES,
+    SLO_TYPES,
+};
 use crate::counters::Dropped;
 use crate::dirty_log::Phase;
 use crate::protocol::Malformed;
@@ -70,6 +73,28 @@ pub const FAMILIES: &[(&str, &str, &str, &str)] = &[
     ("ulog_kernel_correlation_inversions_total", "counter", "", "probe attached"),
     ("ulog_probe_run_seconds_total", "counter", "program", "probe attached, BPF statistics on"),
     ("ulog_probe_runs_total", "counter", "program", "probe attached, BPF statistics on"),
+    ("ulog_cluster_quorate", "gauge", "", "cluster mode"),
+    ("ulog_cluster_frames_sent_total", "counter", "", "cluster mode"),
+    ("ulog_cluster_frames_delivered_total", "counter", "", "cluster mode"),
+    ("ulog_cluster_frames_malformed_total", "counter", "", "cluster mode"),
+    ("ulog_cluster_state_transfers_sent_total", "counter", "", "cluster mode"),
+    ("ulog_cluster_state_transfer_sent_bytes_total", "counter", "", "cluster mode"),
+    ("ulog_cluster_state_transfers_received_total", "counter", "", "cluster mode"),
+    ("ulog_cluster_geneses_total", "counter", "", "cluster mode"),
+    ("ulog_cluster_resyncs_after_stale_total", "counter", "", "cluster mode"),
+    ("ulog_cluster_cmirrord_refusals_total", "counter", "", "cluster mode"),
+    ("ulog_cluster_bus_try_again_total", "counter", "", "cluster mode, transport started"),
+    ("ulog_cluster_bus_interrupts_total", "counter", "", "cluster mode, transport started"),
+    ("ulog_cluster_bus_reconnects_total", "counter", "", "cluster mode, transport started"),
+    ("ulog_cluster_request_duration_seconds", "histogram", "type", "cluster mode, the engine's types"),
+    ("ulog_cluster_members", "gauge", "log", "cluster logs"),
+    ("ulog_cluster_holding_state", "gauge", "log", "cluster logs"),
+    ("ulog_cluster_held_requests", "gauge", "log", "cluster logs"),
+    ("ulog_cluster_log_refused", "gauge", "log", "cluster logs"),
+    ("ulog_cluster_reclaimed_regions", "gauge", "log", "cluster logs, state held"),
+    ("ulog_cluster_node_live", "gauge", "log, node", "cluster logs, per node sharing the log"),
+    ("ulog_cluster_node_marked_regions", "gauge", "log, node", "cluster logs, per node sharing the log"),
+    ("ulog_cluster_node_recovering", "gauge", "log, node", "cluster logs, per node sharing the log"),
 ];
 
 struct Fam(MetricFamily);
@@ -146,6 +171,91 @@ impl Fam {
     }
 }
 
+/// The per-log families of cluster logs.
+struct ClusterLogFams {
+    members: Fam,
+    holding: Fam,
+    held: Fam,
+    refused: Fam,
+    reclaimed: Fam,
+    live: Fam,
+    marked: Fam,
+    recovering: Fam,
+}
+
+impl ClusterLogFams {
+    fn new() -> Self {
+        Self {
+            members: Fam::gauge(
+                "ulog_cluster_members",
+                "Members of the log's corosync group (agents of the nodes that have the mirror active, this one included).",
+            ),
+            holding: Fam::gauge(
+                "ulog_cluster_holding_state",
+                "1 while this member holds the log's replicated state, else 0 (joining, fetching the state, or rejoining after losing quorum: its requests are held).",
+            ),
+            held: Fam::gauge(
+                "ulog_cluster_held_requests",
+                "Kernel requests of the log waiting for quorum, membership or the state (the mirror's I/O waits on them).",
+            ),
+            refused: Fam::gauge(
+                "ulog_cluster_log_refused",
+                "1 if the log was refused because cmirrord serves the same mirror on another node (its frames were seen on the group), else 0.",
+            ),
+            reclaimed: Fam::gauge(
+                "ulog_cluster_reclaimed_regions",
+                "Regions reclaimed from dead nodes (fencing confirmed, or the node rebooted) and not yet resynchronised: their legs may differ.",
+            ),
+            live: Fam::gauge(
+                "ulog_cluster_node_live",
+                "Per node sharing the log: 1 if its agent is a live member, 0 if it departed without releasing (its marks are held until its agent comes back under the same kernel or its death is confirmed by fencing).",
+            ),
+            marked: Fam::gauge(
+                "ulog_cluster_node_marked_regions",
+                "Per node sharing the log: regions its kernel marked and has not cleared (held while the node is not live).",
+            ),
+            recovering: Fam::gauge(
+                "ulog_cluster_node_recovering",
+                "Per node sharing the log: 1 if it has a recovery slot (a region handed out for resync), else 0.",
+            ),
+        }
+    }
+
+    fn add(&mut self, name: &str, st: &crate::cluster::engine::ClusterLogStatus) {
+        let l = [("log", name)];
+        self.members.add_gauge(&l, st.members.len() as f64);
+        self.holding.add_gauge(&l, if st.holding { 1.0 } else { 0.0 });
+        self.held.add_gauge(&l, st.held_requests as f64);
+        self.refused.add_gauge(&l, if st.refused { 1.0 } else { 0.0 });
+        if !st.holding {
+            return;
+        }
+        self.reclaimed.add_gauge(&l, st.reclaimed as f64);
+        for n in &st.nodes {
+            let node = n.node.to_string();
+            let l = [("log", name), ("node", node.as_str())];
+            self.live.add_gauge(&l, if n.live { 1.0 } else { 0.0 });
+            self.marked.add_gauge(&l, n.marked as f64);
+            self.recovering.add_gauge(&l, if n.recovering.is_some() { 1.0 } else { 0.0 });
+        }
+    }
+
+    fn done(self, out: &mut Vec<MetricFamily>) {
+        for f in [
+            self.members,
+            self.holding,
+            self.held,
+            self.refused,
+            self.reclaimed,
+            self.live,
+            self.marked,
+            self.recovering,
+        ] {
+            f.done(out);
+        }
+    }
+}
+
 /// Builds the exposition.
 pub struct Exporter {
     tel: Arc<Telemetry>,
@@ -184,6 +294,7 @@ impl Exporter {
         let mut out = Vec::new();
         self.global(&mut out);
         self.per_log(&mut out);
+        self.cluster(&mut out);
         self.kernel(&mut out);
         if let Some(p) = &self.process {
             out.extend(p.collect());
@@ -366,6 +477,7 @@ impl Exporter {
         );
         let mut written =
             Fam::counter("ulog_mirror_written_bytes_total", "Bytes written to the log's mirror dm device.");
+        let mut cl = ClusterLogFams::new();
 
         for (name, hs) in by_name {
             let Some(p) = primary(hs.iter().copied()) else { continue };
@@ -377,17 +489,27 @@ impl Exporter {
                 requests.add_counter(&[("log", name), ("type", t.name()), ("result", "error")], err);
             }
             reconnects.add_counter(&l, m.reconnects.load(std::sync::atomic::Ordering::Relaxed));
-            let counts = p.tel.region_counts(&p.shared, p.region_count);
-            for s in RegionState::ALL {
-                regions.add_gauge(&[("log", name), ("state", s.name())], counts.get(s) as f64);
-            }
+            // A cluster log's regions are the replicated state's (the local log is only the
+            // table's shape), unknown while this member does not hold it.
+            let cluster = p.cluster.as_ref().map(|v| v.status());
+            let (counts, sync) = match &cluster {
+                Some(st) => (cluster_region_counts(st), st.sync_count),
+                None => (Some(p.tel.region_counts(&p.shared, p.region_count)), p.shared.lock().sync_count()),
+            };
             region_size.add_gauge(&l, (p.region_size * 512) as f64);
-            let sync = p.shared.lock().sync_count();
-            if p.region_count > 0 {
-                progress.add_gauge(&l, sync as f64 / p.region_count as f64);
+            if let Some(counts) = counts {
+                for s in RegionState::ALL {
+                    regions.add_gauge(&[("log", name), ("state", s.name())], counts.get(s) as f64);
+                }
+                if p.region_count > 0 {
+                    progress.add_gauge(&l, sync as f64 / p.region_count as f64);
+                }
+                if let (_, Some(s)) = p.tel.resync_estimate(p.region_count, sync) {
+                    eta.add_gauge(&l, s);
+                }
             }
-            if let (_, Some(s)) = p.tel.resync_estimate(p.region_count, sync) {
-                eta.add_gauge(&l, s);
+            if let Some(st) = &cluster {
+                cl.add(name, st);
             }
             // From the CTR on, zeros included (a series born with its first observation loses it
             // to rate()).
@@ -455,6 +577,63 @@ impl Exporter {
         ] {
             f.done(out);
         }
+        cl.done(out);
+    }
+
+    /// Cluster mode's agent-wide families: quorum, the engine's and the transport's counters,
+    /// and the service time of the engine's answers.
+    fn cluster(&self, out: &mut Vec<MetricFamily>) {
+        let Some(stats) = self.tel.cluster() else { return };
+        let e = &stats.engine;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        let mut f = Fam::gauge(
+            "ulog_cluster_quorate",
+            "1 while this node is part of a quorate corosync partition, else 0: without quorum the cluster logs' requests that need agreement are held (mirror writes to clean regions wait).",
+        );
+        f.add_gauge(&[], load(&e.quorate).min(1) as f64);
+        f.done(out);
+        let counters: [(&str, &str, u64); 9] = [
+            ("ulog_cluster_frames_sent_total", "Frames this agent multicast to its cluster logs' groups.", load(&e.frames_sent)),
+            ("ulog_cluster_frames_delivered_total", "Frames corosync delivered to this agent (every group, every sender, its own included).", load(&e.frames_delivered)),
+            ("ulog_cluster_frames_malformed_total", "Delivered frames that did not decode (a version mismatch or corruption; cmirrord's are counted in ulog_cluster_cmirrord_refusals_total).", load(&e.frames_malformed)),
+            ("ulog_cluster_state_transfers_sent_total", "State transfers this agent sent as donor to a joining member.", load(&e.transfers_sent)),
+            ("ulog_cluster_state_transfer_sent_bytes_total", "Bytes of log state this agent sent as donor.", load(&e.transfer_bytes_sent)),
+            ("ulog_cluster_state_transfers_received_total", "State transfers this agent installed (a join, or a rejoin after losing quorum).", load(&e.transfers_received)),
+            ("ulog_cluster_geneses_total", "Times a group started over from a fresh log because no member held the state (every region out of sync unless the table says nosync).", load(&e.geneses)),
+            ("ulog_cluster_resyncs_after_stale_total", "Times this agent left a group and joined it again to fetch the state, after losing quorum or its local corosync while a member.", load(&e.resyncs_after_stale)),
+            ("ulog_cluster_cmirrord_refusals_total", "Cluster logs refused because cmirrord serves the same mirror (its frames were seen on the group).", load(&e.cmirrord_refusals)),
+        ];
+        for (name, help, v) in counters {
+            let mut f = Fam::counter(name, help);
+            f.add_counter(&[], v);
+            f.done(out);
+        }
+        if let Some(b) = &stats.bus {
+            let counters: [(&str, &str, u64); 3] = [
+                ("ulog_cluster_bus_try_again_total", "CS_ERR_TRY_AGAIN answers of corosync to a send or join (flow control: each one a retry later).", load(&b.try_again)),
+                ("ulog_cluster_bus_interrupts_total", "CS_ERR_INTERRUPT answers of corosync to a send (each one a resend of the whole message).", load(&b.interrupts)),
+                ("ulog_cluster_bus_reconnects_total", "Connections to the local corosync made again after one was lost (every group was left and joined again).", load(&b.reconnects)),
+            ];
+            for (name, help, v) in counters {
+                let mut f = Fam::counter(name, help);
+                f.add_counter(&[], v);
+                f.done(out);
+            }
+        }
+        let mut f = Fam::histogram(
+            "ulog_cluster_request_duration_seconds",
+            "Service time of the requests the cluster engine answered (received to reply sent: the group's ordering, MARK's acknowledgement by a second member, waits for quorum or the state), by request type.",
+        );
+        // The engine's types from the start, zeros included (see ulog_request_duration_seconds);
+        // any other type once observed.
+        for slot in 0..=REQUEST_TYPE_COUNT {
+            let h = self.tel.cluster_service(slot).snapshot();
+            let engine_type = CLUSTER_TYPES.iter().any(|&t| type_slot(Some(t)) == slot);
+            if engine_type || h.count() > 0 {
+                f.add_histogram(&[("type", type_label(slot))], &h);
+            }
+        }
+        f.done(out);
     }
 
     fn kernel(&self, out: &mut Vec<MetricFamily>) {
@@ -604,7 +783,100 @@ impl Exporter {
 
 #[cfg(test)]
 mod tests {
-    use super::FAMILIES;
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::sync::Arc;
+
+    use super::{Exporter, FAMILIES};
+    use crate::cluster::bus::BusStats;
+    use crate::cluster::engine::EngineStats;
+    use crate::metrics::test_support::{handle, three_node_view};
+    use crate::metrics::Telemetry;
+    use ulog_common::RequestType;
+
+    /// The exposition's sample lines (no HELP/TYPE), for exact matches.
+    fn samples(text: &str) -> Vec<&str> {
+        text.lines().filter(|l| !l.starts_with('#')).collect()
+    }
+
+    /// A single-node agent exports no cluster family, and its log's regions are its own.
+    #[test]
+    fn single_node_exports_no_cluster_family() {
+        let tel = Arc::new(Telemetry::new(Arc::default()));
+        tel.add_log(handle(&tel, "LVM-single", None));
+        tel.observe_cluster_service(Some(RequestType::MarkRegion), 1_000);
+        let text = Exporter::new(Arc::clone(&tel)).render();
+        assert!(!text.contains("ulog_cluster_"), "cluster families on a single node:\n{text}");
+        let s = samples(&text);
+        assert!(s.contains(&"ulog_regions{log=\"single\",state=\"out_of_sync\"} 100"), "{s:#?}");
+    }
+
+    /// A cluster log's families carry its replicated state ([`three_node_view`]).
+    #[test]
+    fn cluster_families_carry_the_replicated_state() {
+        let view = three_node_view();
+        let tel = Arc::new(Telemetry::new(Arc::default()));
+        tel.add_log(handle(&tel, "LVM-shared", Some(Arc::clone(&view))));
+        let exporter = Exporter::new(Arc::clone(&tel));
+        // The log's families come with the log; the agent-wide ones with cluster mode.
+        let text = exporter.render();
+        assert!(text.contains("ulog_cluster_members{log=\"shared\"} 1"), "{text}");
+        assert!(!text.contains("ulog_cluster_quorate"), "agent-wide families before set_cluster");
+
+        let engine = Arc::new(EngineStats::default());
+        engine.quorate.store(1, Relaxed);
+        engine.frames_sent.store(11, Relaxed);
+        engine.transfer_bytes_sent.store(4096, Relaxed);
+        engine.cmirrord_refusals.store(2, Relaxed);
+        let bus = Arc::new(BusStats::default());
+        bus.try_again.store(7, Relaxed);
+        tel.set_cluster(Arc::clone(&engine), Some(bus));
+        tel.observe_cluster_service(Some(RequestType::MarkRegion), 3_000_000);
+        let text = exporter.render();
+        let s = samples(&text);
+        for want in [
+            "ulog_cluster_quorate 1",
+            "ulog_cluster_frames_sent_total 11",
+            "ulog_cluster_state_transfer_sent_bytes_total 4096",
+            "ulog_cluster_cmirrord_refusals_total 2",
+            "ulog_cluster_geneses_total 0",
+            "ulog_cluster_bus_try_again_total 7",
+            "ulog_cluster_bus_reconnects_total 0",
+            "ulog_cluster_members{log=\"shared\"} 1",
+            "ulog_cluster_holding_state{log=\"shared\"} 1",
+            "ulog_cluster_held_requests{log=\"shared\"} 5",
+            "ulog_cluster_log_refused{log=\"shared\"} 0",
+            // 7 and 8 reclaimed, neither resynchronised yet (7 is in node 1's slot).
+            "ulog_cluster_reclaimed_regions{log=\"shared\"} 2",
+            "ulog_cluster_node_live{log=\"shared\",node=\"1\"} 1",
+            "ulog_cluster_node_live{log=\"shared\",node=\"2\"} 0",
+            "ulog_cluster_node_marked_regions{log=\"shared\",node=\"1\"} 3",
+            "ulog_cluster_node_marked_regions{log=\"shared\",node=\"2\"} 2",
+            "ulog_cluster_node_recovering{log=\"shared\",node=\"1\"} 1",
+            "ulog_cluster_node_recovering{log=\"shared\",node=\"2\"} 0",
+            "ulog_cluster_request_duration_seconds_count{type=\"MARK_REGION\"} 1",
+            "ulog_cluster_request_duration_seconds_bucket{type=\"MARK_REGION\",le=\"0.002048\"} 0",
+            "ulog_cluster_request_duration_seconds_bucket{type=\"MARK_REGION\",le=\"0.004096\"} 1",
+            "ulog_cluster_request_duration_seconds_count{type=\"FLUSH\"} 0",
+            // The regions are the replicated state's, not the (untouched) local log's: 7, 8
+            // reclaimed and 3, 4 held by node 2 are out of sync; 1, 2 (node 1's) are dirty.
+            "ulog_regions{log=\"shared\",state=\"out_of_sync\"} 4",
+            "ulog_regions{log=\"shared\",state=\"dirty\"} 2",
+            "ulog_regions{log=\"shared\",state=\"clean\"} 94",
+            "ulog_resync_progress_ratio{log=\"shared\"} 0.96",
+        ] {
+            assert!(s.contains(&want), "{want} not in the exposition:\n{}", s.join("\n"));
+        }
+        assert!(!s.iter().any(|l| l.contains("node=\"3\"")), "the fenced node's share is gone");
+        assert!(!text.contains("ulog_cluster_request_duration_seconds_count{type=\"IN_SYNC\"}"), "answered locally");
+        // The README documents every family exported here.
+        for line in &s {
+            let fam = line.split(['{', ' ']).next().unwrap();
+            let base = fam.trim_end_matches("_bucket").trim_end_matches("_count").trim_end_matches("_sum");
+            if base.starts_with("ulog_cluster_") {
+                assert!(FAMILIES.iter().any(|f| f.0 == base), "{base} not in FAMILIES");
+            }
+        }
+    }
 
     /// The README's metric table is what operators read: every family is in it with the type
     /// and labels the exporter writes, and it names no family the exporter does not have.

@@ -24,6 +24,14 @@
 //! * **Off the request path**: a 1 s sampler (resync rate and ETA) and a 5 s mirror-device
 //!   refresh ([`mirror`]) run on the runtime's blocking pool; the exporter reads everything at
 //!   scrape time.
+//! * **Cluster mode** ([`Telemetry::set_cluster`]): the engine's and the transport's counters
+//!   are relaxed atomics the exporter reads; the engine's answers are timed into
+//!   [`Telemetry::observe_cluster_service`] (a lock-free histogram per type, on the engine's
+//!   thread). A cluster log's own figures (members, held requests, per-node marks) come from
+//!   its [`crate::cluster::engine::ClusterView::status`], which locks the view and walks the
+//!   marks: called at scrape and API time only, never on the request path. Its region and sync
+//!   gauges are the replicated state's, not the local [`DirtyLog`]'s (which the cluster engine
+//!   does not update), and are left out while this member does not hold the state.
 
 pub mod dirty;
 pub mod export;
@@ -493,6 +501,56 @@ impl LogHandle {
     pub fn persistent(&self) -> bool {
         self.device.is_some()
     }
+
+    /// In-sync regions: the replicated state's count for a cluster log (0 while this member
+    /// does not hold it, as GET_SYNC_COUNT answers), else the local log's.
+    pub fn sync_count(&self) -> u64 {
+        match &self.cluster {
+            Some(view) => view.sync_count(),
+            None => self.shared.lock().sync_count(),
+        }
+    }
+
+    /// Regions per state. A cluster log's come from its replicated state (None while this
+    /// member does not hold it: the counts are unknown, not "all out of sync"); walks the marks
+    /// or the bitmaps, so off the request path only.
+    pub fn region_counts(&self) -> Option<RegionCounts> {
+        match &self.cluster {
+            Some(view) => cluster_region_counts(&view.status()),
+            None => Some(self.tel.region_counts(&self.shared, self.region_count)),
+        }
+    }
+}
+
+/// Regions per state of a cluster log, from its status (None while the state is not held).
+pub fn cluster_region_counts(st: &crate::cluster::engine::ClusterLogStatus) -> Option<RegionCounts> {
+    st.holding.then(|| {
+        let out_of_sync = st.region_count.saturating_sub(st.sync_count);
+        let dirty = st.dirty.min(st.sync_count);
+        RegionCounts { clean: st.sync_count - dirty, dirty, out_of_sync }
+    })
+}
+
+/// The request types the cluster engine answers (the others of a cluster log are answered
+/// locally): the `type` values of `ulog_cluster_request_duration_seconds`, exported from the
+/// start.
+pub const CLUSTER_TYPES: [RequestType; 7] = [
+    RequestType::Resume,
+    RequestType::Postsuspend,
+    RequestType::Flush,
+    RequestType::MarkRegion,
+    RequestType::ClearRegion,
+    RequestType::GetResyncWork,
+    RequestType::SetRegionSync,
+];
+
+/// The counters of cluster mode, handed over by `main` once the engine and its transport exist.
+#[derive(Clone, Debug)]
+pub struct ClusterStats {
+    /// The engine's counters (and the node's quorum).
+    pub engine: Arc<crate::cluster::engine::EngineStats>,
+    /// The corosync transport's counters (None until the transport hands them over).
+    pub bus: Option<Arc<crate::cluster::bus::BusStats>>,
 }
 
 struct Named {
@@ -534,6 +592,11 @@ pub struct Telemetry {
     seqs: SeqTable,
     /// `--slow-request-us`, in ns (what `/api/v1/kernel/slow` keeps, probes attached or not).
     slow_threshold_ns: AtomicU64,
+    /// Cluster mode: the engine's and the transport's counters (None: single node).
+    cluster: Mutex<Option<ClusterStats>>,
+    /// Service time of the requests the cluster engine answered, by type slot (written by the
+    /// engine's thread only; exported in cluster mode).
+    cluster_service: Box<[AtomicHistogram]>,
 }
 
 /// The cached log-uuid -> mirror mapping.
@@ -571,7 +634,37 @@ impl Telemetry {
             http_addr: Mutex::new(None),
             seqs: SeqTable::default(),
             slow_threshold_ns: AtomicU64::new(0),
+            cluster: Mutex::new(None),
+            cluster_service: (0..=REQUEST_TYPE_COUNT).map(|_| AtomicHistogram::latency()).collect(),
         }
+    }
+
+    /// Cluster mode: the engine's counters and, once the transport hands them over, its own.
+    /// From here on the `ulog_cluster_*` families are exported and `/api/v1/agent` has a
+    /// `cluster` section.
+    pub fn set_cluster(
+        &self,
+        engine: Arc<crate::cluster::engine::EngineStats>,
+        bus: Option<Arc<crate::cluster::bus::BusStats>>,
+    ) {
+        *lock(&self.cluster) = Some(ClusterStats { engine, bus });
+    }
+
+    /// The cluster counters (None: not in cluster mode).
+    pub fn cluster(&self) -> Option<ClusterStats> {
+        lock(&self.cluster).clone()
+    }
+
+    /// Service time (receipt to reply sent) of one request the cluster engine answered. On the
+    /// engine's thread: a binary search and two relaxed adds, no lock.
+    #[inline]
+    pub fn observe_cluster_service(&self, kind: Option<RequestType>, ns: u64) {
+        self.cluster_service[type_slot(kind)].observe_ns(ns);
+    }
+
+    /// The cluster service-time histogram of a type slot ([`type_slot`]).
+    pub fn cluster_service(&self, slot: usize) -> &AtomicHistogram {
+        &self.cluster_service[slot]
     }
 
     /// Sets the kernel round trip from which a request counts as slow (`--slow-request-us`).
@@ -784,8 +877,7 @@ impl Telemetry {
     pub fn sample(&self) {
         let now = clock::now_ns();
         for h in self.logs().iter() {
-            let sync = h.shared.lock().sync_count();
-            h.tel.sample(now, sync);
+            h.tel.sample(now, h.sync_count());
         }
     }
 
@@ -846,6 +938,58 @@ pub fn primary<'a>(logs: impl IntoIterator<Item = &'a Arc<LogHandle>>) -> Option
         let resumed = h.shared.lock().phase() == crate::dirty_log::Phase::Resumed;
         (resumed, h.tel.created_ns, h.luid)
     })
+}
+
+/// Logs for the telemetry's tests: plain and cluster [`LogHandle`]s.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::sync::Arc;
+
+    use super::{LogHandle, Telemetry};
+    use crate::cluster::bus::Member;
+    use crate::cluster::engine::ClusterView;
+    use crate::cluster::state::{Event, ReplicatedLog};
+    use crate::dirty_log::DirtyLog;
+    use crate::persist::SharedLog;
+
+    /// A registered-to-be `clustered-core` log of 100 regions (none in sync locally).
+    pub fn handle(tel: &Telemetry, uuid: &str, cluster: Option<Arc<ClusterView>>) -> Arc<LogHandle> {
+        let ctr = "800 clustered-core 8";
+        let args = crate::ctr::parse(ctr.as_bytes()).unwrap().args;
+        Arc::new(LogHandle {
+            uuid: uuid.into(),
+            luid: 1,
+            kind: "clustered-core",
+            ctr: ctr.into(),
+            region_size: 8,
+            region_count: 100,
+            device: None,
+            dev: None,
+            shared: Arc::new(SharedLog::new(DirtyLog::new(&args, false).unwrap())),
+            tel: tel.log_telemetry(uuid, false),
+            cluster,
+        })
+    }
+
+    /// Node 1's view of a `nosync` cluster log of 100 regions that three nodes shared: node 1
+    /// marked 1, 2, 3; node 2 marked 3, 4 and departed (held); node 3 marked 7, 8, died and was
+    /// fenced (7, 8 reclaimed); node 1 then got 7 to recover. Node 1 is the only member, with 5
+    /// requests held. So: sync count 96 (7, 8 reclaimed, 3, 4 held), 2 dirty (1, 2).
+    pub fn three_node_view() -> Arc<ClusterView> {
+        let mut log = ReplicatedLog::new(100, true).unwrap();
+        let inc = |n: u32| u128::from(n) << 64 | 0xb007;
+        for node in 1..=3 {
+            log.apply(&Event::Join { node, incarnation: inc(node) }).unwrap();
+        }
+        log.apply(&Event::Mark { node: 1, regions: vec![1, 2, 3] }).unwrap();
+        log.apply(&Event::Mark { node: 2, regions: vec![3, 4] }).unwrap();
+        log.apply(&Event::Mark { node: 3, regions: vec![7, 8] }).unwrap();
+        log.apply(&Event::Depart { node: 2 }).unwrap();
+        log.apply(&Event::Depart { node: 3 }).unwrap();
+        log.apply(&Event::FenceConfirmed { node: 3, incarnation: inc(3) }).unwrap();
+        log.apply(&Event::GetResyncWork { node: 1 }).unwrap();
+        Arc::new(ClusterView::holding(1, vec![Member { node: 1, pid: 10 }], log, 5))
+    }
 }
 
 #[cfg(test)]

@@ -4,6 +4,9 @@
 //! 64 KiB, a few microseconds under the lock) and examined outside the lock. Counts over several
 //! chunks therefore mix instants a few microseconds apart, which is fine for a gauge.
 //!
+//! A cluster log's regions come from its replicated state ([`list_cluster`]), a smaller chunk
+//! per lock: its view answers region by region.
+//!
 //! States are disjoint: **out_of_sync** (the legs may differ: awaiting resync), else **dirty**
 //! (writes outstanding: marked and not yet cleared), else **clean**.
 
@@ -94,13 +97,30 @@ fn valid_mask(w: usize, region_count: u64) -> u64 {
     }
 }
 
+/// Words of a cluster log's state read per lock of its view: 2048 regions, answered one by one
+/// (IN_SYNC and IS_CLEAN of the replicated state), so the receive thread, which reads the same
+/// view for IN_SYNC, waits for a short lock only.
+pub const CLUSTER_CHUNK_WORDS: usize = 32;
+
 /// Walks the bitmaps from word `first_word`, a chunk per lock, until `f` returns false.
-fn walk(log: &SharedLog, region_count: u64, first_word: usize, mut f: impl FnMut(usize, u64, u64) -> bool) {
-    let mut clean = vec![0u64; CHUNK_WORDS];
-    let mut sync = vec![0u64; CHUNK_WORDS];
+fn walk(log: &SharedLog, region_count: u64, first_word: usize, f: impl FnMut(usize, u64, u64) -> bool) {
+    walk_words(|w, c, s| log.lock().copy_words(w, c, s), CHUNK_WORDS, region_count, first_word, f)
+}
+
+/// Walks bitmap words that `copy` hands out a chunk of `chunk_words` at a time (from word
+/// `first_word`, 0 at the end), until `f` returns false.
+fn walk_words(
+    mut copy: impl FnMut(usize, &mut [u64], &mut [u64]) -> usize,
+    chunk_words: usize,
+    region_count: u64,
+    first_word: usize,
+    mut f: impl FnMut(usize, u64, u64) -> bool,
+) {
+    let mut clean = vec![0u64; chunk_words];
+    let mut sync = vec![0u64; chunk_words];
     let mut w = first_word;
     loop {
-        let n = log.lock().copy_words(w, &mut clean, &mut sync);
+        let n = copy(w, &mut clean, &mut sync);
         if n == 0 {
             return;
         }
@@ -146,6 +166,33 @@ pub fn list(
     filter: Option<RegionState>,
     budget: u64,
 ) -> Page {
+    let copy = |w: usize, c: &mut [u64], s: &mut [u64]| log.lock().copy_words(w, c, s);
+    list_words(copy, CHUNK_WORDS, region_count, start, limit, filter, budget)
+}
+
+/// [`list`] for a cluster log: its replicated state as this member sees it (every region out
+/// of sync while the member does not hold it), [`CLUSTER_CHUNK_WORDS`] per lock of its view.
+pub fn list_cluster(
+    view: &crate::cluster::engine::ClusterView,
+    region_count: u64,
+    start: u64,
+    limit: usize,
+    filter: Option<RegionState>,
+    budget: u64,
+) -> Page {
+    let copy = |w: usize, c: &mut [u64], s: &mut [u64]| view.copy_words(w, region_count, c, s);
+    list_words(copy, CLUSTER_CHUNK_WORDS, region_count, start, limit, filter, budget)
+}
+
+fn list_words(
+    copy: impl FnMut(usize, &mut [u64], &mut [u64]) -> usize,
+    chunk_words: usize,
+    region_count: u64,
+    start: u64,
+    limit: usize,
+    filter: Option<RegionState>,
+    budget: u64,
+) -> Page {
     let mut page = Page::default();
     if start >= region_count || limit == 0 {
         page.next = (start < region_count).then_some(start);
@@ -153,7 +200,7 @@ pub fn list(
     }
     let first_word = (start / 64) as usize;
     let mut examined = 0u64;
-    walk(log, region_count, first_word, |w, clean, sync| {
+    walk_words(copy, chunk_words, region_count, first_word, |w, clean, sync| {
         let base = w as u64 * 64;
         let mut bits = match filter {
             Some(s) => s.select(clean, sync),
@@ -186,6 +233,48 @@ pub fn list(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A cluster log's pages are its replicated state's ([`crate::metrics::test_support::three_node_view`]):
+    /// 1, 2 dirty (node 1's marks), 3, 4 out of sync (held by departed node 2), 7, 8 out of
+    /// sync (reclaimed); the rest clean. Across chunks and with a filter and a budget.
+    #[test]
+    fn cluster_pages_are_the_replicated_states() {
+        let view = crate::metrics::test_support::three_node_view();
+        let p = list_cluster(&view, 100, 0, 10, None, u64::MAX);
+        let states: Vec<(u64, &str)> = p.regions.iter().map(|&(r, s)| (r, s.name())).collect();
+        assert_eq!(
+            states,
+            [
+                (0, "clean"),
+                (1, "dirty"),
+                (2, "dirty"),
+                (3, "out_of_sync"),
+                (4, "out_of_sync"),
+                (5, "clean"),
+                (6, "clean"),
+                (7, "out_of_sync"),
+                (8, "out_of_sync"),
+                (9, "clean")
+            ]
+        );
+        assert_eq!(p.next, Some(10));
+        let p = list_cluster(&view, 100, 4, 100, Some(RegionState::OutOfSync), u64::MAX);
+        assert_eq!(p.regions.iter().map(|r| r.0).collect::<Vec<_>>(), [4, 7, 8]);
+        assert_eq!(p.next, None);
+        let p = list_cluster(&view, 100, 0, 100, Some(RegionState::Clean), u64::MAX);
+        assert_eq!(p.regions.len(), 94);
+        // Not holding the state: everything out of sync.
+        let empty = crate::cluster::engine::ClusterView::default();
+        let p = list_cluster(&empty, 100, 98, 10, None, u64::MAX);
+        assert_eq!(p.regions, [(98, RegionState::OutOfSync), (99, RegionState::OutOfSync)]);
+        // A big log walks several chunks of the view.
+        let mut log = crate::cluster::state::ReplicatedLog::new(20_000, true).unwrap();
+        log.apply(&crate::cluster::state::Event::Join { node: 1, incarnation: 1 }).unwrap();
+        log.apply(&crate::cluster::state::Event::Mark { node: 1, regions: vec![19_999] }).unwrap();
+        let big = crate::cluster::engine::ClusterView::holding(1, vec![], log, 0);
+        let p = list_cluster(&big, 20_000, 0, 10, Some(RegionState::Dirty), u64::MAX);
+        assert_eq!(p.regions, [(19_999, RegionState::Dirty)]);
+    }
     use crate::ctr::parse;
     use crate::dirty_log::DirtyLog;
 

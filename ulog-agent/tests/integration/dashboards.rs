@@ -204,9 +204,11 @@ fn slo_thresholds_are_bucket_edges_and_agree() {
     let sources: Vec<(&str, String)> =
         RULE_FILES.iter().map(|f| (*f, read(f))).chain([("ulog.json", read("ulog.json"))]).collect();
     for (name, text) in &sources {
-        for (family, edges) in
-            [("ulog_request_duration_seconds", &agent), ("ulog_kernel_request_duration_seconds", &kernel)]
-        {
+        for (family, edges) in [
+            ("ulog_request_duration_seconds", &agent),
+            ("ulog_cluster_request_duration_seconds", &agent),
+            ("ulog_kernel_request_duration_seconds", &kernel),
+        ] {
             for le in bucket_thresholds(text, family) {
                 assert!(edges.contains(&le), "{name}: le=\"{le}\" on {family}_bucket is not a bucket edge: {edges:?}");
                 checked += 1;
@@ -267,6 +269,35 @@ fn slo_thresholds_are_bucket_edges_and_agree() {
             assert_eq!(n, 5 * per_rule, "{ty}: {family}: SLI windows 5m, 30m, 1h, 6h, 3d");
         }
     }
+
+    // The cluster SLO (cluster mode: `ulog_cluster_request_duration_seconds`, its own constants
+    // `ulog_cluster:*`): per type, five windows on one agent-side bucket edge, which is the
+    // type's `ulog_cluster:slo_threshold:seconds`.
+    let open = "ulog_cluster_request_duration_seconds_bucket{type=\"";
+    let mut cluster_les: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (at, _) in slo.match_indices(open) {
+        let rest = &slo[at + open.len()..];
+        let ty = &rest[..rest.find('"').unwrap()];
+        let le = bucket_thresholds(&slo[at..], "ulog_cluster_request_duration_seconds").remove(0);
+        assert!(agent.contains(&le), "cluster le=\"{le}\" is not an agent bucket edge");
+        cluster_les.entry(ty.to_string()).or_default().insert(le);
+    }
+    let types: Vec<&String> = cluster_les.keys().collect();
+    assert_eq!(types, ["FLUSH", "MARK_REGION"], "cluster SLO types");
+    for (i, l) in lines.iter().enumerate() {
+        if *l != "- record: ulog_cluster:slo_threshold:seconds" {
+            continue;
+        }
+        let v = lines[i + 1].strip_prefix("expr: vector(").and_then(|v| v.strip_suffix(')')).expect("expr: vector(X)");
+        let ty = lines[i + 2].split("type: ").nth(1).and_then(|t| t.split([',', ' ', '}']).next()).expect("labels");
+        let set = cluster_les.remove(ty).unwrap_or_else(|| panic!("cluster threshold for {ty} without SLI rules"));
+        assert_eq!(set.len(), 1, "cluster {ty}: the SLI windows read different buckets: {set:?}");
+        let le = set.into_iter().next().unwrap();
+        assert_eq!(v.parse::<f64>().unwrap(), le.parse::<f64>().unwrap(), "cluster {ty}: threshold constant vs le");
+        let n = slo.matches(&format!("{open}{ty}\",le=\"{le}\"}}")).count();
+        assert_eq!(n, 5, "cluster {ty}: SLI windows 5m, 30m, 1h, 6h, 3d");
+    }
+    assert!(cluster_les.is_empty(), "cluster SLI types without ulog_cluster:slo_threshold:seconds: {cluster_les:?}");
 }
 
 /// Every panel of the dashboard, rows' nested panels included.
@@ -308,6 +339,11 @@ fn needs_probe(expr: &str) -> bool {
 }
 fn needs_mirror(expr: &str) -> bool {
     expr.contains("ulog_mirror_")
+}
+/// Queries of cluster mode's families (`ulog_cluster_*`, and the cluster SLO's recorded
+/// `ulog_cluster:*`): no data from a single-node agent, as in this test.
+fn needs_cluster(expr: &str) -> bool {
+    expr.contains("ulog_cluster")
 }
 
 #[test]
@@ -361,6 +397,10 @@ fn the_dashboard_is_file_provisionable() {
         "eBPF probe",
         "Agent CPU",
         "Agent resident memory",
+        "Cluster quorum",
+        "Held cluster requests",
+        "Marked regions per node",
+        "Cluster request latency p99 by type",
     ] {
         assert!(titles.contains(&want), "panel {want:?} missing: {titles:?}");
     }
@@ -636,6 +676,12 @@ fn prometheus_runs_every_dashboard_and_rule_query_on_live_traffic() {
         assert!(!q.contains('$'), "{title}/{r}: a variable is left: {q}");
         match prom.query(&q) {
             Err(e) => failures.push(format!("{title}/{r}: {e}\n    {q}")),
+            // A single-node agent exports no cluster family.
+            Ok(res) if needs_cluster(&expr) => {
+                if !res.is_empty() {
+                    failures.push(format!("{title}/{r}: cluster data from a single-node agent: {res:?}\n    {q}"));
+                }
+            }
             Ok(res) if res.is_empty() => {
                 if needs_probe(&expr) || needs_mirror(&expr) {
                     without_data.insert(format!("{title}/{r}"));
@@ -660,7 +706,12 @@ fn prometheus_runs_every_dashboard_and_rule_query_on_live_traffic() {
             }
             match prom.query(expr) {
                 Err(e) => failures.push(format!("rule {name}: {e}")),
-                Ok(_) if rule["type"] == "recording" && !needs_probe(expr) && !needs_mirror(expr) => {
+                Ok(_)
+                    if rule["type"] == "recording"
+                        && !needs_probe(expr)
+                        && !needs_mirror(expr)
+                        && !needs_cluster(expr) =>
+                {
                     match prom.query(name) {
                         Ok(res) if !res.is_empty() => {}
                         other => failures.push(format!("recording rule {name}: no result ({other:?})")),
