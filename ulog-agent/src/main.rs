@@ -427,9 +427,7 @@ fn start_cluster(
     let engine_stats = engine.stats();
     let (bus, _thread) = corosync::spawn(engine, corosync::BusConfig::default())
         .context("cannot start the corosync transport thread")?;
-    // TODO(merge): bus stats: corosync::BusHandle::stats() — pass `Some(bus.stats())` here.
-    let bus_stats: Option<Arc<ulog_agent::cluster::bus::BusStats>> = None;
-    telemetry.set_cluster(engine_stats, bus_stats);
+    telemetry.set_cluster(engine_stats, Some(Arc::clone(bus.stats())));
     info!(incarnation = %format!("{incarnation:032x}"), "cluster mode: logs are served over corosync");
     Ok(Arc::new(move |c| bus.command(c).is_ok()))
 }

@@ -21,7 +21,8 @@ const NOSYNC: &str = "100 clustered-core 8 nosync";
 
 fn start_agent(cluster: &TestCluster, i: usize, peer: &mut KernelPeer) -> AgentProcess {
     cluster.enter(i).expect("enter the node's namespace");
-    AgentProcess::spawn_ready(agent_bin(), peer, ["--cluster", "--no-http"]).unwrap_or_else(|e| panic!("agent {i}: {e}"))
+    AgentProcess::spawn_ready(agent_bin(), peer, ["--cluster", "--no-http"])
+        .unwrap_or_else(|e| panic!("agent {i}: {e}"))
 }
 
 /// A 3-node cluster with an agent per node, every node's log constructed and resumed.
@@ -124,7 +125,8 @@ fn without_quorum_a_mark_waits_and_is_answered_after_the_heal() {
     cluster.partition(2).expect("partition");
     cluster.wait_quorate(2, false).expect("node 3 without quorum");
     cluster.wait_quorate(0, true).expect("the majority keeps quorum");
-    let seq = nodes[2].peer.send(&Request::new(T::MarkRegion, CUUID, nodes[2].luid, regions_payload(&[7]))).expect("send");
+    let luid = nodes[2].luid;
+    let seq = nodes[2].peer.send(&Request::new(T::MarkRegion, CUUID, luid, regions_payload(&[7]))).expect("send");
     nodes[2].peer.assert_silent(Duration::from_secs(3)).expect("no answer without quorum");
     ok(&mut nodes[0], T::MarkRegion, &regions_payload(&[8]));
     cluster.heal(2).expect("heal");
@@ -142,7 +144,8 @@ fn resync_is_split_across_nodes() {
     let (_cluster, mut nodes) = three_nodes(CORE);
     let a = ok(&mut nodes[0], T::GetResyncWork, &[]);
     let b = ok(&mut nodes[1], T::GetResyncWork, &[]);
-    let region = |p: &[u8]| (u64::from_ne_bytes(p[..8].try_into().unwrap()), u64::from_ne_bytes(p[8..16].try_into().unwrap()));
+    let region =
+        |p: &[u8]| (u64::from_ne_bytes(p[..8].try_into().unwrap()), u64::from_ne_bytes(p[8..16].try_into().unwrap()));
     let (ra, rb) = (region(&a), region(&b));
     assert_eq!((ra.0, rb.0), (1, 1), "both get work");
     assert_ne!(ra.1, rb.1, "the same region handed to two nodes");

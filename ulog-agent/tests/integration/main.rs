@@ -3,6 +3,11 @@
 //! They need root. Run with `cargo test -p ulog-agent --test integration`.
 
 mod api;
+// Cluster logs on a real 3-node corosync: three `--cluster` agents, each driven by its node's
+// kernel peer (shared marks, an agent SIGKILLed and adopted, a partition and its heal, resync
+// split across nodes).
+#[cfg(feature = "cluster")]
+mod cluster;
 // The corosync transport against a real 3-node corosync cluster in network namespaces
 // (order, quorum, partition, corosync restart, flood); needs corosync installed.
 #[cfg(feature = "cluster")]
