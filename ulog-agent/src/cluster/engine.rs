@@ -770,9 +770,13 @@ impl<R: Replies> Engine<R> {
                 self.maybe_genesis(ctx, group, me, out);
             }
             Body::Genesis { region_count, in_sync, from_stale } => {
+                if !ctx.members.iter().all(|m| ctx.hellos_since_change.contains(m)) {
+                    // Someone got the state since the sender decided: it holds the log.
+                    return;
+                }
                 let shape = LogShape { region_count: *region_count, in_sync: *in_sync };
                 if *from_stale {
-                    self.genesis_from_stale(ctx, group, me, from, out);
+                    self.genesis_from_stale(ctx, group, me, from, *in_sync, out);
                 } else {
                     self.genesis(ctx, group, shape, out);
                 }
@@ -794,6 +798,20 @@ impl<R: Replies> Engine<R> {
                         Self::reset_membership(ctx);
                         return;
                     }
+                }
+            }
+            Body::Chunk(c) if c.index + 1 == c.count => {
+                // Another member's transfer completed: it holds the state now, so the log is
+                // not without holders (no Genesis).
+                let (node, low) = transfer_target(c.transfer);
+                let done: Vec<Member> = ctx
+                    .hellos
+                    .iter()
+                    .filter(|(m, &h)| m.node == node && low32(Some(h)) == low)
+                    .map(|(m, _)| *m)
+                    .collect();
+                for m in done {
+                    ctx.hellos_since_change.remove(&m);
                 }
             }
             _ => {}
@@ -821,18 +839,33 @@ impl<R: Replies> Engine<R> {
             ctx.genesis_sent = true;
             // A kernel that reconnected may hold dirty regions it will never mark again: a
             // fresh log then starts with every region out of sync, whatever the table says.
-            let body = Body::Genesis {
-                region_count: ctx.shape.region_count,
-                in_sync: ctx.shape.in_sync && ctx.hello_reconnected.is_empty(),
-                from_stale: stale > 0 && ctx.stale_state.is_some(),
-            };
+            // From a kept history, `in_sync` says whether its sync bits still hold (no such
+            // kernel); fresh, whether every region starts in sync (`nosync`, no such kernel).
+            // A kept history's sync bits hold only if every node it knows is here with its
+            // own agent: an absent node's kernel may have marked regions since, known only to
+            // agents that are gone.
+            let from_stale = stale > 0 && ctx.stale_state.is_some();
+            let present: BTreeSet<NodeId> = ctx.members.iter().map(|m| m.node).collect();
+            let all_known_here =
+                ctx.stale_state.as_ref().is_some_and(|(_, l)| l.nodes().keys().all(|n| present.contains(n)));
+            let nobody_reconnected = ctx.hello_reconnected.is_empty();
+            let in_sync = if from_stale { all_known_here } else { ctx.shape.in_sync } && nobody_reconnected;
+            let body = Body::Genesis { region_count: ctx.shape.region_count, in_sync, from_stale };
             self.send(ctx, group, body, out);
         }
     }
 
     /// `Genesis` from a kept history: its sender holds the log from there; every other member
     /// asks it for the state (a transfer cut after this frame).
-    fn genesis_from_stale(&mut self, ctx: &mut LogCtx, group: &[u8], me: Member, from: Member, out: &mut dyn Outbound) {
+    fn genesis_from_stale(
+        &mut self,
+        ctx: &mut LogCtx,
+        group: &[u8],
+        me: Member,
+        from: Member,
+        keep_sync: bool,
+        out: &mut dyn Outbound,
+    ) {
         ctx.hellos_since_change.clear();
         ctx.hello_stale.clear();
         ctx.hello_reconnected.clear();
@@ -848,18 +881,30 @@ impl<R: Replies> Engine<R> {
                 let _ = log.apply(&Event::Depart { node });
                 applied += 1;
             }
+            if !keep_sync {
+                // A member's kernel wrote while no member knew its marks: any region may differ.
+                log.all_out_of_sync();
+            }
             warn!(group = %group_name(group), applied, "no member held a current state: the log continues from the longest history kept (this member's), and every member adds the marks it saw");
             self.stats.geneses.fetch_add(1, Ordering::Relaxed);
             ctx.log = Some(log);
             ctx.applied = applied;
             ctx.holders = [me].into_iter().collect();
             ctx.holding = Holding::Yes;
+            ctx.reconnected = false;
             ctx.stability = Some(Stability::new(me.node, [me.node]));
             if let Some(st) = ctx.stability.as_mut() {
                 st.set_others_in_group(ctx.members.len() > 1);
             }
             self.publish(ctx);
         } else {
+            // Transfers cut before this frame (from members that held a state then) are void:
+            // ask the new holder, and take only a transfer for a Hello after this point.
+            if let Holding::No { hello, kept, assembler } = &mut ctx.holding {
+                *hello = None;
+                kept.clear();
+                *assembler = Assembler::default();
+            }
             ctx.holders = [from].into_iter().collect();
             self.send_hello(ctx, group, out);
         }
@@ -886,6 +931,7 @@ impl<R: Replies> Engine<R> {
         ctx.holders = ctx.members.clone();
         ctx.hellos.clear();
         ctx.holding = Holding::Yes;
+        ctx.reconnected = false;
         let me = self.me.map_or(0, |m| m.node);
         ctx.stability = Some(Stability::new(me, ctx.holders.iter().map(|m| m.node)));
         if let Some(st) = ctx.stability.as_mut() {
@@ -959,6 +1005,8 @@ impl<R: Replies> Engine<R> {
         }
         self.stats.transfers_received.fetch_add(1, Ordering::Relaxed);
         info!(group = %group_name(group), bytes = bytes.len(), "installed the cluster log's state");
+        // This kernel's marks are in the state now (held for it, adopted by its Join).
+        ctx.reconnected = false;
         let kept = match std::mem::replace(&mut ctx.holding, Holding::Yes) {
             Holding::No { kept, .. } => kept,
             Holding::Yes => Vec::new(),
@@ -1036,9 +1084,33 @@ impl<R: Replies> Engine<R> {
                         ctx.hellos.iter().find(|(m, &h)| m.node == node && low32(Some(h)) == low).map(|(m, _)| *m);
                     if let Some(t) = target {
                         ctx.hellos.remove(&t);
+                        ctx.hellos_since_change.remove(&t);
                         ctx.holders.insert(t);
                         self.holders_changed(ctx);
                     }
+                }
+            }
+            Body::Genesis { .. } if me.is_some() && ctx.members.iter().all(|m| ctx.hellos_since_change.contains(m)) => {
+                // Every member asked for the state since the last change, this one too (it
+                // became a holder while its Hello was on the way): the rule every member
+                // applies at this frame says the log starts over here. This member follows it
+                // (never diverging), keeping what it held to re-assert, like a stale member.
+                warn!(group = %group_name(group), "a Genesis raced this member's state transfer: starting over with the group, re-asserting the marks it held");
+                if let Some(log) = ctx.log.take() {
+                    ctx.stale_state = match ctx.stale_state.take() {
+                        Some((a, old)) if a > ctx.applied => Some((a, old)),
+                        _ => Some((ctx.applied, log)),
+                    };
+                }
+                ctx.holding = Holding::No { hello: None, kept: Vec::new(), assembler: Assembler::default() };
+                ctx.holders.clear();
+                ctx.stability = None;
+                ctx.acks_owed.clear();
+                // What it sent and was not answered is sent again once it holds the state.
+                Self::requeue(ctx);
+                self.publish(ctx);
+                if let Some(me) = me {
+                    self.unheld_frame(ctx, group, me, from, frame, out);
                 }
             }
             Body::Genesis { .. } | Body::Digest { .. } => {}
@@ -1421,7 +1493,10 @@ impl<R: Replies> BusHandler for Engine<R> {
                             out.leave(&g);
                             out.join(&g);
                             Self::reset_membership(&mut ctx);
-                        } else if ctx.in_group && !matches!(ctx.holding, Holding::Yes) && ctx_hello(&ctx).is_none() {
+                        } else if ctx.in_group && !matches!(ctx.holding, Holding::Yes) {
+                            // Joining: ask (again) for the state. Without quorum this member
+                            // could neither ask after a membership change nor start the log
+                            // (Genesis) when everyone had asked; its new Hello does both.
                             self.send_hello(&mut ctx, &g, out);
                         }
                         self.logs.insert(g.clone(), ctx);

@@ -285,6 +285,13 @@ impl ReplicatedLog {
         Ok((recovering, hint))
     }
 
+    /// Every region out of sync (the log restarts from a history that may miss marks: a
+    /// kernel wrote while no member knew what it marked). Marks and slots are kept.
+    pub fn all_out_of_sync(&mut self) {
+        self.sync.fill(false);
+        self.search_from = 0;
+    }
+
     /// The nodes that share the log, live or held.
     pub fn nodes(&self) -> &BTreeMap<NodeId, NodeShare> {
         &self.nodes
