@@ -146,6 +146,9 @@ enum Command {
     /// a new agent to take over; the kernel reconnects within ~2 s of the new agent's start).
     /// Exit status 0 once it exited (or none was running).
     Stop(StopArgs),
+    /// Cluster mode: operator commands for the running agent's cluster logs.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Print the man page (roff) or a shell completion script generated from these flags, for
     /// packaging (`cargo xtask package`).
     #[command(hide = true)]
@@ -153,6 +156,17 @@ enum Command {
         #[command(subcommand)]
         what: Generated,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Confirm that a departed node's kernel is dead (fenced, powered off, or rebooted), so the
+    /// survivors reclaim what it held: its marked regions go out of sync and are resynchronised
+    /// first. Until then they stay held (not in sync, never handed out). Run it on a surviving
+    /// node, only after making sure the node is down (e.g. `stonith_admin --history`, the BMC's
+    /// power state): a node that is only cut off may still be writing those regions. A node
+    /// that rejoins with a new boot id needs no confirmation.
+    ConfirmFenced(ulog_agent::status::ConfirmFencedArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -429,7 +443,9 @@ fn start_cluster(
         .context("cannot start the corosync transport thread")?;
     telemetry.set_cluster(engine_stats, Some(Arc::clone(bus.stats())));
     info!(incarnation = %format!("{incarnation:032x}"), "cluster mode: logs are served over corosync");
-    Ok(Arc::new(move |c| bus.command(c).is_ok()))
+    let sink: ulog_agent::server::ClusterCommands = Arc::new(move |c| bus.command(c).is_ok());
+    telemetry.set_cluster_control(Arc::clone(&sink));
+    Ok(sink)
 }
 
 #[cfg(not(feature = "cluster"))]
@@ -460,6 +476,7 @@ fn main() -> anyhow::Result<()> {
     match &cli.command {
         Some(Command::Status(args)) => std::process::exit(status::run(args)),
         Some(Command::Stop(args)) => std::process::exit(run_stop(&cli.run_dir, args)),
+        Some(Command::Cluster(ClusterCommand::ConfirmFenced(args))) => std::process::exit(status::confirm_fenced(args)),
         Some(Command::Generate { what }) => return run_generate(what),
         Some(Command::CheckStateDir { path }) => match std::fs::metadata(path)
             .with_context(|| format!("{}", path.display()))

@@ -32,7 +32,7 @@ use crate::store::{self, DeviceKey, LogDevice};
 
 /// Where a cluster log's requests go: the cluster engine's command queue (false: the engine
 /// is gone, the request is answered -EIO).
-pub type ClusterCommands = Arc<dyn Fn(ClusterCommand) -> bool + Send + Sync>;
+pub type ClusterCommands = crate::cluster::engine::CommandSink;
 
 /// Server configuration.
 #[derive(Clone, Default)]

@@ -83,6 +83,63 @@ fn urlencode(s: &str) -> String {
         .collect()
 }
 
+/// `ulog-agent cluster confirm-fenced` options.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ConfirmFencedArgs {
+    /// Address of the agent's HTTP API (its --http-addr; the agent accepts this request only
+    /// from loopback).
+    #[arg(long, default_value = crate::api::DEFAULT_ADDR, value_name = "ADDR")]
+    pub addr: String,
+    /// The dead node's corosync node id.
+    #[arg(long)]
+    pub node: u32,
+    /// The dead kernel's boot id (32 hex digits, as `ulog-agent status` shows); default: the
+    /// one each log holds for the node.
+    #[arg(long, value_name = "BOOT_ID")]
+    pub incarnation: Option<String>,
+    /// Only this log (name or uuid); default: every cluster log that holds the node.
+    #[arg(long)]
+    pub log: Option<String>,
+}
+
+/// `ulog-agent cluster confirm-fenced`; returns the exit status (0 confirmed, 1 refused or
+/// unreachable).
+pub fn confirm_fenced(args: &ConfirmFencedArgs) -> i32 {
+    let c = Client::new(&args.addr);
+    let url = format!("{}/api/v1/cluster/confirm-fenced", c.base);
+    let body = serde_json::json!({ "node": args.node, "incarnation": args.incarnation, "log": args.log });
+    let result =
+        c.agent.post(&url).send_json(&body).with_context(|| format!("cannot reach {url}")).and_then(|mut r| {
+            let status = r.status().as_u16();
+            let v: serde_json::Value = r.body_mut().read_json().with_context(|| format!("{url}: not JSON"))?;
+            Ok((status, v))
+        });
+    match result {
+        Ok((200, v)) => {
+            for c in v["confirmed"].as_array().into_iter().flatten() {
+                println!(
+                    "{}: node {} (boot id {}) confirmed dead: its held regions will be reclaimed and resynchronised",
+                    c["log"].as_str().unwrap_or("?"),
+                    c["node"],
+                    c["incarnation"].as_str().unwrap_or("?")
+                );
+            }
+            0
+        }
+        Ok((status, v)) => {
+            eprintln!(
+                "ulog-agent cluster confirm-fenced: HTTP {status}: {}",
+                v["error"]["message"].as_str().unwrap_or("(no message)")
+            );
+            1
+        }
+        Err(e) => {
+            eprintln!("ulog-agent cluster confirm-fenced: {e:#}");
+            1
+        }
+    }
+}
+
 /// Runs the command; returns the process exit status.
 pub fn run(args: &StatusArgs) -> i32 {
     match report(args) {

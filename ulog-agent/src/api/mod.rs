@@ -27,7 +27,7 @@ use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -68,6 +68,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("/api/v1/logs/{log}/regions", "get"),
     ("/api/v1/logs/{log}/requests", "get"),
     ("/api/v1/kernel/slow", "get"),
+    ("/api/v1/cluster/confirm-fenced", "post"),
 ];
 
 #[derive(Clone)]
@@ -188,6 +189,7 @@ pub fn router(tel: Arc<Telemetry>) -> Router {
         .route("/api/v1/logs/{log}/regions", get(log_regions))
         .route("/api/v1/logs/{log}/requests", get(log_requests))
         .route("/api/v1/kernel/slow", get(kernel_slow))
+        .route("/api/v1/cluster/confirm-fenced", post(confirm_fenced))
         // Only on matched routes (it needs the route's pattern); the fallbacks answer the rest.
         .route_layer(axum::middleware::from_fn(check_query))
         .fallback(not_found)
@@ -317,6 +319,85 @@ async fn logs(State(app): State<App>) -> Result<Response, ApiError> {
     let tel = Arc::clone(&app.tel);
     let list = blocking(move || tel.logs().iter().map(|h| model::summary(h, &tel)).collect::<Vec<_>>()).await?;
     Ok(json(serde_json::json!({ "logs": list })))
+}
+
+/// The address a request came from (set per connection by [`serve_on`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Peer(pub SocketAddr);
+
+/// `POST /api/v1/cluster/confirm-fenced`: the operator's word that a node's kernel is dead.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfirmFenced {
+    /// The dead node's corosync node id.
+    pub node: u32,
+    /// The kernel incarnation (boot id, 32 hex digits) that is dead; default: the one the log
+    /// holds for that node (what `ulog-agent status` shows).
+    pub incarnation: Option<String>,
+    /// Only this log (name or uuid); default: every cluster log that holds the node.
+    pub log: Option<String>,
+}
+
+/// Confirms that a departed node's kernel is dead (fenced), so its held marks are reclaimed:
+/// its regions go out of sync and are resynchronised first. Refused unless the request comes
+/// from this host (loopback): a wrong confirmation lets a survivor resync regions a still
+/// running kernel writes. Answers which logs got the confirmation (it takes effect once this
+/// member is live in a quorate group).
+async fn confirm_fenced(
+    State(app): State<App>,
+    axum::Extension(Peer(peer)): axum::Extension<Peer>,
+    Json(body): Json<ConfirmFenced>,
+) -> Result<Response, ApiError> {
+    if !peer.ip().is_loopback() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "a fencing confirmation is accepted only from this host (loopback)".to_string(),
+        ));
+    }
+    let Some(sink) = app.tel.cluster_control() else {
+        return Err(ApiError::new(StatusCode::CONFLICT, "not_cluster", "the agent is not in cluster mode".to_string()));
+    };
+    let wanted = match &body.incarnation {
+        Some(s) => Some(
+            u128::from_str_radix(&s.replace('-', ""), 16)
+                .map_err(|_| ApiError::bad_request(format!("incarnation {s:?} is not a boot id (32 hex digits)")))?,
+        ),
+        None => None,
+    };
+    let logs: Vec<Arc<LogHandle>> = match &body.log {
+        Some(key) => vec![find(&app.tel, key, None)?],
+        None => app.tel.logs().iter().cloned().collect(),
+    };
+    let mut confirmed = Vec::new();
+    for h in logs.iter().filter(|h| h.cluster.is_some()) {
+        let Some(view) = &h.cluster else { continue };
+        let held = view.status().nodes.into_iter().find(|n| n.node == body.node && !n.live);
+        let incarnation = match (wanted, held) {
+            (Some(w), _) => w,
+            (None, Some(n)) => u128::from_str_radix(&n.incarnation, 16).unwrap_or(0),
+            (None, None) => continue,
+        };
+        let mut group = h.uuid.as_bytes().to_vec();
+        group.push(0);
+        if !sink(crate::cluster::engine::Command::ConfirmFenced { group, node: body.node, incarnation }) {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "engine_gone",
+                "the cluster engine is gone".to_string(),
+            ));
+        }
+        warn!(log = %h.tel.name, node = body.node, incarnation = %format!("{incarnation:032x}"), %peer, "operator confirmed a node fenced");
+        confirmed.push(serde_json::json!({ "log": &*h.tel.name, "uuid": h.uuid, "node": body.node, "incarnation": format!("{incarnation:032x}") }));
+    }
+    if confirmed.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "node_not_held",
+            format!("no cluster log holds a departed node {} (nothing to reclaim)", body.node),
+        ));
+    }
+    Ok(json(serde_json::json!({ "confirmed": confirmed })))
 }
 
 /// The log named `key` (its name or its uuid), the one with `luid` if given, else the resumed
@@ -480,7 +561,8 @@ pub async fn serve_on(listener: tokio::net::TcpListener, app: Router) {
             drop(stream);
             continue;
         };
-        let svc = TowerToHyperService::new(app.clone());
+        // The peer's address, for the endpoints only local processes may use.
+        let svc = TowerToHyperService::new(app.clone().layer(axum::Extension(Peer(peer))));
         tokio::spawn(async move {
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT).keep_alive(true);

@@ -56,6 +56,10 @@ use super::wire::{self, Assembler, Body, Frame};
 use crate::persist::PendingReply;
 use crate::protocol;
 
+/// Where commands for the engine go (its transport's command queue): false if the engine is
+/// gone.
+pub type CommandSink = Arc<dyn Fn(Command) -> bool + Send + Sync>;
+
 /// Where the engine's answers to kernel requests go (the server sends them and records their
 /// telemetry; tests collect them).
 pub trait Replies: Send + 'static {
@@ -1253,10 +1257,14 @@ impl<R: Replies> Engine<R> {
                 }
             }
             Command::ConfirmFenced { group, node, incarnation } => {
-                let Some(mut ctx) = self.logs.remove(&group) else { return };
-                info!(group = %group_name(&group), node, incarnation = %format!("{incarnation:032x}"), "fencing confirmed: the node's held regions are reclaimed and resynchronised");
-                self.send(&mut ctx, &group, Body::Event(Event::FenceConfirmed { node, incarnation }), out);
-                self.logs.insert(group, ctx);
+                let Some(ctx) = self.logs.get_mut(&group) else { return };
+                info!(group = %group_name(&group), node, incarnation = %format!("{incarnation:032x}"), "fencing confirmed: the node's held regions will be reclaimed and resynchronised (once this member is live and quorate)");
+                // Like every change: only from a live member of a quorate group.
+                ctx.to_send.push_back(Pend {
+                    what: PendWhat::Event(Event::FenceConfirmed { node, incarnation }),
+                    reply: None,
+                });
+                self.pump(&group, out);
             }
         }
     }

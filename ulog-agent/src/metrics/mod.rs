@@ -594,6 +594,7 @@ pub struct Telemetry {
     slow_threshold_ns: AtomicU64,
     /// Cluster mode: the engine's and the transport's counters (None: single node).
     cluster: Mutex<Option<ClusterStats>>,
+    cluster_control: Mutex<Option<crate::cluster::engine::CommandSink>>,
     /// Service time of the requests the cluster engine answered, by type slot (written by the
     /// engine's thread only; exported in cluster mode).
     cluster_service: Box<[AtomicHistogram]>,
@@ -635,6 +636,7 @@ impl Telemetry {
             seqs: SeqTable::default(),
             slow_threshold_ns: AtomicU64::new(0),
             cluster: Mutex::new(None),
+            cluster_control: Mutex::new(None),
             cluster_service: (0..=REQUEST_TYPE_COUNT).map(|_| AtomicHistogram::latency()).collect(),
         }
     }
@@ -653,6 +655,16 @@ impl Telemetry {
     /// The cluster counters (None: not in cluster mode).
     pub fn cluster(&self) -> Option<ClusterStats> {
         lock(&self.cluster).clone()
+    }
+
+    /// Cluster mode: where operator commands (a fencing confirmation) go.
+    pub fn set_cluster_control(&self, sink: crate::cluster::engine::CommandSink) {
+        *lock(&self.cluster_control) = Some(sink);
+    }
+
+    /// The cluster engine's command queue (None: not in cluster mode).
+    pub fn cluster_control(&self) -> Option<crate::cluster::engine::CommandSink> {
+        lock(&self.cluster_control).clone()
     }
 
     /// Service time (receipt to reply sent) of one request the cluster engine answered. On the

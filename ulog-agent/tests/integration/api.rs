@@ -619,7 +619,7 @@ fn validate(doc: &Value, schema: &Value, instance: &Value, what: &str) {
 #[test]
 fn the_openapi_document_describes_the_server() {
     let doc: Value = serde_json::from_str(include_str!("../../openapi.json")).expect("openapi.json is JSON");
-    // Exactly the routes the server has, all GET.
+    // Exactly the routes the server has.
     let documented: BTreeSet<(String, String)> = doc["paths"]
         .as_object()
         .unwrap()
@@ -1069,4 +1069,21 @@ fn all_threads_stopped(pid: libc::pid_t) -> bool {
             .and_then(|st| st.rsplit_once(") ").map(|(_, rest)| rest.starts_with('T')))
             .unwrap_or(false)
     })
+}
+
+/// `ulog-agent cluster confirm-fenced` against a single-node agent: refused with a clear
+/// message (HTTP 409, exit status 1), nothing changes. The cluster case is in `cluster`.
+#[test]
+fn confirm_fenced_is_refused_outside_cluster_mode() {
+    let (mut a, http) = start(Core::InMemory);
+    let log = Log::new("LVM-apifence", LUID);
+    a.create(&log, "1000 clustered-core 8");
+    let out =
+        Command::new(agent_bin()).args(["cluster", "confirm-fenced", "--addr", ADDR, "--node", "2"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("409") && err.contains("not in cluster mode"), "{err}");
+    // The endpoint takes POST only.
+    let (status, _, _) = http.get("/api/v1/cluster/confirm-fenced");
+    assert_eq!(status, 405);
 }
