@@ -425,37 +425,39 @@ fn harden(cli: &Cli, io_flusher: std::io::Result<()>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Refuses a state directory on a userspace-log mirror. Every such mirror on the host is served
-/// by the one log server: this agent.
 /// Starts the cluster engine on the corosync transport's thread (it connects, and reconnects,
 /// on its own: until the local corosync is up and quorate, cluster requests wait).
 #[cfg(feature = "cluster")]
 fn start_cluster(
     sink: Arc<SocketSink>,
     telemetry: Arc<ulog_agent::metrics::Telemetry>,
-) -> anyhow::Result<ulog_agent::server::ClusterCommands> {
+) -> anyhow::Result<ulog_agent::server::ClusterMode> {
     use ulog_agent::cluster::{corosync, engine::Engine};
+    use ulog_agent::server::{ClusterCommands, ClusterMode, ClusterReplies};
     let incarnation = ulog_agent::cluster::boot_id().context("cannot read this kernel's boot id")?;
-    let engine = Engine::new(ulog_agent::server::ClusterReplies::new(sink, Arc::clone(&telemetry)), incarnation);
+    let replies = Arc::new(ClusterReplies::new(sink, Arc::clone(&telemetry)));
+    let engine = Engine::new(Arc::clone(&replies), incarnation);
     // The engine moves to the transport's thread: take its counters first.
     let engine_stats = engine.stats();
     let (bus, _thread) = corosync::spawn(engine, corosync::BusConfig::default())
         .context("cannot start the corosync transport thread")?;
     telemetry.set_cluster(engine_stats, Some(Arc::clone(bus.stats())));
     info!(incarnation = %format!("{incarnation:032x}"), "cluster mode: logs are served over corosync");
-    let sink: ulog_agent::server::ClusterCommands = Arc::new(move |c| bus.command(c).is_ok());
-    telemetry.set_cluster_control(Arc::clone(&sink));
-    Ok(sink)
+    let commands: ClusterCommands = Arc::new(move |c| bus.command(c).is_ok());
+    telemetry.set_cluster_control(Arc::clone(&commands));
+    Ok(ClusterMode { commands, replies })
 }
 
 #[cfg(not(feature = "cluster"))]
 fn start_cluster(
     _sink: Arc<SocketSink>,
     _telemetry: Arc<ulog_agent::metrics::Telemetry>,
-) -> anyhow::Result<ulog_agent::server::ClusterCommands> {
+) -> anyhow::Result<ulog_agent::server::ClusterMode> {
     anyhow::bail!("--cluster: this ulog-agent was built without the `cluster` feature (corosync)")
 }
 
+/// Refuses a state directory on a userspace-log mirror. Every such mirror on the host is served
+/// by the one log server: this agent.
 fn check_state_dir(dir: &std::path::Path) -> anyhow::Result<()> {
     match metrics::mirror::discover() {
         Ok(found) => {

@@ -43,7 +43,7 @@ pub struct ServerConfig {
     pub accept_peer: Option<u32>,
     /// Cluster mode (`--cluster`): every log is one coherent log of all the nodes that
     /// activate its mirror, served through the cluster engine.
-    pub cluster: Option<ClusterCommands>,
+    pub cluster: Option<ClusterMode>,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -56,23 +56,92 @@ impl std::fmt::Debug for ServerConfig {
     }
 }
 
+/// Cluster mode: the engine's command queue and the answers it sends.
+#[derive(Clone)]
+pub struct ClusterMode {
+    /// Where a cluster log's requests go.
+    pub commands: ClusterCommands,
+    /// The engine's answers (the server registers each cluster log's telemetry there).
+    pub replies: Arc<ClusterReplies>,
+}
+
+/// Cluster logs by (luid, uuid), as [`ClusterReplies`] finds them.
+type AnsweredLogs = HashMap<(u64, Box<[u8]>), AnsweredLog>;
+
+/// A cluster log's telemetry, as the engine's answers record it.
+struct AnsweredLog {
+    tel: Arc<LogTelemetry>,
+    shared: Arc<SharedLog>,
+}
+
 /// How the cluster engine answers the kernel: like a persister (the reply, the request
 /// counters, the service time from receipt, also into the cluster's own service-time
 /// histogram), from the engine's thread.
 pub struct ClusterReplies {
     sink: Arc<dyn ReplySink>,
     telemetry: Arc<Telemetry>,
+    /// Cluster logs by (luid, uuid): their result counters, phase and flight records are
+    /// updated when the engine answers (one lock per answer, on the engine's thread; the
+    /// receive thread takes it only at CTR and DTR).
+    logs: std::sync::Mutex<AnsweredLogs>,
 }
 
 impl ClusterReplies {
     /// Answers through `sink`, recording into `telemetry`.
     pub fn new(sink: Arc<dyn ReplySink>, telemetry: Arc<Telemetry>) -> Self {
-        Self { sink, telemetry }
+        Self { sink, telemetry, logs: std::sync::Mutex::default() }
+    }
+
+    fn logs(&self) -> std::sync::MutexGuard<'_, AnsweredLogs> {
+        self.logs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn register(&self, uuid: &[u8], luid: u64, tel: Arc<LogTelemetry>, shared: Arc<SharedLog>) {
+        self.logs().insert((luid, uuid.into()), AnsweredLog { tel, shared });
+    }
+
+    fn unregister(&self, uuid: &[u8], luid: u64) {
+        self.logs().remove(&(luid, Box::<[u8]>::from(uuid)));
     }
 }
 
-impl crate::cluster::engine::Replies for ClusterReplies {
+impl crate::cluster::engine::Replies for Arc<ClusterReplies> {
     fn answer(&self, r: &PendingReply, error: i32, payload: &[u8]) {
+        let uuid = &r.header.uuid[..r.header.uuid.iter().position(|&b| b == 0).unwrap_or(r.header.uuid.len())];
+        // The log's own record: result counters, the phase RESUME / POSTSUSPEND reached, the
+        // flight record the receive thread opened.
+        if let Some(log) = self.logs().get(&(r.header.luid, uuid.into())) {
+            let kind = RequestType::from_raw(r.header.request_type);
+            let now = clock::now_ns();
+            if let Some(kind) = kind {
+                log.tel.answered(kind, error, now, now.saturating_sub(r.received_ns));
+            }
+            let mut s = log.shared.lock();
+            match kind {
+                Some(RequestType::Resume) if error == 0 => s.resume_in_memory(),
+                Some(RequestType::Postsuspend) => s.postsuspend(),
+                _ => {}
+            }
+            if r.flight_id != 0 {
+                s.flight.complete(FlightRecord {
+                    id: r.flight_id,
+                    received_ns: r.received_ns,
+                    service_ns: now.saturating_sub(r.received_ns),
+                    seq: r.header.seq,
+                    request_type: r.header.request_type & ulog_common::DM_ULOG_REQUEST_MASK,
+                    error,
+                    deferred: true,
+                    in_sync_arg: -1,
+                    ..FlightRecord::default()
+                });
+            }
+        }
+        self.send_answer(r, error, payload);
+    }
+}
+
+impl ClusterReplies {
+    fn send_answer(&self, r: &PendingReply, error: i32, payload: &[u8]) {
         let kind = RequestType::from_raw(r.header.request_type);
         let reply = ReplyBuf::full(&r.header, r.cn_seq, error, payload, r.own_port);
         if error != 0 {
@@ -96,6 +165,7 @@ struct ClusterLog {
     /// The replicated state, for the requests answered locally.
     view: Arc<ClusterView>,
     commands: ClusterCommands,
+    replies: Arc<ClusterReplies>,
 }
 
 /// The largest answer a hot request carries: two `u64`s (GET_RESYNC_WORK,
@@ -151,7 +221,7 @@ enum Outcome {
     Reply(i32, Payload),
     /// A persister answers.
     Deferred,
-    /// The cluster engine answers (no flight record: it completes none).
+    /// The cluster engine answers (`ClusterReplies` completes its flight record).
     DeferredToCluster,
 }
 
@@ -477,11 +547,7 @@ impl LogServer {
         outcome: Result<Outcome, i32>,
     ) -> i32 {
         let (error, payload) = match outcome {
-            Ok(Outcome::DeferredToCluster) => {
-                self.counters.request(req.kind, 0, true);
-                return 0;
-            }
-            Ok(Outcome::Deferred) => {
+            Ok(Outcome::Deferred | Outcome::DeferredToCluster) => {
                 self.counters.request(req.kind, 0, true);
                 if let (Some((_, shared)), true) = (log, flight_id != 0) {
                     shared.lock().flight.record(flight_record(req, flight_id, received, PENDING, 0, true, &[]));
@@ -852,7 +918,7 @@ impl LogServer {
             _ => None,
         };
         let cluster = match &self.cfg.cluster {
-            Some(commands) => {
+            Some(ClusterMode { commands, replies }) => {
                 let mut group = uuid.to_vec();
                 group.push(0);
                 let view = Arc::new(ClusterView::default());
@@ -867,7 +933,8 @@ impl LogServer {
                     warn!(log = %name, "CTR refused: the cluster engine is gone");
                     return Err(-libc::EIO);
                 }
-                Some(ClusterLog { group, view, commands: Arc::clone(commands) })
+                replies.register(uuid, luid, Arc::clone(&tel), Arc::clone(&shared));
+                Some(ClusterLog { group, view, commands: Arc::clone(commands), replies: Arc::clone(replies) })
             }
             None => None,
         };
@@ -930,6 +997,7 @@ impl LogServer {
         }
         if let Some(c) = &entry.cluster {
             (c.commands)(ClusterCommand::Close { group: c.group.clone() });
+            c.replies.unregister(uuid, luid);
         }
         self.telemetry.remove_log(&String::from_utf8_lossy(uuid), luid);
         Some(entry)
