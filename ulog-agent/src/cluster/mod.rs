@@ -24,20 +24,17 @@
 //!   time per node), no region in two slots, and no region owned by a writer (live or held) is
 //!   handed out. A held node's slot stays taken until it is adopted or reclaimed.
 //!
-//! # Status and limits
+//! # Layers
 //!
-//! This module holds the state machine and the wire format ([`wire`]: versioned frames,
-//! cmirrord detection, acknowledgements, digests, state transfer in atomic chunks) and
-//! [`stability`] (when a frame is held by another live member, so MARK may be answered), the bus
-//! interface ([`bus`]), its corosync transport (`corosync`, feature `cluster`: one thread owning
-//! the CPG and quorum handles) and a real corosync cluster in network namespaces for the tests
-//! ([`test_cluster`]). Not here yet: the engine on the bus, holding
-//! requests without quorum, the durability rule for a lone `clustered-disk` member (the
-//! log device must hold a mark before it is answered), the single disk writer, digest
-//! comparison, and their telemetry.
-//! Until they land, cluster mode cannot be turned on and single-node serving is unchanged.
+//! [`state`] (the replicated state) and [`wire`] (the frames) know nothing of corosync;
+//! [`stability`] says when a frame is held by a second member; [`engine`] runs every cluster
+//! log of the agent against the [`bus`] interface only, so its tests drive it over a
+//! deterministic in-memory bus; `corosync` (feature `cluster`) is the one thread that owns the
+//! corosync handles; [`test_cluster`] starts real corosyncs in network namespaces for tests.
+//! Nothing here imports the telemetry. ARCHITECTURE.md ("Cluster logs") lists the guarantees
+//! and where each is enforced; not done yet: `clustered-disk` in cluster mode (one disk
+//! writer) and periodic digest comparison.
 
-pub mod bus;
 #[cfg(feature = "cluster")]
 pub mod corosync;
 pub mod engine;
