@@ -36,9 +36,12 @@
 //! sent but not answered are sent again (MARK, CLEAR and SET_REGION_SYNC are idempotent;
 //! GET_RESYNC_WORK returns the slot the node already has). It never merges its own state.
 //!
+//! **Divergence** (a bug, memory corruption) is detected by digest checkpoints every
+//! [`DIGEST_EVERY_TICKS`] seconds: a member whose state differs from the reference member's
+//! leaves and joins again (see `digest_frame`).
+//!
 //! # Limits (not done yet)
 //! - `clustered-disk` in cluster mode (one disk writer, hand-over) is refused at CTR.
-//! - No periodic digest comparison yet (frames exist: [`Body::Digest`]).
 //! - An acknowledgement proves the acker *applied* the frame. If the sender and its acker are
 //!   both cut off into a minority and both crash there, the majority may lack a mark that was
 //!   answered (needs >= 4 nodes and two crashes); SAFE delivery or a majority ack would close it.
@@ -356,6 +359,11 @@ pub struct EngineStats {
     pub quorate: AtomicU64,
     /// Logs refused because cmirrord shares their group.
     pub cmirrord_refusals: AtomicU64,
+    /// Digest checkpoints this member compared with the reference member's.
+    pub digest_checks: AtomicU64,
+    /// Checkpoints where this member's state differed from the reference member's (it then
+    /// left the group and joined again to fetch the state).
+    pub digest_mismatches: AtomicU64,
 }
 
 /// A request waiting to be multicast, or for its frame.
@@ -445,6 +453,10 @@ struct LogCtx {
     hello_reconnected: BTreeSet<Member>,
     /// This node's kernel reconnected to this agent (see [`Body::Hello`]).
     reconnected: bool,
+    /// This member's digest at each sender's latest checkpoint (`Digest { digest: 0 }`).
+    checkpoints: BTreeMap<Member, u64>,
+    /// Ticks since this member (the reference) last asked for a checkpoint.
+    ticks_since_checkpoint: u32,
 }
 
 /// The cluster engine of one agent.
@@ -457,6 +469,9 @@ pub struct Engine<R: Replies> {
     logs: BTreeMap<Vec<u8>, LogCtx>,
     stats: Arc<EngineStats>,
 }
+
+/// Ticks (about a second each) between two digest checkpoints of a log.
+pub const DIGEST_EVERY_TICKS: u32 = 10;
 
 /// Bytes of a snapshot before the log's own encoding: target node and pid, the `Hello` it
 /// answers, and the holder/hello tables.
@@ -604,6 +619,7 @@ impl<R: Replies> Engine<R> {
         }
         ctx.log = None;
         ctx.applied = 0;
+        ctx.checkpoints.clear();
         ctx.hello_stale.clear();
         ctx.hello_reconnected.clear();
         ctx.in_group = false;
@@ -1117,7 +1133,39 @@ impl<R: Replies> Engine<R> {
                     self.unheld_frame(ctx, group, me, from, frame, out);
                 }
             }
-            Body::Genesis { .. } | Body::Digest { .. } => {}
+            Body::Digest { digest } => self.digest_frame(ctx, group, from, digest, out),
+            Body::Genesis { .. } => {}
+        }
+    }
+
+    /// Divergence detection (guarantee 9). The reference member (the lowest holder) multicasts
+    /// a checkpoint (`Digest { digest: 0 }`); every holder records its own digest where the
+    /// checkpoint falls in the order, which is the same point on every member; the reference
+    /// then multicasts the digest it recorded, and every holder compares. A member that
+    /// differs leaves and joins again: it fetches the state and re-asserts what it saw (like a
+    /// stale member), so a divergence heals without losing a mark.
+    fn digest_frame(&mut self, ctx: &mut LogCtx, group: &[u8], from: Member, digest: u64, out: &mut dyn Outbound) {
+        let Some(log) = &ctx.log else { return };
+        if digest == 0 {
+            let mine = log.digest().max(1);
+            ctx.checkpoints.insert(from, mine);
+            if Some(from) == self.me && self.quorate && !ctx.stale {
+                self.send(ctx, group, Body::Digest { digest: mine }, out);
+            }
+            return;
+        }
+        let Some(mine) = ctx.checkpoints.remove(&from) else { return };
+        if Some(from) == self.me {
+            return;
+        }
+        self.stats.digest_checks.fetch_add(1, Ordering::Relaxed);
+        if mine != digest {
+            self.stats.digest_mismatches.fetch_add(1, Ordering::Relaxed);
+            error!(group = %group_name(group), reference = from.node, ours = %format!("{mine:016x}"), theirs = %format!("{digest:016x}"), "this member's log state differs from the reference member's: leaving and joining again to fetch it");
+            out.leave(group);
+            out.join(group);
+            Self::reset_membership(ctx);
+            self.publish(ctx);
         }
     }
 
@@ -1301,6 +1349,25 @@ impl<R: Replies> Engine<R> {
 
 #[cfg(test)]
 impl<R: Replies> Engine<R> {
+    /// Publishes every log's state to its view.
+    fn publish_all(&self) {
+        for ctx in self.logs.values() {
+            self.publish(ctx);
+        }
+    }
+
+    /// Changes this member's copy of a log behind the group's back (a bug, a bit flip): what
+    /// the digest comparison is for.
+    fn corrupt(&mut self, group: &[u8]) {
+        let Some(ctx) = self.logs.get_mut(group) else { return };
+        if let Some(log) = ctx.log.as_mut() {
+            let r = log.region_count() - 1;
+            let v = log.in_sync(r).unwrap_or(false);
+            let node = self.me.map_or(0, |m| m.node);
+            let _ = log.apply(&Event::SetRegionSync { node, region: r, in_sync: !v });
+        }
+    }
+
     /// The engine's per-group bookkeeping, for a failing simulation's message.
     fn debug_state(&self) -> String {
         self.logs
@@ -1368,6 +1435,8 @@ impl LogCtx {
             hello_stale: BTreeMap::new(),
             hello_reconnected: BTreeSet::new(),
             reconnected: false,
+            checkpoints: BTreeMap::new(),
+            ticks_since_checkpoint: 0,
         }
     }
 }
@@ -1514,6 +1583,30 @@ impl<R: Replies> BusHandler for Engine<R> {
             }
             BusEvent::Membership { group, members, joined, .. } => self.on_membership(&group, members, &joined, out),
             BusEvent::Delivered { group, from, data } => self.on_delivered(&group, from, &data, out),
+        }
+    }
+
+    fn on_tick(&mut self, out: &mut dyn Outbound) {
+        let Some(me) = self.me else { return };
+        if !self.quorate {
+            return;
+        }
+        let groups: Vec<Vec<u8>> = self.logs.keys().cloned().collect();
+        for g in groups {
+            let Some(mut ctx) = self.logs.remove(&g) else { continue };
+            let reference = matches!(ctx.holding, Holding::Yes)
+                && ctx.in_group
+                && !ctx.stale
+                && ctx.members.len() > 1
+                && ctx.holders.first() == Some(&me);
+            if reference {
+                ctx.ticks_since_checkpoint += 1;
+                if ctx.ticks_since_checkpoint >= DIGEST_EVERY_TICKS {
+                    ctx.ticks_since_checkpoint = 0;
+                    self.send(&mut ctx, &g, Body::Digest { digest: 0 }, out);
+                }
+            }
+            self.logs.insert(g, ctx);
         }
     }
 

@@ -33,8 +33,9 @@
 //! corosync handles; [`test_cluster`] starts real corosyncs in network namespaces for tests.
 //! Nothing here imports the telemetry. ARCHITECTURE.md ("Cluster logs") lists the guarantees
 //! and where each is enforced; not done yet: `clustered-disk` in cluster mode (one disk
-//! writer) and periodic digest comparison.
+//! writer).
 
+pub mod bus;
 #[cfg(feature = "cluster")]
 pub mod corosync;
 pub mod engine;
