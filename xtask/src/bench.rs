@@ -1,5 +1,5 @@
-//! `cargo xtask bench [--quick] [--only handling,roundtrip,memory]`: runs the agent's benchmarks
-//! and rewrites their sections of `BENCHMARKS.md` at the repo root.
+//! `cargo xtask bench [--quick] [--only handling,roundtrip,memory,cluster]`: runs the agent's
+//! benchmarks and rewrites their sections of `BENCHMARKS.md` at the repo root.
 //!
 //! Each benchmark is a `cargo bench -p ulog-agent --bench <name>` target:
 //!
@@ -9,6 +9,9 @@
 //! * `roundtrip` and `memory` (harness-less, need root): they write JSON lines to
 //!   `<target>/ulog-bench/<name>.jsonl` (`$ULOG_BENCH_OUT_DIR`); the summaries carry the ratios
 //!   against the baselines they measure in the same invocation.
+//! * `cluster` (harness-less, needs root and corosync): the same kind of JSON lines; what
+//!   `--cluster` costs per request type against a single-node agent measured in the same
+//!   invocation (~25 s on a 2-core machine, cluster start-up included).
 //!
 //! `BENCHMARKS.md` is made of generated sections between `<!-- bench:<name>:begin -->` and
 //! `<!-- bench:<name>:end -->` markers; a run replaces the sections of the benchmarks it ran
@@ -28,18 +31,20 @@ use serde_json::Value;
 
 use crate::setup::{repo_root, run_streaming};
 
-const BENCHES: [&str; 3] = ["handling", "roundtrip", "memory"];
+/// Every benchmark, in the order of their sections (and of a run without `--only`).
+const BENCHES: [&str; 4] = ["handling", "roundtrip", "memory", "cluster"];
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Short runs (criterion `--quick`; 2 rounds of 0.3 s for the round trips; fewer MARKs for
-    /// the memory benchmark). Figures are noisier; the file says the run was quick.
+    /// the memory benchmark; 2 rounds of 100 requests per type for the cluster benchmark). Figures are noisier; the file says the run was quick.
     #[arg(long)]
     quick: bool,
-    /// Run only these benchmarks (comma-separated or repeated): handling, roundtrip, memory.
+    /// Run only these benchmarks (comma-separated or repeated): handling, roundtrip, memory,
+    /// cluster.
     #[arg(long, value_delimiter = ',', value_name = "NAME")]
     only: Vec<String>,
-    /// Round trips: rounds (default 5, quick 2).
+    /// Round trips and cluster: rounds (default 5 / 4, quick 2).
     #[arg(long, value_name = "N")]
     rounds: Option<usize>,
     /// Round trips: seconds per measurement (default 1.5, quick 0.3).
@@ -70,12 +75,11 @@ pub fn run(args: Args) -> Result<()> {
             bail!("unknown benchmark {o:?} (expected one of {})", BENCHES.join(", "));
         }
     }
-    let selected: Vec<&str> =
-        BENCHES.iter().copied().filter(|b| args.only.is_empty() || args.only.iter().any(|o| o == b)).collect();
+    let selected = selected(&args.only);
     let needs_root = !args.render_only && selected.iter().any(|b| *b != "handling");
     // SAFETY: plain syscall.
     if needs_root && unsafe { libc::geteuid() } != 0 {
-        bail!("roundtrip and memory need root (network namespaces, connector sockets); run as root or use --only handling");
+        bail!("roundtrip, memory and cluster need root (network namespaces, connector sockets); run as root or use --only handling");
     }
     let root = repo_root()?;
     let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -137,6 +141,11 @@ pub fn run(args: Args) -> Result<()> {
                     extra.push("--no-disk".into());
                 }
             }
+            "cluster" => {
+                if let Some(n) = args.rounds {
+                    extra.extend(["--rounds".into(), n.to_string()]);
+                }
+            }
             _ => unreachable!(),
         }
         let _ = std::fs::remove_file(&jsonl);
@@ -187,8 +196,14 @@ fn render(bench: &str, out: &Path, jsonl: &Path) -> Result<String> {
         "handling" => render_handling(&out.join("criterion"))?,
         "roundtrip" => render_roundtrip(&read_jsonl(jsonl)?),
         "memory" => render_memory(&read_jsonl(jsonl)?),
+        "cluster" => render_cluster(&read_jsonl(jsonl)?),
         _ => unreachable!(),
     })
+}
+
+/// The benchmarks a run covers: those named with `--only` (in section order), else all.
+fn selected(only: &[String]) -> Vec<&'static str> {
+    BENCHES.iter().copied().filter(|b| only.is_empty() || only.iter().any(|o| o == b)).collect()
 }
 
 fn cargo() -> String {
@@ -299,6 +314,7 @@ impl SectionHeader {
         let title = match bench {
             "handling" => "In-process request handling (`benches/handling.rs`)",
             "roundtrip" => "Round trips over the connector (`benches/roundtrip.rs`)",
+            "cluster" => "Cluster mode against a single node (`benches/cluster.rs`)",
             _ => "Memory (`benches/memory.rs`)",
         };
         let mut s = format!("## {title}\n\n");
@@ -716,6 +732,121 @@ fn s_eq(v: &Value, k: &str, want: &str) -> bool {
     js(v, k) == want
 }
 
+/// Request series of the cluster benchmark, in its order.
+const CLUSTER_SERIES: [&str; 8] = [
+    "IN_SYNC",
+    "MARK_REGION",
+    "FLUSH",
+    "CLEAR_REGION",
+    "GET_SYNC_COUNT",
+    "GET_RESYNC_WORK",
+    "SET_REGION_SYNC",
+    "GET_RESYNC_WORK+SET_REGION_SYNC",
+];
+
+fn render_cluster(lines: &[Value]) -> String {
+    let mut s = String::new();
+    let meta = lines.iter().find(|v| s_eq(v, "kind", "meta"));
+    if let Some(m) = meta {
+        let _ = write!(
+            s,
+            "The bench-profile `ulog-agent`, each driven by a `KernelPeer` over a real connector socket in its own \
+             network namespace, one request at a time. Configurations, measured in the same invocation with rounds \
+             interleaved (order rotated per round): *single* = the agent without `--cluster` (the baseline); \
+             *cluster-1* = `--cluster` on a 1-node corosync cluster; *cluster-3* = `--cluster` on node 1 of a 3-node \
+             cluster (`TestCluster`: knet over veths and a bridge, `token: 1000`), whose other two agents have the \
+             same logs constructed and resumed and stay idle (they apply and acknowledge). Logs: 2^21-region \
+             `clustered-core nosync` (fresh regions for MARK, the same regions for CLEAR) and, for \
+             GET_RESYNC_WORK + SET_REGION_SYNC, the same without `nosync`. {} rounds × {} requests per type and \
+             configuration; quantiles over all rounds' samples; ratios are cluster ÷ single (the JSON also has the \
+             median of per-round ratios, `p50_ratio_paired`). Before each configuration's turn the bench waits until \
+             every agent is idle (< 5% of a CPU over 100 ms). In cluster mode reads (IN_SYNC, GET_SYNC_COUNT) are \
+             answered locally; MARK once a second member applied it (~2 ordered multicasts; alone in the group, on \
+             its own delivery); CLEAR, GET_RESYNC_WORK, SET_REGION_SYNC on their own delivery; FLUSH when this \
+             node's earlier frames are stable.\n\n",
+            jf(m, "rounds"),
+            jf(m, "count"),
+        );
+        let _ = write!(
+            s,
+            "**Figures are from a {}-CPU machine shared with other work (the client, up to 5 agents and 4 corosyncs \
+             share those CPUs): absolute figures move with its load; only the ratios mean anything.**\n\n",
+            jf(m, "cpus")
+        );
+    }
+    let sums: Vec<&Value> = lines.iter().filter(|v| s_eq(v, "kind", "summary")).collect();
+    let get = |c: &str, series: &str| sums.iter().find(|v| js(v, "config") == c && js(v, "series") == series);
+    s.push_str("### Round trip, 1 in flight\n\n");
+    s.push_str(
+        "| request | single p50 | single p99 | cluster-1 p50 | cluster-1 p99 | cluster-3 p50 | cluster-3 p99 | \
+         cluster-1 ÷ single p50 | p99 | cluster-3 ÷ single p50 | p99 |\n",
+    );
+    s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    for series in CLUSTER_SERIES {
+        let Some(base) = get("single", series) else { continue };
+        let _ = write!(s, "| {series} | {} | {} |", fmt_us(jf(base, "p50_us")), fmt_us(jf(base, "p99_us")));
+        for c in ["cluster-1", "cluster-3"] {
+            match get(c, series) {
+                Some(v) => {
+                    let _ = write!(s, " {} | {} |", fmt_us(jf(v, "p50_us")), fmt_us(jf(v, "p99_us")));
+                }
+                None => s.push_str(" – | – |"),
+            }
+        }
+        for c in ["cluster-1", "cluster-3"] {
+            match get(c, series) {
+                Some(v) => {
+                    let _ = write!(s, " {:.2} | {:.2} |", jf(v, "p50_ratio"), jf(v, "p99_ratio"));
+                }
+                None => s.push_str(" – | – |"),
+            }
+        }
+        s.push('\n');
+    }
+    s.push_str("\n*GET_RESYNC_WORK+SET_REGION_SYNC* = the two round trips of one recovered region, back to back.\n\n");
+    let tput: Vec<&Value> = lines.iter().filter(|v| s_eq(v, "kind", "throughput_summary")).collect();
+    if !tput.is_empty() {
+        let _ = writeln!(
+            s,
+            "### MARK + FLUSH, {} in flight\n\nMARK of a fresh region and an empty FLUSH alternating, {} requests \
+             per round and configuration (then, unmeasured, CLEARs of those regions, so marks do not pile up); \
+             requests/s is the median over rounds, latencies over all rounds.\n",
+            jf(tput[0], "depth"),
+            meta.map_or(f64::NAN, |m| jf(m, "tput_count")),
+        );
+        s.push_str("| config | requests/s | × single | latency p50 | latency p99 |\n|---|---:|---:|---:|---:|\n");
+        for v in tput {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.2} | {} | {} |",
+                js(v, "config"),
+                fmt_rate(jf(v, "rps")),
+                jf(v, "rps_ratio"),
+                fmt_us(jf(v, "p50_us")),
+                fmt_us(jf(v, "p99_us"))
+            );
+        }
+        s.push('\n');
+    }
+    let tries: Vec<String> = lines
+        .iter()
+        .filter(|v| s_eq(v, "kind", "try_again"))
+        .map(|v| {
+            let n = jf(v, "count");
+            let shown = if n >= 0.0 { format!("{n}") } else { "unreadable".to_string() };
+            format!("{} node {}: {shown}", js(v, "config"), jf(v, "node"))
+        })
+        .collect();
+    if !tries.is_empty() {
+        let _ = writeln!(
+            s,
+            "TRY_AGAIN answers of corosync (`ulog_cluster_bus_try_again_total` of each agent at the end): {}.\n",
+            tries.join("; ")
+        );
+    }
+    s
+}
+
 fn render_memory(lines: &[Value]) -> String {
     let mut s = String::from(
         "The bench-profile `ulog-agent` in a private network namespace; through a `KernelPeer`: 16 logs of 2^21 \
@@ -763,16 +894,18 @@ asserted by any test.
 
 | command | what it runs |
 |---|---|
-| `cargo xtask bench` | all three benchmarks below, then rewrites this file |
+| `cargo xtask bench` | all four benchmarks below, then rewrites this file |
 | `cargo xtask bench --quick` | the same with short measurements (noisier; marked as such) |
-| `cargo xtask bench --only handling` (or `roundtrip`, `memory`; comma-separated) | a subset; the other sections stay as they were |
+| `cargo xtask bench --only handling` (or `roundtrip`, `memory`, `cluster`; comma-separated) | a subset; the other sections stay as they were |
+| `cargo xtask bench --only cluster` | the cluster benchmark alone (~25 s: 4 corosyncs, 5 agents); `--quick`, `--rounds N` apply |
 | `cargo xtask bench --only roundtrip --rounds 9 --secs 3 --no-loop` | round-trip options; `--no-disk` skips the memory benchmark's disk logs |
 | `cargo bench -p ulog-agent` | the same benchmarks through cargo alone (results in `target/ulog-bench/` and `target/ulog-bench/criterion` if `CRITERION_HOME` points there, this file untouched) |
 
-`roundtrip` and `memory` need root (private network namespaces, connector sockets); `roundtrip`
-also uses `losetup` for the loop-device case (skipped with a note if that fails). `cargo test`
-does not build benchmarks; `cargo test --benches` runs `handling` once per case in criterion's
-test mode and only prints \"skipped\" for the other two.
+`roundtrip`, `memory` and `cluster` need root (private network namespaces, connector sockets);
+`roundtrip` also uses `losetup` for the loop-device case (skipped with a note if that fails);
+`cluster` needs corosync 3 and iproute2 (`cargo xtask setup`). `cargo test` does not build
+benchmarks; `cargo test --benches` runs `handling` once per case in criterion's test mode and only
+prints \"skipped\" for the others.
 
 ";
 
@@ -850,6 +983,36 @@ mod tests {
         assert_eq!(second.matches("<!-- bench:intro:begin -->").count(), 1);
         // Idempotent.
         assert_eq!(merge(&second, &new2), second);
+    }
+
+    #[test]
+    fn only_selects_in_section_order_and_nothing_selects_all() {
+        assert_eq!(selected(&[]), BENCHES);
+        assert_eq!(selected(&["cluster".to_string()]), ["cluster"]);
+        assert_eq!(selected(&["memory".to_string(), "handling".to_string()]), ["handling", "memory"]);
+    }
+
+    #[test]
+    fn the_cluster_section_shows_both_ratios_per_type_and_the_try_again_counts() {
+        let lines: Vec<Value> = [
+            r#"{"kind":"meta","rounds":4,"count":500,"tput_count":2000,"depth":32,"cpus":2}"#,
+            r#"{"kind":"summary","config":"single","series":"MARK_REGION","p50_us":20,"p99_us":40,"p50_ratio":1,"p99_ratio":1}"#,
+            r#"{"kind":"summary","config":"cluster-1","series":"MARK_REGION","p50_us":200,"p99_us":400,"p50_ratio":10,"p99_ratio":10}"#,
+            r#"{"kind":"summary","config":"cluster-3","series":"MARK_REGION","p50_us":700,"p99_us":1600,"p50_ratio":35,"p99_ratio":40}"#,
+            r#"{"kind":"throughput_summary","config":"cluster-3","depth":32,"rps":7700,"rps_ratio":0.07,"p50_us":3800,"p99_us":5400}"#,
+            r#"{"kind":"try_again","config":"cluster-3","node":2,"count":3}"#,
+            r#"{"kind":"try_again","config":"cluster-3","node":3,"count":-1}"#,
+        ]
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+        let s = render_cluster(&lines);
+        assert!(s.contains("4 rounds × 500 requests"), "{s}");
+        assert!(s.contains("2-CPU machine shared") && s.contains("only the ratios mean anything"), "{s}");
+        assert!(s.contains("| MARK_REGION | 20.0 µs | 40.0 µs | 200.0 µs | 400.0 µs | 700.0 µs | 1.60 ms | 10.00 | 10.00 | 35.00 | 40.00 |"), "{s}");
+        assert!(s.contains("| cluster-3 | 7.7 k | 0.07 | 3.80 ms | 5.40 ms |"), "{s}");
+        assert!(s.contains("cluster-3 node 2: 3; cluster-3 node 3: unreadable"), "{s}");
+        assert!(!s.contains("| IN_SYNC |"), "no row without results: {s}");
     }
 
     #[test]
