@@ -1076,7 +1076,11 @@ impl<R: Replies> Engine<R> {
                         *e = (*e).max(seq);
                     }
                 }
-                self.publish(ctx);
+                // The view's copy takes the same event (deterministic: it stays equal), at the
+                // cost of the event, not of a copy of the whole log (its bitmap) per frame.
+                if let Some(view_log) = ctx.view.lock().log.as_mut() {
+                    let _ = view_log.apply(&ev);
+                }
                 if Some(from) == me {
                     if let Some(p) = ctx.in_flight.remove(&frame.seq) {
                         self.resolved(ctx, group, frame.seq, p, result, out);
