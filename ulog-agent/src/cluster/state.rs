@@ -165,6 +165,8 @@ pub struct NodeShare {
 #[derive(Clone, Debug)]
 pub struct ReplicatedLog {
     sync: RegionBitmap,
+    /// Set bits of `sync` (GET_SYNC_COUNT is on the request path: not a walk of the bitmap).
+    sync_ones: u64,
     nodes: BTreeMap<NodeId, NodeShare>,
     /// Reclaimed regions, handed out before any other (oldest reclaim first).
     reclaimed: VecDeque<u64>,
@@ -217,6 +219,7 @@ impl ReplicatedLog {
     pub fn new(region_count: u64, in_sync: bool) -> Result<Self, std::collections::TryReserveError> {
         Ok(Self {
             sync: RegionBitmap::try_new(region_count, in_sync)?,
+            sync_ones: if in_sync { region_count } else { 0 },
             nodes: BTreeMap::new(),
             reclaimed: VecDeque::new(),
             owners: BTreeMap::new(),
@@ -261,7 +264,7 @@ impl ReplicatedLog {
             .flat_map(|s| s.marks.iter().copied())
             .filter(|&r| self.sync.get(r))
             .collect();
-        self.sync.count_ones() - held.len() as u64
+        self.sync_ones - held.len() as u64
     }
 
     /// IS_REMOTE_RECOVERING from `node`'s kernel: `(is_recovering, in_sync_hint)`.
@@ -289,6 +292,7 @@ impl ReplicatedLog {
     /// kernel wrote while no member knew what it marked). Marks and slots are kept.
     pub fn all_out_of_sync(&mut self) {
         self.sync.fill(false);
+        self.sync_ones = 0;
         self.search_from = 0;
     }
 
@@ -420,7 +424,7 @@ impl ReplicatedLog {
             Event::SetRegionSync { node, region, in_sync } => {
                 self.live(node)?;
                 self.check(region)?;
-                self.sync.set(region, in_sync);
+                self.set_sync(region, in_sync);
                 if !in_sync {
                     self.search_from = self.search_from.min(region);
                 }
@@ -431,6 +435,16 @@ impl ReplicatedLog {
                     }
                 }
                 Ok(Outcome::Applied)
+            }
+        }
+    }
+
+    fn set_sync(&mut self, r: u64, in_sync: bool) {
+        if self.sync.set(r, in_sync) {
+            if in_sync {
+                self.sync_ones += 1;
+            } else {
+                self.sync_ones -= 1;
             }
         }
     }
@@ -461,7 +475,7 @@ impl ReplicatedLog {
         }
         let slot_only = share.slot.filter(|r| !share.marks.contains(r));
         for r in share.marks.iter().copied().chain(slot_only) {
-            self.sync.set(r, false);
+            self.set_sync(r, false);
             self.search_from = self.search_from.min(r);
             if !self.reclaimed.contains(&r) {
                 self.reclaimed.push_back(r);
@@ -544,6 +558,7 @@ impl ReplicatedLog {
         let mut log = Self::new(count, false).map_err(|_| SnapshotError::NoMemory(count))?;
         let image = rd.take(words * 8)?;
         log.sync.load_le_bytes(image);
+        log.sync_ones = log.sync.count_ones();
         // load_le_bytes clears bits beyond the count: a snapshot that had any is not ours.
         if log.sync.words().iter().flat_map(|w| w.to_le_bytes()).ne(image.iter().copied()) {
             return Err(SnapshotError::Inconsistent("sync bit beyond the region count"));
