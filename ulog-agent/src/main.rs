@@ -425,6 +425,23 @@ fn harden(cli: &Cli, io_flusher: std::io::Result<()>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Test hook, for tests only: overrides this kernel's incarnation (its boot id, which decides
+/// whether a node that comes back is the same kernel, whose marks its agent adopts, or a
+/// rebooted one, whose old marks are reclaimed and resynchronised). The host cluster tests run
+/// every "node" under one kernel and set it to play a node that rebooted. An environment
+/// variable only, so it is not in `--help`; an operator setting it would lie to the other
+/// nodes about a reboot. The value: 32 hexadecimal digits; anything else fails the start.
+#[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+const INCARNATION_ENV: &str = "ULOG_CLUSTER_INCARNATION";
+
+/// The value of [`INCARNATION_ENV`]: exactly 32 hexadecimal digits (no sign, no dashes).
+#[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+fn parse_incarnation(text: &str) -> Option<u128> {
+    (text.len() == 32 && text.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| u128::from_str_radix(text, 16).ok())
+        .flatten()
+}
+
 /// Starts the cluster engine on the corosync transport's thread (it connects, and reconnects,
 /// on its own: until the local corosync is up and quorate, cluster requests wait).
 #[cfg(feature = "cluster")]
@@ -434,7 +451,20 @@ fn start_cluster(
 ) -> anyhow::Result<ulog_agent::server::ClusterMode> {
     use ulog_agent::cluster::{corosync, engine::Engine};
     use ulog_agent::server::{ClusterCommands, ClusterMode, ClusterReplies};
-    let incarnation = ulog_agent::cluster::boot_id().context("cannot read this kernel's boot id")?;
+    let incarnation = match std::env::var_os(INCARNATION_ENV) {
+        Some(v) => {
+            let text = v.to_string_lossy();
+            let incarnation = parse_incarnation(&text).with_context(|| {
+                format!("{INCARNATION_ENV}={text:?}: expected 32 hexadecimal digits (a kernel incarnation)")
+            })?;
+            warn!(
+                incarnation = %format!("{incarnation:032x}"),
+                "{INCARNATION_ENV} is set: this kernel's boot id is overridden (test hook, never for production)"
+            );
+            incarnation
+        }
+        None => ulog_agent::cluster::boot_id().context("cannot read this kernel's boot id")?,
+    };
     let replies = Arc::new(ClusterReplies::new(sink, Arc::clone(&telemetry)));
     let engine = Engine::new(Arc::clone(&replies), incarnation);
     // The engine moves to the transport's thread: take its counters first.
@@ -723,7 +753,19 @@ fn log_request_summary(counters: &Counters, probes: Option<&KernelTelemetry>) {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{parse_incarnation, parse_size};
+
+    #[test]
+    fn an_incarnation_override_is_32_hex_digits() {
+        assert_eq!(parse_incarnation("0123456789abcdefABCDEF0123456789"), Some(0x0123456789abcdefabcdef0123456789));
+        assert_eq!(parse_incarnation(&"0".repeat(32)), Some(0));
+        assert_eq!(parse_incarnation(&"f".repeat(31)), None, "31 digits");
+        assert_eq!(parse_incarnation(&"f".repeat(33)), None, "33 digits");
+        assert_eq!(parse_incarnation(&format!("+{}", "1".repeat(31))), None, "a sign");
+        assert_eq!(parse_incarnation("0d0c1b2a-3f4e-5a6b-7c8d-9e0fa1b2"), None, "dashes");
+        assert_eq!(parse_incarnation("0123456789abcdefABCDEF012345678g"), None, "not hex");
+        assert_eq!(parse_incarnation(""), None);
+    }
 
     #[test]
     fn sizes() {

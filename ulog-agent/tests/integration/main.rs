@@ -4,8 +4,9 @@
 
 mod api;
 // Cluster logs on a real 3-node corosync: three `--cluster` agents, each driven by its node's
-// kernel peer (shared marks, an agent SIGKILLed and adopted, a partition and its heal, resync
-// split across nodes).
+// kernel peer (shared marks, an agent SIGKILLed and adopted, a node crash and reboot whose
+// marks are reclaimed, a lost local corosync, a partition and its heal, resync split across
+// nodes, a two-node flood, a rejoin under load, cmirrord on the group).
 #[cfg(feature = "cluster")]
 mod cluster;
 // The corosync transport against a real 3-node corosync cluster in network namespaces
