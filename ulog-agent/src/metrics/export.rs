@@ -83,6 +83,8 @@ pub const FAMILIES: &[(&str, &str, &str, &str)] = &[
     ("ulog_cluster_geneses_total", "counter", "", "cluster mode"),
     ("ulog_cluster_resyncs_after_stale_total", "counter", "", "cluster mode"),
     ("ulog_cluster_cmirrord_refusals_total", "counter", "", "cluster mode"),
+    ("ulog_cluster_digest_checks_total", "counter", "", "cluster mode"),
+    ("ulog_cluster_digest_mismatches_total", "counter", "", "cluster mode"),
     ("ulog_cluster_bus_try_again_total", "counter", "", "cluster mode, transport started"),
     ("ulog_cluster_bus_interrupts_total", "counter", "", "cluster mode, transport started"),
     ("ulog_cluster_bus_reconnects_total", "counter", "", "cluster mode, transport started"),
@@ -592,7 +594,7 @@ impl Exporter {
         );
         f.add_gauge(&[], load(&e.quorate).min(1) as f64);
         f.done(out);
-        let counters: [(&str, &str, u64); 9] = [
+        let counters: [(&str, &str, u64); 11] = [
             ("ulog_cluster_frames_sent_total", "Frames this agent multicast to its cluster logs' groups.", load(&e.frames_sent)),
             ("ulog_cluster_frames_delivered_total", "Frames corosync delivered to this agent (every group, every sender, its own included).", load(&e.frames_delivered)),
             ("ulog_cluster_frames_malformed_total", "Delivered frames that did not decode (a version mismatch or corruption; cmirrord's are counted in ulog_cluster_cmirrord_refusals_total).", load(&e.frames_malformed)),
@@ -602,6 +604,8 @@ impl Exporter {
             ("ulog_cluster_geneses_total", "Times a group started over from a fresh log because no member held the state (every region out of sync unless the table says nosync).", load(&e.geneses)),
             ("ulog_cluster_resyncs_after_stale_total", "Times this agent left a group and joined it again to fetch the state, after losing quorum or its local corosync while a member.", load(&e.resyncs_after_stale)),
             ("ulog_cluster_cmirrord_refusals_total", "Cluster logs refused because cmirrord serves the same mirror (its frames were seen on the group).", load(&e.cmirrord_refusals)),
+            ("ulog_cluster_digest_checks_total", "Digest checkpoints where this agent compared its log state with the reference member's.", load(&e.digest_checks)),
+            ("ulog_cluster_digest_mismatches_total", "Digest checkpoints where this agent's log state differed from the reference member's (it then left the group and fetched the state again).", load(&e.digest_mismatches)),
         ];
         for (name, help, v) in counters {
             let mut f = Fam::counter(name, help);

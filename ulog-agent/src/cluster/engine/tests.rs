@@ -556,6 +556,39 @@ fn resync_work_is_split_across_nodes() {
     assert!(sim.view(1).remote_recovering(region_of_2).unwrap().0, "node 1 sees node 2's region as recovering");
 }
 
+/// Guarantee 9: a member whose state diverged (a bug, a flipped bit) is found at the next
+/// digest checkpoint, leaves, fetches the state again and keeps the marks it had.
+#[test]
+fn a_diverged_member_is_detected_and_fetches_the_state_again() {
+    let mut sim = Sim::new(NOSYNC);
+    for n in 1..=3 {
+        sim.start(n, n);
+    }
+    sim.run();
+    sim.resume_all(&[1, 2, 3]);
+    let s = sim.request(3, RequestType::MarkRegion, mark(&[4]));
+    sim.run();
+    assert_eq!(sim.answer(3, s).map(|a| a.0), Some(0));
+    sim.nodes.get_mut(&3).unwrap().engine.corrupt(G);
+    sim.nodes.get_mut(&3).unwrap().engine.publish_all();
+    let digests: Vec<u64> = (1..=3).map(|n| sim.view(n).snapshot().unwrap().digest()).collect();
+    assert_ne!(digests[2], digests[0], "the corruption changed node 3's state");
+    for _ in 0..DIGEST_EVERY_TICKS {
+        sim.tick_all();
+        sim.run();
+    }
+    let stats = |n: NodeId| sim.nodes[&n].engine.stats();
+    assert_eq!(stats(3).digest_mismatches.load(Ordering::Relaxed), 1, "node 3 found it differs");
+    assert_eq!(stats(2).digest_mismatches.load(Ordering::Relaxed), 0);
+    assert!(stats(2).digest_checks.load(Ordering::Relaxed) >= 1, "node 2 compared too");
+    sim.assert_same_state();
+    assert_eq!(sim.view(1).is_clean(4), Ok(false), "node 3's mark survived its re-sync");
+    let s = sim.request(3, RequestType::ClearRegion, clear(&[4]));
+    sim.run();
+    assert_eq!(sim.answer(3, s).map(|a| a.0), Some(0), "node 3 serves again");
+    assert_eq!(sim.view(1).is_clean(4), Ok(true));
+}
+
 /// Guarantee 10: a cmirrord message on the group refuses the log.
 #[test]
 fn a_cmirrord_member_refuses_the_log() {
