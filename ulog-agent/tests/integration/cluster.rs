@@ -615,3 +615,49 @@ fn an_invalid_incarnation_override_stops_the_agent_at_start() {
         "{out}"
     );
 }
+
+/// Guarantee 3, the operator's path. Node 1 crashes (agent and corosync SIGKILLed) and stays
+/// down: its marked region is held on the survivors, not in sync and never handed out, until an
+/// operator on a survivor runs `ulog-agent cluster confirm-fenced --node 1` (what the runbook
+/// of `UlogClusterNodeLostWithRegions` says to do once the node is known dead). Then the
+/// region is reclaimed out of sync and recovered first; the held node is gone from the status.
+#[test]
+fn confirm_fenced_reclaims_a_dead_nodes_regions() {
+    let http = AgentOpts { http: true, ..AgentOpts::default() };
+    let (mut cluster, mut nodes) = three_nodes_with(NOSYNC, http);
+    const R: u64 = 6;
+    ok(&mut nodes[0], T::MarkRegion, &regions_payload(&[R]));
+    cluster.kill_corosync(0).expect("SIGKILL node 1's corosync");
+    assert!(!nodes[0].agent.kill9().expect("SIGKILL node 1's agent").success());
+    until("node 2 holds node 1's mark", || !flag(&mut nodes[1], T::InSync, R));
+    assert_eq!(resync_work(&mut nodes[1]), None, "a held region is never handed out");
+    let status = http_get(&cluster, 1, "/api/v1/logs");
+    assert!(status.contains("\"live\":false"), "the API shows node 1 held: {status}");
+
+    // The operator, on node 2 (the command talks to the agent of its own namespace).
+    cluster.enter(1).expect("enter node 2's namespace");
+    let out = std::process::Command::new(agent_bin())
+        .args(["cluster", "confirm-fenced", "--node", "1"])
+        .output()
+        .expect("run ulog-agent cluster confirm-fenced");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "confirm-fenced: {}{}", text, String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("node 1") && text.contains("confirmed dead"), "{text}");
+
+    until("node 3 sees the region reclaimed (out of sync, no longer held)", || {
+        !http_get(&cluster, 2, "/api/v1/logs").contains("\"live\":false")
+    });
+    assert!(!flag(&mut nodes[2], T::InSync, R), "reclaimed regions are out of sync");
+    assert_eq!(resync_work(&mut nodes[2]), Some(R), "and recovered first");
+    ok(&mut nodes[2], T::SetRegionSync, &set_sync_payload(R, 1));
+    for (i, n) in nodes.iter_mut().enumerate().skip(1) {
+        until(&format!("node {}: region {R} in sync and clean", i + 1), || {
+            flag(n, T::InSync, R) && flag(n, T::IsClean, R)
+        });
+    }
+    // A second confirmation finds nothing to reclaim and says so.
+    let out =
+        std::process::Command::new(agent_bin()).args(["cluster", "confirm-fenced", "--node", "1"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no cluster log holds a departed node 1"));
+}
