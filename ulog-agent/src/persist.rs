@@ -169,6 +169,22 @@ impl PendingReply {
     fn kind(&self) -> Option<RequestType> {
         RequestType::from_raw(self.header.request_type)
     }
+
+    /// The flight record that completes this request's (opened as pending when it was handed
+    /// over), answered with `error` after `service_ns`.
+    pub fn flight_record(&self, service_ns: u64, error: i32) -> FlightRecord {
+        FlightRecord {
+            id: self.flight_id,
+            received_ns: self.received_ns,
+            service_ns,
+            seq: self.header.seq,
+            request_type: self.header.request_type & ulog_common::DM_ULOG_REQUEST_MASK,
+            error,
+            deferred: true,
+            in_sync_arg: -1,
+            ..FlightRecord::default()
+        }
+    }
 }
 
 enum Job {
@@ -393,17 +409,7 @@ impl Worker {
         if r.flight_id == 0 {
             return;
         }
-        self.log.lock().flight.complete(FlightRecord {
-            id: r.flight_id,
-            received_ns: r.received_ns,
-            service_ns,
-            seq: r.header.seq,
-            request_type: r.header.request_type & ulog_common::DM_ULOG_REQUEST_MASK,
-            error,
-            deferred: true,
-            in_sync_arg: -1,
-            ..FlightRecord::default()
-        });
+        self.log.lock().flight.complete(r.flight_record(service_ns, error));
     }
 
     /// Writes every changed block; 0 or a negative errno.

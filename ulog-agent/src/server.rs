@@ -123,17 +123,7 @@ impl crate::cluster::engine::Replies for Arc<ClusterReplies> {
                 _ => {}
             }
             if r.flight_id != 0 {
-                s.flight.complete(FlightRecord {
-                    id: r.flight_id,
-                    received_ns: r.received_ns,
-                    service_ns: now.saturating_sub(r.received_ns),
-                    seq: r.header.seq,
-                    request_type: r.header.request_type & ulog_common::DM_ULOG_REQUEST_MASK,
-                    error,
-                    deferred: true,
-                    in_sync_arg: -1,
-                    ..FlightRecord::default()
-                });
+                s.flight.complete(r.flight_record(now.saturating_sub(r.received_ns), error));
             }
         }
         self.send_answer(r, error, payload);
