@@ -160,9 +160,11 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum ClusterCommand {
-    /// Confirm that a departed node's kernel is dead (fenced, powered off, or rebooted), so the
-    /// survivors reclaim what it held: its marked regions go out of sync and are resynchronised
-    /// first. Until then they stay held (not in sync, never handed out). Run it on a surviving
+    /// Confirm that a departed node's kernel is dead, so its held regions are reclaimed.
+    ///
+    /// The node was fenced, powered off or rebooted: the survivors reclaim what it held, its
+    /// marked regions go out of sync and are resynchronised first. Until then they stay held
+    /// (not in sync, never handed out). Run it on a surviving
     /// node, only after making sure the node is down (e.g. `stonith_admin --history`, the BMC's
     /// power state): a node that is only cut off may still be writing those regions. A node
     /// that rejoins with a new boot id needs no confirmation.
@@ -172,7 +174,7 @@ enum ClusterCommand {
 #[derive(Debug, Subcommand)]
 enum Generated {
     /// A man page, section 8, in roff: ulog-agent(8), or with SUBCOMMAND ulog-agent-SUBCOMMAND(8)
-    /// (the pages ulog-agent(8) refers to).
+    /// (the pages ulog-agent(8) refers to; a nested one by its path, e.g. "cluster confirm-fenced").
     Man {
         subcommand: Option<String>,
         /// The page's date (YYYY-MM-DD; packaging passes the last commit's).
@@ -194,14 +196,15 @@ fn run_generate(what: &Generated) -> anyhow::Result<()> {
             let mut cmd = cmd.version(env!("CARGO_PKG_VERSION")).disable_help_subcommand(true);
             // Built first: a subcommand's display name ("ulog-agent-status") is set by build.
             cmd.build();
-            let page = match subcommand {
-                None => cmd,
-                Some(name) => cmd
+            // A nested subcommand by its path ("cluster confirm-fenced": ulog-agent-cluster-confirm-fenced(8)).
+            let mut page = cmd;
+            for name in subcommand.as_deref().unwrap_or("").split_whitespace() {
+                page = page
                     .find_subcommand(name)
                     .filter(|c| !c.is_hide_set())
                     .cloned()
-                    .ok_or_else(|| anyhow::anyhow!("no subcommand {name:?}"))?,
-            };
+                    .ok_or_else(|| anyhow::anyhow!("no subcommand {name:?}"))?;
+            }
             clap_mangen::Man::new(page).section("8").date(date).manual("System Administration").render(&mut out)?;
         }
         Generated::Completions { shell } => clap_complete::generate(*shell, &mut cmd, "ulog-agent", &mut out),

@@ -109,7 +109,7 @@ pub const EXPECTED_FILES: &[&str] = &[
 
 /// Subcommands with their own page, `ulog-agent-SUB(8)`: the ones ulog-agent(8) refers to
 /// (`--check` fails if it refers to one not listed here).
-const SUBCOMMAND_PAGES: &[&str] = &["status", "check-state-dir", "stop"];
+const SUBCOMMAND_PAGES: &[&str] = &["status", "check-state-dir", "stop", "cluster", "cluster confirm-fenced"];
 
 /// Dashboard files shipped (relative to `dashboards/`); `dashboards/tests` stays out.
 const DASHBOARD_FILES: &[&str] = &[
@@ -277,7 +277,8 @@ pub fn build(root: &Path) -> Result<Built> {
     write_mode(&stage.join("usr/share/man/man8/ulog-agent.8.gz"), gzip_n(man.as_bytes())?, 0o644)?;
     for sub in SUBCOMMAND_PAGES {
         let page = generate(&["man", sub, "--date", &date])?;
-        write_mode(&stage.join(format!("usr/share/man/man8/ulog-agent-{sub}.8.gz")), gzip_n(page.as_bytes())?, 0o644)?;
+        let file = sub.replace(' ', "-");
+        write_mode(&stage.join(format!("usr/share/man/man8/ulog-agent-{file}.8.gz")), gzip_n(page.as_bytes())?, 0o644)?;
     }
     for (shell, path) in [
         ("bash", "usr/share/bash-completion/completions/ulog-agent"),
