@@ -655,7 +655,7 @@ impl<R: Replies> Engine<R> {
         if let Holding::No { hello: Some(_), kept, .. } = &mut ctx.holding {
             kept.push(Kept::Membership(members.clone(), gone.clone()));
         }
-        self.apply_membership(&mut ctx, group, &members, &gone, out);
+        self.apply_membership(&mut ctx, group, &members, &gone);
         if !matches!(ctx.holding, Holding::Yes) {
             // A donor may have left; ask again (a duplicate transfer is ignored).
             self.send_hello(&mut ctx, group, out);
@@ -665,14 +665,7 @@ impl<R: Replies> Engine<R> {
     }
 
     /// The deterministic part of a membership change (also replayed by a joiner).
-    fn apply_membership(
-        &mut self,
-        ctx: &mut LogCtx,
-        group: &[u8],
-        members: &[Member],
-        gone: &[Member],
-        out: &mut dyn Outbound,
-    ) {
+    fn apply_membership(&mut self, ctx: &mut LogCtx, group: &[u8], members: &[Member], gone: &[Member]) {
         ctx.members = members.iter().copied().collect();
         ctx.holders.retain(|m| ctx.members.contains(m));
         ctx.hellos.retain(|m, _| ctx.members.contains(m));
@@ -691,7 +684,6 @@ impl<R: Replies> Engine<R> {
         }
         self.publish(ctx);
         self.holders_changed(ctx);
-        let _ = out;
     }
 
     fn holders_changed(&mut self, ctx: &mut LogCtx) {
@@ -798,7 +790,7 @@ impl<R: Replies> Engine<R> {
                 if *from_stale {
                     self.genesis_from_stale(ctx, group, me, from, *in_sync, out);
                 } else {
-                    self.genesis(ctx, group, shape, out);
+                    self.genesis(ctx, group, shape);
                 }
                 return;
             }
@@ -930,7 +922,7 @@ impl<R: Replies> Engine<R> {
         }
     }
 
-    fn genesis(&mut self, ctx: &mut LogCtx, group: &[u8], shape: LogShape, out: &mut dyn Outbound) {
+    fn genesis(&mut self, ctx: &mut LogCtx, group: &[u8], shape: LogShape) {
         if shape.region_count != ctx.shape.region_count {
             error!(group = %group_name(group), ?shape, ours = ?ctx.shape, "the cluster log's members have different tables: refused");
             ctx.view.refused.store(true, Ordering::Relaxed);
@@ -959,13 +951,13 @@ impl<R: Replies> Engine<R> {
         }
         ctx.applied = 0;
         self.publish(ctx);
-        self.reassert_stale(ctx, group, out);
+        self.reassert_stale(ctx, group);
     }
 
     /// After getting the group's state, re-asserts what this member saw while the others could
     /// not: its own kernel's marks (sent after its `Join`) and the marks of nodes that are held
     /// in both states. Nothing is taken away: the merge only adds dirty regions.
-    fn reassert_stale(&mut self, ctx: &mut LogCtx, group: &[u8], out: &mut dyn Outbound) {
+    fn reassert_stale(&mut self, ctx: &mut LogCtx, group: &[u8]) {
         let (Some((_, old)), Some(me), Some(new)) = (ctx.stale_state.take(), self.me, ctx.log.as_ref()) else { return };
         let mut front = Vec::new();
         for (&node, share) in old.nodes() {
@@ -992,7 +984,6 @@ impl<R: Replies> Engine<R> {
         for p in front.into_iter().rev() {
             ctx.to_send.push_front(p);
         }
-        let _ = out;
     }
 
     fn fail_all(&self, ctx: &mut LogCtx, error: i32) {
@@ -1043,7 +1034,7 @@ impl<R: Replies> Engine<R> {
         // member owed no acknowledgements then (it held nothing): they are dropped.
         for k in kept {
             match k {
-                Kept::Membership(members, gone) => self.apply_membership(ctx, group, &members, &gone, out),
+                Kept::Membership(members, gone) => self.apply_membership(ctx, group, &members, &gone),
                 Kept::Frame(from, frame) => self.apply_frame(ctx, group, from, frame, out),
             }
         }
@@ -1059,7 +1050,7 @@ impl<R: Replies> Engine<R> {
             }
         }
         self.publish(ctx);
-        self.reassert_stale(ctx, group, out);
+        self.reassert_stale(ctx, group);
     }
 
     /// Applies a frame as a member that holds the state.
