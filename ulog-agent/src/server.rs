@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 use ulog_common::RequestType;
 
-use crate::cluster::engine::{Change, ClusterView, Command as ClusterCommand, LogShape};
+use crate::cluster::engine::{Change, ClusterView, Command as ClusterCommand, LogShape, Read};
 use crate::counters::{Counters, Dropped};
 use crate::ctr::{self, CtrArgs, LogKind, SyncMode};
 use crate::dirty_log::{DirtyLog, LoadRule, LogError, Phase};
@@ -745,6 +745,19 @@ impl LogServer {
             SetRegionSync => {
                 let (r, in_sync) = protocol::two_u64(p).ok_or(-libc::EINVAL)?;
                 ClusterCommand::Change { group, change: Change::SetRegionSync(r, in_sync != 0), pending }
+            }
+            // Reads: from the view while it serves (a held, current state in a quorate group);
+            // otherwise the engine answers them once it does (the kernel's I/O waits: an
+            // answer from a missing or outdated state could send a write to one leg only of a
+            // region the group holds in sync, or a read to a stale leg).
+            IsClean | InSync | GetSyncCount | IsRemoteRecovering if !c.view.serving() => {
+                let read = match kind {
+                    IsClean => Read::IsClean(protocol::one_u64(p).ok_or(-libc::EINVAL)?),
+                    InSync => Read::InSync(protocol::one_u64(p).ok_or(-libc::EINVAL)?),
+                    IsRemoteRecovering => Read::RemoteRecovering(protocol::one_u64(p).ok_or(-libc::EINVAL)?),
+                    _ => Read::SyncCount,
+                };
+                ClusterCommand::Read { group, read, pending }
             }
             IsClean | InSync => {
                 let r = protocol::one_u64(p).ok_or(-libc::EINVAL)?;

@@ -84,6 +84,11 @@ pub struct LogShape {
 #[derive(Debug, Default)]
 pub struct ClusterView {
     state: Mutex<ViewState>,
+    /// The state here is current: held, in a quorate group, not stale. Only then does the
+    /// receive thread answer reads from it; otherwise they go to the engine and wait (a read
+    /// answered from a state that is missing or outdated can send a write to one leg of a
+    /// region the group holds in sync, or read a stale leg).
+    serving: AtomicBool,
     /// Kernel requests waiting for quorum or for the state (a gauge for the API).
     held: AtomicU64,
     /// cmirrord was seen on the group: the log is refused.
@@ -176,6 +181,11 @@ impl ClusterView {
         }
     }
 
+    /// Whether reads may be answered from this view now (see `serving`).
+    pub fn serving(&self) -> bool {
+        self.serving.load(Ordering::Acquire)
+    }
+
     /// Requests held for quorum or state.
     pub fn held(&self) -> u64 {
         self.held.load(Ordering::Relaxed)
@@ -225,6 +235,7 @@ impl ClusterView {
     pub(crate) fn holding(node: NodeId, members: Vec<Member>, log: ReplicatedLog, held: u64) -> Self {
         Self {
             state: Mutex::new(ViewState { node: Some(node), log: Some(log), members }),
+            serving: AtomicBool::new(true),
             held: AtomicU64::new(held),
             refused: AtomicBool::new(false),
         }
@@ -260,6 +271,39 @@ impl ClusterView {
             st.region_count = log.region_count();
         }
         st
+    }
+}
+
+/// A kernel request that reads the replicated state, sent to the engine while the view is
+/// not serving (answered once it is).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Read {
+    /// IN_SYNC of a region.
+    InSync(u64),
+    /// IS_CLEAN of a region.
+    IsClean(u64),
+    /// GET_SYNC_COUNT.
+    SyncCount,
+    /// IS_REMOTE_RECOVERING of a region.
+    RemoteRecovering(u64),
+}
+
+impl Read {
+    /// The answer from `log` as `node` sees it: (error, payload).
+    fn answer(self, log: &ReplicatedLog, node: NodeId) -> (i32, Vec<u8>) {
+        let flag = |r: Result<bool, super::state::Refusal>| match r {
+            Ok(v) => (0, i64::from(v).to_ne_bytes().to_vec()),
+            Err(e) => (e.errno(), Vec::new()),
+        };
+        match self {
+            Read::InSync(r) => flag(log.in_sync(r)),
+            Read::IsClean(r) => flag(log.is_clean(r)),
+            Read::SyncCount => (0, log.sync_count().to_ne_bytes().to_vec()),
+            Read::RemoteRecovering(r) => match log.remote_recovering(node, r) {
+                Ok((rec, hint)) => (0, protocol::pair(u64::from(rec), hint).to_vec()),
+                Err(e) => (e.errno(), Vec::new()),
+            },
+        }
     }
 }
 
@@ -304,6 +348,15 @@ pub enum Command {
         /// What.
         change: Change,
         /// The kernel's request (answered on delivery, MARK once stable).
+        pending: PendingReply,
+    },
+    /// A read while the view is not serving: answered once it is.
+    Read {
+        /// The group.
+        group: Vec<u8>,
+        /// What.
+        read: Read,
+        /// The kernel's request.
         pending: PendingReply,
     },
     /// FLUSH without marks: answered once every earlier frame of this node is stable.
@@ -457,6 +510,8 @@ struct LogCtx {
     checkpoints: BTreeMap<Member, u64>,
     /// Ticks since this member (the reference) last asked for a checkpoint.
     ticks_since_checkpoint: u32,
+    /// Reads waiting for the view to serve.
+    reads: Vec<(Read, PendingReply)>,
 }
 
 /// The cluster engine of one agent.
@@ -520,8 +575,41 @@ impl<R: Replies> Engine<R> {
     fn pump(&mut self, group: &[u8], out: &mut dyn Outbound) {
         let Some(mut ctx) = self.logs.remove(group) else { return };
         self.pump_ctx(&mut ctx, group, out);
-        ctx.view.held.store((ctx.to_send.len() + ctx.in_flight.len()) as u64, Ordering::Relaxed);
+        if ctx.view.refused() && ctx.in_group {
+            // A refused log (cmirrord on the group, another table shape) leaves: staying, it
+            // would count as a member that never holds the state, and the others' MARKs would
+            // wait for it.
+            out.leave(group);
+            Self::reset_membership(&mut ctx);
+            self.fail_all(&mut ctx, -libc::EPROTO);
+        }
+        self.update_serving(&mut ctx);
+        ctx.view.held.store((ctx.to_send.len() + ctx.in_flight.len() + ctx.reads.len()) as u64, Ordering::Relaxed);
         self.logs.insert(group.to_vec(), ctx);
+    }
+
+    /// Whether the receive thread may answer reads from the view; once it may, the reads that
+    /// waited are answered from the state.
+    fn update_serving(&self, ctx: &mut LogCtx) {
+        let serving = self.quorate
+            && ctx.in_group
+            && !ctx.stale
+            && matches!(ctx.holding, Holding::Yes)
+            && ctx.log.is_some()
+            && !ctx.view.refused();
+        ctx.view.serving.store(serving, Ordering::Release);
+        if ctx.view.refused() {
+            for (_, p) in ctx.reads.drain(..) {
+                self.replies.answer(&p, -libc::EPROTO, &[]);
+            }
+            return;
+        }
+        if let (true, Some(log), Some(me)) = (serving, &ctx.log, self.me) {
+            for (read, p) in ctx.reads.drain(..) {
+                let (error, payload) = read.answer(log, me.node);
+                self.replies.answer(&p, error, &payload);
+            }
+        }
     }
 
     fn pump_ctx(&mut self, ctx: &mut LogCtx, group: &[u8], out: &mut dyn Outbound) {
@@ -686,10 +774,24 @@ impl<R: Replies> Engine<R> {
         self.holders_changed(ctx);
     }
 
+    /// Reads stop being served and a lone member's frames stop counting as stable on their
+    /// own delivery while the node has no quorum (a member cut off alone must not answer a MARK
+    /// that no quorate member holds).
+    fn after_quorum_change(&mut self, out: &mut dyn Outbound) {
+        let groups: Vec<Vec<u8>> = self.logs.keys().cloned().collect();
+        for g in groups {
+            if let Some(mut ctx) = self.logs.remove(&g) {
+                self.holders_changed(&mut ctx);
+                self.logs.insert(g.clone(), ctx);
+            }
+            self.pump(&g, out);
+        }
+    }
+
     fn holders_changed(&mut self, ctx: &mut LogCtx) {
         let nodes: Vec<NodeId> = ctx.holders.iter().map(|m| m.node).collect();
         if let Some(st) = ctx.stability.as_mut() {
-            st.set_others_in_group(ctx.members.len() > 1);
+            st.set_others_in_group(ctx.members.len() > 1 || !self.quorate);
             for (node, seq) in st.acks_due_after_change(nodes) {
                 let e = ctx.acks_owed.entry(node).or_insert(0);
                 *e = (*e).max(seq);
@@ -906,7 +1008,7 @@ impl<R: Replies> Engine<R> {
             ctx.reconnected = false;
             ctx.stability = Some(Stability::new(me.node, [me.node]));
             if let Some(st) = ctx.stability.as_mut() {
-                st.set_others_in_group(ctx.members.len() > 1);
+                st.set_others_in_group(ctx.members.len() > 1 || !self.quorate);
             }
             self.publish(ctx);
         } else {
@@ -947,7 +1049,7 @@ impl<R: Replies> Engine<R> {
         let me = self.me.map_or(0, |m| m.node);
         ctx.stability = Some(Stability::new(me, ctx.holders.iter().map(|m| m.node)));
         if let Some(st) = ctx.stability.as_mut() {
-            st.set_others_in_group(ctx.members.len() > 1);
+            st.set_others_in_group(ctx.members.len() > 1 || !self.quorate);
         }
         ctx.applied = 0;
         self.publish(ctx);
@@ -1028,7 +1130,7 @@ impl<R: Replies> Engine<R> {
         ctx.hellos = hellos;
         ctx.stability = Some(Stability::with_applied(me.node, ctx.holders.iter().map(|m| m.node), seqs));
         if let Some(st) = ctx.stability.as_mut() {
-            st.set_others_in_group(ctx.members.len() > 1);
+            st.set_others_in_group(ctx.members.len() > 1 || !self.quorate);
         }
         // Replay what was delivered after the cut, as a holder would have applied it. This
         // member owed no acknowledgements then (it held nothing): they are dropped.
@@ -1272,6 +1374,14 @@ impl<R: Replies> Engine<R> {
             }
             Command::Change { group, change, pending } => self.enqueue(&group, PendWhat::Change(change), pending, out),
             Command::Flush { group, pending } => self.enqueue(&group, PendWhat::Flush, pending, out),
+            Command::Read { group, read, pending } => {
+                let Some(ctx) = self.logs.get_mut(&group) else {
+                    self.replies.answer(&pending, -libc::ESRCH, &[]);
+                    return;
+                };
+                ctx.reads.push((read, pending));
+                self.pump(&group, out);
+            }
             Command::Suspend { group, pending } => {
                 if let Some(ctx) = self.logs.get_mut(&group) {
                     if !ctx.in_group && ctx.to_send.is_empty() && ctx.in_flight.is_empty() {
@@ -1296,6 +1406,9 @@ impl<R: Replies> Engine<R> {
                     if let Some(mut ctx) = self.logs.remove(&group) {
                         out.leave(&group);
                         self.fail_all(&mut ctx, -libc::ESRCH);
+                        for (_, p) in ctx.reads.drain(..) {
+                            self.replies.answer(&p, -libc::ESRCH, &[]);
+                        }
                     }
                 }
             }
@@ -1432,6 +1545,7 @@ impl LogCtx {
             reconnected: false,
             checkpoints: BTreeMap::new(),
             ticks_since_checkpoint: 0,
+            reads: Vec::new(),
         }
     }
 }
@@ -1538,8 +1652,8 @@ impl<R: Replies> BusHandler for Engine<R> {
                 self.stats.quorate.store(0, Ordering::Relaxed);
                 for ctx in self.logs.values_mut() {
                     Self::reset_membership(ctx);
-                    ctx.view.held.store((ctx.to_send.len()) as u64, Ordering::Relaxed);
                 }
+                self.after_quorum_change(out);
             }
             BusEvent::Quorum { quorate } => {
                 let was = self.quorate;
@@ -1552,6 +1666,7 @@ impl<R: Replies> BusHandler for Engine<R> {
                             ctx.stale = true;
                         }
                     }
+                    self.after_quorum_change(out);
                 }
                 if quorate && !was {
                     info!("quorate");
@@ -1574,6 +1689,7 @@ impl<R: Replies> BusHandler for Engine<R> {
                         self.logs.insert(g.clone(), ctx);
                         self.pump(&g, out);
                     }
+                    self.after_quorum_change(out);
                 }
             }
             BusEvent::Membership { group, members, joined, .. } => self.on_membership(&group, members, &joined, out),

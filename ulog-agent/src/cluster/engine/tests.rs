@@ -589,6 +589,61 @@ fn a_diverged_member_is_detected_and_fetches_the_state_again() {
     assert_eq!(sim.view(1).is_clean(4), Ok(true));
 }
 
+/// Guarantee 4, reads. dm-raid1 writes a region that IN_SYNC calls out of sync to its default
+/// leg only, and reads one that it calls in sync from any leg: an answer from a missing or
+/// outdated state can leave the legs different under an in-sync bit. So while a member does
+/// not serve (no quorum, or fetching the state) its reads wait, and are answered from the
+/// current state once it does.
+#[test]
+fn reads_wait_while_the_view_is_not_current() {
+    let mut sim = Sim::new(LogShape { region_count: 8, in_sync: false });
+    for n in 1..=3 {
+        sim.start(n, n);
+    }
+    sim.run();
+    sim.resume_all(&[1, 2, 3]);
+    assert!(sim.view(3).serving());
+    sim.set_quorate(3, false);
+    assert!(!sim.view(3).serving(), "no quorum: the view may be outdated");
+    // Meanwhile the quorate side recovers region 2.
+    sim.request(1, RequestType::SetRegionSync, Some(Change::SetRegionSync(2, true)));
+    sim.run();
+    let pending = sim.pending(RequestType::InSync);
+    let seq = pending.header.seq;
+    sim.command(3, Command::Read { group: G.to_vec(), read: Read::InSync(2), pending });
+    sim.run();
+    assert_eq!(sim.answer(3, seq), None, "answered from a view that may be outdated");
+    sim.set_quorate(3, true);
+    sim.run();
+    assert!(sim.view(3).serving());
+    assert_eq!(sim.answer(3, seq), Some((0, 1i64.to_ne_bytes().to_vec())), "answered from the current state");
+}
+
+/// Guarantee 2 without quorum: a member alone in the group whose node lost quorum (cut off
+/// from the others) must not answer a MARK on its own delivery: no quorate member holds it.
+#[test]
+fn a_lone_member_without_quorum_does_not_answer_a_mark() {
+    let mut sim = Sim::new(NOSYNC);
+    sim.start(1, 1);
+    sim.start(2, 2);
+    sim.run();
+    sim.resume_all(&[1, 2]);
+    // The MARK is multicast while quorate; before it is delivered the node is cut off: it
+    // loses quorum and sees node 2 leave, then gets its own frame back, alone.
+    let s = sim.request(1, RequestType::MarkRegion, mark(&[3]));
+    sim.set_quorate(1, false);
+    sim.queue.push_front(Ev::Change {
+        group: G.to_vec(),
+        members: vec![Member { node: 1, pid: 1 }],
+        left: vec![(Member { node: 2, pid: 2 }, LeaveReason::NodeDown)],
+        joined: vec![],
+    });
+    sim.nodes.remove(&2);
+    sim.queued_members.retain(|m| m.node != 2);
+    sim.run();
+    assert_eq!(sim.answer(1, s), None, "a MARK answered that only a non-quorate member holds");
+}
+
 /// Guarantee 10: a cmirrord message on the group refuses the log.
 #[test]
 fn a_cmirrord_member_refuses_the_log() {
@@ -800,4 +855,23 @@ fn random_history(seed: u64) {
             }
         }
     }
+}
+
+/// A joiner whose table has another shape is refused, and leaves: the holder's MARKs must not
+/// wait for a member that will never hold the state.
+#[test]
+fn a_joiner_with_another_table_leaves_and_does_not_block_the_others() {
+    let mut sim = Sim::new(LogShape { region_count: 64, in_sync: true });
+    sim.start(1, 1);
+    sim.run();
+    sim.resume_all(&[1]);
+    sim.shape = LogShape { region_count: 32, in_sync: true };
+    sim.start(2, 2);
+    let r = sim.request(2, RequestType::Resume, None);
+    sim.run();
+    assert_eq!(sim.answer(2, r).map(|a| a.0), Some(-libc::EINVAL), "the other table is refused");
+    assert!(sim.view(2).refused());
+    let m = sim.request(1, RequestType::MarkRegion, mark(&[5]));
+    sim.run();
+    assert_eq!(sim.answer(1, m).map(|a| a.0), Some(0), "node 1's MARK is answered: the refused joiner left");
 }
