@@ -235,11 +235,11 @@ impl ReplicatedLog {
 
     /// IN_SYNC: the legs hold the same data for region `r`.
     ///
-    /// A region marked by a held node is answered "not in sync" whatever its sync bit: that
-    /// node's kernel may have died mid-write (its legs may differ), and until it is adopted or
-    /// reclaimed nobody knows. dm-raid1 then reads such a region from the default leg only,
-    /// and writes it to every leg as before. Its sync bit is kept: an agent that restarted
-    /// under a live kernel adopts the marks, and the region counts as in sync again.
+    /// A region marked by a held node is out of sync: that node's kernel may have died
+    /// mid-write, and the other nodes' kernels, reading it as not in sync, write it to their
+    /// default leg only from then on. Its sync bit is cleared at the departure (and stays
+    /// clear through an adoption); the held-mark test here keeps the answer right whatever
+    /// sets the bit while the mark is held.
     pub fn in_sync(&self, r: u64) -> Result<bool, Refusal> {
         self.check(r)?;
         Ok(self.sync.get(r) && !self.held_mark(r))
@@ -342,8 +342,15 @@ impl ReplicatedLog {
                 Ok(Outcome::Applied)
             }
             Event::Depart { node } => {
-                if let Some(s) = self.nodes.get_mut(&node) {
-                    s.live = false;
+                let Some(share) = self.nodes.get_mut(&node) else { return Ok(Outcome::Applied) };
+                share.live = false;
+                // From now on the other nodes read these regions as not in sync, and dm-raid1
+                // writes a region it reads so (DM_RH_NOSYNC) to its default leg only: the legs
+                // may differ whatever becomes of the held node, so the sync bits go now, not at
+                // the reclaim (an adopted region is recovered after its kernel clears it).
+                let marks: Vec<u64> = share.marks.iter().copied().collect();
+                for r in marks {
+                    self.set_sync(r, false);
                 }
                 Ok(Outcome::Applied)
             }
@@ -375,6 +382,11 @@ impl ReplicatedLog {
                     if share.marks.insert(r) {
                         *self.owners.entry(r).or_insert(0) += 1;
                     }
+                }
+                // Held marks are out of sync, as at the departure (the quorate side may have
+                // written them to one leg since).
+                for &r in regions {
+                    self.set_sync(r, false);
                 }
                 Ok(Outcome::Applied)
             }
@@ -440,8 +452,16 @@ impl ReplicatedLog {
     }
 
     fn set_sync(&mut self, r: u64, in_sync: bool) {
+        if !in_sync {
+            self.search_from = self.search_from.min(r);
+        }
         if self.sync.set(r, in_sync) {
             if in_sync {
+                // Recovered: no longer a reclaimed region, even if it falls out of sync again
+                // for another reason (a held mark) before the next GET_RESYNC_WORK.
+                if !self.reclaimed.is_empty() {
+                    self.reclaimed.retain(|&x| x != r);
+                }
                 self.sync_ones += 1;
             } else {
                 self.sync_ones -= 1;

@@ -250,7 +250,10 @@ fn a_region_two_nodes_write_stays_dirty_until_both_cleared_it() {
 /// Guarantees 2 and 3 (ProcDown). The agent of a node is SIGKILLed after answering a MARK;
 /// its kernel lives on and may still be writing the region. The survivors hold the mark (the
 /// region is not in sync: it may be torn). The restarted agent (same boot id) is reached by the
-/// kernel's reconnect (CTR in the reconnect form, RESUME) and adopts the mark.
+/// kernel's reconnect (CTR in the reconnect form, RESUME) and adopts the mark: it is not
+/// reclaimed (no survivor is handed it while that kernel still marks it), and since the other
+/// kernels wrote it to their default leg only while it read out of sync (dm-raid1's
+/// DM_RH_NOSYNC writes), it is recovered after the CLEAR before it reads clean.
 #[test]
 fn a_mark_survives_sigkill_of_its_agent_and_the_restarted_agent_adopts_it() {
     let (cluster, mut nodes) = three_nodes(NOSYNC);
@@ -266,10 +269,20 @@ fn a_mark_survives_sigkill_of_its_agent_and_the_restarted_agent_adopts_it() {
     let r = n.peer.call_request(&Request::ctr_reconnect(CUUID, n.luid, NOSYNC)).expect("reconnect CTR");
     assert_eq!(r.error, 0, "{r}");
     ok(n, T::Resume, &[]);
-    until("node 2 sees the mark adopted", || flag(&mut nodes[1], T::InSync, 5));
-    assert!(!flag(&mut nodes[1], T::IsClean, 5), "adopted, still dirty");
+    // Node 1 serves once its Join is applied; node 2's GET_RESYNC_WORK is ordered after it.
+    assert!(!flag(&mut nodes[0], T::IsClean, 5), "adopted, still dirty");
+    let work = |n: &mut Node| {
+        let p = ok(n, T::GetResyncWork, &[]);
+        (u64::from_ne_bytes(p[..8].try_into().unwrap()), u64::from_ne_bytes(p[8..16].try_into().unwrap()))
+    };
+    assert_eq!(work(&mut nodes[1]).0, 0, "region 5 handed out while node 1's kernel still marks it");
+    assert!(!flag(&mut nodes[1], T::InSync, 5), "written to one leg while held: not in sync");
     ok(&mut nodes[0], T::ClearRegion, &regions_payload(&[5]));
-    until("the CLEAR of the restarted agent reaches node 3", || flag(&mut nodes[2], T::IsClean, 5));
+    until("node 2 is handed region 5 after the CLEAR", || work(&mut nodes[1]) == (1, 5));
+    let mut sync = 5u64.to_ne_bytes().to_vec();
+    sync.extend_from_slice(&1u64.to_ne_bytes());
+    ok(&mut nodes[1], T::SetRegionSync, &sync);
+    until("region 5 recovered and clean on node 3", || flag(&mut nodes[2], T::IsClean, 5));
 }
 
 /// Guarantee 4. Node 3 is cut off (1 vs 2): it loses quorum, and its MARK is held (the
@@ -413,12 +426,21 @@ fn a_mark_waits_while_the_local_corosync_is_down_and_is_answered_after_it_return
     assert!(nodes[2].agent.try_exited().expect("waitpid").is_none(), "node 3's agent still runs");
     for (i, n) in nodes.iter_mut().enumerate().take(2) {
         until(&format!("node {} sees node 3's new mark", i + 1), || !flag(n, T::IsClean, 7));
-        until(&format!("node {}: node 3's earlier mark is adopted again", i + 1), || {
-            flag(n, T::InSync, 2) && !flag(n, T::IsClean, 2)
-        });
+        // Held while node 3 was away, so out of sync (the others' kernels wrote it to their
+        // default leg only): recovered after node 3's CLEAR, never while node 3 still marks it.
+        assert!(!flag(n, T::InSync, 2) && !flag(n, T::IsClean, 2), "node {}: region 2 trusted too early", i + 1);
     }
+    let work = |n: &mut Node| {
+        let p = ok(n, T::GetResyncWork, &[]);
+        (u64::from_ne_bytes(p[..8].try_into().unwrap()), u64::from_ne_bytes(p[8..16].try_into().unwrap()))
+    };
+    assert_eq!(work(&mut nodes[0]).0, 0, "region 2 handed out while node 3's kernel still marks it");
     ok(&mut nodes[2], T::ClearRegion, &regions_payload(&[2, 7]));
-    until("node 1 sees both cleared", || flag(&mut nodes[0], T::IsClean, 2) && flag(&mut nodes[0], T::IsClean, 7));
+    until("node 1 is handed region 2 after the CLEAR", || work(&mut nodes[0]) == (1, 2));
+    let mut sync = 2u64.to_ne_bytes().to_vec();
+    sync.extend_from_slice(&1u64.to_ne_bytes());
+    ok(&mut nodes[0], T::SetRegionSync, &sync);
+    until("node 1 sees both clean", || flag(&mut nodes[0], T::IsClean, 2) && flag(&mut nodes[0], T::IsClean, 7));
 }
 
 /// Guarantee 5. Two nodes' kernels write hard at once (disjoint regions, 32 requests in

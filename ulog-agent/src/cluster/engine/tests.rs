@@ -421,7 +421,9 @@ fn an_answered_mark_survives_the_crash_of_its_node_and_is_resynced_after_fencing
 }
 
 /// Guarantee 3 (ProcDown): the agent dies, the kernel lives on; the restarted agent adopts
-/// the marks (same boot id), so the region is in sync again and its CLEAR makes it clean.
+/// the marks (same boot id). While they were held, node 1's kernel read the region as out of
+/// sync and would have written it to its default leg only (dm-raid1, DM_RH_NOSYNC), so the
+/// adopted region stays out of sync: recovered after its CLEAR, never handed out before.
 #[test]
 fn a_restarted_agent_adopts_its_kernels_marks() {
     let mut sim = Sim::new(NOSYNC);
@@ -437,11 +439,21 @@ fn a_restarted_agent_adopts_its_kernels_marks() {
     sim.start_as(2, 22, true);
     sim.run();
     sim.resume_all(&[2]);
-    assert_eq!(sim.view(1).in_sync(3), Ok(true), "adopted by the same kernel incarnation");
+    assert_eq!(sim.view(1).in_sync(3), Ok(false), "the legs may differ since the departure");
     assert_eq!(sim.view(1).is_clean(3), Ok(false));
+    assert_eq!(sim.view(1).snapshot().unwrap().reclaimed().count(), 0, "adopted, not reclaimed");
+    let w = sim.request(1, RequestType::GetResyncWork, Some(Change::GetResyncWork));
+    sim.run();
+    let (err, payload) = sim.answer(1, w).unwrap();
+    assert_eq!((err, &payload[..8]), (0, &[0u8; 8][..]), "no work: node 2's kernel still writes region 3");
     sim.request(2, RequestType::ClearRegion, clear(&[3]));
     sim.run();
-    assert_eq!(sim.view(1).is_clean(3), Ok(true));
+    let w = sim.request(1, RequestType::GetResyncWork, Some(Change::GetResyncWork));
+    sim.run();
+    assert_eq!(sim.answer(1, w), Some((0, protocol::pair(1, 3).to_vec())));
+    sim.request(1, RequestType::SetRegionSync, Some(Change::SetRegionSync(3, true)));
+    sim.run();
+    assert_eq!(sim.view(2).is_clean(3), Ok(true));
     sim.assert_same_state();
 }
 
@@ -586,6 +598,14 @@ fn a_diverged_member_is_detected_and_fetches_the_state_again() {
     let s = sim.request(3, RequestType::ClearRegion, clear(&[4]));
     sim.run();
     assert_eq!(sim.answer(3, s).map(|a| a.0), Some(0), "node 3 serves again");
+    // While node 3 was away its region read as out of sync elsewhere (a write there goes to
+    // one leg): it is recovered before it is clean.
+    assert_eq!(sim.view(1).is_clean(4), Ok(false));
+    let w = sim.request(1, RequestType::GetResyncWork, Some(Change::GetResyncWork));
+    sim.run();
+    assert_eq!(sim.answer(1, w), Some((0, protocol::pair(1, 4).to_vec())));
+    sim.request(1, RequestType::SetRegionSync, Some(Change::SetRegionSync(4, true)));
+    sim.run();
     assert_eq!(sim.view(1).is_clean(4), Ok(true));
 }
 
