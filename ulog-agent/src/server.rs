@@ -759,10 +759,20 @@ impl LogServer {
                 };
                 ClusterCommand::Read { group, read, pending }
             }
-            IsClean | InSync => {
+            IsClean => {
                 let r = protocol::one_u64(p).ok_or(-libc::EINVAL)?;
-                let v = if kind == IsClean { c.view.is_clean(r)? } else { c.view.in_sync(r)? };
+                let v = c.view.is_clean(r)?;
                 return Ok(Some(Outcome::Reply(0, Payload::bytes(&i64::from(v).to_ne_bytes()))));
+            }
+            // A region another node copies: the kernel asks IN_SYNC before a write it did not
+            // check with IS_REMOTE_RECOVERING (its cached hint is above the region), and a
+            // "not in sync" answer would send that write to the default leg during the copy.
+            InSync => {
+                let r = protocol::one_u64(p).ok_or(-libc::EINVAL)?;
+                match c.view.in_sync_now(r)? {
+                    Some(v) => return Ok(Some(Outcome::Reply(0, Payload::bytes(&i64::from(v).to_ne_bytes())))),
+                    None => ClusterCommand::Read { group, read: Read::InSync(r), pending },
+                }
             }
             GetSyncCount => return Ok(Some(Outcome::Reply(0, Payload::bytes(&c.view.sync_count().to_ne_bytes())))),
             IsRemoteRecovering => {

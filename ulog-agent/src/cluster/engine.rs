@@ -158,6 +158,18 @@ impl ClusterView {
         }
     }
 
+    /// IN_SYNC as the receive thread may answer it now: `Ok(None)` while another live member
+    /// copies the region (the engine answers once the copy ends, see
+    /// [`ReplicatedLog::in_sync_waits`]).
+    pub fn in_sync_now(&self, r: u64) -> Result<Option<bool>, i32> {
+        let s = self.lock();
+        match (&s.log, s.node) {
+            (Some(l), Some(node)) if l.in_sync_waits(node, r) => Ok(None),
+            (Some(l), _) => l.in_sync(r).map(Some).map_err(|e| e.errno()),
+            (None, _) => Ok(Some(false)),
+        }
+    }
+
     /// IS_CLEAN (false before the state is held).
     pub fn is_clean(&self, r: u64) -> Result<bool, i32> {
         match &self.lock().log {
@@ -275,7 +287,8 @@ impl ClusterView {
 }
 
 /// A kernel request that reads the replicated state, sent to the engine while the view is
-/// not serving (answered once it is).
+/// not serving (answered once it is), or an IN_SYNC of a region another live member copies
+/// (answered once the copy ends).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Read {
     /// IN_SYNC of a region.
@@ -289,6 +302,11 @@ pub enum Read {
 }
 
 impl Read {
+    /// Whether the answer must wait although the view serves.
+    fn waits(self, log: &ReplicatedLog, node: NodeId) -> bool {
+        matches!(self, Read::InSync(r) if log.in_sync_waits(node, r))
+    }
+
     /// The answer from `log` as `node` sees it: (error, payload).
     fn answer(self, log: &ReplicatedLog, node: NodeId) -> (i32, Vec<u8>) {
         let flag = |r: Result<bool, super::state::Refusal>| match r {
@@ -605,10 +623,16 @@ impl<R: Replies> Engine<R> {
             return;
         }
         if let (true, Some(log), Some(me)) = (serving, &ctx.log, self.me) {
+            let mut waiting = Vec::new();
             for (read, p) in ctx.reads.drain(..) {
+                if read.waits(log, me.node) {
+                    waiting.push((read, p));
+                    continue;
+                }
                 let (error, payload) = read.answer(log, me.node);
                 self.replies.answer(&p, error, &payload);
             }
+            ctx.reads = waiting;
         }
     }
 

@@ -159,6 +159,10 @@ pub struct NodeShare {
     pub marks: BTreeSet<u64>,
     /// The region this node is recovering.
     pub slot: Option<u64>,
+    /// The node departed while it held `slot`: the other kernels may have written the region to
+    /// their default leg meanwhile (they answer IN_SYNC of a held node's slot at once), so the
+    /// copy's SET_REGION_SYNC 1 does not set it in sync; it is recovered again.
+    pub slot_voided: bool,
 }
 
 /// The replicated state of one cluster log.
@@ -178,7 +182,7 @@ pub struct ReplicatedLog {
 }
 
 /// Snapshot format version of [`ReplicatedLog::encode`].
-pub const SNAPSHOT_VERSION: u32 = 1;
+pub const SNAPSHOT_VERSION: u32 = 2;
 const SNAPSHOT_MAGIC: [u8; 4] = *b"ULRL";
 
 /// Why a snapshot could not be decoded.
@@ -247,6 +251,16 @@ impl ReplicatedLog {
 
     fn held_mark(&self, r: u64) -> bool {
         self.nodes.values().any(|s| !s.live && s.marks.contains(&r))
+    }
+
+    /// Whether an IN_SYNC of `r` from `node` must wait: a live member other than `node` is
+    /// copying `r`. A kernel whose cached in-sync hint is above `r` writes it without asking
+    /// IS_REMOTE_RECOVERING, and dm-raid1 writes a region read as not in sync to its default
+    /// leg only (DM_RH_NOSYNC), which would race the copy; answered once the copy ends, the
+    /// write goes to every leg (or, if the copy failed, to the default leg with the region
+    /// still out of sync). A held node's slot does not wait (its completion is voided).
+    pub fn in_sync_waits(&self, node: NodeId, r: u64) -> bool {
+        self.recovering.get(&r).is_some_and(|&n| n != node && self.nodes.get(&n).is_some_and(|s| s.live))
     }
 
     /// IS_CLEAN: in sync and marked by no node, live or held.
@@ -344,6 +358,7 @@ impl ReplicatedLog {
             Event::Depart { node } => {
                 let Some(share) = self.nodes.get_mut(&node) else { return Ok(Outcome::Applied) };
                 share.live = false;
+                share.slot_voided |= share.slot.is_some();
                 // From now on the other nodes read these regions as not in sync, and dm-raid1
                 // writes a region it reads so (DM_RH_NOSYNC) to its default leg only: the legs
                 // may differ whatever becomes of the held node, so the sync bits go now, not at
@@ -436,16 +451,18 @@ impl ReplicatedLog {
             Event::SetRegionSync { node, region, in_sync } => {
                 self.live(node)?;
                 self.check(region)?;
-                self.set_sync(region, in_sync);
-                if !in_sync {
-                    self.search_from = self.search_from.min(region);
-                }
+                let mut voided = false;
                 if let Some(s) = self.nodes.get_mut(&node) {
                     if s.slot == Some(region) {
+                        voided = s.slot_voided;
                         s.slot = None;
+                        s.slot_voided = false;
                         self.recovering.remove(&region);
                     }
                 }
+                // A copy that ran while this node was away proves nothing: the region stays
+                // out of sync and is handed out again.
+                self.set_sync(region, in_sync && !voided);
                 Ok(Outcome::Applied)
             }
         }
@@ -533,7 +550,7 @@ impl ReplicatedLog {
 
     /// The state as bytes, for a joiner (the transport cuts it into atomic chunks) and for
     /// [`Self::digest`]. Little-endian, versioned: magic, version, region count, sync bitmap,
-    /// nodes (id, incarnation, live, slot, marks), reclaim queue.
+    /// nodes (id, incarnation, live, slot, slot voided, marks), reclaim queue.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(32 + self.sync.words().len() * 8);
         out.extend_from_slice(&SNAPSHOT_MAGIC);
@@ -548,6 +565,7 @@ impl ReplicatedLog {
             out.extend_from_slice(&s.incarnation.to_le_bytes());
             out.push(u8::from(s.live));
             out.extend_from_slice(&s.slot.unwrap_or(u64::MAX).to_le_bytes());
+            out.push(u8::from(s.slot_voided));
             out.extend_from_slice(&(s.marks.len() as u64).to_le_bytes());
             for r in &s.marks {
                 out.extend_from_slice(&r.to_le_bytes());
@@ -597,7 +615,12 @@ impl ReplicatedLog {
                 u64::MAX => None,
                 r => Some(region(r)?),
             };
-            let mut share = NodeShare { incarnation, live, marks: BTreeSet::new(), slot };
+            let slot_voided = match rd.take(1)?[0] {
+                0 => false,
+                1 if slot.is_some() => true,
+                _ => return Err(SnapshotError::Inconsistent("slot voided flag")),
+            };
+            let mut share = NodeShare { incarnation, live, marks: BTreeSet::new(), slot, slot_voided };
             let n = rd.u64()?;
             if rd.0.len() as u64 / 8 < n {
                 return Err(SnapshotError::Truncated);
@@ -635,7 +658,7 @@ impl ReplicatedLog {
 
 impl NodeShare {
     fn new(incarnation: Incarnation) -> Self {
-        Self { incarnation, live: true, marks: BTreeSet::new(), slot: None }
+        Self { incarnation, live: true, marks: BTreeSet::new(), slot: None, slot_voided: false }
     }
 }
 

@@ -895,3 +895,60 @@ fn a_joiner_with_another_table_leaves_and_does_not_block_the_others() {
     sim.run();
     assert_eq!(sim.answer(1, m).map(|a| a.0), Some(0), "node 1's MARK is answered: the refused joiner left");
 }
+
+/// Stale in-sync hints. A kernel writes a region below the hint it cached without asking
+/// IS_REMOTE_RECOVERING (`userspace_is_remote_recovering`), but asks IN_SYNC first
+/// (`dm_rh_get_state`: the region is not in its region hash); "not in sync" would send the
+/// write to its default leg only while another node copies the region. So IN_SYNC of a region
+/// a live member copies waits for the copy and is answered from its outcome.
+#[test]
+fn in_sync_of_a_region_copied_elsewhere_waits_for_the_copy() {
+    let mut sim = Sim::new(LogShape { region_count: 4, in_sync: false });
+    sim.start(1, 1);
+    sim.start(2, 2);
+    sim.run();
+    sim.resume_all(&[1, 2]);
+    let w = sim.request(1, RequestType::GetResyncWork, Some(Change::GetResyncWork));
+    sim.run();
+    assert_eq!(sim.answer(1, w), Some((0, protocol::pair(1, 0).to_vec())));
+    assert_eq!(sim.view(2).in_sync_now(0), Ok(None), "node 1 copies region 0");
+    assert_eq!(sim.view(2).in_sync_now(1), Ok(Some(false)), "nobody copies region 1");
+    assert_eq!(sim.view(1).in_sync_now(0), Ok(Some(false)), "a kernel's own copy holds its writes itself");
+    let pending = sim.pending(RequestType::InSync);
+    let seq = pending.header.seq;
+    sim.command(2, Command::Read { group: G.to_vec(), read: Read::InSync(0), pending });
+    sim.run();
+    assert_eq!(sim.answer(2, seq), None, "answered while the copy runs");
+    sim.request(1, RequestType::SetRegionSync, Some(Change::SetRegionSync(0, true)));
+    sim.run();
+    assert_eq!(sim.answer(2, seq), Some((0, 1i64.to_ne_bytes().to_vec())), "in sync once copied: every leg");
+}
+
+/// A held member's copy does not hold the others' IN_SYNC (its agent may stay away for long),
+/// so their kernels may write the region to one leg meanwhile: the copy it reports after its
+/// agent came back (adoption) does not set the region in sync, and the region is copied again.
+#[test]
+fn a_copy_that_outlived_its_agent_is_void() {
+    let mut sim = Sim::new(LogShape { region_count: 4, in_sync: false });
+    sim.start(1, 1);
+    sim.start(2, 2);
+    sim.run();
+    sim.resume_all(&[1, 2]);
+    let w = sim.request(2, RequestType::GetResyncWork, Some(Change::GetResyncWork));
+    sim.run();
+    assert_eq!(sim.answer(2, w), Some((0, protocol::pair(1, 0).to_vec())));
+    sim.crash(2, LeaveReason::ProcDown, false);
+    sim.run();
+    assert_eq!(sim.view(1).in_sync_now(0), Ok(Some(false)), "a held node's copy does not hold reads");
+    assert!(sim.view(1).remote_recovering(0).unwrap().0, "still reported recovering (its kernel may copy)");
+    sim.start_as(2, 22, true);
+    sim.run();
+    sim.resume_all(&[2]);
+    sim.request(2, RequestType::SetRegionSync, Some(Change::SetRegionSync(0, true)));
+    sim.run();
+    assert_eq!(sim.view(1).in_sync(0), Ok(false), "the copy ran while node 1 could write region 0 to one leg");
+    let w = sim.request(1, RequestType::GetResyncWork, Some(Change::GetResyncWork));
+    sim.run();
+    assert_eq!(sim.answer(1, w), Some((0, protocol::pair(1, 0).to_vec())), "copied again");
+    sim.assert_same_state();
+}

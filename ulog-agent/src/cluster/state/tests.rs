@@ -8,8 +8,12 @@
 //!   must not read as clean (`rh_update_states` / `__rh_alloc` use IS_CLEAN and IN_SYNC).
 //! - dm-raid1 recovers one region at a time per node: GET_RESYNC_WORK, copy, SET_REGION_SYNC
 //!   (`do_recovery`, `MAX_RECOVERY` 1); a kernel that reconnects asks again.
-//! - Before writing a region that is not in sync the kernel asks IS_REMOTE_RECOVERING and
-//!   waits while another node recovers it (`do_writes`), so a write never races a remote copy.
+//! - Before writing a region the kernel asks IS_REMOTE_RECOVERING and waits while another node
+//!   recovers it (`do_writes`), unless the region is below the in-sync hint it cached
+//!   (`userspace_is_remote_recovering`; a hint can be stale: regions fall out of sync below it).
+//!   It then asks IN_SYNC (the region is not in its region hash): a region read as not in sync
+//!   is written to the default leg only and not marked (DM_RH_NOSYNC), one read as in sync is
+//!   marked and written to every leg.
 
 use super::*;
 use proptest::prelude::*;
@@ -175,8 +179,8 @@ fn snapshots_decode_to_the_same_state_and_reject_damage() {
     assert_eq!((back.is_clean(129), back.sync_count()), (l.is_clean(129), l.sync_count()));
     assert_eq!(ReplicatedLog::decode(&bytes[..bytes.len() - 1]).err(), Some(SnapshotError::Truncated));
     let mut v2 = bytes.clone();
-    v2[4] = 2;
-    assert_eq!(ReplicatedLog::decode(&v2).err(), Some(SnapshotError::Version(2)));
+    v2[4] = 3;
+    assert_eq!(ReplicatedLog::decode(&v2).err(), Some(SnapshotError::Version(3)));
     let mut tail = bytes.clone();
     tail[16 + 16 + 7] |= 0x80; // bit 191 of a 130-region bitmap
     assert!(matches!(ReplicatedLog::decode(&tail), Err(SnapshotError::Inconsistent(_))));
@@ -187,7 +191,7 @@ proptest! {
     #[test]
     fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
         let _ = ReplicatedLog::decode(&bytes);
-        let mut framed = b"ULRL\x01\x00\x00\x00".to_vec();
+        let mut framed = b"ULRL\x02\x00\x00\x00".to_vec();
         framed.extend_from_slice(&bytes);
         let _ = ReplicatedLog::decode(&framed);
     }
@@ -200,8 +204,10 @@ const NODES: [NodeId; 3] = [A, B, C];
 
 #[derive(Clone, Debug)]
 enum Step {
-    /// The node's kernel starts writing a region (MARK first).
-    Write(usize, u64),
+    /// The node's kernel starts writing a region (MARK first if it reads as in sync); `true`:
+    /// the kernel's cached in-sync hint is above the region, so it does not ask
+    /// IS_REMOTE_RECOVERING first.
+    Write(usize, u64, bool),
     /// The node's kernel completed a region's writes (CLEAR).
     Complete(usize, u64),
     /// The node's kernel asks for resync work.
@@ -228,7 +234,7 @@ fn step() -> impl Strategy<Value = Step> {
     let n = 0..NODES.len();
     let r = 0..REGIONS;
     prop_oneof![
-        6 => (n.clone(), r.clone()).prop_map(|(n, r)| Step::Write(n, r)),
+        6 => (n.clone(), r.clone(), prop::bool::weighted(0.3)).prop_map(|(n, r, stale)| Step::Write(n, r, stale)),
         5 => (n.clone(), r).prop_map(|(n, r)| Step::Complete(n, r)),
         4 => n.clone().prop_map(Step::GetWork),
         4 => (n.clone(), prop::bool::weighted(0.9)).prop_map(|(n, ok)| Step::FinishWork(n, ok)),
@@ -252,6 +258,10 @@ struct ModelNode {
     writing: BTreeSet<u64>,
     /// The region this kernel is copying.
     copying: Option<u64>,
+    /// The copy proves nothing: another kernel wrote the region to one leg while it ran, or
+    /// this node's agent departed during it (the state voids such a copy: the other kernels
+    /// do not wait for a held node's copy).
+    copy_void: bool,
     /// The agent has joined the log (false after a release, before the first join).
     joined: bool,
 }
@@ -353,24 +363,36 @@ fn run(initially_in_sync: bool, steps: &[Step]) {
 
 fn apply_step(m: &mut Model, reps: &mut Replicas, s: &Step) {
     match *s {
-        Step::Write(i, r) => {
+        Step::Write(i, r, stale_hint) => {
             let n = &m.nodes[i];
             if !(n.kernel_alive && n.agent_live && n.joined) || n.writing.contains(&r) {
                 return;
             }
             let l = &reps.0[0];
-            // do_writes: a region not in sync is written only if no other node recovers it.
-            if l.in_sync(r) == Ok(false) && l.remote_recovering(NODES[i], r).unwrap().0 {
+            // do_writes: at or above its hint the kernel asks IS_REMOTE_RECOVERING and requeues
+            // the write while another node recovers the region.
+            if !stale_hint && l.remote_recovering(NODES[i], r).unwrap().0 {
                 return;
             }
             // The kernel's own recovery holds its region (region hash RECOVERING): no write.
             if n.copying == Some(r) {
                 return;
             }
-            // A region read as not in sync is DM_RH_NOSYNC in the writer's region hash, and
-            // dm-raid1 writes it to the default leg only: its legs differ from then on.
+            // dm_rh_get_state asks IN_SYNC; an answer that waits holds the write (it is
+            // written, if ever, by a later step).
+            if l.in_sync_waits(NODES[i], r) {
+                return;
+            }
             if l.in_sync(r) == Ok(false) {
+                // DM_RH_NOSYNC: to the default leg only, not marked. The legs differ, and a
+                // copy of the region running elsewhere may have read the default leg before.
                 m.legs_may_differ.insert(r);
+                for other in &mut m.nodes {
+                    if other.copying == Some(r) {
+                        other.copy_void = true;
+                    }
+                }
+                return;
             }
             reps.apply(&Event::Mark { node: NODES[i], regions: vec![r] }).unwrap();
             m.nodes[i].writing.insert(r);
@@ -422,7 +444,8 @@ fn apply_step(m: &mut Model, reps: &mut Replicas, s: &Step) {
             }
             reps.apply(&Event::SetRegionSync { node: NODES[i], region: r, in_sync: ok }).unwrap();
             m.nodes[i].copying = None;
-            if ok {
+            let void = std::mem::take(&mut m.nodes[i].copy_void);
+            if ok && !void {
                 m.legs_may_differ.remove(&r);
                 m.reclaimed.remove(&r);
             }
@@ -431,6 +454,7 @@ fn apply_step(m: &mut Model, reps: &mut Replicas, s: &Step) {
             if m.nodes[i].agent_live && m.nodes[i].joined {
                 reps.apply(&Event::Depart { node: NODES[i] }).unwrap();
                 m.nodes[i].agent_live = false;
+                m.nodes[i].copy_void |= m.nodes[i].copying.is_some();
             }
         }
         Step::AgentRestart(i) => {
@@ -456,6 +480,7 @@ fn apply_step(m: &mut Model, reps: &mut Replicas, s: &Step) {
             }
             n.writing.clear();
             n.copying = None;
+            n.copy_void = false;
             n.kernel_alive = false;
             n.agent_live = false;
         }
