@@ -1,4 +1,6 @@
-//! Device-mapper ioctls, read-only: which dm devices exist and what their tables say.
+//! Device-mapper ioctls: which dm devices exist and what their tables say, and the one change
+//! the agent makes, a suspend and resume of a cluster log's mirror to restart its recovery
+//! ([`crate::cluster::restart_mirror_recovery`]).
 //!
 //! Used by the log engine (a log's mirror legs, [`crate::legs`]) and by telemetry (each log's
 //! mirror device, `metrics::mirror`), so it imports neither.
@@ -52,6 +54,8 @@ const fn dm_iowr(nr: u32) -> u32 {
 }
 const DM_LIST_DEVICES: u32 = dm_iowr(2);
 const DM_TABLE_STATUS: u32 = dm_iowr(12);
+const DM_DEV_SUSPEND: u32 = dm_iowr(6);
+const DM_SUSPEND_FLAG: u32 = 1 << 1;
 
 /// A block device number, split.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -167,6 +171,16 @@ impl Control {
     pub fn list_devices(&self) -> io::Result<Vec<(String, u64)>> {
         let list = self.ioctl(DM_LIST_DEVICES, &|_| {})?;
         Ok(parse_name_list(answer_data(&list)))
+    }
+
+    /// Suspends device `dev` (`suspend`: its in-flight I/O completes first, new I/O waits, as
+    /// `dmsetup suspend`) or resumes it (its live table: nothing is loaded).
+    pub fn suspend(&self, dev: u64, suspend: bool) -> io::Result<()> {
+        self.ioctl(DM_DEV_SUSPEND, &|b| {
+            put_u32(b, 28, if suspend { DM_SUSPEND_FLAG } else { 0 });
+            b[40..48].copy_from_slice(&dev.to_ne_bytes());
+        })
+        .map(|_| ())
     }
 
     /// The targets `(type, parameters)` of one of device `dev`'s tables; `Ok(None)` if the
@@ -401,6 +415,7 @@ mod tests {
         // _IOWR(0xfd, 2, struct dm_ioctl) and _IOWR(0xfd, 12, ...), as in linux/dm-ioctl.h.
         assert_eq!(DM_LIST_DEVICES, 0xc138_fd02);
         assert_eq!(DM_TABLE_STATUS, 0xc138_fd0c);
+        assert_eq!(DM_DEV_SUSPEND, 0xc138_fd06);
     }
 
     #[test]

@@ -472,6 +472,7 @@ fn start_cluster(
     let engine = Engine::new(Arc::clone(&replies), incarnation);
     // The engine moves to the transport's thread: take its counters first.
     let engine_stats = engine.stats();
+    replies.set_engine_stats(Arc::clone(&engine_stats));
     let (bus, _thread) = corosync::spawn(engine, corosync::BusConfig::default())
         .context("cannot start the corosync transport thread")?;
     telemetry.set_cluster(engine_stats, Some(Arc::clone(bus.stats())));

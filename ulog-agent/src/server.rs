@@ -80,6 +80,8 @@ struct AnsweredLog {
 pub struct ClusterReplies {
     sink: Arc<dyn ReplySink>,
     telemetry: Arc<Telemetry>,
+    /// The engine's counters (recovery restarts that failed are counted there).
+    engine_stats: std::sync::OnceLock<Arc<crate::cluster::engine::EngineStats>>,
     /// Cluster logs by (luid, uuid): their result counters, phase and flight records are
     /// updated when the engine answers (one lock per answer, on the engine's thread; the
     /// receive thread takes it only at CTR and DTR).
@@ -89,7 +91,12 @@ pub struct ClusterReplies {
 impl ClusterReplies {
     /// Answers through `sink`, recording into `telemetry`.
     pub fn new(sink: Arc<dyn ReplySink>, telemetry: Arc<Telemetry>) -> Self {
-        Self { sink, telemetry, logs: std::sync::Mutex::default() }
+        Self { sink, telemetry, engine_stats: std::sync::OnceLock::new(), logs: std::sync::Mutex::default() }
+    }
+
+    /// Where failed recovery restarts are counted (the engine is made after its replies).
+    pub fn set_engine_stats(&self, stats: Arc<crate::cluster::engine::EngineStats>) {
+        let _ = self.engine_stats.set(stats);
     }
 
     fn logs(&self) -> std::sync::MutexGuard<'_, AnsweredLogs> {
@@ -127,6 +134,32 @@ impl crate::cluster::engine::Replies for Arc<ClusterReplies> {
             }
         }
         self.send_answer(r, error, payload);
+    }
+
+    fn restart_recovery(&self, group: &[u8]) {
+        let uuid = String::from_utf8_lossy(group.strip_suffix(&[0]).unwrap_or(group)).into_owned();
+        let stats = self.engine_stats.get().cloned();
+        let failed = move |stats: Option<Arc<crate::cluster::engine::EngineStats>>| {
+            if let Some(s) = stats {
+                s.recovery_restart_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        };
+        let thread_stats = stats.clone();
+        let thread_uuid = uuid.clone();
+        let spawned = std::thread::Builder::new().name("ulog-recovery".into()).spawn(move || {
+            let uuid = thread_uuid;
+            match crate::cluster::restart_mirror_recovery(std::path::Path::new(crate::dm::DM_CONTROL), &uuid) {
+                Ok(mirrors) => tracing::info!(log = %uuid, ?mirrors, "mirror suspended and resumed: its kernel asks for resync work again"),
+                Err(e) => {
+                    tracing::error!(log = %uuid, error = %e, "cannot restart the mirror's recovery; out-of-sync regions wait for a resume of the mirror on some node");
+                    failed(thread_stats);
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(log = %uuid, error = %e, "cannot start the recovery restart thread");
+            failed(stats);
+        }
     }
 }
 

@@ -68,7 +68,29 @@ pub type CommandSink = Arc<dyn Fn(Command) -> bool + Send + Sync>;
 pub trait Replies: Send + 'static {
     /// Answers a request the receive thread handed to the engine.
     fn answer(&self, pending: &PendingReply, error: i32, payload: &[u8]);
+
+    /// Make this node's kernel ask for resync work again: suspend and resume the mirror
+    /// using the log of `group` (see [`RESTART_RECOVERY_AFTER_TICKS`]). Must not block: the
+    /// suspend sends this agent requests the engine answers.
+    fn restart_recovery(&self, group: &[u8]) {
+        let _ = group;
+    }
 }
+
+/// Ticks (seconds) a log may have recovery work that no live member recovers before the
+/// lowest live member restarts its kernel's recovery.
+///
+/// A kernel that was told the log is fully in sync (GET_SYNC_COUNT = region count, which sets
+/// its in-sync hint to the region count; any `dmsetup status` asks it) sends no GET_RESYNC_WORK
+/// until its next RESUME (`userspace_get_resync_work`), and an idle mirror asks only when its
+/// kmirrord runs. In a cluster regions fall out of sync later: a dead node's reclaimed marks,
+/// a held node's marks, a void copy. Nothing but a RESUME resets the hint, so the lowest live
+/// member suspends and resumes its mirror (`Replies::restart_recovery`): its RESUME resets the
+/// hint and recovery starts. Its I/O pauses for the suspend (in-flight writes complete first).
+pub const RESTART_RECOVERY_AFTER_TICKS: u32 = 5;
+
+/// Ticks between two recovery restarts of the same log by this member.
+pub const RESTART_RECOVERY_COOLDOWN_TICKS: u32 = 60;
 
 /// The shape of a log, from its table. Every member of a group must have the same.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -435,6 +457,11 @@ pub struct EngineStats {
     /// Checkpoints where this member's state differed from the reference member's (it then
     /// left the group and joined again to fetch the state).
     pub digest_mismatches: AtomicU64,
+    /// Times this member restarted its kernel's recovery (suspend and resume of the mirror)
+    /// because work waited that no member recovered.
+    pub recovery_restarts: AtomicU64,
+    /// Restarts that failed (no such mirror on this node, or the suspend or resume failed).
+    pub recovery_restart_failures: AtomicU64,
 }
 
 /// A request waiting to be multicast, or for its frame.
@@ -530,6 +557,10 @@ struct LogCtx {
     ticks_since_checkpoint: u32,
     /// Reads waiting for the view to serve.
     reads: Vec<(Read, PendingReply)>,
+    /// Consecutive ticks with recovery work that no live member recovers.
+    unrecovered_ticks: u32,
+    /// Ticks left before this member may restart its kernel's recovery again.
+    restart_cooldown: u32,
 }
 
 /// The cluster engine of one agent.
@@ -1570,6 +1601,8 @@ impl LogCtx {
             checkpoints: BTreeMap::new(),
             ticks_since_checkpoint: 0,
             reads: Vec::new(),
+            unrecovered_ticks: 0,
+            restart_cooldown: 0,
         }
     }
 }
@@ -1741,12 +1774,43 @@ impl<R: Replies> BusHandler for Engine<R> {
                     self.send(&mut ctx, &g, Body::Digest { digest: 0 }, out);
                 }
             }
+            self.watch_recovery(&mut ctx, &g, me.node);
             self.logs.insert(g, ctx);
         }
     }
 
     fn on_idle(&mut self, out: &mut dyn Outbound) {
         self.flush_acks(out);
+    }
+}
+
+impl<R: Replies> Engine<R> {
+    /// Once a tick: if the log has had recovery work that no live member recovers for
+    /// [`RESTART_RECOVERY_AFTER_TICKS`] and this member is the lowest live one, restart its
+    /// kernel's recovery.
+    fn watch_recovery(&self, ctx: &mut LogCtx, group: &[u8], me: NodeId) {
+        ctx.restart_cooldown = ctx.restart_cooldown.saturating_sub(1);
+        let serving = matches!(ctx.holding, Holding::Yes) && ctx.in_group && !ctx.stale && !ctx.view.refused();
+        let unrecovered = serving
+            && ctx.log.as_ref().is_some_and(|log| {
+                let mut live = log.nodes().iter().filter(|(_, s)| s.live);
+                live.clone().next().map(|(&n, _)| n) == Some(me)
+                    && live.all(|(_, s)| s.slot.is_none())
+                    && log.has_free_work()
+            });
+        if !unrecovered {
+            ctx.unrecovered_ticks = 0;
+            return;
+        }
+        ctx.unrecovered_ticks += 1;
+        if ctx.unrecovered_ticks >= RESTART_RECOVERY_AFTER_TICKS && ctx.restart_cooldown == 0 {
+            ctx.unrecovered_ticks = 0;
+            ctx.restart_cooldown = RESTART_RECOVERY_COOLDOWN_TICKS;
+            self.stats.recovery_restarts.fetch_add(1, Ordering::Relaxed);
+            info!(group = %String::from_utf8_lossy(group.strip_suffix(&[0]).unwrap_or(group)),
+                "recovery work waits and no member recovers it: restarting this node's mirror recovery (suspend, resume)");
+            self.replies.restart_recovery(group);
+        }
     }
 }
 

@@ -44,6 +44,68 @@ pub mod state;
 pub mod test_cluster;
 pub mod wire;
 
+/// Why a mirror's recovery could not be restarted.
+#[derive(thiserror::Error, Debug)]
+pub enum RestartError {
+    /// The device-mapper control node could not be opened or listed.
+    #[error("device-mapper control: {0}")]
+    Control(#[source] std::io::Error),
+    /// No live mirror table on this node uses the log.
+    #[error("no mirror on this node uses log {0}")]
+    NoMirror(String),
+    /// The suspend failed (the mirror was left running).
+    #[error("suspend of {device}: {source}")]
+    Suspend {
+        /// The dm device name.
+        device: String,
+        /// The ioctl's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The resume failed, also when retried: the mirror is left suspended (its I/O waits until
+    /// an operator resumes it).
+    #[error("resume of {device} failed, the mirror is left suspended (`dmsetup resume {device}`): {source}")]
+    Resume {
+        /// The dm device name.
+        device: String,
+        /// The ioctl's error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Suspends and resumes every mirror on this node whose userspace log is `uuid`; returns their
+/// names. The kernel's RESUME resets the log's in-sync hint, so it asks for resync work again
+/// (see `engine::RESTART_RECOVERY_AFTER_TICKS`). Blocks while the suspend completes the
+/// mirror's in-flight I/O and while this agent answers the suspend's and resume's requests:
+/// never call it on the receive thread or the engine's.
+pub fn restart_mirror_recovery(control: &std::path::Path, uuid: &str) -> Result<Vec<String>, RestartError> {
+    let dm = crate::dm::Control::open(control).map_err(RestartError::Control)?;
+    let mut mirrors = Vec::new();
+    for (name, dev) in dm.list_devices().map_err(RestartError::Control)? {
+        let Ok(Some(targets)) = dm.table(dev, crate::dm::Table::Live) else { continue };
+        if targets.iter().any(|(t, p)| t == "mirror" && crate::dm::userspace_log_uuid(p) == Some(uuid)) {
+            mirrors.push((name, dev));
+        }
+    }
+    if mirrors.is_empty() {
+        return Err(RestartError::NoMirror(uuid.to_string()));
+    }
+    for (name, dev) in &mirrors {
+        dm.suspend(*dev, true).map_err(|source| RestartError::Suspend { device: name.clone(), source })?;
+        let mut resumed = dm.suspend(*dev, false);
+        for _ in 0..3 {
+            if resumed.is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            resumed = dm.suspend(*dev, false);
+        }
+        resumed.map_err(|source| RestartError::Resume { device: name.clone(), source })?;
+    }
+    Ok(mirrors.into_iter().map(|(n, _)| n).collect())
+}
+
 /// This kernel's incarnation: its boot id (`/proc/sys/kernel/random/boot_id`) as 128 bits. An
 /// agent restarted under the same kernel has the same one, a rebooted node a new one.
 pub fn boot_id() -> std::io::Result<state::Incarnation> {

@@ -524,6 +524,21 @@ impl ReplicatedLog {
         !self.sync.get(r) && !self.owners.contains_key(&r) && !self.recovering.contains_key(&r)
     }
 
+    /// Whether a GET_RESYNC_WORK would hand out a region now (no state change).
+    pub fn has_free_work(&self) -> bool {
+        if self.reclaimed.iter().any(|&r| !self.sync.get(r) && self.is_free(r)) {
+            return true;
+        }
+        let mut next = self.sync.next_zero(self.search_from);
+        while let Some(r) = next {
+            if self.is_free(r) {
+                return true;
+            }
+            next = self.sync.next_zero(r + 1);
+        }
+        false
+    }
+
     /// The region to hand out next: the oldest free reclaimed region, else the lowest free
     /// out-of-sync one. Free: out of sync, marked by no node (a live writer's region is never
     /// recovered under it; a held node's may be torn and waits for its reclaim), in no slot.

@@ -952,3 +952,55 @@ fn a_copy_that_outlived_its_agent_is_void() {
     assert_eq!(sim.answer(1, w), Some((0, protocol::pair(1, 0).to_vec())), "copied again");
     sim.assert_same_state();
 }
+
+/// Recovery must not stall. A kernel told the log is in sync (GET_SYNC_COUNT = region count,
+/// `userspace_get_sync_count`) sends no GET_RESYNC_WORK until its next RESUME, so a dead node's
+/// reclaimed regions would wait for ever. Once work has waited with no live member recovering
+/// for `RESTART_RECOVERY_AFTER_TICKS`, the lowest live member (only it) restarts its mirror's
+/// recovery (a suspend and resume: its RESUME resets the hint), at most once per cooldown; a
+/// member that recovers meanwhile holds it off.
+#[test]
+fn work_that_nobody_recovers_restarts_the_lowest_members_recovery() {
+    let mut sim = Sim::new(NOSYNC);
+    for n in 1..=3 {
+        sim.start(n, n);
+    }
+    sim.run();
+    sim.resume_all(&[1, 2, 3]);
+    let s = sim.request(3, RequestType::MarkRegion, mark(&[6, 7]));
+    sim.run();
+    assert_eq!(sim.answer(3, s).map(|a| a.0), Some(0));
+    sim.crash(3, LeaveReason::NodeDown, true);
+    sim.run();
+    let restarts = |sim: &Sim, n: NodeId| sim.nodes[&n].engine.stats().recovery_restarts.load(Ordering::Relaxed);
+    let tick = |sim: &mut Sim, ticks: u32| {
+        for _ in 0..ticks {
+            sim.tick_all();
+            sim.run();
+        }
+    };
+    tick(&mut sim, RESTART_RECOVERY_AFTER_TICKS * 2);
+    assert_eq!(restarts(&sim, 1), 0, "held regions are not work: they wait for the fencing");
+    let incarnation = u128::from(3u32) << 64 | 0xb007;
+    sim.command(2, Command::ConfirmFenced { group: G.to_vec(), node: 3, incarnation });
+    sim.run();
+    tick(&mut sim, RESTART_RECOVERY_AFTER_TICKS - 1);
+    assert_eq!(restarts(&sim, 1), 0, "the kernels get time to ask first");
+    tick(&mut sim, 1);
+    assert_eq!((restarts(&sim, 1), restarts(&sim, 2)), (1, 0), "the lowest live member restarts");
+    tick(&mut sim, RESTART_RECOVERY_AFTER_TICKS * 2);
+    assert_eq!(restarts(&sim, 1), 1, "once per cooldown");
+    // Node 1's kernel resumed and asks for work: region 6 is recovered, then 7.
+    for region in [6, 7] {
+        let w = sim.request(1, RequestType::GetResyncWork, Some(Change::GetResyncWork));
+        sim.run();
+        assert_eq!(sim.answer(1, w), Some((0, protocol::pair(1, region).to_vec())));
+        tick(&mut sim, RESTART_RECOVERY_COOLDOWN_TICKS);
+        assert_eq!(restarts(&sim, 1), 1, "a member recovers: nothing stalls");
+        sim.request(1, RequestType::SetRegionSync, Some(Change::SetRegionSync(region, true)));
+        sim.run();
+    }
+    tick(&mut sim, RESTART_RECOVERY_COOLDOWN_TICKS);
+    assert_eq!(restarts(&sim, 1), 1, "no work left");
+    assert_eq!(sim.view(2).sync_count(), sim.view(2).snapshot().unwrap().region_count());
+}
