@@ -48,9 +48,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::{median, quantile, Results, J};
-use ulog_agent::disk_format;
-use ulog_agent::kernel_peer::{enter_private_netns, AgentProcess, KernelPeer, Request};
-use ulog_agent::store::{AlignedBuf, LogDevice};
+use ulog_agent::region_log::disk_format;
+use ulog_agent::region_log::store::{AlignedBuf, LogDevice};
+use ulog_agent::wire::kernel_peer::{enter_private_netns, AgentProcess, KernelPeer, Request};
 use ulog_common::{RequestType, CN_IDX_DM, NETLINK_CONNECTOR, NLMSG_HDRLEN, ULOG_OFFSET, ULOG_REQUEST_LEN};
 
 const REGIONS: u64 = 1 << 21;
@@ -392,7 +392,7 @@ impl Gen {
     }
 }
 
-fn check(reply: &ulog_agent::kernel_peer::Reply, what: &str) {
+fn check(reply: &ulog_agent::wire::kernel_peer::Reply, what: &str) {
     assert_eq!(reply.error, 0, "{what}: {reply}");
 }
 

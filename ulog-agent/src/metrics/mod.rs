@@ -33,6 +33,7 @@
 //!   gauges are the replicated state's, not the local [`DirtyLog`]'s (which the cluster engine
 //!   does not update), and are left out while this member does not hold the state.
 
+pub mod counters;
 pub mod dirty;
 pub mod export;
 pub mod flight;
@@ -51,9 +52,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use ulog_common::{RequestType, REQUEST_TYPE_COUNT};
 
-use crate::counters::Counters;
-use crate::dirty_log::{DirtyLog, LogError};
-use crate::persist::SharedLog;
+use crate::metrics::counters::Counters;
+use crate::region_log::dirty_log::{DirtyLog, LogError};
+use crate::region_log::persist::SharedLog;
 use crate::telemetry::correlate::SeqTable;
 use dirty::DirtyTracker;
 use flight::{FlightIds, FlightRing};
@@ -947,7 +948,7 @@ pub async fn background(tel: Arc<Telemetry>) {
 /// recently constructed.
 pub fn primary<'a>(logs: impl IntoIterator<Item = &'a Arc<LogHandle>>) -> Option<&'a Arc<LogHandle>> {
     logs.into_iter().max_by_key(|h| {
-        let resumed = h.shared.lock().phase() == crate::dirty_log::Phase::Resumed;
+        let resumed = h.shared.lock().phase() == crate::region_log::dirty_log::Phase::Resumed;
         (resumed, h.tel.created_ns, h.luid)
     })
 }
@@ -961,13 +962,13 @@ pub(crate) mod test_support {
     use crate::cluster::bus::Member;
     use crate::cluster::engine::ClusterView;
     use crate::cluster::state::{Event, ReplicatedLog};
-    use crate::dirty_log::DirtyLog;
-    use crate::persist::SharedLog;
+    use crate::region_log::dirty_log::DirtyLog;
+    use crate::region_log::persist::SharedLog;
 
     /// A registered-to-be `clustered-core` log of 100 regions (none in sync locally).
     pub fn handle(tel: &Telemetry, uuid: &str, cluster: Option<Arc<ClusterView>>) -> Arc<LogHandle> {
         let ctr = "800 clustered-core 8";
-        let args = crate::ctr::parse(ctr.as_bytes()).unwrap().args;
+        let args = crate::region_log::ctr::parse(ctr.as_bytes()).unwrap().args;
         Arc::new(LogHandle {
             uuid: uuid.into(),
             luid: 1,
@@ -1037,7 +1038,7 @@ mod tests {
             error: None,
         };
         let handle = |uuid: &str| {
-            let args = crate::ctr::parse(b"1000 clustered-core 8").unwrap().args;
+            let args = crate::region_log::ctr::parse(b"1000 clustered-core 8").unwrap().args;
             let log = DirtyLog::new(&args, false).unwrap();
             Arc::new(LogHandle {
                 uuid: uuid.into(),

@@ -8,7 +8,7 @@
 //! 1. takes every job queued so far (group commit: one write answers all of them),
 //! 2. copies the changed image blocks under the mutex (a memcpy of a few KiB),
 //! 3. if they carry clean bits set since the last write, flushes the mirror legs' caches first
-//!    (`crate::legs`; dm-log.c `disk_flush` calls `flush_callback_fn` then), and if that fails
+//!    (`crate::region_log::legs`; dm-log.c `disk_flush` calls `flush_callback_fn` then), and if that fails
 //!    writes every region dirty instead (`DirtyLog::legs_flush_failed`),
 //! 4. writes them with `RWF_DSYNC` outside the mutex,
 //! 5. records the generation it wrote and sends each waiting reply whose generation is now
@@ -35,15 +35,15 @@ use std::time::Instant;
 use tracing::{error, info, warn};
 use ulog_common::{DmUlogRequest, RequestType};
 
-use crate::bitmap::RegionBitmap;
-use crate::counters::Counters;
-use crate::dirty_log::{DirtyLog, LoadRule, Snapshot, IMAGE_BLOCK};
-use crate::disk_format::{self, LoadOutcome};
-use crate::legs::{Flushed, LegLookup, Legs};
+use crate::metrics::counters::Counters;
 use crate::metrics::flight::FlightRecord;
 use crate::metrics::{clock, LogState, LogTelemetry, Telemetry};
-use crate::protocol::ReplyBuf;
-use crate::store::{AlignedBuf, LogDevice};
+use crate::region_log::bitmap::RegionBitmap;
+use crate::region_log::dirty_log::{DirtyLog, LoadRule, Snapshot, IMAGE_BLOCK};
+use crate::region_log::disk_format::{self, LoadOutcome};
+use crate::region_log::legs::{Flushed, LegLookup, Legs};
+use crate::region_log::store::{AlignedBuf, LogDevice};
+use crate::wire::protocol::ReplyBuf;
 
 /// Where replies go (the connector socket, or a test's collector).
 pub trait ReplySink: Send + Sync + 'static {
@@ -397,7 +397,7 @@ impl Worker {
         }
         self.telemetry.about_to_reply(r.header.seq, r.received_ns);
         if !self.sink.send_reply(r.port, reply.as_bytes()) {
-            self.counters.dropped(crate::counters::Dropped::SendFailed);
+            self.counters.dropped(crate::metrics::counters::Dropped::SendFailed);
         }
         // Telemetry: service time from receipt, the log's result counters, the flight record.
         let now = clock::now_ns();

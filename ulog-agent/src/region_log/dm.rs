@@ -1,6 +1,6 @@
 //! Device-mapper ioctls, read-only: which dm devices exist and what their tables say.
 //!
-//! Used by the log engine (a log's mirror legs, [`crate::legs`]) and by telemetry (each log's
+//! Used by the log engine (a log's mirror legs, [`crate::region_log::legs`]) and by telemetry (each log's
 //! mirror device, `metrics::mirror`), so it imports neither.
 //!
 //! Everything goes through `/dev/mapper/control`:

@@ -19,16 +19,18 @@ use tracing::{debug, info, warn};
 use ulog_common::RequestType;
 
 use crate::cluster::engine::{Change, ClusterView, Command as ClusterCommand, LogShape, Read};
-use crate::counters::{Counters, Dropped};
-use crate::ctr::{self, CtrArgs, LogKind, SyncMode};
-use crate::dirty_log::{DirtyLog, LoadRule, LogError, Phase};
-use crate::legs::Legs;
+use crate::metrics::counters::{Counters, Dropped};
 use crate::metrics::flight::{FlightRecord, PENDING};
 use crate::metrics::{clock, LogHandle, LogTelemetry, Telemetry};
-use crate::persist::{PendingReply, Persister, ReplySink, SharedDevice, SharedLog};
-use crate::protocol::{self, Answer, ReplyBuf, Request, MAX_REPLY_PAYLOAD};
-use crate::ratelimit::RateLimit;
-use crate::store::{self, DeviceKey, LogDevice};
+use crate::region_log::ctr::{self, CtrArgs, LogKind, SyncMode};
+use crate::region_log::dirty_log::{DirtyLog, LoadRule, LogError, Phase};
+use crate::region_log::legs::Legs;
+use crate::region_log::persist::{PendingReply, Persister, ReplySink, SharedDevice, SharedLog};
+use crate::region_log::store::{self, DeviceKey, LogDevice};
+use crate::server::ratelimit::RateLimit;
+use crate::wire::protocol::{self, Answer, ReplyBuf, Request, MAX_REPLY_PAYLOAD};
+
+pub mod ratelimit;
 
 /// Where a cluster log's requests go: the cluster engine's command queue (false: the engine
 /// is gone, the request is answered -EIO).
@@ -1099,7 +1101,7 @@ mod tests {
     //! Whole-server properties: whatever arrives, the server neither panics nor stays silent
     //! where an answer can be matched, and every answer is one the kernel accepts.
     use super::*;
-    use crate::kernel_peer::{encode_request, parse_datagram, Parsed, Request as PeerRequest};
+    use crate::wire::kernel_peer::{encode_request, parse_datagram, Parsed, Request as PeerRequest};
     use proptest::prelude::*;
     use std::sync::Mutex;
 
