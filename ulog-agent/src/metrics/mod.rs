@@ -40,6 +40,7 @@ pub mod flight;
 pub mod histogram;
 pub mod kernel;
 pub mod mirror;
+pub mod persister;
 pub mod regions;
 pub mod textfile;
 
@@ -54,7 +55,7 @@ use ulog_common::{RequestType, REQUEST_TYPE_COUNT};
 
 use crate::metrics::counters::Counters;
 use crate::region_log::dirty_log::{DirtyLog, LogError};
-use crate::region_log::persist::SharedLog;
+use crate::region_log::persist;
 use crate::telemetry::correlate::SeqTable;
 use dirty::DirtyTracker;
 use flight::{FlightIds, FlightRing};
@@ -393,6 +394,10 @@ impl SyncHistory {
     }
 }
 
+/// A log as the agent shares it between the receive thread, its I/O thread and the API: the
+/// engine's log with this module's [`LogState`] under its mutex.
+pub type SharedLog = persist::SharedLog<LogState>;
+
 /// What a log's mutex protects: the log itself, and its request-path telemetry.
 #[derive(Debug)]
 pub struct LogState {
@@ -453,6 +458,12 @@ impl LogState {
             }
         }
         Ok(())
+    }
+}
+
+impl From<DirtyLog> for LogState {
+    fn from(log: DirtyLog) -> Self {
+        Self::new(log)
     }
 }
 
@@ -962,8 +973,8 @@ pub(crate) mod test_support {
     use crate::cluster::bus::Member;
     use crate::cluster::engine::ClusterView;
     use crate::cluster::state::{Event, ReplicatedLog};
+    use crate::metrics::SharedLog;
     use crate::region_log::dirty_log::DirtyLog;
-    use crate::region_log::persist::SharedLog;
 
     /// A registered-to-be `clustered-core` log of 100 regions (none in sync locally).
     pub fn handle(tel: &Telemetry, uuid: &str, cluster: Option<Arc<ClusterView>>) -> Arc<LogHandle> {

@@ -12,7 +12,7 @@
 
 use std::str::FromStr;
 
-use crate::region_log::persist::SharedLog;
+use crate::metrics::SharedLog;
 
 /// Words of each bitmap copied per lock.
 pub const CHUNK_WORDS: usize = 4096;
