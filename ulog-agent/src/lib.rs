@@ -2,10 +2,11 @@
 //! cmirrord plays), for the `clustered-core` and `clustered-disk` log types on one node.
 //!
 //! The library holds everything; `main.rs` is thin glue. The folders are the layers, in the
-//! order a request passes them: [`wire`] (the codec, the netlink socket and receive loop) ->
-//! [`server`] (the logs and request semantics) -> [`cluster`] (for `--cluster` logs: the
-//! replicated state every member agrees on) -> [`region_log`] (the log engine: a log's state,
-//! its disk image, durability). The engine imports no telemetry. Staying alive for the mirrors:
+//! order a request passes them: [`wire`] (the protocol's codec, which every layer speaks) ->
+//! [`server`] (the netlink socket and receive loop, the logs and request semantics) ->
+//! [`cluster`] (for `--cluster` logs: the replicated state every member agrees on) ->
+//! [`region_log`] (the log engine: a log's state, its disk image, durability). Each imports
+//! only the ones after it; the engine imports no telemetry. Staying alive for the mirrors:
 //! [`process`] (when the agent may exit; start-up checks, memory lock, I/O flusher, OOM score).
 //! Observability: [`metrics`] (what the request path records, the Prometheus exposition),
 //! [`telemetry`] (the kernel probes) and [`api`] (the HTTP server and its command-line client).

@@ -22,11 +22,11 @@ use ulog_agent::metrics::counters::Counters;
 use ulog_agent::metrics::{self, Lifecycle, Telemetry};
 use ulog_agent::process::hardening::{self, SystemPaths};
 use ulog_agent::process::shutdown::{self, ExitControl, PidFile, StopOutcome};
+use ulog_agent::server::transport::{self, ConnectorSocket, ServeEnd, SocketSink};
 use ulog_agent::server::{LogServer, ServerConfig};
 use ulog_agent::telemetry::manager::{self, ManagerConfig};
 use ulog_agent::telemetry::probes::{ProbeOptions, ProbeSet};
 use ulog_agent::telemetry::KernelTelemetry;
-use ulog_agent::wire::transport::{self, ConnectorSocket, ServeEnd, SocketSink};
 use ulog_common::RequestType;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

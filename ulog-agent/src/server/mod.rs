@@ -32,6 +32,7 @@ use crate::server::ratelimit::RateLimit;
 use crate::wire::protocol::{self, Answer, ReplyBuf, Request, MAX_REPLY_PAYLOAD};
 
 pub mod ratelimit;
+pub mod transport;
 
 /// Where a cluster log's requests go: the cluster engine's command queue (false: the engine
 /// is gone, the request is answered -EIO).

@@ -1,12 +1,10 @@
 //! The wire: what crosses the netlink connector between the kernel's `dm-log-userspace` and
-//! the agent.
+//! the agent, as data. No layer's logic lives here; every layer speaks it.
 //!
-//! [`protocol`] decodes datagrams and encodes replies (no I/O; the other layers use its
-//! request and reply types); [`transport`] owns the connector socket and runs the receive loop,
-//! the top of the request path, which hands each datagram to [`crate::server`];
+//! [`protocol`] decodes datagrams and encodes replies (no I/O: the server decodes with it, and
+//! the server, the cluster engine and the log engine's persister encode their replies with it);
 //! [`kernel_peer`] plays the kernel's side of the same wire over a real socket, for tests and
-//! benchmarks.
+//! benchmarks. The socket and receive loop that carry it are `server::transport`.
 
 pub mod kernel_peer;
 pub mod protocol;
-pub mod transport;
