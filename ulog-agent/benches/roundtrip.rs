@@ -193,7 +193,7 @@ fn setsockopt<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, v: &T) -> 
     unsafe { libc::setsockopt(fd.as_raw_fd(), level, name, (v as *const T).cast(), std::mem::size_of::<T>() as u32) }
 }
 
-/// A connector socket set up as the agent sets up its own (transport.rs): bound without groups,
+/// A connector socket set up as the agent sets up its own (server/transport.rs): bound without groups,
 /// joined to group 7, 8 MiB receive buffer, 250 ms receive timeout. Returns it and its port.
 fn responder_socket() -> (OwnedFd, u32) {
     // SAFETY: plain socket(2).
