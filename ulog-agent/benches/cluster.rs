@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 
 use common::{median, quantile, Results, J};
 use ulog_agent::cluster::test_cluster::TestCluster;
-use ulog_agent::kernel_peer::{enter_private_netns, regions_payload, AgentProcess, KernelPeer, Request};
+use ulog_agent::wire::kernel_peer::{enter_private_netns, regions_payload, AgentProcess, KernelPeer, Request};
 use ulog_common::RequestType as T;
 
 const REGIONS: u64 = 1 << 21;

@@ -22,7 +22,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{median, quantile, Results, J};
-use ulog_agent::kernel_peer::{enter_private_netns, AgentProcess, KernelPeer, Request};
+use ulog_agent::wire::kernel_peer::{enter_private_netns, AgentProcess, KernelPeer, Request};
 use ulog_common::RequestType;
 
 fn main() {

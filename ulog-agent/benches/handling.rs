@@ -22,13 +22,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use ulog_agent::counters::Counters;
-use ulog_agent::dirty_log::{DirtyLog, IMAGE_BLOCK};
-use ulog_agent::kernel_peer::{encode_request, regions_payload, Request};
-use ulog_agent::persist::ReplySink;
-use ulog_agent::protocol;
+use ulog_agent::metrics::counters::Counters;
+use ulog_agent::region_log::dirty_log::{DirtyLog, IMAGE_BLOCK};
+use ulog_agent::region_log::persist::ReplySink;
+use ulog_agent::region_log::{ctr, disk_format};
 use ulog_agent::server::{LogServer, ServerConfig};
-use ulog_agent::{ctr, disk_format};
+use ulog_agent::wire::kernel_peer::{encode_request, regions_payload, Request};
+use ulog_agent::wire::protocol;
 use ulog_common::{RequestType, ULOG_OFFSET};
 
 const REGIONS: u64 = 1 << 21;

@@ -18,7 +18,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{Results, J};
-use ulog_agent::kernel_peer::{enter_private_netns, regions_payload, AgentProcess, KernelPeer, Request};
+use ulog_agent::wire::kernel_peer::{enter_private_netns, regions_payload, AgentProcess, KernelPeer, Request};
 use ulog_common::RequestType;
 
 const LOGS: usize = 16;

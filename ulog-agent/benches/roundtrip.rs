@@ -48,9 +48,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::{median, quantile, Results, J};
-use ulog_agent::disk_format;
-use ulog_agent::kernel_peer::{enter_private_netns, AgentProcess, KernelPeer, Request};
-use ulog_agent::store::{AlignedBuf, LogDevice};
+use ulog_agent::region_log::disk_format;
+use ulog_agent::region_log::store::{AlignedBuf, LogDevice};
+use ulog_agent::wire::kernel_peer::{enter_private_netns, AgentProcess, KernelPeer, Request};
 use ulog_common::{RequestType, CN_IDX_DM, NETLINK_CONNECTOR, NLMSG_HDRLEN, ULOG_OFFSET, ULOG_REQUEST_LEN};
 
 const REGIONS: u64 = 1 << 21;
@@ -193,7 +193,7 @@ fn setsockopt<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, v: &T) -> 
     unsafe { libc::setsockopt(fd.as_raw_fd(), level, name, (v as *const T).cast(), std::mem::size_of::<T>() as u32) }
 }
 
-/// A connector socket set up as the agent sets up its own (transport.rs): bound without groups,
+/// A connector socket set up as the agent sets up its own (server/transport.rs): bound without groups,
 /// joined to group 7, 8 MiB receive buffer, 250 ms receive timeout. Returns it and its port.
 fn responder_socket() -> (OwnedFd, u32) {
     // SAFETY: plain socket(2).
@@ -392,7 +392,7 @@ impl Gen {
     }
 }
 
-fn check(reply: &ulog_agent::kernel_peer::Reply, what: &str) {
+fn check(reply: &ulog_agent::wire::kernel_peer::Reply, what: &str) {
     assert_eq!(reply.error, 0, "{what}: {reply}");
 }
 

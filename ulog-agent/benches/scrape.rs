@@ -39,13 +39,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{median, quantile, Results, J};
-use ulog_agent::counters::Counters;
-use ulog_agent::kernel_peer::{
+use ulog_agent::metrics::counters::Counters;
+use ulog_agent::metrics::export::Exporter;
+use ulog_agent::region_log::persist::ReplySink;
+use ulog_agent::server::{LogServer, ServerConfig};
+use ulog_agent::wire::kernel_peer::{
     encode_request, enter_private_netns, regions_payload, AgentProcess, KernelPeer, Request,
 };
-use ulog_agent::metrics::export::Exporter;
-use ulog_agent::persist::ReplySink;
-use ulog_agent::server::{LogServer, ServerConfig};
 use ulog_common::RequestType;
 
 const LOGS: u64 = 16;

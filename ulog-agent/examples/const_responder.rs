@@ -15,7 +15,7 @@
 //! | STATUS_INFO, STATUS_TABLE | `"1 clustered-core"` (NUL counted, as the agent does) |
 //! | everything else | ok, no payload |
 //!
-//! Socket set-up as the agent's (ulog-agent/src/transport.rs): NETLINK_CONNECTOR bound without
+//! Socket set-up as the agent's (ulog-agent/src/server/transport.rs): NETLINK_CONNECTOR bound without
 //! groups, group 7 joined with NETLINK_ADD_MEMBERSHIP, 8 MiB receive queue, blocking `recvfrom`
 //! with a 250 ms timeout, one `sendto` per request to the sender's port with the group cleared.
 //! No threads, no allocation per request, no validation beyond the length. It counts requests by

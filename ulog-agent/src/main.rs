@@ -17,16 +17,16 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing::{error, info, warn};
 use ulog_agent::api;
-use ulog_agent::counters::Counters;
-use ulog_agent::hardening::{self, SystemPaths};
+use ulog_agent::api::status::{self, StatusArgs};
+use ulog_agent::metrics::counters::Counters;
 use ulog_agent::metrics::{self, Lifecycle, Telemetry};
+use ulog_agent::process::hardening::{self, SystemPaths};
+use ulog_agent::process::shutdown::{self, ExitControl, PidFile, StopOutcome};
+use ulog_agent::server::transport::{self, ConnectorSocket, ServeEnd, SocketSink};
 use ulog_agent::server::{LogServer, ServerConfig};
-use ulog_agent::shutdown::{self, ExitControl, PidFile, StopOutcome};
-use ulog_agent::status::{self, StatusArgs};
 use ulog_agent::telemetry::manager::{self, ManagerConfig};
 use ulog_agent::telemetry::probes::{ProbeOptions, ProbeSet};
 use ulog_agent::telemetry::KernelTelemetry;
-use ulog_agent::transport::{self, ConnectorSocket, ServeEnd, SocketSink};
 use ulog_common::RequestType;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -168,7 +168,7 @@ enum ClusterCommand {
     /// node, only after making sure the node is down (e.g. `stonith_admin --history`, the BMC's
     /// power state): a node that is only cut off may still be writing those regions. A node
     /// that rejoins with a new boot id needs no confirmation.
-    ConfirmFenced(ulog_agent::status::ConfirmFencedArgs),
+    ConfirmFenced(ulog_agent::api::status::ConfirmFencedArgs),
 }
 
 #[derive(Debug, Subcommand)]

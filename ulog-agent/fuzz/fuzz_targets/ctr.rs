@@ -1,7 +1,7 @@
 //! The constructor-string parser: never panics; what it accepts is a table the kernel could send.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use ulog_agent::ctr::{parse, MAX_REGION_COUNT};
+use ulog_agent::region_log::ctr::{parse, MAX_REGION_COUNT};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(p) = parse(data) {

@@ -1,7 +1,7 @@
 //! The datagram decoder: never panics; what it accepts is self-consistent.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use ulog_agent::protocol::{decode, Answer, Rejected, ReplyBuf};
+use ulog_agent::wire::protocol::{decode, Answer, Rejected, ReplyBuf};
 
 fuzz_target!(|data: &[u8]| {
     match decode(data) {

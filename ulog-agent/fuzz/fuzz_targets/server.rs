@@ -4,9 +4,9 @@
 use std::sync::{Arc, Mutex};
 
 use libfuzzer_sys::fuzz_target;
-use ulog_agent::counters::Counters;
-use ulog_agent::persist::ReplySink;
-use ulog_agent::protocol::{decode, Answer, Rejected};
+use ulog_agent::metrics::counters::Counters;
+use ulog_agent::region_log::persist::ReplySink;
+use ulog_agent::wire::protocol::{decode, Answer, Rejected};
 use ulog_agent::server::{LogServer, ServerConfig};
 
 #[derive(Default)]

@@ -18,6 +18,7 @@
 //! mirror's dirty log never waits for its telemetry.
 
 pub mod model;
+pub mod status;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -8,11 +8,11 @@ use serde::{Deserialize, Serialize};
 use ulog_common::{RequestType, REQUEST_TYPE_COUNT};
 
 pub use crate::cluster::engine::{ClusterLogStatus, NodeStatus};
-use crate::kernel_peer::errno_name;
 use crate::metrics::flight::{FlightRecord, PENDING};
 use crate::metrics::histogram::HistSnapshot;
 use crate::metrics::regions::RegionCounts;
 use crate::metrics::{clock, mirror, type_label, LogHandle, Telemetry};
+use crate::wire::kernel_peer::errno_name;
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ`.
 pub fn rfc3339(t: SystemTime) -> String {
@@ -653,8 +653,14 @@ pub fn agent(tel: &Telemetry) -> AgentInfo {
         probe: ProbeInfo { attached: tel.probe_attached(), status: tel.probe_status() },
         logs: tel.logs().len(),
         requests,
-        malformed: crate::protocol::Malformed::ALL.iter().map(|m| (m.name().to_string(), c.malformed_of(*m))).collect(),
-        dropped: crate::counters::Dropped::ALL.iter().map(|d| (d.name().to_string(), c.dropped_of(*d))).collect(),
+        malformed: crate::wire::protocol::Malformed::ALL
+            .iter()
+            .map(|m| (m.name().to_string(), c.malformed_of(*m)))
+            .collect(),
+        dropped: crate::metrics::counters::Dropped::ALL
+            .iter()
+            .map(|d| (d.name().to_string(), c.dropped_of(*d)))
+            .collect(),
         mirror_discovery: MirrorDiscovery {
             refreshed_at: (mirrors.refreshed_ns != 0).then(|| at(mirrors.refreshed_ns)),
             mirrors: mirrors.by_uuid.len(),

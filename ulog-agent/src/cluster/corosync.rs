@@ -903,7 +903,7 @@ mod tests {
     fn spawn_without_corosync() -> (BusHandle<()>, JoinHandle<()>, mpsc::Receiver<&'static str>) {
         let (tx, rx) = mpsc::channel();
         let (h, j) = std::thread::spawn(move || {
-            crate::kernel_peer::enter_private_netns().expect("needs root: unshare(CLONE_NEWNET)");
+            crate::wire::kernel_peer::enter_private_netns().expect("needs root: unshare(CLONE_NEWNET)");
             spawn(Counter(tx), BusConfig { tick: Duration::from_millis(10), ..BusConfig::default() })
         })
         .join()

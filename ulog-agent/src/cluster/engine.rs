@@ -56,8 +56,8 @@ use super::bus::{BusEvent, BusHandler, Member, Outbound};
 use super::stability::Stability;
 use super::state::{Event, Incarnation, NodeId, Outcome, ReplicatedLog};
 use super::wire::{self, Assembler, Body, Frame};
-use crate::persist::PendingReply;
-use crate::protocol;
+use crate::region_log::persist::PendingReply;
+use crate::wire::protocol;
 
 /// Where commands for the engine go (its transport's command queue): false if the engine is
 /// gone.

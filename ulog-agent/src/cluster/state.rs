@@ -19,7 +19,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use crate::bitmap::RegionBitmap;
+use crate::region_log::bitmap::RegionBitmap;
 
 /// A corosync node id.
 pub type NodeId = u32;

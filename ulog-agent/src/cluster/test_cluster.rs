@@ -1,5 +1,5 @@
 //! A real corosync cluster of N nodes on one machine, for the cluster tests and benchmarks
-//! (test support in the library, like [`crate::kernel_peer`]). Needs root, `ip` (iproute2),
+//! (test support in the library, like [`crate::wire::kernel_peer`]). Needs root, `ip` (iproute2),
 //! `unshare` (util-linux) and corosync 3 (`cargo xtask setup`).
 //!
 //! # Layout (the recipe of `docs/cluster.md`)

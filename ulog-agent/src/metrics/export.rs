@@ -22,9 +22,9 @@ use super::{
     clock, cluster_region_counts, mirror, primary, type_label, type_slot, LogHandle, Telemetry, CLUSTER_TYPES,
     SLO_TYPES,
 };
-use crate::counters::Dropped;
-use crate::dirty_log::Phase;
-use crate::protocol::Malformed;
+use crate::metrics::counters::Dropped;
+use crate::region_log::dirty_log::Phase;
+use crate::wire::protocol::Malformed;
 
 /// Every `ulog_*` family: (name, type, labels, when it is exported).
 pub const FAMILIES: &[(&str, &str, &str, &str)] = &[

@@ -14,6 +14,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use crate::region_log::persist::PendingReply;
+
 /// Records kept per log.
 pub const FLIGHT_SLOTS: usize = 128;
 
@@ -54,6 +56,24 @@ pub struct FlightRecord {
     pub reply_values: [u64; 2],
     /// How many of `reply_values` are meaningful.
     pub reply_value_count: u8,
+}
+
+impl FlightRecord {
+    /// The record that completes a deferred request's (opened as pending when it was handed
+    /// over), answered with `error` after `service_ns`.
+    pub fn deferred(reply: &PendingReply, service_ns: u64, error: i32) -> Self {
+        Self {
+            id: reply.flight_id,
+            received_ns: reply.received_ns,
+            service_ns,
+            seq: reply.header.seq,
+            request_type: reply.header.request_type & ulog_common::DM_ULOG_REQUEST_MASK,
+            error,
+            deferred: true,
+            in_sync_arg: -1,
+            ..Self::default()
+        }
+    }
 }
 
 /// The per-log request numbering (only the receive thread allocates).

@@ -3,7 +3,7 @@
 //!
 //! A log's uuid is not its mirror's dm uuid; the mirror's *table* names it:
 //! `mirror userspace <argc> <log-uuid> [integrated_flush] <log args> <#legs> ...`. So
-//! [`discover`] asks device-mapper directly ([`crate::dm`]: `DM_LIST_DEVICES`, then each
+//! [`discover`] asks device-mapper directly ([`crate::region_log::dm`]: `DM_LIST_DEVICES`, then each
 //! device's live table); a `mirror` target whose parameters start `userspace <n> <uuid>` serves
 //! log `<uuid>`. Write counts come from `/sys/dev/block/<maj>:<min>/stat`
 //! (field 5: writes completed; field 7: sectors written), read at scrape time.
@@ -19,9 +19,9 @@ use std::collections::HashMap;
 use std::io;
 use std::path::Path;
 
-use crate::dm::{Control, DevNum, Table};
-// The parsers moved to `crate::dm` (the log engine uses them too); kept reachable here.
-pub use crate::dm::{parse_name_list, parse_targets, userspace_log_uuid, DM_CONTROL};
+use crate::region_log::dm::{Control, DevNum, Table};
+// The parsers moved to `crate::region_log::dm` (the log engine uses them too); kept reachable here.
+pub use crate::region_log::dm::{parse_name_list, parse_targets, userspace_log_uuid, DM_CONTROL};
 
 /// A mirror dm device.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -33,12 +33,14 @@
 //!   gauges are the replicated state's, not the local [`DirtyLog`]'s (which the cluster engine
 //!   does not update), and are left out while this member does not hold the state.
 
+pub mod counters;
 pub mod dirty;
 pub mod export;
 pub mod flight;
 pub mod histogram;
 pub mod kernel;
 pub mod mirror;
+pub mod persister;
 pub mod regions;
 pub mod textfile;
 
@@ -51,9 +53,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use ulog_common::{RequestType, REQUEST_TYPE_COUNT};
 
-use crate::counters::Counters;
-use crate::dirty_log::{DirtyLog, LogError};
-use crate::persist::SharedLog;
+use crate::metrics::counters::Counters;
+use crate::region_log::dirty_log::{DirtyLog, LogError};
+use crate::region_log::persist;
 use crate::telemetry::correlate::SeqTable;
 use dirty::DirtyTracker;
 use flight::{FlightIds, FlightRing};
@@ -392,6 +394,10 @@ impl SyncHistory {
     }
 }
 
+/// A log as the agent shares it between the receive thread, its I/O thread and the API: the
+/// engine's log with this module's [`LogState`] under its mutex.
+pub type SharedLog = persist::SharedLog<LogState>;
+
 /// What a log's mutex protects: the log itself, and its request-path telemetry.
 #[derive(Debug)]
 pub struct LogState {
@@ -452,6 +458,12 @@ impl LogState {
             }
         }
         Ok(())
+    }
+}
+
+impl From<DirtyLog> for LogState {
+    fn from(log: DirtyLog) -> Self {
+        Self::new(log)
     }
 }
 
@@ -947,7 +959,7 @@ pub async fn background(tel: Arc<Telemetry>) {
 /// recently constructed.
 pub fn primary<'a>(logs: impl IntoIterator<Item = &'a Arc<LogHandle>>) -> Option<&'a Arc<LogHandle>> {
     logs.into_iter().max_by_key(|h| {
-        let resumed = h.shared.lock().phase() == crate::dirty_log::Phase::Resumed;
+        let resumed = h.shared.lock().phase() == crate::region_log::dirty_log::Phase::Resumed;
         (resumed, h.tel.created_ns, h.luid)
     })
 }
@@ -961,13 +973,13 @@ pub(crate) mod test_support {
     use crate::cluster::bus::Member;
     use crate::cluster::engine::ClusterView;
     use crate::cluster::state::{Event, ReplicatedLog};
-    use crate::dirty_log::DirtyLog;
-    use crate::persist::SharedLog;
+    use crate::metrics::SharedLog;
+    use crate::region_log::dirty_log::DirtyLog;
 
     /// A registered-to-be `clustered-core` log of 100 regions (none in sync locally).
     pub fn handle(tel: &Telemetry, uuid: &str, cluster: Option<Arc<ClusterView>>) -> Arc<LogHandle> {
         let ctr = "800 clustered-core 8";
-        let args = crate::ctr::parse(ctr.as_bytes()).unwrap().args;
+        let args = crate::region_log::ctr::parse(ctr.as_bytes()).unwrap().args;
         Arc::new(LogHandle {
             uuid: uuid.into(),
             luid: 1,
@@ -1037,7 +1049,7 @@ mod tests {
             error: None,
         };
         let handle = |uuid: &str| {
-            let args = crate::ctr::parse(b"1000 clustered-core 8").unwrap().args;
+            let args = crate::region_log::ctr::parse(b"1000 clustered-core 8").unwrap().args;
             let log = DirtyLog::new(&args, false).unwrap();
             Arc::new(LogHandle {
                 uuid: uuid.into(),

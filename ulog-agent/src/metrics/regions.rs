@@ -12,7 +12,7 @@
 
 use std::str::FromStr;
 
-use crate::persist::SharedLog;
+use crate::metrics::SharedLog;
 
 /// Words of each bitmap copied per lock.
 pub const CHUNK_WORDS: usize = 4096;
@@ -275,8 +275,8 @@ mod tests {
         let p = list_cluster(&big, 20_000, 0, 10, Some(RegionState::Dirty), u64::MAX);
         assert_eq!(p.regions, [(19_999, RegionState::Dirty)]);
     }
-    use crate::ctr::parse;
-    use crate::dirty_log::DirtyLog;
+    use crate::region_log::ctr::parse;
+    use crate::region_log::dirty_log::DirtyLog;
 
     fn log(ctr: &str) -> SharedLog {
         let l = DirtyLog::new(&parse(ctr.as_bytes()).unwrap().args, false).unwrap();

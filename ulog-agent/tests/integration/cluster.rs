@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use ulog_agent::cluster::bus::{BusEvent, BusHandler, Outbound};
 use ulog_agent::cluster::corosync::{self, BusConfig};
 use ulog_agent::cluster::test_cluster::TestCluster;
-use ulog_agent::kernel_peer::AgentOutput;
+use ulog_agent::wire::kernel_peer::AgentOutput;
 
 use crate::common::*;
 

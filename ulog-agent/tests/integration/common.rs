@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-pub use ulog_agent::kernel_peer::{
+pub use ulog_agent::wire::kernel_peer::{
     encode_request, enter_private_netns, errno_name, regions_payload, AgentProcess, Capacity, GroupListener,
     KernelPeer, Reply, ReplyForm, Request,
 };

@@ -1,5 +1,5 @@
 //! Integration tests: the `ulog-agent` binary, each test in its own network namespace, driven
-//! over a real `NETLINK_CONNECTOR` socket by the kernel-peer harness (`ulog_agent::kernel_peer`).
+//! over a real `NETLINK_CONNECTOR` socket by the kernel-peer harness (`ulog_agent::wire::kernel_peer`).
 //! They need root. Run with `cargo test -p ulog-agent --test integration`.
 
 mod api;

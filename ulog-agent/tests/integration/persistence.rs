@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ulog_agent::kernel_peer::AgentOutput;
+use ulog_agent::wire::kernel_peer::AgentOutput;
 
 use crate::common::*;
 

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 use ulog_common::{RequestType, REQUEST_TYPE_COUNT};
 
-use crate::protocol::Malformed;
+use crate::wire::protocol::Malformed;
 
 /// Why a datagram was not served at all.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

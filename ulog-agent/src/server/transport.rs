@@ -9,7 +9,7 @@
 //!
 //! The loop blocks in `recvfrom` with a 250 ms timeout, only to notice a shutdown request: one
 //! system call per request, none per idle wake-up beyond four a second. Whether it may exit is
-//! decided here, between datagrams (see `crate::shutdown`): SIGTERM ends it only when no log is
+//! decided here, between datagrams (see `crate::process::shutdown`): SIGTERM ends it only when no log is
 //! live; the restart signal ends it whatever is live. Before returning it leaves the connector
 //! group and serves what was already queued, so the kernel's next request finds no listener
 //! (-ESRCH: reconnect every 2 s) instead of waiting 15 s for an answer from a closed socket.
@@ -32,11 +32,11 @@ use std::time::Instant;
 use tracing::{info, warn};
 use ulog_common::{CN_IDX_DM, NETLINK_CONNECTOR};
 
-use crate::counters::Dropped;
-use crate::persist::ReplySink;
-use crate::ratelimit::RateLimit;
+use crate::metrics::counters::Dropped;
+use crate::process::shutdown::{ExitControl, ExitRequest};
+use crate::region_log::persist::ReplySink;
+use crate::server::ratelimit::RateLimit;
 use crate::server::LogServer;
-use crate::shutdown::{ExitControl, ExitRequest};
 
 const SOL_NETLINK: libc::c_int = 270;
 const NETLINK_ADD_MEMBERSHIP: libc::c_int = 1;
@@ -323,7 +323,7 @@ fn try_exit(
     Ok(Some(end))
 }
 
-/// Serves datagrams until `control` asks for an exit that is allowed (see `crate::shutdown`).
+/// Serves datagrams until `control` asks for an exit that is allowed (see `crate::process::shutdown`).
 /// The loop's heartbeat (`/healthz`) is stamped by every
 /// datagram (`LogServer::handle_datagram`) and every idle timeout.
 pub fn serve(socket: &ConnectorSocket, server: &mut LogServer, control: &ExitControl) -> io::Result<ServeEnd> {

@@ -2,7 +2,7 @@
 //! the agent makes, a suspend and resume of a cluster log's mirror to restart its recovery
 //! ([`crate::cluster::restart_mirror_recovery`]).
 //!
-//! Used by the log engine (a log's mirror legs, [`crate::legs`]) and by telemetry (each log's
+//! Used by the log engine (a log's mirror legs, [`crate::region_log::legs`]) and by telemetry (each log's
 //! mirror device, `metrics::mirror`), so it imports neither.
 //!
 //! Everything goes through `/dev/mapper/control`:

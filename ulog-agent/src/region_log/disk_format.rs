@@ -13,8 +13,8 @@
 //! own `disk` log type and vice versa (cmirrord copies host-endian words instead). One image
 //! covers the header and the bitmap, rounded up to the device's logical block size.
 
-use crate::bitmap::RegionBitmap;
-use crate::ctr::SyncMode;
+use crate::region_log::bitmap::RegionBitmap;
+use crate::region_log::ctr::SyncMode;
 
 /// `MIRROR_MAGIC`.
 pub const MAGIC: u32 = 0x4D69_5272;

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-use crate::disk_format;
+use crate::region_log::disk_format;
 
 /// Why a log device could not be used.
 #[derive(Debug, Error)]

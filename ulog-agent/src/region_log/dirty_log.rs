@@ -29,7 +29,7 @@
 //! Clean bits and the legs' caches (dm-log.c `disk_flush`): the tracker also records whether
 //! the marked blocks carry clean-going changes (`clean_going`, the kernel's `touched_cleaned`),
 //! and the snapshot says so, so the persister flushes the mirror legs before writing it
-//! (`crate::legs`). If that flush fails, [`DirtyLog::legs_flush_failed`] does what dm-log.c does
+//! (`crate::region_log::legs`). If that flush fails, [`DirtyLog::legs_flush_failed`] does what dm-log.c does
 //! when `flush_callback_fn` fails: it sets `flush_failed`, makes every region dirty (the write
 //! then carries no clean bit), and from then on CLEAR is ignored (`core_clear_region` tests
 //! `flush_failed`), for the rest of the log's life: as in the kernel, neither a suspend/resume
@@ -38,9 +38,9 @@
 
 use thiserror::Error;
 
-use crate::bitmap::RegionBitmap;
-use crate::ctr::{CtrArgs, SyncMode};
-use crate::disk_format::{self, LoadOutcome, BITMAP_OFFSET};
+use crate::region_log::bitmap::RegionBitmap;
+use crate::region_log::ctr::{CtrArgs, SyncMode};
+use crate::region_log::disk_format::{self, LoadOutcome, BITMAP_OFFSET};
 
 /// The unit the persister writes: one page, a multiple of every logical block size in use.
 pub const IMAGE_BLOCK: usize = 4096;
@@ -719,7 +719,7 @@ fn copy_image_block(clean: &RegionBitmap, region_count: u64, b: usize, image: &m
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ctr::parse;
+    use crate::region_log::ctr::parse;
 
     fn log(ctr: &str, persistent: bool) -> DirtyLog {
         DirtyLog::new(&parse(ctr.as_bytes()).unwrap().args, persistent).unwrap()

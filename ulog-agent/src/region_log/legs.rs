@@ -13,7 +13,7 @@
 //!
 //! * **Which legs**: the table of every dm device whose `mirror` target names this log's uuid
 //!   (`userspace <argc> <uuid> ...`), live and inactive (during a reload both name the uuid,
-//!   possibly with different legs: all are flushed), leg devices as `maj:min` ([`crate::dm`]).
+//!   possibly with different legs: all are flushed), leg devices as `maj:min` ([`crate::region_log::dm`]).
 //!   Looked up at every RESUME. Nothing can change them in between: a table reload constructs
 //!   a new log (CTR, then RESUME), and a leg device that is itself reloaded keeps its device
 //!   number. A lookup that failed is retried before the next write that needs it.
@@ -47,8 +47,8 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-use crate::dm::{self, Control, DevNum, Table};
-use crate::store;
+use crate::region_log::dm::{self, Control, DevNum, Table};
+use crate::region_log::store;
 
 /// Why a log's legs could not be flushed.
 #[derive(Debug, Error)]

@@ -191,7 +191,7 @@ pub fn parse(payload: &[u8]) -> Result<ParsedCtr, CtrError> {
                 return Err(CtrError::TooFewArgs(text.to_string()));
             }
             let device = tokens[2];
-            if device.len() >= crate::protocol::DM_NAME_LEN_MAX {
+            if device.len() >= crate::wire::protocol::DM_NAME_LEN_MAX {
                 return Err(CtrError::BadDevice(device.to_string()));
             }
             (LogKind::Disk { device: device.to_string() }, tokens[3], &tokens[4..])

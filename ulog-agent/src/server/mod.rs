@@ -19,16 +19,20 @@ use tracing::{debug, info, warn};
 use ulog_common::RequestType;
 
 use crate::cluster::engine::{Change, ClusterView, Command as ClusterCommand, LogShape, Read};
-use crate::counters::{Counters, Dropped};
-use crate::ctr::{self, CtrArgs, LogKind, SyncMode};
-use crate::dirty_log::{DirtyLog, LoadRule, LogError, Phase};
-use crate::legs::Legs;
+use crate::metrics::counters::{Counters, Dropped};
 use crate::metrics::flight::{FlightRecord, PENDING};
-use crate::metrics::{clock, LogHandle, LogTelemetry, Telemetry};
-use crate::persist::{PendingReply, Persister, ReplySink, SharedDevice, SharedLog};
-use crate::protocol::{self, Answer, ReplyBuf, Request, MAX_REPLY_PAYLOAD};
-use crate::ratelimit::RateLimit;
-use crate::store::{self, DeviceKey, LogDevice};
+use crate::metrics::persister::PersisterTelemetry;
+use crate::metrics::{clock, LogHandle, LogState, LogTelemetry, SharedLog, Telemetry};
+use crate::region_log::ctr::{self, CtrArgs, LogKind, SyncMode};
+use crate::region_log::dirty_log::{DirtyLog, LoadRule, LogError, Phase};
+use crate::region_log::legs::Legs;
+use crate::region_log::persist::{PendingReply, Persister, ReplySink, SharedDevice};
+use crate::region_log::store::{self, DeviceKey, LogDevice};
+use crate::server::ratelimit::RateLimit;
+use crate::wire::protocol::{self, Answer, ReplyBuf, Request, MAX_REPLY_PAYLOAD};
+
+pub mod ratelimit;
+pub mod transport;
 
 /// Where a cluster log's requests go: the cluster engine's command queue (false: the engine
 /// is gone, the request is answered -EIO).
@@ -130,7 +134,7 @@ impl crate::cluster::engine::Replies for Arc<ClusterReplies> {
                 _ => {}
             }
             if r.flight_id != 0 {
-                s.flight.complete(r.flight_record(now.saturating_sub(r.received_ns), error));
+                s.flight.complete(FlightRecord::deferred(r, now.saturating_sub(r.received_ns), error));
             }
         }
         self.send_answer(r, error, payload);
@@ -337,7 +341,7 @@ pub struct LogServer {
     orphaned_in_sync: HashMap<(Box<[u8]>, u64), OutOfSyncNote>,
     /// Every log device and state file in use, shared by the logs of one uuid on it (see
     /// `persist::SharedDevice`); an entry lives as long as a log or its I/O thread holds it.
-    devices: HashMap<DeviceKey, Weak<SharedDevice>>,
+    devices: HashMap<DeviceKey, Weak<SharedDevice<LogState>>>,
 }
 
 /// Regions a log must record out of sync when it is created (see [`LogServer::unknown_log`]).
@@ -951,8 +955,7 @@ impl LogServer {
                     d,
                     sd,
                     Arc::clone(&self.sink),
-                    Arc::clone(&self.telemetry),
-                    Arc::clone(&tel),
+                    Arc::new(PersisterTelemetry::new(Arc::clone(&self.telemetry), Arc::clone(&tel))),
                     name.clone(),
                     Legs::new(&uuid_text),
                 )
@@ -1018,7 +1021,12 @@ impl LogServer {
     /// new one. `-EBUSY` if a log of another uuid uses the device: two mirrors' logs on one
     /// device would overwrite each other's bitmap (device-mapper does not stop two tables from
     /// opening one device).
-    fn shared_device(&mut self, uuid: &[u8], device: &LogDevice, name: &str) -> Result<Arc<SharedDevice>, i32> {
+    fn shared_device(
+        &mut self,
+        uuid: &[u8],
+        device: &LogDevice,
+        name: &str,
+    ) -> Result<Arc<SharedDevice<LogState>>, i32> {
         let key = device.key;
         if let Some(other) = self.logs.values().flatten().find(|e| e.device_key == Some(key) && &*e.uuid != uuid) {
             warn!(log = %name, device = %device.path().display(), other = %other.name, "CTR refused: the log device is in use by the log of another mirror");
@@ -1142,7 +1150,7 @@ mod tests {
     //! Whole-server properties: whatever arrives, the server neither panics nor stays silent
     //! where an answer can be matched, and every answer is one the kernel accepts.
     use super::*;
-    use crate::kernel_peer::{encode_request, parse_datagram, Parsed, Request as PeerRequest};
+    use crate::wire::kernel_peer::{encode_request, parse_datagram, Parsed, Request as PeerRequest};
     use proptest::prelude::*;
     use std::sync::Mutex;
 

@@ -8,7 +8,7 @@
 //! 1. takes every job queued so far (group commit: one write answers all of them),
 //! 2. copies the changed image blocks under the mutex (a memcpy of a few KiB),
 //! 3. if they carry clean bits set since the last write, flushes the mirror legs' caches first
-//!    (`crate::legs`; dm-log.c `disk_flush` calls `flush_callback_fn` then), and if that fails
+//!    (`crate::region_log::legs`; dm-log.c `disk_flush` calls `flush_callback_fn` then), and if that fails
 //!    writes every region dirty instead (`DirtyLog::legs_flush_failed`),
 //! 4. writes them with `RWF_DSYNC` outside the mutex,
 //! 5. records the generation it wrote and sends each waiting reply whose generation is now
@@ -25,7 +25,13 @@
 //! whichever log writes, no region any of them holds dirty reaches the disk as clean, and no
 //! write can land with a view older than one already on the disk. When a log leaves the device
 //! (DTR), the others rewrite their whole image, so bits it kept dirty are written as they are.
+//!
+//! What the I/O thread reports (each deferred reply, each image write, each flush of the legs)
+//! goes to the log's [`PersistObserver`]; what the request path keeps beside a log under its
+//! mutex is the caller's type `S` of [`SharedLog<S>`] (see [`LockedLog`]). So the engine names
+//! no telemetry type: the agent's telemetry implements the observer and supplies `S`.
 
+use std::ops::DerefMut;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
@@ -35,15 +41,12 @@ use std::time::Instant;
 use tracing::{error, info, warn};
 use ulog_common::{DmUlogRequest, RequestType};
 
-use crate::bitmap::RegionBitmap;
-use crate::counters::Counters;
-use crate::dirty_log::{DirtyLog, LoadRule, Snapshot, IMAGE_BLOCK};
-use crate::disk_format::{self, LoadOutcome};
-use crate::legs::{Flushed, LegLookup, Legs};
-use crate::metrics::flight::FlightRecord;
-use crate::metrics::{clock, LogState, LogTelemetry, Telemetry};
-use crate::protocol::ReplyBuf;
-use crate::store::{AlignedBuf, LogDevice};
+use crate::region_log::bitmap::RegionBitmap;
+use crate::region_log::dirty_log::{DirtyLog, LoadRule, Snapshot, IMAGE_BLOCK};
+use crate::region_log::disk_format::{self, LoadOutcome};
+use crate::region_log::legs::{Flushed, LegLookup, Legs};
+use crate::region_log::store::{AlignedBuf, LogDevice};
+use crate::wire::protocol::ReplyBuf;
 
 /// Where replies go (the connector socket, or a test's collector).
 pub trait ReplySink: Send + Sync + 'static {
@@ -51,10 +54,38 @@ pub trait ReplySink: Send + Sync + 'static {
     fn send_reply(&self, port: u32, datagram: &[u8]) -> bool;
 }
 
-/// A log's state as shared between the receive thread and its persister.
+/// What a log's mutex guards: the [`DirtyLog`] and whatever the caller keeps beside it under the
+/// same lock (records the request path writes in the critical section it takes anyway). The
+/// engine sees only the log; `From<DirtyLog>` wraps a new one.
+pub trait LockedLog: DerefMut<Target = DirtyLog> + From<DirtyLog> + Send + 'static {}
+
+impl<T: DerefMut<Target = DirtyLog> + From<DirtyLog> + Send + 'static> LockedLog for T {}
+
+/// What a log's persister reports, to whoever observes the log (the agent's telemetry).
+///
+/// Called on the log's I/O thread, on the reply path: an implementation must not block on
+/// anything but the log's own mutex (which [`Self::replied`] may take through `log`), and must
+/// not allocate per call.
+pub trait PersistObserver<S>: Send + Sync + 'static {
+    /// A deferred reply answered with `error` (0 or a negative errno) is about to be sent.
+    fn replying(&self, reply: &PendingReply, error: i32);
+    /// That reply was sent (`sent` false: the send failed); `log` is the log it answered for.
+    fn replied(&self, reply: &PendingReply, error: i32, sent: bool, log: &SharedLog<S>);
+    /// One write of `bytes` to the log device ended (`ok`: it succeeded).
+    fn device_written(&self, bytes: usize, ok: bool);
+    /// One image write (all its device writes) of `bytes` ended after `elapsed_ns`.
+    fn image_written(&self, bytes: u64, elapsed_ns: u64, ok: bool);
+    /// The mirror legs' write caches were flushed (`ok` false: the flush failed).
+    fn legs_flushed(&self, ok: bool);
+    /// The log's mirror device name, when known, for log lines.
+    fn mirror(&self) -> Option<Arc<str>>;
+}
+
+/// A log's state as shared between the receive thread and its persister: the log and what the
+/// caller keeps beside it (`S`, see [`LockedLog`]) under one mutex.
 #[derive(Debug)]
-pub struct SharedLog {
-    state: Mutex<LogState>,
+pub struct SharedLog<S> {
+    state: Mutex<S>,
     /// A lazy write of clean-going changes is already queued.
     lazy_queued: AtomicBool,
     /// The log device failed a read or write since the last successful resume ('D' in status).
@@ -64,11 +95,11 @@ pub struct SharedLog {
     legs_flush_failed: AtomicBool,
 }
 
-impl SharedLog {
+impl<S: LockedLog> SharedLog<S> {
     /// Wraps a log.
     pub fn new(log: DirtyLog) -> Self {
         Self {
-            state: Mutex::new(LogState::new(log)),
+            state: Mutex::new(S::from(log)),
             lazy_queued: AtomicBool::new(false),
             device_failed: AtomicBool::new(false),
             legs_flush_failed: AtomicBool::new(false),
@@ -82,9 +113,8 @@ impl SharedLog {
 
     /// Locks the state. A panic elsewhere while holding the lock leaves a consistent bitmap
     /// (every mutation is a single bit flip plus counters), so poisoning is ignored.
-    /// The guard derefs to the [`DirtyLog`]; the flight recorder and dirty timing are fields of
-    /// [`LogState`].
-    pub fn lock(&self) -> MutexGuard<'_, LogState> {
+    /// The guard derefs to `S`, which derefs to the [`DirtyLog`].
+    pub fn lock(&self) -> MutexGuard<'_, S> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -100,36 +130,42 @@ impl SharedLog {
 }
 
 /// A log device (or state file) and the logs loaded on it. See the module documentation.
-#[derive(Debug, Default)]
-pub struct SharedDevice {
+#[derive(Debug)]
+pub struct SharedDevice<S> {
     /// Held across every load and write of the image: one writer at a time, and no write
     /// prepared before another one can land after it.
     io: Mutex<()>,
     /// Logs loaded on the device (from their first RESUME to their DTR), with their I/O threads.
-    members: Mutex<Vec<Member>>,
+    members: Mutex<Vec<Member<S>>>,
+}
+
+impl<S> Default for SharedDevice<S> {
+    fn default() -> Self {
+        Self { io: Mutex::default(), members: Mutex::default() }
+    }
 }
 
 #[derive(Debug)]
-struct Member {
-    log: Weak<SharedLog>,
+struct Member<S> {
+    log: Weak<SharedLog<S>>,
     jobs: Sender<Job>,
 }
 
-impl SharedDevice {
+impl<S: LockedLog> SharedDevice<S> {
     fn lock_io(&self) -> MutexGuard<'_, ()> {
         self.io.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn members(&self) -> MutexGuard<'_, Vec<Member>> {
+    fn members(&self) -> MutexGuard<'_, Vec<Member<S>>> {
         self.members.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The other loaded logs (not `me`).
-    fn others(&self, me: &Arc<SharedLog>) -> Vec<Arc<SharedLog>> {
+    fn others(&self, me: &Arc<SharedLog<S>>) -> Vec<Arc<SharedLog<S>>> {
         self.members().iter().filter_map(|m| m.log.upgrade()).filter(|l| !Arc::ptr_eq(l, me)).collect()
     }
 
-    fn join(&self, me: &Arc<SharedLog>, jobs: &Sender<Job>) {
+    fn join(&self, me: &Arc<SharedLog<S>>, jobs: &Sender<Job>) {
         let mut members = self.members();
         members.retain(|m| m.log.strong_count() > 0);
         if !members.iter().any(|m| m.log.upgrade().is_some_and(|l| Arc::ptr_eq(&l, me))) {
@@ -138,7 +174,7 @@ impl SharedDevice {
     }
 
     /// `me` leaves; the logs that stay rewrite their images.
-    fn leave(&self, me: &Arc<SharedLog>) {
+    fn leave(&self, me: &Arc<SharedLog<S>>) {
         let mut members = self.members();
         members.retain(|m| m.log.upgrade().is_some_and(|l| !Arc::ptr_eq(&l, me)));
         for m in members.iter() {
@@ -158,32 +194,17 @@ pub struct PendingReply {
     pub header: DmUlogRequest,
     /// The request's cn_msg seq.
     pub cn_seq: u32,
-    /// When the receive thread received it ([`crate::metrics::clock`] ns; service time = this
-    /// to the reply's send).
+    /// When the receive thread received it (`CLOCK_MONOTONIC` ns, the agent's one clock;
+    /// service time = this to the reply's send).
     pub received_ns: u64,
-    /// Its flight-recorder id (`metrics::flight`).
+    /// Its flight-recorder id (0: none), for the observer's records.
     pub flight_id: u64,
 }
 
 impl PendingReply {
-    fn kind(&self) -> Option<RequestType> {
+    /// The request's type, if it is one.
+    pub fn kind(&self) -> Option<RequestType> {
         RequestType::from_raw(self.header.request_type)
-    }
-
-    /// The flight record that completes this request's (opened as pending when it was handed
-    /// over), answered with `error` after `service_ns`.
-    pub fn flight_record(&self, service_ns: u64, error: i32) -> FlightRecord {
-        FlightRecord {
-            id: self.flight_id,
-            received_ns: self.received_ns,
-            service_ns,
-            seq: self.header.seq,
-            request_type: self.header.request_type & ulog_common::DM_ULOG_REQUEST_MASK,
-            error,
-            deferred: true,
-            in_sync_arg: -1,
-            ..FlightRecord::default()
-        }
     }
 }
 
@@ -214,54 +235,36 @@ impl std::fmt::Debug for Persister {
     }
 }
 
-struct Worker {
-    log: Arc<SharedLog>,
+struct Worker<S> {
+    log: Arc<SharedLog<S>>,
     device: LogDevice,
-    shared_device: Arc<SharedDevice>,
+    shared_device: Arc<SharedDevice<S>>,
     /// This log's own job queue (handed to the device's other logs when it joins).
     jobs: Sender<Job>,
     image: AlignedBuf,
     sink: Arc<dyn ReplySink>,
-    counters: Arc<Counters>,
     name: String,
-    telemetry: Arc<Telemetry>,
-    log_tel: Arc<LogTelemetry>,
+    observer: Arc<dyn PersistObserver<S>>,
     legs: Legs,
 }
 
 impl Persister {
     /// Starts the I/O thread of a log. `name` identifies the log in diagnostics; the replies it
-    /// sends and the writes it makes are recorded in `telemetry` and `log_tel`; `legs` are its
-    /// mirror's legs, flushed before clean bits are written.
-    // Each argument is a distinct handle the thread keeps; a struct for the one caller adds nothing.
-    #[allow(clippy::too_many_arguments)]
-    pub fn start(
-        log: Arc<SharedLog>,
+    /// sends and the writes it makes are reported to `observer`; `legs` are its mirror's legs,
+    /// flushed before clean bits are written.
+    pub fn start<S: LockedLog>(
+        log: Arc<SharedLog<S>>,
         device: LogDevice,
-        shared_device: Arc<SharedDevice>,
+        shared_device: Arc<SharedDevice<S>>,
         sink: Arc<dyn ReplySink>,
-        telemetry: Arc<Telemetry>,
-        log_tel: Arc<LogTelemetry>,
+        observer: Arc<dyn PersistObserver<S>>,
         name: String,
         legs: Legs,
     ) -> std::io::Result<Self> {
         let region_count = log.lock().region_count();
         let image = AlignedBuf::zeroed(disk_format::image_len(region_count, IMAGE_BLOCK))?;
         let (tx, rx) = mpsc::channel();
-        let counters = Arc::clone(telemetry.counters());
-        let worker = Worker {
-            log,
-            device,
-            shared_device,
-            jobs: tx.clone(),
-            image,
-            sink,
-            counters,
-            name,
-            telemetry,
-            log_tel,
-            legs,
-        };
+        let worker = Worker { log, device, shared_device, jobs: tx.clone(), image, sink, name, observer, legs };
         let thread = std::thread::Builder::new()
             .name("ulog-persist".into())
             .stack_size(256 * 1024)
@@ -323,7 +326,7 @@ impl Drop for Persister {
     }
 }
 
-impl Worker {
+impl<S: LockedLog> Worker<S> {
     fn run(mut self, rx: Receiver<Job>) {
         let mut waiters: Vec<(u64, PendingReply)> = Vec::new();
         while let Ok(first) = rx.recv() {
@@ -392,24 +395,9 @@ impl Worker {
 
     fn answer(&self, r: &PendingReply, error: i32) {
         let reply = ReplyBuf::full(&r.header, r.cn_seq, error, &[], r.own_port);
-        if error != 0 {
-            self.counters.deferred_error(r.kind());
-        }
-        self.telemetry.about_to_reply(r.header.seq, r.received_ns);
-        if !self.sink.send_reply(r.port, reply.as_bytes()) {
-            self.counters.dropped(crate::counters::Dropped::SendFailed);
-        }
-        // Telemetry: service time from receipt, the log's result counters, the flight record.
-        let now = clock::now_ns();
-        let service_ns = now.saturating_sub(r.received_ns);
-        self.telemetry.observe_service(r.kind(), service_ns);
-        if let Some(kind) = r.kind() {
-            self.log_tel.answered(kind, error, now, service_ns);
-        }
-        if r.flight_id == 0 {
-            return;
-        }
-        self.log.lock().flight.complete(r.flight_record(service_ns, error));
+        self.observer.replying(r, error);
+        let sent = self.sink.send_reply(r.port, reply.as_bytes());
+        self.observer.replied(r, error, sent, &self.log);
     }
 
     /// Writes every changed block; 0 or a negative errno.
@@ -443,7 +431,7 @@ impl Worker {
                 (count * IMAGE_BLOCK).min(self.device.image_len().saturating_sub(first * IMAGE_BLOCK))
             })
             .sum();
-        self.log_tel.metrics.flushed(bytes as u64, started.elapsed().as_nanos() as u64, written.is_ok());
+        self.observer.image_written(bytes as u64, started.elapsed().as_nanos() as u64, written.is_ok());
         match written {
             Ok(()) => {
                 self.log.lock().snapshot_written(snap.gen);
@@ -452,7 +440,7 @@ impl Worker {
             Err(e) => {
                 self.log.lock().snapshot_failed(&snap);
                 if !self.log.device_failed.swap(true, Ordering::Relaxed) {
-                    error!(log = %self.name, mirror = self.log_tel.mirror().as_deref(), device = %self.device.path().display(), error = %e, "log device write failed; the log is marked failed (D)");
+                    error!(log = %self.name, mirror = self.observer.mirror().as_deref(), device = %self.device.path().display(), error = %e, "log device write failed; the log is marked failed (D)");
                 }
                 -e.raw_os_error().unwrap_or(libc::EIO)
             }
@@ -465,15 +453,14 @@ impl Worker {
     /// region only once its writes completed). As dm-log.c `disk_flush` with `flush_callback_fn`:
     /// on failure every region goes dirty and `snap` becomes the all-dirty image.
     fn flush_legs(&mut self, snap: &mut Snapshot) {
-        let metrics = &self.log_tel.metrics;
         match self.legs.flush() {
-            Ok(Flushed::Legs(_)) => metrics.leg_flushed(true),
+            Ok(Flushed::Legs(_)) => self.observer.legs_flushed(true),
             Ok(Flushed::NoDeviceMapper) => {}
             Err(e) => {
-                metrics.leg_flushed(false);
+                self.observer.legs_flushed(false);
                 self.log.lock().legs_flush_failed(&mut self.image, snap);
                 if !self.log.legs_flush_failed.swap(true, Ordering::Relaxed) {
-                    error!(log = %self.name, mirror = self.log_tel.mirror().as_deref(), error = %e, consequence = "every region is written dirty; clears are ignored until the table is reloaded (dm-log.c flush_failed)", "flushing the mirror legs failed");
+                    error!(log = %self.name, mirror = self.observer.mirror().as_deref(), error = %e, consequence = "every region is written dirty; clears are ignored until the table is reloaded (dm-log.c flush_failed)", "flushing the mirror legs failed");
                 }
             }
         }
@@ -487,20 +474,20 @@ impl Worker {
         if let [(first, count)] = snap.runs[..] {
             let (off, len) = (first * IMAGE_BLOCK, count * IMAGE_BLOCK);
             let r = self.device.write_durable(&self.image, off, len);
-            self.counters.disk_write(bytes_of(off, len), r.is_ok());
+            self.observer.device_written(bytes_of(off, len), r.is_ok());
             return r;
         }
         let mut total = 0;
         for &(first, count) in &snap.runs {
             let (off, len) = (first * IMAGE_BLOCK, count * IMAGE_BLOCK);
             if let Err(e) = self.device.write_plain(&self.image, off, len) {
-                self.counters.disk_write(total, false);
+                self.observer.device_written(total, false);
                 return Err(e);
             }
             total += bytes_of(off, len);
         }
         let r = self.device.sync_data();
-        self.counters.disk_write(total, r.is_ok());
+        self.observer.device_written(total, r.is_ok());
         r
     }
 
@@ -511,13 +498,13 @@ impl Worker {
         match self.legs.resolve() {
             Ok(LegLookup::Found(legs)) => {
                 let legs: Vec<String> = legs.iter().map(ToString::to_string).collect();
-                info!(log = %self.name, mirror = self.log_tel.mirror().as_deref(), legs = %legs.join(" "), "mirror legs found");
+                info!(log = %self.name, mirror = self.observer.mirror().as_deref(), legs = %legs.join(" "), "mirror legs found");
             }
             Ok(LegLookup::NoDeviceMapper) => {
                 info!(log = %self.name, "no device-mapper in this kernel: no mirror legs to flush")
             }
             Err(e) => {
-                warn!(log = %self.name, mirror = self.log_tel.mirror().as_deref(), error = %e, "cannot find the mirror legs (retried before the next clean bits are written)")
+                warn!(log = %self.name, mirror = self.observer.mirror().as_deref(), error = %e, "cannot find the mirror legs (retried before the next clean bits are written)")
             }
         }
         let device = Arc::clone(&self.shared_device);
@@ -532,7 +519,7 @@ impl Worker {
         self.write_locked();
         let read = self.device.read_image(&mut self.image);
         if let Err(e) = &read {
-            warn!(log = %self.name, mirror = self.log_tel.mirror().as_deref(), device = %self.device.path().display(), error = %e, "cannot read the log; every region will be resynchronised");
+            warn!(log = %self.name, mirror = self.observer.mirror().as_deref(), device = %self.device.path().display(), error = %e, "cannot read the log; every region will be resynchronised");
             self.log.device_failed.store(true, Ordering::Relaxed);
         } else {
             self.log.device_failed.store(false, Ordering::Relaxed);

@@ -1205,7 +1205,7 @@ impl AgentProcess {
     }
 
     /// SIGTERM, then wait up to `timeout` for it to exit. The agent exits on SIGTERM only when
-    /// it knows no log (see `crate::shutdown`); otherwise this times out.
+    /// it knows no log (see `crate::process::shutdown`); otherwise this times out.
     pub fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus, PeerError> {
         self.signal(libc::SIGTERM)?;
         self.wait_exit(timeout)
@@ -1221,10 +1221,10 @@ impl AgentProcess {
         }
     }
 
-    /// The restart-style exit (the restart signal of `crate::shutdown`: flush every log, exit 0
+    /// The restart-style exit (the restart signal of `crate::process::shutdown`: flush every log, exit 0
     /// whatever is live), then wait up to `timeout` for it to exit.
     pub fn restart_exit(&mut self, timeout: Duration) -> Result<ExitStatus, PeerError> {
-        self.signal(crate::shutdown::restart_signal())?;
+        self.signal(crate::process::shutdown::restart_signal())?;
         self.wait_exit(timeout)
     }
 }
