@@ -14,6 +14,9 @@
 //!   second live member ([`Stability`]), so a crash of this node cannot lose it. CLEAR,
 //!   GET_RESYNC_WORK and SET_REGION_SYNC are answered on their own delivery, with the answer
 //!   the ordered state gives. A FLUSH waits until every earlier frame of this node is stable.
+//! - **`clustered-disk`**: one member, the log's disk writer, writes the whole image to the
+//!   shared device after it applies events and multicasts `Written { position }`; a MARK is
+//!   answered once stable *and* covered by a `Written` (see `maybe_write_image`).
 //! - **POSTSUSPEND** multicasts `Release` (the kernel's writes are done) and leaves the group.
 //!
 //! **State transfer, cut at a known point.** A member that joins has no state. It multicasts
@@ -41,7 +44,9 @@
 //! leaves and joins again (see `digest_frame`).
 //!
 //! # Limits (not done yet)
-//! - `clustered-disk` in cluster mode (one disk writer, hand-over) is refused at CTR.
+//! - `clustered-disk`: while the disk writer is held (departed, maybe cut off and still
+//!   writing), MARKs of every node wait until it is adopted, rebooted or confirmed dead.
+//!   Mixing `clustered-core` and `clustered-disk` tables of one uuid is not detected.
 //! - An acknowledgement proves the acker *applied* the frame. If the sender and its acker are
 //!   both cut off into a minority and both crash there, the majority may lack a mark that was
 //!   answered (needs >= 4 nodes and two crashes); SAFE delivery or a majority ack would close it.
@@ -56,6 +61,7 @@ use super::bus::{BusEvent, BusHandler, Member, Outbound};
 use super::stability::Stability;
 use super::state::{Event, Incarnation, NodeId, Outcome, ReplicatedLog};
 use super::wire::{self, Assembler, Body, Frame};
+use crate::region_log::bitmap::RegionBitmap;
 use crate::region_log::persist::PendingReply;
 use crate::wire::protocol;
 
@@ -91,6 +97,20 @@ pub const RESTART_RECOVERY_AFTER_TICKS: u32 = 5;
 
 /// Ticks between two recovery restarts of the same log by this member.
 pub const RESTART_RECOVERY_COOLDOWN_TICKS: u32 = 60;
+
+/// The shared log device of a `clustered-disk` log, as the engine uses it (the server opens it
+/// at CTR; tests pass a fake). Only the log's disk writer writes it (guarantee 8).
+pub trait DiskImage: Send + std::fmt::Debug {
+    /// Reads the device's image: its clean bits for the table's region count, or `None` when it
+    /// holds no usable image (a new log). Blocks (called at `Genesis` only, when nobody holds
+    /// the state and so nobody writes the device).
+    fn read(&mut self) -> std::io::Result<Option<RegionBitmap>>;
+
+    /// Starts writing an image of these clean bits, the state after `position` events; must
+    /// not block. Completion comes back as [`Command::DiskWritten`] once the image is on
+    /// stable storage (or failed).
+    fn write(&mut self, clean: RegionBitmap, position: u64);
+}
 
 /// The shape of a log, from its table. Every member of a group must have the same.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -373,6 +393,17 @@ pub enum Command {
         view: Arc<ClusterView>,
         /// The CTR was the kernel's reconnect (its agent restarted while it wrote).
         reconnect: bool,
+        /// The shared log device of a `clustered-disk` table.
+        disk: Option<Box<dyn DiskImage>>,
+    },
+    /// A [`DiskImage::write`] ended.
+    DiskWritten {
+        /// The group.
+        group: Vec<u8>,
+        /// The position the image covers.
+        position: u64,
+        /// Ok, or the negative errno of the write.
+        result: Result<(), i32>,
     },
     /// RESUME: join the group, get the state, multicast `Join`.
     Resume {
@@ -462,6 +493,10 @@ pub struct EngineStats {
     pub recovery_restarts: AtomicU64,
     /// Restarts that failed (no such mirror on this node, or the suspend or resume failed).
     pub recovery_restart_failures: AtomicU64,
+    /// Images of `clustered-disk` logs this member wrote to their log device as disk writer.
+    pub disk_image_writes: AtomicU64,
+    /// Such writes that failed.
+    pub disk_image_write_errors: AtomicU64,
 }
 
 /// A request waiting to be multicast, or for its frame.
@@ -557,6 +592,20 @@ struct LogCtx {
     ticks_since_checkpoint: u32,
     /// Reads waiting for the view to serve.
     reads: Vec<(Read, PendingReply)>,
+    /// The shared log device (`clustered-disk`).
+    disk: Option<Box<dyn DiskImage>>,
+    /// The image written so far covers this many events (from `Written` of the disk writer):
+    /// a MARK applied at or before it is durable.
+    durable: u64,
+    /// Where this member's own events were applied (sequence -> position), for the MARKs and
+    /// FLUSHes that wait for `durable` (disk logs).
+    own_positions: BTreeMap<u64, u64>,
+    /// As the disk writer: the write in flight (position, image).
+    disk_in_flight: Option<(u64, RegionBitmap)>,
+    /// As the disk writer: the last image written in this tenure of the role, and its position.
+    disk_written: Option<(u64, RegionBitmap)>,
+    /// A disk write failed: the next waits for a tick.
+    disk_failed: bool,
     /// Consecutive ticks with recovery work that no live member recovers.
     unrecovered_ticks: u32,
     /// Ticks left before this member may restart its kernel's recovery again.
@@ -730,11 +779,65 @@ impl<R: Replies> Engine<R> {
     /// Answers the MARKs and FLUSHes whose frames are stable now.
     fn release_stable(&self, ctx: &mut LogCtx) {
         let Some(st) = &ctx.stability else { return };
+        // A disk log's MARK (and a FLUSH after one) also waits for the image holding it to be
+        // durable on the log device (the durability rule, on top of the second holder).
+        let disk = ctx.disk.is_some();
+        let (durable, positions) = (ctx.durable, &ctx.own_positions);
+        let on_disk = |seq: u64| !disk || seq == 0 || positions.get(&seq).is_some_and(|&p| p <= durable);
         let (ready, rest): (Vec<Held>, Vec<Held>) =
-            ctx.waiting.drain(..).partition(|Held::Stable(seq, _)| *seq == 0 || st.is_stable(*seq));
+            ctx.waiting.drain(..).partition(|Held::Stable(seq, _)| (*seq == 0 || st.is_stable(*seq)) && on_disk(*seq));
         ctx.waiting = rest;
         for Held::Stable(_, p) in ready {
             self.answer(&p, 0, &[]);
+        }
+        let oldest = ctx.waiting.iter().map(|Held::Stable(seq, _)| *seq).min().unwrap_or(u64::MAX);
+        let keep_from = oldest.min(ctx.last_event);
+        ctx.own_positions.retain(|&seq, _| seq >= keep_from);
+    }
+
+    /// The disk writer of a `clustered-disk` log writes the image of its state whenever it has
+    /// applied events since its last image (the first write of a tenure is a full rewrite, as
+    /// every write is), and says so with `Written` once it is durable. An unchanged image is
+    /// not written again: the new position is announced at once.
+    fn maybe_write_image(&self, ctx: &mut LogCtx, group: &[u8], out: &mut dyn Outbound) {
+        let (Some(me), Some(log)) = (self.me, ctx.log.as_ref()) else { return };
+        if ctx.disk.is_none() || ctx.disk_in_flight.is_some() || ctx.disk_failed {
+            return;
+        }
+        let serving = self.quorate && ctx.in_group && !ctx.stale && matches!(ctx.holding, Holding::Yes);
+        if !serving || log.disk_writer() != Some(me.node) {
+            // Not (or no longer) the writer: a later tenure starts with a full write.
+            ctx.disk_written = None;
+            return;
+        }
+        if ctx.disk_written.as_ref().is_some_and(|(p, _)| *p >= ctx.applied) {
+            return;
+        }
+        let image = match log.clean_bitmap() {
+            Ok(i) => i,
+            Err(_) => {
+                error!(group = %group_name(group), "no memory for the cluster log's image");
+                ctx.disk_failed = true;
+                return;
+            }
+        };
+        let position = ctx.applied;
+        if let Some((p, written)) = ctx.disk_written.as_mut() {
+            if *written == image {
+                *p = position;
+                self.announce_written(ctx, group, position, out);
+                return;
+            }
+        }
+        ctx.disk_in_flight = Some((position, image.clone()));
+        if let Some(d) = ctx.disk.as_mut() {
+            d.write(image, position);
+        }
+    }
+
+    fn announce_written(&self, ctx: &mut LogCtx, group: &[u8], position: u64, out: &mut dyn Outbound) {
+        if self.quorate && ctx.in_group && !ctx.stale {
+            self.send(ctx, group, Body::Written { position }, out);
         }
     }
 
@@ -746,6 +849,7 @@ impl<R: Replies> Engine<R> {
             again.push(p);
         }
         ctx.join_in_flight = false;
+        ctx.own_positions.clear();
         for p in again.into_iter().rev() {
             ctx.to_send.push_front(p);
         }
@@ -1054,6 +1158,18 @@ impl<R: Replies> Engine<R> {
                 // A member's kernel wrote while no member knew its marks: any region may differ.
                 log.all_out_of_sync();
             }
+            // A disk log's device may be newer than the kept history (the quorate side wrote
+            // on): what it calls dirty is dirty.
+            match ctx.disk.as_mut().map(|d| d.read()) {
+                Some(Ok(Some(clean))) if clean.len() == log.region_count() => log.out_of_sync_unless_clean(&clean),
+                Some(Err(e)) => {
+                    error!(group = %group_name(group), error = %e, "cannot read the log device: every region out of sync");
+                    log.all_out_of_sync();
+                }
+                _ => {}
+            }
+            ctx.durable = 0;
+            ctx.disk_written = None;
             warn!(group = %group_name(group), applied, "no member held a current state: the log continues from the longest history kept (this member's), and every member adds the marks it saw");
             self.stats.geneses.fetch_add(1, Ordering::Relaxed);
             ctx.log = Some(log);
@@ -1086,7 +1202,23 @@ impl<R: Replies> Engine<R> {
             self.fail_all(ctx, -libc::EINVAL);
             return;
         }
-        let log = match ReplicatedLog::new(shape.region_count, shape.in_sync) {
+        // A disk log starts from its device's image: every MARK answered was durable there
+        // before its answer, so a region the image calls clean was clean when the last writer
+        // wrote it. Every member reads the same device at the same point (nobody writes it
+        // now: nobody holds the state); a failed read starts every region out of sync.
+        let from_disk = match ctx.disk.as_mut().map(|d| d.read()) {
+            None => None,
+            Some(Ok(image)) => image,
+            Some(Err(e)) => {
+                error!(group = %group_name(group), error = %e, "cannot read the log device: every region starts out of sync");
+                RegionBitmap::try_new(shape.region_count, false).ok()
+            }
+        };
+        let made = match from_disk.filter(|c| c.len() == shape.region_count) {
+            Some(clean) => ReplicatedLog::from_clean_image(&clean),
+            None => ReplicatedLog::new(shape.region_count, shape.in_sync),
+        };
+        let log = match made {
             Ok(l) => l,
             Err(_) => {
                 error!(group = %group_name(group), regions = shape.region_count, "no memory for the cluster log");
@@ -1107,6 +1239,8 @@ impl<R: Replies> Engine<R> {
             st.set_others_in_group(ctx.members.len() > 1 || !self.quorate);
         }
         ctx.applied = 0;
+        ctx.durable = 0;
+        ctx.disk_written = None;
         self.publish(ctx);
         self.reassert_stale(ctx, group);
     }
@@ -1181,6 +1315,8 @@ impl<R: Replies> Engine<R> {
         };
         ctx.log = Some(log);
         ctx.applied = applied;
+        ctx.durable = 0;
+        ctx.disk_written = None;
         ctx.holders = holders;
         ctx.hellos = hellos;
         ctx.stability = Some(Stability::with_applied(me.node, ctx.holders.iter().map(|m| m.node), seqs));
@@ -1230,9 +1366,20 @@ impl<R: Replies> Engine<R> {
                     let _ = view_log.apply(&ev);
                 }
                 if Some(from) == me {
+                    if ctx.disk.is_some() {
+                        ctx.own_positions.insert(frame.seq, ctx.applied);
+                    }
                     if let Some(p) = ctx.in_flight.remove(&frame.seq) {
                         self.resolved(ctx, group, frame.seq, p, result, out);
                     }
+                }
+            }
+            Body::Written { position } => {
+                // Only the writer's word counts (a former writer's frame delivered before its
+                // departure is true too, but the role is what the state says now).
+                if ctx.log.as_ref().and_then(ReplicatedLog::disk_writer) == Some(from.node) {
+                    ctx.durable = ctx.durable.max(position);
+                    self.release_stable(ctx);
                 }
             }
             Body::Ack { node, seq } => {
@@ -1395,9 +1542,12 @@ impl<R: Replies> Engine<R> {
 
     fn command(&mut self, cmd: Command, out: &mut dyn Outbound) {
         match cmd {
-            Command::Open { group, shape, view, reconnect } => {
+            Command::Open { group, shape, view, reconnect, disk } => {
                 let ctx = self.logs.entry(group.clone()).or_insert_with(|| LogCtx::new(shape, Arc::clone(&view)));
                 ctx.opens += 1;
+                if ctx.disk.is_none() {
+                    ctx.disk = disk;
+                }
                 ctx.reconnected |= reconnect;
                 if ctx.opens > 1 && !Arc::ptr_eq(&ctx.view, &view) {
                     // A reload: the new table's log reads the same state.
@@ -1410,6 +1560,26 @@ impl<R: Replies> Engine<R> {
                     }
                     ctx.view = view;
                 }
+            }
+            Command::DiskWritten { group, position, result } => {
+                let Some(mut ctx) = self.logs.remove(&group) else { return };
+                let image = ctx.disk_in_flight.take().map(|(_, image)| image);
+                match (result, image) {
+                    (Ok(()), Some(image)) => {
+                        self.stats.disk_image_writes.fetch_add(1, Ordering::Relaxed);
+                        ctx.disk_written = Some((position, image));
+                        self.announce_written(&mut ctx, &group, position, out);
+                    }
+                    (Err(e), _) => {
+                        self.stats.disk_image_write_errors.fetch_add(1, Ordering::Relaxed);
+                        error!(group = %group_name(&group), errno = e, "cannot write the cluster log's image to the log device: MARKs wait; retrying every second");
+                        ctx.disk_written = None;
+                        ctx.disk_failed = true;
+                    }
+                    (Ok(()), None) => {}
+                }
+                self.maybe_write_image(&mut ctx, &group, out);
+                self.logs.insert(group, ctx);
             }
             Command::Resume { group, pending } => {
                 let Some(ctx) = self.logs.get_mut(&group) else {
@@ -1603,6 +1773,12 @@ impl LogCtx {
             reads: Vec::new(),
             unrecovered_ticks: 0,
             restart_cooldown: 0,
+            disk: None,
+            durable: 0,
+            own_positions: BTreeMap::new(),
+            disk_in_flight: None,
+            disk_written: None,
+            disk_failed: false,
         }
     }
 }
@@ -1775,12 +1951,24 @@ impl<R: Replies> BusHandler for Engine<R> {
                 }
             }
             self.watch_recovery(&mut ctx, &g, me.node);
+            if ctx.disk_failed {
+                ctx.disk_failed = false;
+                self.maybe_write_image(&mut ctx, &g, out);
+            }
             self.logs.insert(g, ctx);
         }
     }
 
     fn on_idle(&mut self, out: &mut dyn Outbound) {
         self.flush_acks(out);
+        let disk_groups: Vec<Vec<u8>> =
+            self.logs.iter().filter(|(_, c)| c.disk.is_some()).map(|(g, _)| g.clone()).collect();
+        for g in disk_groups {
+            if let Some(mut ctx) = self.logs.remove(&g) {
+                self.maybe_write_image(&mut ctx, &g, out);
+                self.logs.insert(g, ctx);
+            }
+        }
     }
 }
 

@@ -32,8 +32,7 @@
 //! deterministic in-memory bus; `corosync` (feature `cluster`) is the one thread that owns the
 //! corosync handles; [`test_cluster`] starts real corosyncs in network namespaces for tests.
 //! Nothing here imports the telemetry. ARCHITECTURE.md ("Cluster logs") lists the guarantees
-//! and where each is enforced; not done yet: `clustered-disk` in cluster mode (one disk
-//! writer).
+//! and where each is enforced.
 
 pub mod bus;
 #[cfg(feature = "cluster")]
@@ -80,11 +79,11 @@ pub enum RestartError {
 /// mirror's in-flight I/O and while this agent answers the suspend's and resume's requests:
 /// never call it on the receive thread or the engine's.
 pub fn restart_mirror_recovery(control: &std::path::Path, uuid: &str) -> Result<Vec<String>, RestartError> {
-    let dm = crate::dm::Control::open(control).map_err(RestartError::Control)?;
+    let dm = crate::region_log::dm::Control::open(control).map_err(RestartError::Control)?;
     let mut mirrors = Vec::new();
     for (name, dev) in dm.list_devices().map_err(RestartError::Control)? {
-        let Ok(Some(targets)) = dm.table(dev, crate::dm::Table::Live) else { continue };
-        if targets.iter().any(|(t, p)| t == "mirror" && crate::dm::userspace_log_uuid(p) == Some(uuid)) {
+        let Ok(Some(targets)) = dm.table(dev, crate::region_log::dm::Table::Live) else { continue };
+        if targets.iter().any(|(t, p)| t == "mirror" && crate::region_log::dm::userspace_log_uuid(p) == Some(uuid)) {
             mirrors.push((name, dev));
         }
     }

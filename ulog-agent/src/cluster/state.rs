@@ -179,6 +179,9 @@ pub struct ReplicatedLog {
     recovering: BTreeMap<u64, NodeId>,
     /// No region below this is out of sync (a lower bound; any lower bound gives the same answers).
     search_from: u64,
+    /// The node that writes the shared log device of a `clustered-disk` log (see
+    /// [`Self::disk_writer`]).
+    writer: Option<NodeId>,
 }
 
 /// Snapshot format version of [`ReplicatedLog::encode`].
@@ -229,7 +232,58 @@ impl ReplicatedLog {
             owners: BTreeMap::new(),
             recovering: BTreeMap::new(),
             search_from: 0,
+            writer: None,
         })
+    }
+
+    /// A log whose regions are in sync exactly where `clean` (a `clustered-disk` image's clean
+    /// bits, `region_count` long) says so: a region dirty on the disk may have been written on
+    /// one leg only.
+    pub fn from_clean_image(clean: &RegionBitmap) -> Result<Self, std::collections::TryReserveError> {
+        let mut log = Self::new(clean.len(), false)?;
+        log.sync.copy_from(clean);
+        log.sync_ones = log.sync.count_ones();
+        Ok(log)
+    }
+
+    /// Every region the image `clean` does not call clean goes out of sync (a log continued from
+    /// a kept history that may be older than the disk).
+    pub fn out_of_sync_unless_clean(&mut self, clean: &RegionBitmap) {
+        let mut next = clean.next_zero(0);
+        while let Some(r) = next {
+            if r >= self.region_count() {
+                break;
+            }
+            self.set_sync(r, false);
+            next = clean.next_zero(r + 1);
+        }
+    }
+
+    /// The clean bits of the state as a `clustered-disk` image holds them: in sync and marked
+    /// by no node, live or held (IS_CLEAN).
+    pub fn clean_bitmap(&self) -> Result<RegionBitmap, std::collections::TryReserveError> {
+        let mut clean = RegionBitmap::try_new(self.region_count(), false)?;
+        clean.copy_from(&self.sync);
+        for &r in self.owners.keys() {
+            clean.set(r, false);
+        }
+        Ok(clean)
+    }
+
+    /// The node whose agent writes the shared log device (`clustered-disk`): one at a time.
+    /// The role goes to the lowest live node when there is none, stays with its holder while
+    /// it is live (a lower node joining does not take it), and stays with it while it is held
+    /// (departed without release: its node may be cut off and still writing, so no other node
+    /// writes until it is adopted, released or reclaimed).
+    pub fn disk_writer(&self) -> Option<NodeId> {
+        self.writer
+    }
+
+    fn update_writer(&mut self) {
+        if self.writer.is_some_and(|w| self.nodes.contains_key(&w)) {
+            return;
+        }
+        self.writer = self.nodes.iter().find(|(_, s)| s.live).map(|(&n, _)| n);
     }
 
     /// Number of regions.
@@ -337,6 +391,12 @@ impl ReplicatedLog {
 
     /// Applies one event. A refused event changes nothing.
     pub fn apply(&mut self, event: &Event) -> Result<Outcome, Refusal> {
+        let outcome = self.apply_event(event);
+        self.update_writer();
+        outcome
+    }
+
+    fn apply_event(&mut self, event: &Event) -> Result<Outcome, Refusal> {
         match *event {
             Event::Join { node, incarnation } => {
                 match self.nodes.get_mut(&node) {
@@ -565,7 +625,7 @@ impl ReplicatedLog {
 
     /// The state as bytes, for a joiner (the transport cuts it into atomic chunks) and for
     /// [`Self::digest`]. Little-endian, versioned: magic, version, region count, sync bitmap,
-    /// nodes (id, incarnation, live, slot, slot voided, marks), reclaim queue.
+    /// nodes (id, incarnation, live, slot, slot voided, marks), reclaim queue, disk writer.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(32 + self.sync.words().len() * 8);
         out.extend_from_slice(&SNAPSHOT_MAGIC);
@@ -590,6 +650,7 @@ impl ReplicatedLog {
         for r in &self.reclaimed {
             out.extend_from_slice(&r.to_le_bytes());
         }
+        out.extend_from_slice(&self.writer.unwrap_or(u32::MAX).to_le_bytes());
         out
     }
 
@@ -664,6 +725,11 @@ impl ReplicatedLog {
             let r = region(rd.u64()?)?;
             log.reclaimed.push_back(r);
         }
+        log.writer = match u32::from_le_bytes(rd.array()?) {
+            u32::MAX => None,
+            w if log.nodes.contains_key(&w) => Some(w),
+            _ => return Err(SnapshotError::Inconsistent("disk writer not a node of the log")),
+        };
         if !rd.0.is_empty() {
             return Err(SnapshotError::Trailing(rd.0.len()));
         }

@@ -59,6 +59,13 @@ pub enum Body {
         /// Up to which of its sequence numbers.
         seq: u64,
     },
+    /// The sender, the log's disk writer (`clustered-disk`), has the image of the state after
+    /// the first `position` events of the log's history durable on the shared log device: a
+    /// MARK applied at or before that point may be answered.
+    Written {
+        /// Events of the history the image covers.
+        position: u64,
+    },
     /// The sender's state digest after applying every frame up to its own `seq` - 1.
     Digest {
         /// The digest ([`super::state::ReplicatedLog::digest`]).
@@ -164,6 +171,7 @@ const K_SYNC: u16 = 8;
 const K_HOLD: u16 = 9;
 const K_ACK: u16 = 32;
 const K_DIGEST: u16 = 33;
+const K_WRITTEN: u16 = 37;
 const K_CHUNK: u16 = 34;
 const K_HELLO: u16 = 35;
 const K_GENESIS: u16 = 36;
@@ -185,6 +193,7 @@ pub fn encode(f: &Frame) -> Vec<u8> {
         },
         Body::Ack { .. } => K_ACK,
         Body::Digest { .. } => K_DIGEST,
+        Body::Written { .. } => K_WRITTEN,
         Body::Chunk(_) => K_CHUNK,
         Body::Hello { .. } => K_HELLO,
         Body::Genesis { .. } => K_GENESIS,
@@ -229,6 +238,7 @@ pub fn encode(f: &Frame) -> Vec<u8> {
             o.extend_from_slice(&seq.to_le_bytes());
         }
         Body::Digest { digest } => o.extend_from_slice(&digest.to_le_bytes()),
+        Body::Written { position } => o.extend_from_slice(&position.to_le_bytes()),
         Body::Chunk(c) => {
             o.extend_from_slice(&c.transfer.to_le_bytes());
             o.extend_from_slice(&c.index.to_le_bytes());
@@ -317,6 +327,7 @@ pub fn decode(b: &[u8]) -> Result<Frame, WireError> {
         }
         K_ACK => Body::Ack { node: r.u32()?, seq: r.u64()? },
         K_DIGEST => Body::Digest { digest: r.u64()? },
+        K_WRITTEN => Body::Written { position: r.u64()? },
         K_CHUNK => {
             let transfer = r.u64()?;
             let index = r.u32()?;
@@ -492,6 +503,7 @@ mod tests {
             event().prop_map(Body::Event),
             (any::<u32>(), any::<u64>()).prop_map(|(node, seq)| Body::Ack { node, seq }),
             any::<u64>().prop_map(|digest| Body::Digest { digest }),
+            any::<u64>().prop_map(|position| Body::Written { position }),
             (any::<u64>(), 1u32..5, proptest::collection::vec(any::<u8>(), 0..64)).prop_map(
                 |(transfer, count, data)| {
                     Body::Chunk(Chunk { transfer, index: count - 1, count, total_len: 7, digest: 9, data })

@@ -87,6 +87,8 @@ pub const FAMILIES: &[(&str, &str, &str, &str)] = &[
     ("ulog_cluster_digest_mismatches_total", "counter", "", "cluster mode"),
     ("ulog_cluster_recovery_restarts_total", "counter", "", "cluster mode"),
     ("ulog_cluster_recovery_restart_failures_total", "counter", "", "cluster mode"),
+    ("ulog_cluster_disk_image_writes_total", "counter", "", "cluster mode"),
+    ("ulog_cluster_disk_image_write_errors_total", "counter", "", "cluster mode"),
     ("ulog_cluster_bus_try_again_total", "counter", "", "cluster mode, transport started"),
     ("ulog_cluster_bus_interrupts_total", "counter", "", "cluster mode, transport started"),
     ("ulog_cluster_bus_reconnects_total", "counter", "", "cluster mode, transport started"),
@@ -596,7 +598,7 @@ impl Exporter {
         );
         f.add_gauge(&[], load(&e.quorate).min(1) as f64);
         f.done(out);
-        let counters: [(&str, &str, u64); 13] = [
+        let counters: [(&str, &str, u64); 15] = [
             ("ulog_cluster_frames_sent_total", "Frames this agent multicast to its cluster logs' groups.", load(&e.frames_sent)),
             ("ulog_cluster_frames_delivered_total", "Frames corosync delivered to this agent (every group, every sender, its own included).", load(&e.frames_delivered)),
             ("ulog_cluster_frames_malformed_total", "Delivered frames that did not decode (a version mismatch or corruption; cmirrord's are counted in ulog_cluster_cmirrord_refusals_total).", load(&e.frames_malformed)),
@@ -610,6 +612,8 @@ impl Exporter {
             ("ulog_cluster_digest_mismatches_total", "Digest checkpoints where this agent's log state differed from the reference member's (it then left the group and fetched the state again).", load(&e.digest_mismatches)),
             ("ulog_cluster_recovery_restarts_total", "Times this agent suspended and resumed its mirror because recovery work waited that no node recovered (a kernel told the log was in sync asks for no work until its next resume).", load(&e.recovery_restarts)),
             ("ulog_cluster_recovery_restart_failures_total", "Recovery restarts that failed (no mirror on this node uses the log, or the suspend or resume failed).", load(&e.recovery_restart_failures)),
+            ("ulog_cluster_disk_image_writes_total", "Images of clustered-disk logs this agent wrote to their shared log device as the log's disk writer (one node per log writes).", load(&e.disk_image_writes)),
+            ("ulog_cluster_disk_image_write_errors_total", "Such writes that failed (the log's MARKs wait; retried every second).", load(&e.disk_image_write_errors)),
         ];
         for (name, help, v) in counters {
             let mut f = Fam::counter(name, help);

@@ -1,6 +1,6 @@
 //! Device-mapper ioctls: which dm devices exist and what their tables say, and the one change
 //! the agent makes, a suspend and resume of a cluster log's mirror to restart its recovery
-//! ([`crate::cluster::restart_mirror_recovery`]).
+//! (the cluster layer's `restart_mirror_recovery`).
 //!
 //! Used by the log engine (a log's mirror legs, [`crate::region_log::legs`]) and by telemetry (each log's
 //! mirror device, `metrics::mirror`), so it imports neither.

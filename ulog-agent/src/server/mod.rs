@@ -28,9 +28,11 @@ use crate::region_log::dirty_log::{DirtyLog, LoadRule, LogError, Phase};
 use crate::region_log::legs::Legs;
 use crate::region_log::persist::{PendingReply, Persister, ReplySink, SharedDevice};
 use crate::region_log::store::{self, DeviceKey, LogDevice};
+use crate::server::cluster_disk::ClusterDisk;
 use crate::server::ratelimit::RateLimit;
 use crate::wire::protocol::{self, Answer, ReplyBuf, Request, MAX_REPLY_PAYLOAD};
 
+pub mod cluster_disk;
 pub mod ratelimit;
 pub mod transport;
 
@@ -152,7 +154,7 @@ impl crate::cluster::engine::Replies for Arc<ClusterReplies> {
         let thread_uuid = uuid.clone();
         let spawned = std::thread::Builder::new().name("ulog-recovery".into()).spawn(move || {
             let uuid = thread_uuid;
-            match crate::cluster::restart_mirror_recovery(std::path::Path::new(crate::dm::DM_CONTROL), &uuid) {
+            match crate::cluster::restart_mirror_recovery(std::path::Path::new(crate::region_log::dm::DM_CONTROL), &uuid) {
                 Ok(mirrors) => tracing::info!(log = %uuid, ?mirrors, "mirror suspended and resumed: its kernel asks for resync work again"),
                 Err(e) => {
                     tracing::error!(log = %uuid, error = %e, "cannot restart the mirror's recovery; out-of-sync regions wait for a resume of the mirror on some node");
@@ -894,10 +896,6 @@ impl LogServer {
         }
         // One name per log everywhere: the `log` label of its metrics and alerts, which the API
         // shows too (the two logs of a reload share it; the luid tells them apart).
-        if self.cfg.cluster.is_some() && matches!(parsed.args.kind, LogKind::Disk { .. }) {
-            warn!(uuid = %String::from_utf8_lossy(uuid), "CTR refused: clustered-disk is not served in cluster mode yet (use clustered-core, or run without --cluster)");
-            return Err(-libc::EINVAL);
-        }
         let uuid_text = String::from_utf8_lossy(uuid).into_owned();
         let tel = self.telemetry.log_telemetry(&uuid_text, parsed.reconnect);
         let name = tel.name.to_string();
@@ -948,6 +946,9 @@ impl LogServer {
         if parsed.reconnect {
             tel.metrics.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+        // A cluster log's device is written by the group's disk writer through the engine, not
+        // by a persister of this node.
+        let (device, cluster_device) = if self.cfg.cluster.is_some() { (None, device) } else { (device, None) };
         let persister = match (device, shared_device) {
             (Some(d), Some(sd)) => Some(
                 Persister::start(
@@ -972,11 +973,29 @@ impl LogServer {
                 group.push(0);
                 let view = Arc::new(ClusterView::default());
                 let shape = LogShape { region_count: args.region_count(), in_sync: args.sync == SyncMode::NoSync };
+                let disk = match cluster_device {
+                    Some(d) => Some(Box::new(
+                        ClusterDisk::start(
+                            d,
+                            group.clone(),
+                            args.region_count(),
+                            args.sync,
+                            Arc::clone(commands),
+                            name.clone(),
+                        )
+                        .map_err(|e| {
+                            warn!(log = %name, error = %e, "cannot start the log device's writer thread");
+                            -e.raw_os_error().unwrap_or(libc::ENOMEM)
+                        })?,
+                    ) as Box<dyn crate::cluster::engine::DiskImage>),
+                    None => None,
+                };
                 let open = ClusterCommand::Open {
                     group: group.clone(),
                     shape,
                     view: Arc::clone(&view),
                     reconnect: parsed.reconnect,
+                    disk,
                 };
                 if !commands(open) {
                     warn!(log = %name, "CTR refused: the cluster engine is gone");

@@ -683,3 +683,64 @@ fn confirm_fenced_reclaims_a_dead_nodes_regions() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no cluster log holds a departed node 1"));
 }
+
+/// Guarantee 8 on real corosync. Three nodes share one `clustered-disk` log device (a file
+/// every node opens, standing for the shared LUN). dm-raid1 writes a region once its MARK is
+/// answered, and after a crash of every node the log device is all that tells which regions
+/// to resync: so a MARK answered on any node is on the device at that moment. One node (the
+/// lowest) writes the device; when it goes down it may only be cut off and still writing, so
+/// MARKs wait until it is confirmed dead; then the next node takes over with a whole image.
+#[test]
+fn a_disk_log_is_written_by_one_node_and_an_answered_mark_is_on_the_device() {
+    let device = std::env::temp_dir().join(format!("ulog-shared-log-{}", std::process::id()));
+    std::fs::write(&device, vec![0u8; 4096]).expect("the shared log device");
+    struct Remove(std::path::PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _remove = Remove(device.clone());
+    let ctr = format!("100 clustered-disk {} 8 nosync", device.display());
+    let clean_on_device = |r: u64| {
+        let image = std::fs::read(&device).expect("read the device");
+        image[1024 + (r / 8) as usize] & (1 << (r % 8)) != 0
+    };
+    let http = AgentOpts { http: true, ..AgentOpts::default() };
+    let (mut cluster, mut nodes) = three_nodes_with(&ctr, http);
+    until("the first image is on the device", || {
+        let image = std::fs::read(&device).expect("read the device");
+        image[..4] == 0x4D69_5272u32.to_le_bytes() && clean_on_device(5)
+    });
+    ok(&mut nodes[1], T::MarkRegion, &regions_payload(&[5]));
+    assert!(!clean_on_device(5), "MARK answered before the device says dirty");
+    ok(&mut nodes[2], T::Flush, &regions_payload(&[9]));
+    assert!(!clean_on_device(9), "FLUSH with a mark answered before the device says dirty");
+    let writes = |cluster: &TestCluster, i| metric(cluster, i, "ulog_cluster_disk_image_writes_total").unwrap_or(0.0);
+    assert!(writes(&cluster, 0) > 0.0, "node 1 (the lowest) writes the device");
+    assert_eq!((writes(&cluster, 1), writes(&cluster, 2)), (0.0, 0.0), "one writer");
+
+    // The writer's node goes down.
+    cluster.kill_corosync(0).expect("SIGKILL node 1's corosync");
+    assert!(!nodes[0].agent.kill9().expect("SIGKILL node 1's agent").success());
+    until("node 2 holds node 1", || http_get(&cluster, 1, "/api/v1/logs").contains("\"live\":false"));
+    let luid = nodes[1].luid;
+    let seq = nodes[1].peer.send(&Request::new(T::MarkRegion, CUUID, luid, regions_payload(&[6]))).expect("send");
+    nodes[1].peer.assert_silent(Duration::from_secs(3)).expect("no answer while the old writer may write the device");
+    assert!(clean_on_device(6));
+
+    cluster.enter(2).expect("enter node 3's namespace");
+    let out = std::process::Command::new(agent_bin())
+        .args(["cluster", "confirm-fenced", "--node", "1"])
+        .output()
+        .expect("run ulog-agent cluster confirm-fenced");
+    assert!(out.status.success(), "confirm-fenced: {}", String::from_utf8_lossy(&out.stderr));
+    let r = nodes[1].peer.wait_reply(seq, Duration::from_secs(30)).expect("the MARK is answered by the new writer");
+    assert_eq!(r.error, 0, "{r}");
+    assert!(
+        !clean_on_device(6) && !clean_on_device(5) && !clean_on_device(9),
+        "the new writer's image holds every mark"
+    );
+    assert!(writes(&cluster, 1) > 0.0, "node 2 took over");
+    assert_eq!(writes(&cluster, 2), 0.0, "still one writer");
+}

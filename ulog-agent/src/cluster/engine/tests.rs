@@ -20,6 +20,28 @@ type Answers = Arc<Mutex<Vec<(u32, i32, Vec<u8>)>>>;
 
 struct Collect(Answers);
 
+/// A shared log device for `clustered-disk` simulations: what is durable on it, and the writes
+/// started and not yet completed (the test completes them with `Sim::complete_disk_writes`).
+#[derive(Debug, Default)]
+struct FakeDevice {
+    image: Option<RegionBitmap>,
+    in_flight: Vec<(NodeId, RegionBitmap, u64)>,
+    /// Which node made each completed write.
+    writers: Vec<NodeId>,
+}
+
+#[derive(Debug)]
+struct FakeDisk(NodeId, Arc<Mutex<FakeDevice>>);
+
+impl DiskImage for FakeDisk {
+    fn read(&mut self) -> std::io::Result<Option<RegionBitmap>> {
+        Ok(self.1.lock().unwrap().image.clone())
+    }
+    fn write(&mut self, clean: RegionBitmap, position: u64) {
+        self.1.lock().unwrap().in_flight.push((self.0, clean, position));
+    }
+}
+
 impl Replies for Collect {
     fn answer(&self, p: &PendingReply, error: i32, payload: &[u8]) {
         self.0.lock().unwrap().push((p.header.seq, error, payload.to_vec()));
@@ -78,6 +100,8 @@ struct Sim {
     next_seq: u32,
     shape: LogShape,
     max_atomic: usize,
+    /// Set: the log is `clustered-disk` on this device.
+    disk: Option<Arc<Mutex<FakeDevice>>>,
 }
 
 impl Sim {
@@ -91,6 +115,7 @@ impl Sim {
             next_seq: 1,
             shape,
             max_atomic: 1 << 20,
+            disk: None,
         }
     }
 
@@ -108,7 +133,8 @@ impl Sim {
         let mut ops = Ops { ops: Vec::new(), max_atomic: self.max_atomic };
         engine.on_event(BusEvent::Connected { node, pid, max_atomic: self.max_atomic }, &mut ops);
         engine.on_event(BusEvent::Quorum { quorate: true }, &mut ops);
-        let open = Command::Open { group: G.to_vec(), shape: self.shape, view: Arc::clone(&view), reconnect };
+        let disk = self.disk.as_ref().map(|d| Box::new(FakeDisk(node, Arc::clone(d))) as Box<dyn DiskImage>);
+        let open = Command::Open { group: G.to_vec(), shape: self.shape, view: Arc::clone(&view), reconnect, disk };
         engine.on_command(open, &mut ops);
         self.quorate.insert(node, true);
         self.nodes.insert(node, Node { engine, answers, member, view });
@@ -265,6 +291,30 @@ impl Sim {
             left: vec![(n.member, reason)],
             joined: vec![],
         });
+    }
+
+    /// The device completes every write in flight (durable now) and tells each writer; then
+    /// the history runs on. Writes of a node that crashed are lost.
+    fn complete_disk_writes(&mut self) {
+        let Some(dev) = self.disk.clone() else { return };
+        loop {
+            let done: Vec<(NodeId, RegionBitmap, u64)> = std::mem::take(&mut dev.lock().unwrap().in_flight);
+            if done.is_empty() {
+                return;
+            }
+            for (node, image, position) in done {
+                if !self.nodes.contains_key(&node) {
+                    continue;
+                }
+                {
+                    let mut d = dev.lock().unwrap();
+                    d.image = Some(image);
+                    d.writers.push(node);
+                }
+                self.command(node, Command::DiskWritten { group: G.to_vec(), position, result: Ok(()) });
+            }
+            self.run();
+        }
     }
 
     fn set_quorate(&mut self, node: NodeId, quorate: bool) {
@@ -1003,4 +1053,70 @@ fn work_that_nobody_recovers_restarts_the_lowest_members_recovery() {
     tick(&mut sim, RESTART_RECOVERY_COOLDOWN_TICKS);
     assert_eq!(restarts(&sim, 1), 1, "no work left");
     assert_eq!(sim.view(2).sync_count(), sim.view(2).snapshot().unwrap().region_count());
+}
+
+/// Guarantee 8 (`clustered-disk`). One disk writer at a time, and the durability rule on top of
+/// the second holder: a MARK is answered only once the image holding it is on the shared log
+/// device, because the kernel writes the region after the answer and a crash of every node must
+/// find it dirty there. A writer that departs may be cut off and still writing, so nobody else
+/// writes (MARKs wait) until it is known dead; the next writer's first write is a whole image.
+/// When every agent is gone, the log restarts from the device.
+#[test]
+fn a_disk_logs_mark_is_answered_once_its_image_is_durable_and_one_node_writes() {
+    let mut sim = Sim::new(NOSYNC);
+    let dev = Arc::new(Mutex::new(FakeDevice::default()));
+    sim.disk = Some(Arc::clone(&dev));
+    for n in 1..=3 {
+        sim.start(n, n);
+    }
+    sim.run();
+    sim.resume_all(&[1, 2, 3]);
+    sim.complete_disk_writes();
+    assert_eq!(sim.view(2).snapshot().unwrap().disk_writer(), Some(1));
+    let s = sim.request(2, RequestType::MarkRegion, mark(&[5]));
+    sim.run();
+    assert_eq!(sim.answer(2, s), None, "answered before the image holding it is durable");
+    assert!(dev.lock().unwrap().image.as_ref().unwrap().get(5), "the device still says clean");
+    sim.complete_disk_writes();
+    assert_eq!(sim.answer(2, s).map(|a| a.0), Some(0));
+    assert!(!dev.lock().unwrap().image.as_ref().unwrap().get(5), "dirty on the device when answered");
+    // A MARK of a region already dirty on the device needs no write, only the writer's word.
+    let writes = dev.lock().unwrap().writers.len();
+    let s = sim.request(3, RequestType::MarkRegion, mark(&[5]));
+    sim.run();
+    assert_eq!(sim.answer(3, s).map(|a| a.0), Some(0));
+    assert_eq!(dev.lock().unwrap().writers.len(), writes, "an unchanged image is not written again");
+    assert!(dev.lock().unwrap().writers.iter().all(|&w| w == 1), "only the writer writes");
+
+    // The writer's node goes down (it may only be cut off): the role stays with it.
+    sim.crash(1, LeaveReason::NodeDown, true);
+    sim.run();
+    let s = sim.request(2, RequestType::MarkRegion, mark(&[6]));
+    sim.run();
+    sim.complete_disk_writes();
+    assert_eq!(sim.answer(2, s), None, "a MARK answered while the old writer may overwrite the device");
+    assert!(dev.lock().unwrap().image.as_ref().unwrap().get(6));
+    // Fenced: node 2 takes the role and its first write is the whole image.
+    let incarnation = u128::from(1u32) << 64 | 0xb007;
+    sim.command(3, Command::ConfirmFenced { group: G.to_vec(), node: 1, incarnation });
+    sim.run();
+    sim.complete_disk_writes();
+    assert_eq!(sim.view(3).snapshot().unwrap().disk_writer(), Some(2));
+    assert_eq!(sim.answer(2, s).map(|a| a.0), Some(0));
+    assert_eq!(dev.lock().unwrap().writers.last(), Some(&2));
+    let image = dev.lock().unwrap().image.clone().unwrap();
+    assert!(!image.get(5) && !image.get(6) && image.get(7), "the new writer's image holds everything");
+
+    // Every agent dies; new ones start from the device (not from the table's `nosync`).
+    sim.crash(2, LeaveReason::ProcDown, true);
+    sim.crash(3, LeaveReason::ProcDown, true);
+    sim.run();
+    sim.start_as(2, 22, true);
+    sim.start_as(3, 33, true);
+    sim.run();
+    sim.resume_all(&[2, 3]);
+    sim.complete_disk_writes();
+    let l = sim.view(3).snapshot().unwrap();
+    assert_eq!((l.in_sync(5), l.in_sync(6), l.in_sync(7)), (Ok(false), Ok(false), Ok(true)));
+    sim.assert_same_state();
 }

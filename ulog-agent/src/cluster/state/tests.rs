@@ -536,3 +536,33 @@ proptest! {
         run(in_sync, &steps);
     }
 }
+
+/// Guarantee 8: one disk writer at a time. The role goes to the lowest live node, stays with
+/// its holder while it lives (no hand-over when a lower node joins), and while it is held
+/// (its node may be cut off and still writing the device); it moves only when that node is
+/// released, reclaimed (fenced, rebooted) or never was.
+#[test]
+fn the_disk_writer_role_moves_only_when_its_holder_is_surely_gone() {
+    let mut l = log(8, true, &[B, C]);
+    assert_eq!(l.disk_writer(), Some(B));
+    l.apply(&Event::Join { node: A, incarnation: 1000 }).unwrap();
+    assert_eq!(l.disk_writer(), Some(B), "a lower node joining takes nothing");
+    l.apply(&Event::Depart { node: B }).unwrap();
+    assert_eq!(l.disk_writer(), Some(B), "held: B may still write the device");
+    l.apply(&Event::Join { node: B, incarnation: 2000 }).unwrap();
+    assert_eq!(l.disk_writer(), Some(B), "adopted");
+    l.apply(&Event::Depart { node: B }).unwrap();
+    l.apply(&Event::FenceConfirmed { node: B, incarnation: 2000 }).unwrap();
+    assert_eq!(l.disk_writer(), Some(A), "reclaimed: the lowest live node writes");
+    l.apply(&Event::Release { node: A }).unwrap();
+    assert_eq!(l.disk_writer(), Some(C), "released: its writes are done");
+    let back = ReplicatedLog::decode(&l.encode()).unwrap();
+    assert_eq!(back.disk_writer(), Some(C));
+    // The image: clean = in sync and marked by nobody.
+    mark(&mut l, C, &[3]);
+    l.apply(&Event::SetRegionSync { node: C, region: 5, in_sync: false }).unwrap();
+    let clean = l.clean_bitmap().unwrap();
+    assert_eq!((0..8).filter(|&r| !clean.get(r)).collect::<Vec<_>>(), vec![3, 5]);
+    let from_disk = ReplicatedLog::from_clean_image(&clean).unwrap();
+    assert_eq!((from_disk.sync_count(), from_disk.in_sync(3), from_disk.in_sync(4)), (6, Ok(false), Ok(true)));
+}
