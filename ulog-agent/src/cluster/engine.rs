@@ -1307,7 +1307,15 @@ impl<R: Replies> Engine<R> {
         }
         self.stats.transfers_received.fetch_add(1, Ordering::Relaxed);
         info!(group = %group_name(group), bytes = bytes.len(), "installed the cluster log's state");
-        // This kernel's marks are in the state now (held for it, adopted by its Join).
+        // This kernel's marks are in the state now (held for it, adopted by its Join), unless
+        // the log restarted without them (every agent died, and a Genesis elsewhere began
+        // anew): then they are unknown, and every region goes out of sync. (A disk log's
+        // restart reads the device, where every mark was durable before its write.)
+        let known = log.nodes().get(&me.node).is_some_and(|s| s.incarnation == self.incarnation);
+        if ctx.reconnected && !known && ctx.disk.is_none() {
+            warn!(group = %group_name(group), "this kernel reconnected and the log's state holds none of its marks: every region goes out of sync");
+            ctx.to_send.push_front(Pend { what: PendWhat::Event(Event::UnknownMarks { node: me.node }), reply: None });
+        }
         ctx.reconnected = false;
         let kept = match std::mem::replace(&mut ctx.holding, Holding::Yes) {
             Holding::No { kept, .. } => kept,

@@ -72,6 +72,14 @@ pub enum Event {
         /// The regions.
         regions: Vec<u64>,
     },
+    /// A node's kernel reconnected to a new agent (its old agent died) and the state holds no
+    /// marks of that kernel (it came from a log restarted without them): the regions that
+    /// kernel holds dirty, and will never mark again, are unknown, so every region goes out of
+    /// sync.
+    UnknownMarks {
+        /// The node.
+        node: NodeId,
+    },
     /// MARK_REGION (or FLUSH's integrated marks) from a node's kernel.
     Mark {
         /// The node whose agent sent it (or that the membership change is about).
@@ -463,6 +471,10 @@ impl ReplicatedLog {
                 for &r in regions {
                     self.set_sync(r, false);
                 }
+                Ok(Outcome::Applied)
+            }
+            Event::UnknownMarks { .. } => {
+                self.all_out_of_sync();
                 Ok(Outcome::Applied)
             }
             Event::Mark { node, ref regions } => {

@@ -169,6 +169,7 @@ const K_CLEAR: u16 = 6;
 const K_WORK: u16 = 7;
 const K_SYNC: u16 = 8;
 const K_HOLD: u16 = 9;
+const K_UNKNOWN: u16 = 10;
 const K_ACK: u16 = 32;
 const K_DIGEST: u16 = 33;
 const K_WRITTEN: u16 = 37;
@@ -190,6 +191,7 @@ pub fn encode(f: &Frame) -> Vec<u8> {
             Event::GetResyncWork { .. } => K_WORK,
             Event::SetRegionSync { .. } => K_SYNC,
             Event::HoldMarks { .. } => K_HOLD,
+            Event::UnknownMarks { .. } => K_UNKNOWN,
         },
         Body::Ack { .. } => K_ACK,
         Body::Digest { .. } => K_DIGEST,
@@ -209,7 +211,10 @@ pub fn encode(f: &Frame) -> Vec<u8> {
                 o.extend_from_slice(&node.to_le_bytes());
                 o.extend_from_slice(&incarnation.to_le_bytes());
             }
-            Event::Depart { node } | Event::Release { node } | Event::GetResyncWork { node } => {
+            Event::Depart { node }
+            | Event::Release { node }
+            | Event::GetResyncWork { node }
+            | Event::UnknownMarks { node } => {
                 o.extend_from_slice(&node.to_le_bytes());
             }
             Event::Mark { node, regions } | Event::Clear { node, regions } => {
@@ -296,6 +301,7 @@ pub fn decode(b: &[u8]) -> Result<Frame, WireError> {
         K_DEPART => Body::Event(Event::Depart { node: r.u32()? }),
         K_RELEASE => Body::Event(Event::Release { node: r.u32()? }),
         K_WORK => Body::Event(Event::GetResyncWork { node: r.u32()? }),
+        K_UNKNOWN => Body::Event(Event::UnknownMarks { node: r.u32()? }),
         K_HOLD => {
             let node = r.u32()?;
             let incarnation: Incarnation = u128::from_le_bytes(r.array()?);
@@ -488,6 +494,7 @@ mod tests {
             (node, proptest::collection::vec(any::<u64>(), 0..40))
                 .prop_map(|(node, regions)| Event::Clear { node, regions }),
             node.prop_map(|node| Event::GetResyncWork { node }),
+            node.prop_map(|node| Event::UnknownMarks { node }),
             (node, any::<u64>(), any::<bool>()).prop_map(|(node, region, in_sync)| Event::SetRegionSync {
                 node,
                 region,

@@ -971,7 +971,15 @@ impl LogServer {
             Some(ClusterMode { commands, replies }) => {
                 let mut group = uuid.to_vec();
                 group.push(0);
-                let view = Arc::new(ClusterView::default());
+                // A table reload (a second log of the uuid on this node) reads the same view as
+                // the live table: the engine updates one view per group, and the live table keeps
+                // serving I/O until it is suspended (or for good, if the reload is abandoned).
+                let view = self
+                    .logs
+                    .values()
+                    .flatten()
+                    .find_map(|e| e.cluster.as_ref().filter(|c| c.group == group).map(|c| Arc::clone(&c.view)))
+                    .unwrap_or_default();
                 let shape = LogShape { region_count: args.region_count(), in_sync: args.sync == SyncMode::NoSync };
                 let disk = match cluster_device {
                     Some(d) => Some(Box::new(

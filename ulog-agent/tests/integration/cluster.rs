@@ -744,3 +744,24 @@ fn a_disk_log_is_written_by_one_node_and_an_answered_mark_is_on_the_device() {
     assert!(writes(&cluster, 1) > 0.0, "node 2 took over");
     assert_eq!(writes(&cluster, 2), 0.0, "still one writer");
 }
+
+/// Guarantee 1 across a table reload. `dmsetup reload` constructs a second log of the uuid on
+/// the node (CTR, new luid) while the live table keeps writing until it is suspended, and a
+/// reload may be abandoned (the new table's DTR, the old one stays live). Both tables read one
+/// current state: the live table must see another node's marks after the reload's CTR, and
+/// after an abandoned reload, or it would call a region clean that node still writes.
+#[test]
+fn a_table_reload_and_an_abandoned_one_keep_the_live_tables_answers_current() {
+    let (_cluster, mut nodes) = three_nodes(NOSYNC);
+    let reload_luid = nodes[0].luid + 1;
+    let r = nodes[0].peer.call_request(&Request::ctr(CUUID, reload_luid, NOSYNC)).expect("the reload's CTR");
+    assert_eq!(r.error, 0, "{r}");
+    ok(&mut nodes[1], T::MarkRegion, &regions_payload(&[3]));
+    until("the live table sees node 2's mark after the reload's CTR", || !flag(&mut nodes[0], T::IsClean, 3));
+    let r = nodes[0].peer.call(T::Dtr, CUUID, reload_luid, &[]).expect("the abandoned reload's DTR");
+    assert_eq!(r.error, 0, "{r}");
+    ok(&mut nodes[1], T::MarkRegion, &regions_payload(&[4]));
+    until("the live table sees node 2's mark after the abandoned reload", || !flag(&mut nodes[0], T::IsClean, 4));
+    ok(&mut nodes[1], T::ClearRegion, &regions_payload(&[3, 4]));
+    until("and its clear", || flag(&mut nodes[0], T::IsClean, 3) && flag(&mut nodes[0], T::IsClean, 4));
+}

@@ -1120,3 +1120,41 @@ fn a_disk_logs_mark_is_answered_once_its_image_is_durable_and_one_node_writes() 
     assert_eq!((l.in_sync(5), l.in_sync(6), l.in_sync(7)), (Ok(false), Ok(false), Ok(true)));
     sim.assert_same_state();
 }
+
+/// Guarantee 1 after every agent died. A kernel whose agent restarted reconnects (CTR in its
+/// reconnect form, RESUME: `userspace_do_request` after -ESRCH) holding regions dirty in its
+/// region hash that it never marks again. If the log's state was restarted without that
+/// kernel's marks (another node's fresh start), those regions are unknown: every region goes
+/// out of sync, so none reads clean while that kernel may write it.
+#[test]
+fn a_reconnected_kernel_unknown_to_the_state_puts_every_region_out_of_sync() {
+    let mut sim = Sim::new(NOSYNC);
+    sim.start(1, 1);
+    sim.run();
+    sim.resume_all(&[1]);
+    assert_eq!(sim.view(1).sync_count(), 64, "a fresh nosync log");
+    sim.start_as(2, 2, true);
+    sim.run();
+    sim.resume_all(&[2]);
+    for n in [1, 2] {
+        assert_eq!(sim.view(n).sync_count(), 0, "node {n}: node 2's kernel may write any region");
+        assert_eq!(sim.view(n).is_clean(7), Ok(false));
+    }
+    sim.assert_same_state();
+    // A kernel the state knows (its agent restarted, the others kept its marks) adopts them
+    // instead: nothing else goes out of sync.
+    sim.crash(2, LeaveReason::ProcDown, false);
+    sim.run();
+    for r in 0..64 {
+        let w = sim.request(1, RequestType::GetResyncWork, Some(Change::GetResyncWork));
+        sim.run();
+        assert_eq!(sim.answer(1, w).map(|a| a.0), Some(0));
+        sim.request(1, RequestType::SetRegionSync, Some(Change::SetRegionSync(r, true)));
+        sim.run();
+    }
+    assert_eq!(sim.view(1).sync_count(), 64);
+    sim.start_as(2, 22, true);
+    sim.run();
+    sim.resume_all(&[2]);
+    assert_eq!(sim.view(2).sync_count(), 64, "adopted: its marks are known");
+}
