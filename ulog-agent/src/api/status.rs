@@ -387,12 +387,13 @@ fn cluster_block(o: &mut String, name: &str, c: &ClusterLogStatus) {
     let _ = writeln!(o);
     let _ = writeln!(
         o,
-        "Cluster log {name}: node {}, members {}; {}{}{}{}",
+        "Cluster log {name}: node {}, members {}; {}{}{}{}{}",
         c.node.map_or("?".to_string(), |n| n.to_string()),
         if members.is_empty() { "none".to_string() } else { members.join(", ") },
         if c.holding { "holding the state" } else { "NOT holding the state (joining or rejoining)" },
         if c.held_requests > 0 { format!("; {} requests held", c.held_requests) } else { String::new() },
         if c.reclaimed > 0 { format!("; {} reclaimed regions awaiting resync", c.reclaimed) } else { String::new() },
+        c.disk_writer.map_or(String::new(), |w| format!("; disk writer: node {w}")),
         if c.refused { "; REFUSED: cmirrord serves this mirror" } else { "" }
     );
     if c.nodes.is_empty() {

@@ -135,6 +135,8 @@ pub struct ClusterView {
     held: AtomicU64,
     /// cmirrord was seen on the group: the log is refused.
     refused: AtomicBool,
+    /// The log is `clustered-disk` (its status names the disk writer).
+    disk: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -182,6 +184,9 @@ pub struct ClusterLogStatus {
     /// In-sync regions that some node marked and has not cleared (the `dirty` of
     /// `ulog_regions`; a region marked by a held node is out of sync, not dirty).
     pub dirty: u64,
+    /// The node that writes the shared log device (`clustered-disk` logs only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_writer: Option<NodeId>,
     /// Region count (0 until the state is held).
     pub region_count: u64,
 }
@@ -292,6 +297,7 @@ impl ClusterView {
             serving: AtomicBool::new(true),
             held: AtomicU64::new(held),
             refused: AtomicBool::new(false),
+            disk: AtomicBool::new(false),
         }
     }
 
@@ -319,6 +325,9 @@ impl ClusterView {
                 })
                 .collect();
             st.reclaimed = log.reclaimed().count() as u64;
+            if self.disk.load(Ordering::Relaxed) {
+                st.disk_writer = log.disk_writer();
+            }
             let marked: BTreeSet<u64> = log.nodes().values().flat_map(|n| n.marks.iter().copied()).collect();
             st.dirty = marked.into_iter().filter(|&r| log.in_sync(r) == Ok(true)).count() as u64;
             st.sync_count = log.sync_count();
@@ -1556,6 +1565,7 @@ impl<R: Replies> Engine<R> {
                 if ctx.disk.is_none() {
                     ctx.disk = disk;
                 }
+                ctx.view.disk.store(ctx.disk.is_some(), Ordering::Relaxed);
                 ctx.reconnected |= reconnect;
                 if ctx.opens > 1 && !Arc::ptr_eq(&ctx.view, &view) {
                     // A reload: the new table's log reads the same state.

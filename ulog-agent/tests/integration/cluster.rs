@@ -719,6 +719,8 @@ fn a_disk_log_is_written_by_one_node_and_an_answered_mark_is_on_the_device() {
     let writes = |cluster: &TestCluster, i| metric(cluster, i, "ulog_cluster_disk_image_writes_total").unwrap_or(0.0);
     assert!(writes(&cluster, 0) > 0.0, "node 1 (the lowest) writes the device");
     assert_eq!((writes(&cluster, 1), writes(&cluster, 2)), (0.0, 0.0), "one writer");
+    let status = http_get(&cluster, 2, "/api/v1/logs");
+    assert!(status.contains("\"disk_writer\":1"), "the API names the disk writer: {status}");
 
     // The writer's node goes down.
     cluster.kill_corosync(0).expect("SIGKILL node 1's corosync");
@@ -742,6 +744,7 @@ fn a_disk_log_is_written_by_one_node_and_an_answered_mark_is_on_the_device() {
         "the new writer's image holds every mark"
     );
     assert!(writes(&cluster, 1) > 0.0, "node 2 took over");
+    assert!(http_get(&cluster, 2, "/api/v1/logs").contains("\"disk_writer\":2"));
     assert_eq!(writes(&cluster, 2), 0.0, "still one writer");
 }
 
