@@ -131,7 +131,8 @@ pub struct ClusterView {
     /// answered from a state that is missing or outdated can send a write to one leg of a
     /// region the group holds in sync, or read a stale leg).
     serving: AtomicBool,
-    /// Kernel requests waiting for quorum or for the state (a gauge for the API).
+    /// Kernel requests waiting: for quorum or the state, or (a MARK) for a second holder or the
+    /// disk writer (a gauge for the API).
     held: AtomicU64,
     /// cmirrord was seen on the group: the log is refused.
     refused: AtomicBool,
@@ -691,7 +692,10 @@ impl<R: Replies> Engine<R> {
             self.fail_all(&mut ctx, -libc::EPROTO);
         }
         self.update_serving(&mut ctx);
-        ctx.view.held.store((ctx.to_send.len() + ctx.in_flight.len() + ctx.reads.len()) as u64, Ordering::Relaxed);
+        ctx.view.held.store(
+            (ctx.to_send.len() + ctx.in_flight.len() + ctx.reads.len() + ctx.waiting.len()) as u64,
+            Ordering::Relaxed,
+        );
         self.logs.insert(group.to_vec(), ctx);
     }
 

@@ -730,6 +730,10 @@ fn a_disk_log_is_written_by_one_node_and_an_answered_mark_is_on_the_device() {
     let seq = nodes[1].peer.send(&Request::new(T::MarkRegion, CUUID, luid, regions_payload(&[6]))).expect("send");
     nodes[1].peer.assert_silent(Duration::from_secs(3)).expect("no answer while the old writer may write the device");
     assert!(clean_on_device(6));
+    assert!(
+        metric(&cluster, 1, "ulog_cluster_held_requests").unwrap_or(0.0) >= 1.0,
+        "the waiting MARK shows as held (UlogClusterRequestsHeld)"
+    );
 
     cluster.enter(2).expect("enter node 3's namespace");
     let out = std::process::Command::new(agent_bin())
