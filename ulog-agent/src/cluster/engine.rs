@@ -503,6 +503,9 @@ pub struct EngineStats {
     pub recovery_restarts: AtomicU64,
     /// Restarts that failed (no such mirror on this node, or the suspend or resume failed).
     pub recovery_restart_failures: AtomicU64,
+    /// Nanoseconds from a member's first `Hello` to the installed transfer, summed over
+    /// `transfers_received` (what joining costs: the joiner's requests wait meanwhile).
+    pub transfer_wait_ns: AtomicU64,
     /// Images of `clustered-disk` logs this member wrote to their log device as disk writer.
     pub disk_image_writes: AtomicU64,
     /// Such writes that failed.
@@ -616,6 +619,8 @@ struct LogCtx {
     disk_written: Option<(u64, RegionBitmap)>,
     /// A disk write failed: the next waits for a tick.
     disk_failed: bool,
+    /// When this member first asked for the state (its first `Hello` since it last held it).
+    asked_state_at: Option<std::time::Instant>,
     /// Consecutive ticks with recovery work that no live member recovers.
     unrecovered_ticks: u32,
     /// Ticks left before this member may restart its kernel's recovery again.
@@ -975,6 +980,7 @@ impl<R: Replies> Engine<R> {
     fn send_hello(&mut self, ctx: &mut LogCtx, group: &[u8], out: &mut dyn Outbound) {
         if self.quorate && ctx.in_group && !ctx.stale && !matches!(ctx.holding, Holding::Yes) {
             let stale = ctx.stale_state.as_ref().map_or(0, |(a, _)| a + 1);
+            ctx.asked_state_at.get_or_insert_with(std::time::Instant::now);
             self.send(ctx, group, Body::Hello { stale, reconnected: ctx.reconnected }, out);
         }
     }
@@ -1319,7 +1325,9 @@ impl<R: Replies> Engine<R> {
             return;
         }
         self.stats.transfers_received.fetch_add(1, Ordering::Relaxed);
-        info!(group = %group_name(group), bytes = bytes.len(), "installed the cluster log's state");
+        let waited = ctx.asked_state_at.take().map_or(0, |t| t.elapsed().as_nanos() as u64);
+        self.stats.transfer_wait_ns.fetch_add(waited, Ordering::Relaxed);
+        info!(group = %group_name(group), bytes = bytes.len(), waited_ms = waited / 1_000_000, "installed the cluster log's state");
         // This kernel's marks are in the state now (held for it, adopted by its Join), unless
         // the log restarted without them (every agent died, and a Genesis elsewhere began
         // anew): then they are unknown, and every region goes out of sync. (A disk log's
@@ -1801,6 +1809,7 @@ impl LogCtx {
             disk_in_flight: None,
             disk_written: None,
             disk_failed: false,
+            asked_state_at: None,
         }
     }
 }

@@ -80,6 +80,7 @@ pub const FAMILIES: &[(&str, &str, &str, &str)] = &[
     ("ulog_cluster_state_transfers_sent_total", "counter", "", "cluster mode"),
     ("ulog_cluster_state_transfer_sent_bytes_total", "counter", "", "cluster mode"),
     ("ulog_cluster_state_transfers_received_total", "counter", "", "cluster mode"),
+    ("ulog_cluster_state_transfer_wait_seconds_total", "counter", "", "cluster mode"),
     ("ulog_cluster_geneses_total", "counter", "", "cluster mode"),
     ("ulog_cluster_resyncs_after_stale_total", "counter", "", "cluster mode"),
     ("ulog_cluster_cmirrord_refusals_total", "counter", "", "cluster mode"),
@@ -137,6 +138,13 @@ impl Fam {
     fn add_counter(&mut self, l: &[(&str, &str)], v: u64) {
         let mut c = Counter::default();
         c.set_value(v as f64);
+        let mut m = Metric::from_label(labels(l));
+        m.set_counter(c);
+        self.0.mut_metric().push(m);
+    }
+    fn add_counter_f64(&mut self, l: &[(&str, &str)], v: f64) {
+        let mut c = Counter::default();
+        c.set_value(v);
         let mut m = Metric::from_label(labels(l));
         m.set_counter(c);
         self.0.mut_metric().push(m);
@@ -620,6 +628,12 @@ impl Exporter {
             f.add_counter(&[], v);
             f.done(out);
         }
+        let mut f = Fam::counter(
+            "ulog_cluster_state_transfer_wait_seconds_total",
+            "Seconds this agent's logs waited for their state (from the first request for it to the installed transfer), summed over ulog_cluster_state_transfers_received_total: what a join costs (the joiner's requests wait meanwhile).",
+        );
+        f.add_counter_f64(&[], load(&e.transfer_wait_ns) as f64 / 1e9);
+        f.done(out);
         if let Some(b) = &stats.bus {
             let counters: [(&str, &str, u64); 3] = [
                 ("ulog_cluster_bus_try_again_total", "CS_ERR_TRY_AGAIN answers of corosync to a send or join (flow control: each one a retry later).", load(&b.try_again)),
