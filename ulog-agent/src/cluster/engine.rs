@@ -209,12 +209,13 @@ impl ClusterView {
     /// IN_SYNC as the receive thread may answer it now: `Ok(None)` while another live member
     /// copies the region (the engine answers once the copy ends, see
     /// [`ReplicatedLog::in_sync_waits`]).
-    pub fn in_sync_now(&self, r: u64) -> Result<Option<bool>, i32> {
+    pub fn in_sync_now(&self, r: u64) -> Result<InSyncAnswer, i32> {
         let s = self.lock();
         match (&s.log, s.node) {
-            (Some(l), Some(node)) if l.in_sync_waits(node, r) => Ok(None),
-            (Some(l), _) => l.in_sync(r).map(Some).map_err(|e| e.errno()),
-            (None, _) => Ok(Some(false)),
+            (Some(l), Some(node)) if l.in_sync_waits(node, r) => Ok(InSyncAnswer::Wait),
+            (Some(l), Some(node)) if l.in_sync_voids(node, r) => Ok(InSyncAnswer::VoidCopy),
+            (Some(l), _) => l.in_sync(r).map(InSyncAnswer::Now).map_err(|e| e.errno()),
+            (None, _) => Ok(InSyncAnswer::Now(false)),
         }
     }
 
@@ -388,6 +389,20 @@ pub enum Change {
     GetResyncWork,
     /// SET_REGION_SYNC.
     SetRegionSync(u64, bool),
+    /// IN_SYNC that voids another member's copy of the region (see
+    /// [`ReplicatedLog::in_sync_voids`]).
+    VoidCopy(u64),
+}
+
+/// How the receive thread answers an IN_SYNC of a cluster log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InSyncAnswer {
+    /// At once.
+    Now(bool),
+    /// Through the engine, once another member's copy of the region ends.
+    Wait,
+    /// Through the engine, voiding another member's copy ([`Change::VoidCopy`]).
+    VoidCopy,
 }
 
 /// What the receive thread (and the operator's API) asks of the engine.
@@ -771,6 +786,12 @@ impl<R: Replies> Engine<R> {
                     ctx.waiting.push(Held::Stable(upto, p));
                     continue;
                 }
+                // The disk writer lets the role go only with no image write in flight: the next
+                // writer's first image must not be overwritten by an older one landing late.
+                PendWhat::Release if ctx.disk_in_flight.is_some() => {
+                    ctx.to_send.push_front(p);
+                    break;
+                }
                 PendWhat::Release => Event::Release { node: me.node },
                 PendWhat::Event(ev) => ev.clone(),
                 PendWhat::Change(Change::Mark(r)) => Event::Mark { node: me.node, regions: r.clone() },
@@ -779,6 +800,7 @@ impl<R: Replies> Engine<R> {
                 PendWhat::Change(Change::SetRegionSync(region, in_sync)) => {
                     Event::SetRegionSync { node: me.node, region: *region, in_sync: *in_sync }
                 }
+                PendWhat::Change(Change::VoidCopy(region)) => Event::VoidCopy { node: me.node, region: *region },
             };
             match self.send(ctx, group, Body::Event(ev), out) {
                 Some(seq) => {
@@ -820,6 +842,11 @@ impl<R: Replies> Engine<R> {
     fn maybe_write_image(&self, ctx: &mut LogCtx, group: &[u8], out: &mut dyn Outbound) {
         let (Some(me), Some(log)) = (self.me, ctx.log.as_ref()) else { return };
         if ctx.disk.is_none() || ctx.disk_in_flight.is_some() || ctx.disk_failed {
+            return;
+        }
+        let releasing = ctx.to_send.iter().chain(ctx.in_flight.values()).any(|p| matches!(p.what, PendWhat::Release));
+        if releasing {
+            // No new write once the role is being let go (see the Release in `pump_ctx`).
             return;
         }
         let serving = self.quorate && ctx.in_group && !ctx.stale && matches!(ctx.holding, Holding::Yes);
@@ -1529,6 +1556,9 @@ impl<R: Replies> Engine<R> {
                 };
                 self.answer(&p, 0, &payload);
             }
+            (PendWhat::Change(Change::VoidCopy(_)), Ok(Outcome::InSync(v))) => {
+                self.answer(&p, 0, &i64::from(v).to_ne_bytes());
+            }
             (PendWhat::Release, Ok(_)) => {
                 self.answer(&p, 0, &[]);
                 if !ctx.wanted {
@@ -1609,7 +1639,9 @@ impl<R: Replies> Engine<R> {
                     (Ok(()), None) => {}
                 }
                 self.maybe_write_image(&mut ctx, &group, out);
-                self.logs.insert(group, ctx);
+                self.logs.insert(group.clone(), ctx);
+                // A Release that waited for this write goes now.
+                self.pump(&group, out);
             }
             Command::Resume { group, pending } => {
                 let Some(ctx) = self.logs.get_mut(&group) else {

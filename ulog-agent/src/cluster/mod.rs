@@ -52,6 +52,10 @@ pub enum RestartError {
     /// No live mirror table on this node uses the log.
     #[error("no mirror on this node uses log {0}")]
     NoMirror(String),
+    /// The mirror is suspended already, or has a table loaded and not yet resumed (a reload in
+    /// progress): someone else is changing it, and a resume here would interfere.
+    #[error("mirror {0} is suspended or being reloaded by someone else: not touched")]
+    Busy(String),
     /// The suspend failed (the mirror was left running).
     #[error("suspend of {device}: {source}")]
     Suspend {
@@ -91,7 +95,18 @@ pub fn restart_mirror_recovery(control: &std::path::Path, uuid: &str) -> Result<
         return Err(RestartError::NoMirror(uuid.to_string()));
     }
     for (name, dev) in &mirrors {
+        let busy = |dm: &crate::region_log::dm::Control| {
+            dm.state(*dev).map(|(suspended, inactive)| suspended || inactive).unwrap_or(true)
+        };
+        if busy(&dm) {
+            return Err(RestartError::Busy(name.clone()));
+        }
         dm.suspend(*dev, true).map_err(|source| RestartError::Suspend { device: name.clone(), source })?;
+        if dm.state(*dev).is_ok_and(|(_, inactive)| inactive) {
+            // A reload was loaded while this suspend ran: resuming now would activate it.
+            // Leave the device as its reloader expects it: suspended, for its resume.
+            return Err(RestartError::Busy(name.clone()));
+        }
         let mut resumed = dm.suspend(*dev, false);
         for _ in 0..3 {
             if resumed.is_ok() {

@@ -80,6 +80,15 @@ pub enum Event {
         /// The node.
         node: NodeId,
     },
+    /// IN_SYNC from a node that copies a region itself, of a region another live node copies
+    /// (see [`ReplicatedLog::in_sync_voids`]): that copy is void, because the asking kernel
+    /// may now write the region to its default leg while the copy reads it.
+    VoidCopy {
+        /// The asking node.
+        node: NodeId,
+        /// The region.
+        region: u64,
+    },
     /// MARK_REGION (or FLUSH's integrated marks) from a node's kernel.
     Mark {
         /// The node whose agent sent it (or that the membership change is about).
@@ -117,6 +126,8 @@ pub enum Outcome {
     Applied,
     /// GET_RESYNC_WORK's answer: the region this node is to recover, if any.
     ResyncWork(Option<u64>),
+    /// IN_SYNC's answer after [`Event::VoidCopy`].
+    InSync(bool),
 }
 
 /// Why an event was refused. Refusals are deterministic (every member refuses the same event),
@@ -320,9 +331,22 @@ impl ReplicatedLog {
     /// IS_REMOTE_RECOVERING, and dm-raid1 writes a region read as not in sync to its default
     /// leg only (DM_RH_NOSYNC), which would race the copy; answered once the copy ends, the
     /// write goes to every leg (or, if the copy failed, to the default leg with the region
-    /// still out of sync). A held node's slot does not wait (its completion is voided).
+    /// still out of sync). A held node's slot does not wait (its completion is voided), and
+    /// a node that holds a slot itself never waits: its kernel's one worker (kmirrord) would be
+    /// blocked, and the copy it runs completes only through that worker, so two such nodes
+    /// waiting on each other's copies would hang both mirrors.
     pub fn in_sync_waits(&self, node: NodeId, r: u64) -> bool {
-        self.recovering.get(&r).is_some_and(|&n| n != node && self.nodes.get(&n).is_some_and(|s| s.live))
+        self.nodes.get(&node).is_some_and(|s| s.slot.is_none())
+            && self.recovering.get(&r).is_some_and(|&n| n != node && self.nodes.get(&n).is_some_and(|s| s.live))
+    }
+
+    /// Whether an IN_SYNC of `r` from `node` voids another live member's copy of `r` (an
+    /// ordered [`Event::VoidCopy`] answers it): `node` holds a slot itself, so it must not wait
+    /// (see [`Self::in_sync_waits`]), and a "not in sync" answer lets its kernel write `r` to
+    /// the default leg while the copy reads it.
+    pub fn in_sync_voids(&self, node: NodeId, r: u64) -> bool {
+        self.nodes.get(&node).is_some_and(|s| s.slot.is_some())
+            && self.recovering.get(&r).is_some_and(|&n| n != node && self.nodes.get(&n).is_some_and(|s| s.live))
     }
 
     /// IS_CLEAN: in sync and marked by no node, live or held.
@@ -476,6 +500,16 @@ impl ReplicatedLog {
             Event::UnknownMarks { .. } => {
                 self.all_out_of_sync();
                 Ok(Outcome::Applied)
+            }
+            Event::VoidCopy { node, region } => {
+                self.live(node)?;
+                self.check(region)?;
+                if let Some(&copier) = self.recovering.get(&region).filter(|&&n| n != node) {
+                    if let Some(s) = self.nodes.get_mut(&copier) {
+                        s.slot_voided = true;
+                    }
+                }
+                Ok(Outcome::InSync(self.in_sync(region)?))
             }
             Event::Mark { node, ref regions } => {
                 self.live(node)?;

@@ -170,6 +170,7 @@ const K_WORK: u16 = 7;
 const K_SYNC: u16 = 8;
 const K_HOLD: u16 = 9;
 const K_UNKNOWN: u16 = 10;
+const K_VOID: u16 = 11;
 const K_ACK: u16 = 32;
 const K_DIGEST: u16 = 33;
 const K_WRITTEN: u16 = 37;
@@ -192,6 +193,7 @@ pub fn encode(f: &Frame) -> Vec<u8> {
             Event::SetRegionSync { .. } => K_SYNC,
             Event::HoldMarks { .. } => K_HOLD,
             Event::UnknownMarks { .. } => K_UNKNOWN,
+            Event::VoidCopy { .. } => K_VOID,
         },
         Body::Ack { .. } => K_ACK,
         Body::Digest { .. } => K_DIGEST,
@@ -223,6 +225,10 @@ pub fn encode(f: &Frame) -> Vec<u8> {
                 for r in regions {
                     o.extend_from_slice(&r.to_le_bytes());
                 }
+            }
+            Event::VoidCopy { node, region } => {
+                o.extend_from_slice(&node.to_le_bytes());
+                o.extend_from_slice(&region.to_le_bytes());
             }
             Event::SetRegionSync { node, region, in_sync } => {
                 o.extend_from_slice(&node.to_le_bytes());
@@ -302,6 +308,7 @@ pub fn decode(b: &[u8]) -> Result<Frame, WireError> {
         K_RELEASE => Body::Event(Event::Release { node: r.u32()? }),
         K_WORK => Body::Event(Event::GetResyncWork { node: r.u32()? }),
         K_UNKNOWN => Body::Event(Event::UnknownMarks { node: r.u32()? }),
+        K_VOID => Body::Event(Event::VoidCopy { node: r.u32()?, region: r.u64()? }),
         K_HOLD => {
             let node = r.u32()?;
             let incarnation: Incarnation = u128::from_le_bytes(r.array()?);
@@ -495,6 +502,7 @@ mod tests {
                 .prop_map(|(node, regions)| Event::Clear { node, regions }),
             node.prop_map(|node| Event::GetResyncWork { node }),
             node.prop_map(|node| Event::UnknownMarks { node }),
+            (node, any::<u64>()).prop_map(|(node, region)| Event::VoidCopy { node, region }),
             (node, any::<u64>(), any::<bool>()).prop_map(|(node, region, in_sync)| Event::SetRegionSync {
                 node,
                 region,

@@ -55,7 +55,10 @@ const fn dm_iowr(nr: u32) -> u32 {
 const DM_LIST_DEVICES: u32 = dm_iowr(2);
 const DM_TABLE_STATUS: u32 = dm_iowr(12);
 const DM_DEV_SUSPEND: u32 = dm_iowr(6);
+const DM_DEV_STATUS: u32 = dm_iowr(7);
 const DM_SUSPEND_FLAG: u32 = 1 << 1;
+const DM_INACTIVE_PRESENT_FLAG: u32 = 1 << 6;
+const DM_SKIP_LOCKFS_FLAG: u32 = 1 << 10;
 
 /// A block device number, split.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -174,13 +177,21 @@ impl Control {
     }
 
     /// Suspends device `dev` (`suspend`: its in-flight I/O completes first, new I/O waits, as
-    /// `dmsetup suspend`) or resumes it (its live table: nothing is loaded).
+    /// `dmsetup suspend --nolockfs`: a filesystem on it is not frozen) or resumes it. A resume
+    /// also activates a loaded inactive table: check [`Self::state`] first.
     pub fn suspend(&self, dev: u64, suspend: bool) -> io::Result<()> {
         self.ioctl(DM_DEV_SUSPEND, &|b| {
-            put_u32(b, 28, if suspend { DM_SUSPEND_FLAG } else { 0 });
+            put_u32(b, 28, if suspend { DM_SUSPEND_FLAG | DM_SKIP_LOCKFS_FLAG } else { 0 });
             b[40..48].copy_from_slice(&dev.to_ne_bytes());
         })
         .map(|_| ())
+    }
+
+    /// Device `dev`'s state (`DM_DEV_STATUS`): `(suspended, inactive table loaded)`.
+    pub fn state(&self, dev: u64) -> io::Result<(bool, bool)> {
+        let answer = self.ioctl(DM_DEV_STATUS, &|b| b[40..48].copy_from_slice(&dev.to_ne_bytes()))?;
+        let flags = get_u32(&answer, 28).unwrap_or(0);
+        Ok((flags & DM_SUSPEND_FLAG != 0, flags & DM_INACTIVE_PRESENT_FLAG != 0))
     }
 
     /// The targets `(type, parameters)` of one of device `dev`'s tables; `Ok(None)` if the
@@ -416,6 +427,7 @@ mod tests {
         assert_eq!(DM_LIST_DEVICES, 0xc138_fd02);
         assert_eq!(DM_TABLE_STATUS, 0xc138_fd0c);
         assert_eq!(DM_DEV_SUSPEND, 0xc138_fd06);
+        assert_eq!(DM_DEV_STATUS, 0xc138_fd07);
     }
 
     #[test]

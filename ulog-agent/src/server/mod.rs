@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 use ulog_common::RequestType;
 
-use crate::cluster::engine::{Change, ClusterView, Command as ClusterCommand, LogShape, Read};
+use crate::cluster::engine::{Change, ClusterView, Command as ClusterCommand, InSyncAnswer, LogShape, Read};
 use crate::metrics::counters::{Counters, Dropped};
 use crate::metrics::flight::{FlightRecord, PENDING};
 use crate::metrics::persister::PersisterTelemetry;
@@ -809,8 +809,11 @@ impl LogServer {
             InSync => {
                 let r = protocol::one_u64(p).ok_or(-libc::EINVAL)?;
                 match c.view.in_sync_now(r)? {
-                    Some(v) => return Ok(Some(Outcome::Reply(0, Payload::bytes(&i64::from(v).to_ne_bytes())))),
-                    None => ClusterCommand::Read { group, read: Read::InSync(r), pending },
+                    InSyncAnswer::Now(v) => {
+                        return Ok(Some(Outcome::Reply(0, Payload::bytes(&i64::from(v).to_ne_bytes()))))
+                    }
+                    InSyncAnswer::Wait => ClusterCommand::Read { group, read: Read::InSync(r), pending },
+                    InSyncAnswer::VoidCopy => ClusterCommand::Change { group, change: Change::VoidCopy(r), pending },
                 }
             }
             GetSyncCount => return Ok(Some(Outcome::Reply(0, Payload::bytes(&c.view.sync_count().to_ne_bytes())))),

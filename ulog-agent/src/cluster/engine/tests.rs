@@ -961,9 +961,9 @@ fn in_sync_of_a_region_copied_elsewhere_waits_for_the_copy() {
     let w = sim.request(1, RequestType::GetResyncWork, Some(Change::GetResyncWork));
     sim.run();
     assert_eq!(sim.answer(1, w), Some((0, protocol::pair(1, 0).to_vec())));
-    assert_eq!(sim.view(2).in_sync_now(0), Ok(None), "node 1 copies region 0");
-    assert_eq!(sim.view(2).in_sync_now(1), Ok(Some(false)), "nobody copies region 1");
-    assert_eq!(sim.view(1).in_sync_now(0), Ok(Some(false)), "a kernel's own copy holds its writes itself");
+    assert_eq!(sim.view(2).in_sync_now(0), Ok(InSyncAnswer::Wait), "node 1 copies region 0");
+    assert_eq!(sim.view(2).in_sync_now(1), Ok(InSyncAnswer::Now(false)), "nobody copies region 1");
+    assert_eq!(sim.view(1).in_sync_now(0), Ok(InSyncAnswer::Now(false)), "a kernel's own copy holds its writes itself");
     let pending = sim.pending(RequestType::InSync);
     let seq = pending.header.seq;
     sim.command(2, Command::Read { group: G.to_vec(), read: Read::InSync(0), pending });
@@ -989,7 +989,7 @@ fn a_copy_that_outlived_its_agent_is_void() {
     assert_eq!(sim.answer(2, w), Some((0, protocol::pair(1, 0).to_vec())));
     sim.crash(2, LeaveReason::ProcDown, false);
     sim.run();
-    assert_eq!(sim.view(1).in_sync_now(0), Ok(Some(false)), "a held node's copy does not hold reads");
+    assert_eq!(sim.view(1).in_sync_now(0), Ok(InSyncAnswer::Now(false)), "a held node's copy does not hold reads");
     assert!(sim.view(1).remote_recovering(0).unwrap().0, "still reported recovering (its kernel may copy)");
     sim.start_as(2, 22, true);
     sim.run();
@@ -1157,4 +1157,33 @@ fn a_reconnected_kernel_unknown_to_the_state_puts_every_region_out_of_sync() {
     sim.run();
     sim.resume_all(&[2]);
     assert_eq!(sim.view(2).sync_count(), 64, "adopted: its marks are known");
+}
+
+/// Guarantee 8, hand-over by release (a POSTSUSPEND of the writer's mirror): the writer lets
+/// the role go only once its image write in flight has landed, so an older image of it can
+/// never overwrite the next writer's first image.
+#[test]
+fn the_disk_writer_releases_the_role_only_after_its_write_in_flight() {
+    let mut sim = Sim::new(NOSYNC);
+    let dev = Arc::new(Mutex::new(FakeDevice::default()));
+    sim.disk = Some(Arc::clone(&dev));
+    for n in 1..=2 {
+        sim.start(n, n);
+    }
+    sim.run();
+    sim.resume_all(&[1, 2]);
+    sim.complete_disk_writes();
+    let s = sim.request(2, RequestType::MarkRegion, mark(&[3]));
+    sim.run();
+    assert_eq!(dev.lock().unwrap().in_flight.len(), 1, "node 1 writes the image with region 3");
+    let p = sim.request(1, RequestType::Postsuspend, None);
+    sim.run();
+    assert_eq!(sim.answer(1, p), None, "the release waits for the write in flight");
+    assert_eq!(sim.view(2).snapshot().unwrap().disk_writer(), Some(1));
+    sim.complete_disk_writes();
+    assert_eq!(sim.answer(1, p).map(|a| a.0), Some(0));
+    assert_eq!(sim.answer(2, s).map(|a| a.0), Some(0));
+    assert_eq!(sim.view(2).snapshot().unwrap().disk_writer(), Some(2), "the role moved after the write");
+    assert_eq!(dev.lock().unwrap().writers.last(), Some(&2), "and the new writer wrote the whole image");
+    assert!(!dev.lock().unwrap().image.as_ref().unwrap().get(3));
 }

@@ -379,10 +379,17 @@ fn apply_step(m: &mut Model, reps: &mut Replicas, s: &Step) {
                 return;
             }
             // dm_rh_get_state asks IN_SYNC; an answer that waits holds the write (it is
-            // written, if ever, by a later step).
+            // written, if ever, by a later step). A kernel that copies a region itself never
+            // waits: its IN_SYNC voids the other copy (ordered), and is answered after it.
             if l.in_sync_waits(NODES[i], r) {
                 return;
             }
+            if l.in_sync_voids(NODES[i], r) {
+                let Ok(Outcome::InSync(_)) = reps.apply(&Event::VoidCopy { node: NODES[i], region: r }) else {
+                    panic!("VoidCopy refused for a live member");
+                };
+            }
+            let l = &reps.0[0];
             if l.in_sync(r) == Ok(false) {
                 // DM_RH_NOSYNC: to the default leg only, not marked. The legs differ, and a
                 // copy of the region running elsewhere may have read the default leg before.
@@ -565,4 +572,23 @@ fn the_disk_writer_role_moves_only_when_its_holder_is_surely_gone() {
     assert_eq!((0..8).filter(|&r| !clean.get(r)).collect::<Vec<_>>(), vec![3, 5]);
     let from_disk = ReplicatedLog::from_clean_image(&clean).unwrap();
     assert_eq!((from_disk.sync_count(), from_disk.in_sync(3), from_disk.in_sync(4)), (6, Ok(false), Ok(true)));
+}
+
+/// IN_SYNC waits for another live node's copy only when the asker copies nothing itself: a
+/// kernel's copy completes through its one kmirrord worker, the same worker that waits for the
+/// answer, so two copiers waiting on each other's regions would hang both mirrors.
+#[test]
+fn in_sync_never_waits_for_a_node_that_copies_itself() {
+    let mut l = log(8, false, &[A, B, C]);
+    assert_eq!(work(&mut l, A), Some(0));
+    assert!(l.in_sync_waits(C, 0), "C copies nothing: its write waits for A's copy");
+    assert!(!l.in_sync_waits(A, 0), "A's own copy");
+    assert_eq!(work(&mut l, B), Some(1));
+    assert!(!l.in_sync_waits(B, 0) && !l.in_sync_waits(A, 1), "copiers never wait on each other");
+    // B's IN_SYNC of A's region voids A's copy instead (B may now write it to one leg).
+    assert!(l.in_sync_voids(B, 0) && !l.in_sync_voids(C, 0) && !l.in_sync_voids(A, 0));
+    assert_eq!(l.apply(&Event::VoidCopy { node: B, region: 0 }), Ok(Outcome::InSync(false)));
+    synced(&mut l, A, 0);
+    assert_eq!(l.in_sync(0), Ok(false), "A's copy ran while B could write region 0 to one leg");
+    assert_eq!(work(&mut l, C), Some(0), "copied again");
 }
