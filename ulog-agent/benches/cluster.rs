@@ -23,6 +23,20 @@
 //! * Throughput: MARK (fresh region) + FLUSH alternating with 32 in flight, `--tput-count`
 //!   requests per round and configuration; requests/s and the ratio to `single`. Then,
 //!   unmeasured, CLEARs of those regions, so marks do not pile up over rounds.
+//! * Resync with 1, 2, 3 nodes (after the rounds above, on the 3-node cluster): per round and
+//!   node count k (rotated), a fresh 192-region `clustered-core` log (not `nosync`), a new uuid
+//!   each time, constructed and resumed on nodes 1..=k only. Each of those nodes' kernel peers
+//!   runs dm-raid1's recovery loop in its own thread (GET_RESYNC_WORK; for a region, a 5 ms
+//!   sleep standing for kcopyd's copy of it, which is not what is measured; SET_REGION_SYNC(r, 1);
+//!   until no work), all started together. Wall time until the last node is told there is no
+//!   work; regions/s; the ratio to k = 1. Each run asserts (a wrong resync fails the bench) that
+//!   the regions handed out are disjoint and cover the log, and that GET_SYNC_COUNT is the region
+//!   count on every node (waited for, at most 30 s).
+//! * One mirror written by 1 vs 2 nodes (then): the `core` log of the 3-node cluster, MARK of a
+//!   fresh region then CLEAR of it, [`DEPTH`] in flight, `--tput-count` requests per writer, from
+//!   node 1 alone or from nodes 1 and 2 at once (distinct regions); total requests/s and the
+//!   ratio 2 writers ÷ 1, per round (rotated) and as medians. The host's stand-in for "IOPS of
+//!   one mirror written by two nodes vs one".
 //! * TRY_AGAIN: `ulog_cluster_bus_try_again_total` of every cluster agent's `/metrics` at the end
 //!   (the agents serve HTTP on loopback in their namespaces).
 //!
@@ -42,6 +56,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
+use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use common::{median, quantile, Results, J};
@@ -59,6 +74,15 @@ const LUID_BASE: u64 = 0xffff_8880_0000_0000;
 /// The agents' HTTP API, on loopback in each namespace.
 const HTTP_ADDR: &str = "127.0.0.1:9477";
 const DEPTH: usize = 32;
+/// Regions of each resync log (all out of sync at the start).
+const RESYNC_REGIONS: u64 = 192;
+/// What one region's copy takes in the resync measurement: stands for the kernel's kcopyd copy
+/// of a region between the legs (not measured here; a 512 KiB region at ~100 MB/s).
+const COPY_TIME: Duration = Duration::from_millis(5);
+/// Node counts of the resync measurement.
+const RESYNC_NODES: [usize; 3] = [1, 2, 3];
+/// Writer counts of the writers measurement.
+const WRITERS: [usize; 2] = [1, 2];
 
 /// Latency series, in the order they are measured (and reported).
 const SERIES: [&str; 8] = [
@@ -115,8 +139,8 @@ struct Setup {
     in_sync_i: u64,
 }
 
-fn ok_call(peer: &mut KernelPeer, req: Request, what: &str) -> Vec<u8> {
-    let r = peer.call_request(&req).unwrap_or_else(|e| panic!("{what}: {e}"));
+fn ok_call(peer: &mut KernelPeer, req: &Request, what: &str) -> Vec<u8> {
+    let r = peer.call_request(req).unwrap_or_else(|e| panic!("{what}: {e}"));
     assert_eq!(r.error, 0, "{what}: {r}");
     r.payload
 }
@@ -133,8 +157,8 @@ fn create_logs(n: &mut Node) {
     let core = format!("{DEV_SECTORS} clustered-core {REGION_SIZE} nosync");
     let resync = format!("{DEV_SECTORS} clustered-core {REGION_SIZE}");
     for (uuid, luid, ctr) in [(CORE_UUID, n.luid, core), (RESYNC_UUID, n.luid + 1, resync)] {
-        ok_call(&mut n.peer, Request::ctr(uuid, luid, &ctr), "CTR");
-        ok_call(&mut n.peer, Request::new(T::Resume, uuid, luid, vec![]), "RESUME");
+        ok_call(&mut n.peer, &Request::ctr(uuid, luid, &ctr), "CTR");
+        ok_call(&mut n.peer, &Request::new(T::Resume, uuid, luid, vec![]), "RESUME");
     }
 }
 
@@ -300,6 +324,140 @@ fn try_again_count() -> Option<u64> {
         .find_map(|l| l.strip_prefix("ulog_cluster_bus_try_again_total "))
         .and_then(|v| v.trim().parse::<f64>().ok())
         .map(|v| v as u64)
+}
+
+/// dm-raid1's recovery loop of one node's kernel, until GET_RESYNC_WORK says there is no work:
+/// GET_RESYNC_WORK, then (for a region) [`COPY_TIME`] of sleep standing for kcopyd's copy of the
+/// region between the legs, then SET_REGION_SYNC(region, 1). One region at a time, as the
+/// kernel does. Returns the regions this node was handed, in order.
+fn recover(peer: &mut KernelPeer, uuid: &str, luid: u64, what: &str) -> Vec<u64> {
+    let work = Request::new(T::GetResyncWork, uuid, luid, vec![]);
+    let mut got = Vec::new();
+    loop {
+        let p = ok_call(peer, &work, what);
+        assert!(p.len() >= 16, "{what}: GET_RESYNC_WORK payload of {} bytes", p.len());
+        if i64::from_ne_bytes(p[..8].try_into().expect("8 bytes")) == 0 {
+            return got;
+        }
+        let region = u64::from_ne_bytes(p[8..16].try_into().expect("8 bytes"));
+        got.push(region);
+        std::thread::sleep(COPY_TIME);
+        let mut sync = region.to_ne_bytes().to_vec();
+        sync.extend_from_slice(&1i64.to_ne_bytes());
+        ok_call(peer, &Request::new(T::SetRegionSync, uuid, luid, sync), what);
+    }
+}
+
+/// GET_SYNC_COUNT of a log on one node.
+fn sync_count(peer: &mut KernelPeer, uuid: &str, luid: u64, what: &str) -> u64 {
+    let p = ok_call(peer, &Request::new(T::GetSyncCount, uuid, luid, vec![]), what);
+    u64::from_ne_bytes(p.get(..8).and_then(|b| b.try_into().ok()).unwrap_or_else(|| panic!("{what}: short payload")))
+}
+
+/// One resync measurement: a fresh [`RESYNC_REGIONS`]-region `clustered-core` log (not
+/// `nosync`: every region starts out of sync) constructed and resumed on `nodes` (the other
+/// agents of the cluster never open it), then every node's recovery loop ([`recover`]) in its
+/// own thread, started together. The wall time runs from the start until the last node's
+/// GET_RESYNC_WORK said there was no work. Then it asserts that the nodes' regions are disjoint
+/// and cover the log, and (waiting at most 30 s for the other nodes' SET_REGION_SYNCs to be
+/// applied) that GET_SYNC_COUNT is the region count on every node. Returns the wall time and
+/// the regions each node recovered.
+fn resync_run(nodes: &mut [(&mut KernelPeer, u64)], uuid: &str, settle_pids: &[u32]) -> (Duration, Vec<Vec<u64>>) {
+    let k = nodes.len();
+    let ctr = format!("{} clustered-core {REGION_SIZE}", RESYNC_REGIONS * REGION_SIZE);
+    for (peer, luid) in nodes.iter_mut() {
+        ok_call(peer, &Request::ctr(uuid, *luid, &ctr), "resync CTR");
+    }
+    for (peer, luid) in nodes.iter_mut() {
+        ok_call(peer, &Request::new(T::Resume, uuid, *luid, vec![]), "resync RESUME");
+    }
+    settle(settle_pids);
+    let start = Barrier::new(k + 1);
+    let (wall, per_node) = std::thread::scope(|sc| {
+        let threads: Vec<_> = nodes
+            .iter_mut()
+            .enumerate()
+            .map(|(i, (peer, luid))| {
+                let (start, luid) = (&start, *luid);
+                sc.spawn(move || {
+                    start.wait();
+                    recover(peer, uuid, luid, &format!("resync on {k} nodes, node {}", i + 1))
+                })
+            })
+            .collect();
+        start.wait();
+        let t0 = Instant::now();
+        let got: Vec<Vec<u64>> = threads.into_iter().map(|t| t.join().expect("a recovery thread panicked")).collect();
+        (t0.elapsed(), got)
+    });
+    let mut all: Vec<u64> = per_node.concat();
+    all.sort_unstable();
+    let handed = all.len();
+    all.dedup();
+    assert_eq!(all.len(), handed, "resync on {k} nodes: a region was handed out twice: {per_node:?}");
+    assert!(
+        all.iter().copied().eq(0..RESYNC_REGIONS),
+        "resync on {k} nodes: the regions handed out are not the log's {RESYNC_REGIONS}: {all:?}"
+    );
+    for (i, (peer, luid)) in nodes.iter_mut().enumerate() {
+        let what = format!("resync on {k} nodes, node {} GET_SYNC_COUNT", i + 1);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let n = sync_count(peer, uuid, *luid, &what);
+            if n == RESYNC_REGIONS {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{what}: {n} of {RESYNC_REGIONS} in sync after 30 s");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    (wall, per_node)
+}
+
+/// One writers measurement on the core log: each of `writers` (a node's kernel peer and the
+/// index of its next fresh region) sends `count` requests, MARK of a fresh region then CLEAR of
+/// the same region, with [`DEPTH`] in flight, all writers at once in their own threads (regions
+/// distinct per writer). Returns (total requests/s over the wall time of all writers, each
+/// writer's requests/s, every latency in ns, sorted).
+fn writers_run(writers: &mut [(&mut KernelPeer, u64, &mut u64)], count: usize) -> (f64, Vec<f64>, Vec<u64>) {
+    let n = writers.len();
+    let start = Barrier::new(n + 1);
+    let (wall, got) = std::thread::scope(|sc| {
+        let threads: Vec<_> = writers
+            .iter_mut()
+            .enumerate()
+            .map(|(i, (peer, luid, next))| {
+                let (start, luid) = (&start, *luid);
+                sc.spawn(move || {
+                    start.wait();
+                    let mut mark_next = true;
+                    let mut region = 0;
+                    let what = format!("{n} writers, writer {} MARK+CLEAR depth {DEPTH}", i + 1);
+                    pipeline(peer, &what, count, || {
+                        let req = if mark_next {
+                            region = fresh_region(**next);
+                            **next += 1;
+                            Request::new(T::MarkRegion, CORE_UUID, luid, regions_payload(&[region]))
+                        } else {
+                            Request::new(T::ClearRegion, CORE_UUID, luid, regions_payload(&[region]))
+                        };
+                        mark_next = !mark_next;
+                        req
+                    })
+                })
+            })
+            .collect();
+        start.wait();
+        let t0 = Instant::now();
+        let got: Vec<(f64, Vec<u64>)> =
+            threads.into_iter().map(|t| t.join().expect("a writer thread panicked")).collect();
+        (t0.elapsed(), got)
+    });
+    let rps = (n * count) as f64 / wall.as_secs_f64();
+    let per_writer = got.iter().map(|g| g.0).collect();
+    let mut lat: Vec<u64> = got.into_iter().flat_map(|g| g.1).collect();
+    lat.sort_unstable();
+    (rps, per_writer, lat)
 }
 
 fn us(ns: u64) -> f64 {
@@ -485,6 +643,140 @@ fn main() {
             ("p99_us", us(quantile(&lat, 0.99)).into()),
         ]);
     }
+
+    // Resync with 1, 2, 3 nodes: on the 3-node cluster, a fresh log per round and node count,
+    // opened by the first k nodes only; node counts rotated per round.
+    let s3 = setups.iter_mut().find(|s| s.name == "cluster-3").expect("cluster-3");
+    let mut members: Vec<&mut Node> = std::iter::once(&mut s3.node).chain(s3.idle.iter_mut()).collect();
+    let mut resync_wall: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    let mut resync_split: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+    println!();
+    for round in 0..cfg.rounds {
+        for j in 0..RESYNC_NODES.len() {
+            let k = RESYNC_NODES[(j + round) % RESYNC_NODES.len()];
+            let uuid = format!("LVM-ulog-bench-resync-{k}n-r{round}");
+            let mut nodes: Vec<(&mut KernelPeer, u64)> = members[..k]
+                .iter_mut()
+                .enumerate()
+                .map(|(i, n)| {
+                    (&mut n.peer, LUID_BASE + (0x10 << 16) + ((round as u64) << 8) + ((k as u64) << 4) + i as u64)
+                })
+                .collect();
+            let (wall, per_node) = resync_run(&mut nodes, &uuid, &pids);
+            let wall_ms = wall.as_secs_f64() * 1e3;
+            let split = per_node.iter().map(|v| v.len().to_string()).collect::<Vec<_>>().join("+");
+            println!(
+                "round {round} resync {RESYNC_REGIONS} regions on {k} node(s): {wall_ms:>7.1} ms, {:>6.0} regions/s, per node {split}",
+                RESYNC_REGIONS as f64 / wall.as_secs_f64()
+            );
+            results.push(&[
+                ("bench", J::from("cluster")),
+                ("kind", "resync_round".into()),
+                ("round", round.into()),
+                ("nodes", k.into()),
+                ("regions", RESYNC_REGIONS.into()),
+                ("copy_ms", (COPY_TIME.as_secs_f64() * 1e3).into()),
+                ("wall_ms", wall_ms.into()),
+                ("regions_per_s", (RESYNC_REGIONS as f64 / wall.as_secs_f64()).into()),
+                ("per_node", split.clone().into()),
+            ]);
+            resync_wall.entry(k).or_default().push(wall_ms);
+            resync_split.entry(k).or_default().push(split);
+        }
+    }
+    let base_wall = median(&resync_wall[&1]);
+    for (&k, walls) in &resync_wall {
+        let wall_ms = median(walls);
+        let paired: Vec<f64> = resync_wall[&1].iter().zip(walls).map(|(a, b)| a / b).collect();
+        // One node copies ceil(regions / k) regions one after the other at best.
+        let copy_floor_ms = RESYNC_REGIONS.div_ceil(k as u64) as f64 * COPY_TIME.as_secs_f64() * 1e3;
+        println!(
+            "resync on {k} node(s): {wall_ms:.1} ms ({:.0} regions/s), x {:.2} the 1-node speed; copy floor {copy_floor_ms:.0} ms; per node {}",
+            RESYNC_REGIONS as f64 / wall_ms * 1e3,
+            base_wall / wall_ms,
+            resync_split[&k].join(", ")
+        );
+        results.push(&[
+            ("bench", J::from("cluster")),
+            ("kind", "resync_summary".into()),
+            ("nodes", k.into()),
+            ("runs", walls.len().into()),
+            ("regions", RESYNC_REGIONS.into()),
+            ("copy_ms", (COPY_TIME.as_secs_f64() * 1e3).into()),
+            ("copy_floor_ms", copy_floor_ms.into()),
+            ("wall_ms", wall_ms.into()),
+            ("regions_per_s", (RESYNC_REGIONS as f64 / wall_ms * 1e3).into()),
+            ("speedup", (base_wall / wall_ms).into()),
+            ("speedup_paired", median(&paired).into()),
+            ("per_node", resync_split[&k].join(", ").into()),
+        ]);
+    }
+
+    // One mirror written by 1 vs 2 nodes: the core log of the 3-node cluster (all three in its
+    // group), MARK+CLEAR pairs from node 1, or from nodes 1 and 2 at once; rotated per round.
+    // Fresh regions per writer from their own part of the permutation (node 1's latency rounds
+    // used its start).
+    let mut next_fresh: Vec<u64> = vec![1 << 20, (1 << 20) + (1 << 19)];
+    let mut writers_rps: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    let mut writers_lat: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
+    println!();
+    for round in 0..cfg.rounds {
+        for j in 0..WRITERS.len() {
+            let w = WRITERS[(j + round) % WRITERS.len()];
+            settle(&pids);
+            let mut writers: Vec<(&mut KernelPeer, u64, &mut u64)> = members[..w]
+                .iter_mut()
+                .zip(next_fresh.iter_mut())
+                .map(|(n, next)| (&mut n.peer, n.luid, next))
+                .collect();
+            let (rps, per_writer, lat) = writers_run(&mut writers, cfg.tput_count);
+            let shown = per_writer.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(" + ");
+            println!(
+                "round {round} {w} writer(s) MARK+CLEAR depth {DEPTH}: {rps:>8.0} req/s (per writer {shown}), p50 {:.1} us, p99 {:.1} us",
+                us(quantile(&lat, 0.5)),
+                us(quantile(&lat, 0.99))
+            );
+            results.push(&[
+                ("bench", J::from("cluster")),
+                ("kind", "writers_round".into()),
+                ("round", round.into()),
+                ("writers", w.into()),
+                ("requests", lat.len().into()),
+                ("rps", rps.into()),
+                ("per_writer_rps", shown.into()),
+                ("p50_us", us(quantile(&lat, 0.5)).into()),
+                ("p99_us", us(quantile(&lat, 0.99)).into()),
+            ]);
+            writers_rps.entry(w).or_default().push(rps);
+            writers_lat.entry(w).or_default().extend(lat);
+        }
+    }
+    let base_rps = median(&writers_rps[&1]);
+    for (&w, all) in &writers_rps {
+        let rps = median(all);
+        let paired: Vec<f64> = all.iter().zip(&writers_rps[&1]).map(|(a, b)| a / b).collect();
+        let mut lat = writers_lat[&w].clone();
+        lat.sort_unstable();
+        println!(
+            "{w} writer(s) MARK+CLEAR depth {DEPTH}: {rps:.0} req/s (x {:.2} one writer), p50 {:.1} us, p99 {:.1} us",
+            rps / base_rps,
+            us(quantile(&lat, 0.5)),
+            us(quantile(&lat, 0.99))
+        );
+        results.push(&[
+            ("bench", J::from("cluster")),
+            ("kind", "writers_summary".into()),
+            ("writers", w.into()),
+            ("depth", DEPTH.into()),
+            ("requests", lat.len().into()),
+            ("rps", rps.into()),
+            ("rps_ratio", (rps / base_rps).into()),
+            ("rps_ratio_paired", median(&paired).into()),
+            ("p50_us", us(quantile(&lat, 0.5)).into()),
+            ("p99_us", us(quantile(&lat, 0.99)).into()),
+        ]);
+    }
+    drop(members);
 
     // TRY_AGAIN of every cluster agent, read in its namespace.
     let mut try_again: Vec<String> = Vec::new();

@@ -11,7 +11,8 @@
 //!   against the baselines they measure in the same invocation.
 //! * `cluster` (harness-less, needs root and corosync): the same kind of JSON lines; what
 //!   `--cluster` costs per request type against a single-node agent measured in the same
-//!   invocation (~25 s on a 2-core machine, cluster start-up included).
+//!   invocation, resync time with 1, 2, 3 nodes, and one log written by two nodes vs one
+//!   (~35 s on a 2-core machine, cluster start-up included).
 //!
 //! `BENCHMARKS.md` is made of generated sections between `<!-- bench:<name>:begin -->` and
 //! `<!-- bench:<name>:end -->` markers; a run replaces the sections of the benchmarks it ran
@@ -397,6 +398,14 @@ fn fmt_us(us: f64) -> String {
         format!("{:.2} ms", us / 1e3)
     } else {
         format!("{us:.1} µs")
+    }
+}
+
+fn fmt_ms(ms: f64) -> String {
+    if ms >= 1_000.0 {
+        format!("{:.2} s", ms / 1e3)
+    } else {
+        format!("{ms:.1} ms")
     }
 }
 
@@ -828,6 +837,88 @@ fn render_cluster(lines: &[Value]) -> String {
         }
         s.push('\n');
     }
+    let resync: Vec<&Value> = lines.iter().filter(|v| s_eq(v, "kind", "resync_summary")).collect();
+    if let Some(first) = resync.first() {
+        let _ = writeln!(
+            s,
+            "### Resync with 1, 2, 3 nodes\n\nA fresh {}-region `clustered-core` log (not `nosync`: every region \
+             starts out of sync), constructed and resumed on the first *k* nodes of the 3-node cluster only (a new \
+             uuid per run; the other agents never open it). Each of the *k* kernel peers runs dm-raid1's recovery \
+             loop in its own thread, all started together: GET_RESYNC_WORK; for a region, a {} ms sleep standing for \
+             the kernel's kcopyd copy of that region (not measured here); SET_REGION_SYNC(region, 1); until \
+             GET_RESYNC_WORK says there is no work. The wall time ends when the last node is told so. Every run \
+             asserts that the regions handed out are disjoint and cover the log and that GET_SYNC_COUNT is the \
+             region count on every node. Median of {} runs per *k* (rotated with the other *k* per round). \
+             dm-raid1 recovers one region at a time per node, so *k* nodes can approach *k* × the 1-node speed; \
+             *copy floor* = ⌈regions / k⌉ × copy time, the wall time if the round trips cost nothing.\n",
+            jf(first, "regions"),
+            jf(first, "copy_ms"),
+            jf(first, "runs"),
+        );
+        s.push_str(
+            "| nodes | wall time | regions/s | × 1 node | copy floor | regions per node (each run) |\n\
+             |---:|---:|---:|---:|---:|---|\n",
+        );
+        for v in resync {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.0} | {:.2} | {} | {} |",
+                jf(v, "nodes"),
+                fmt_ms(jf(v, "wall_ms")),
+                jf(v, "regions_per_s"),
+                jf(v, "speedup"),
+                fmt_ms(jf(v, "copy_floor_ms")),
+                js(v, "per_node"),
+            );
+        }
+        s.push('\n');
+    }
+    let writers: Vec<&Value> = lines.iter().filter(|v| s_eq(v, "kind", "writers_summary")).collect();
+    if let Some(first) = writers.first() {
+        let _ = writeln!(
+            s,
+            "### One mirror written by two nodes vs one, {} in flight per writer\n\nThe `clustered-core nosync` log \
+             of the 3-node cluster (all three agents in its group): MARK of a fresh region then CLEAR of the same \
+             region, {} requests per writer and run, from node 1's kernel peer alone or from nodes 1 and 2 at once \
+             (distinct regions per node; rotated per round). Requests/s = all writers' requests ÷ the wall time \
+             until the last one is answered, median over rounds; latencies over all runs. × 1 writer > 1 means a \
+             second writing node adds throughput to the mirror's log, < 1 that the writers slow each other down. \
+             This stands in on the host for the IOPS of one mirror written from two nodes; the client, three agents \
+             and three corosyncs share the machine's CPUs.\n",
+            jf(first, "depth"),
+            meta.map_or(f64::NAN, |m| jf(m, "tput_count")),
+        );
+        // Per-round ratios, from the round lines: how much of the median ratio is noise.
+        let round_rps = |w: f64| -> BTreeMap<i64, f64> {
+            lines
+                .iter()
+                .filter(|v| s_eq(v, "kind", "writers_round") && jf(v, "writers") == w)
+                .map(|v| (jf(v, "round") as i64, jf(v, "rps")))
+                .collect()
+        };
+        let one = round_rps(1.0);
+        s.push_str(
+            "| writers | requests/s | × 1 writer | × 1 writer, each round | latency p50 | latency p99 |\n\
+             |---:|---:|---:|---|---:|---:|\n",
+        );
+        for v in writers {
+            let per_round: Vec<String> = round_rps(jf(v, "writers"))
+                .iter()
+                .filter_map(|(r, rps)| one.get(r).map(|b| format!("{:.2}", rps / b)))
+                .collect();
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.2} | {} | {} | {} |",
+                jf(v, "writers"),
+                fmt_rate(jf(v, "rps")),
+                jf(v, "rps_ratio"),
+                if per_round.is_empty() { "–".to_string() } else { per_round.join(", ") },
+                fmt_us(jf(v, "p50_us")),
+                fmt_us(jf(v, "p99_us"))
+            );
+        }
+        s.push('\n');
+    }
     let tries: Vec<String> = lines
         .iter()
         .filter(|v| s_eq(v, "kind", "try_again"))
@@ -897,7 +988,7 @@ asserted by any test.
 | `cargo xtask bench` | all four benchmarks below, then rewrites this file |
 | `cargo xtask bench --quick` | the same with short measurements (noisier; marked as such) |
 | `cargo xtask bench --only handling` (or `roundtrip`, `memory`, `cluster`; comma-separated) | a subset; the other sections stay as they were |
-| `cargo xtask bench --only cluster` | the cluster benchmark alone (~25 s: 4 corosyncs, 5 agents); `--quick`, `--rounds N` apply |
+| `cargo xtask bench --only cluster` | the cluster benchmark alone (~35 s: 4 corosyncs, 5 agents; resync with 1-3 nodes, 2 writers vs 1); `--quick`, `--rounds N` apply |
 | `cargo xtask bench --only roundtrip --rounds 9 --secs 3 --no-loop` | round-trip options; `--no-disk` skips the memory benchmark's disk logs |
 | `cargo bench -p ulog-agent` | the same benchmarks through cargo alone (results in `target/ulog-bench/` and `target/ulog-bench/criterion` if `CRITERION_HOME` points there, this file untouched) |
 
@@ -1002,6 +1093,13 @@ mod tests {
             r#"{"kind":"throughput_summary","config":"cluster-3","depth":32,"rps":7700,"rps_ratio":0.07,"p50_us":3800,"p99_us":5400}"#,
             r#"{"kind":"try_again","config":"cluster-3","node":2,"count":3}"#,
             r#"{"kind":"try_again","config":"cluster-3","node":3,"count":-1}"#,
+            r#"{"kind":"resync_summary","nodes":1,"runs":4,"regions":192,"copy_ms":5,"copy_floor_ms":960,"wall_ms":1250,"regions_per_s":153.6,"speedup":1,"per_node":"192, 192"}"#,
+            r#"{"kind":"resync_summary","nodes":3,"runs":4,"regions":192,"copy_ms":5,"copy_floor_ms":320,"wall_ms":460,"regions_per_s":417.4,"speedup":2.72,"per_node":"64+65+63, 64+64+64"}"#,
+            r#"{"kind":"writers_round","round":0,"writers":1,"rps":5000}"#,
+            r#"{"kind":"writers_round","round":0,"writers":2,"rps":6000}"#,
+            r#"{"kind":"writers_round","round":1,"writers":2,"rps":8000}"#,
+            r#"{"kind":"writers_round","round":1,"writers":1,"rps":5000}"#,
+            r#"{"kind":"writers_summary","writers":2,"depth":32,"rps":9000,"rps_ratio":1.3,"p50_us":6000,"p99_us":9000}"#,
         ]
         .iter()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -1013,6 +1111,15 @@ mod tests {
         assert!(s.contains("| cluster-3 | 7.7 k | 0.07 | 3.80 ms | 5.40 ms |"), "{s}");
         assert!(s.contains("cluster-3 node 2: 3; cluster-3 node 3: unreadable"), "{s}");
         assert!(!s.contains("| IN_SYNC |"), "no row without results: {s}");
+        assert!(s.contains("A fresh 192-region `clustered-core` log") && s.contains("a 5 ms sleep"), "{s}");
+        assert!(s.contains("Median of 4 runs per *k*"), "{s}");
+        assert!(s.contains("| 1 | 1.25 s | 154 | 1.00 | 960.0 ms | 192, 192 |"), "{s}");
+        assert!(s.contains("| 3 | 460.0 ms | 417 | 2.72 | 320.0 ms | 64+65+63, 64+64+64 |"), "{s}");
+        assert!(
+            s.contains("two nodes vs one, 32 in flight per writer") && s.contains("2000 requests per writer"),
+            "{s}"
+        );
+        assert!(s.contains("| 2 | 9.0 k | 1.30 | 1.20, 1.60 | 6.00 ms | 9.00 ms |"), "{s}");
     }
 
     #[test]
