@@ -214,7 +214,7 @@ impl ClusterView {
         match (&s.log, s.node) {
             (Some(l), Some(node)) if l.in_sync_waits(node, r) => Ok(InSyncAnswer::Wait),
             (Some(l), Some(node)) if l.in_sync_voids(node, r) => Ok(InSyncAnswer::VoidCopy),
-            (Some(l), _) => l.in_sync(r).map(InSyncAnswer::Now).map_err(|e| e.errno()),
+            (Some(l), _) => l.kernel_in_sync(r).map(InSyncAnswer::Now).map_err(|e| e.errno()),
             (None, _) => Ok(InSyncAnswer::Now(false)),
         }
     }
@@ -240,6 +240,12 @@ impl ClusterView {
             (Some(l), Some(node)) => l.remote_recovering(node, r).map_err(|e| e.errno()),
             _ => Ok((true, 0)),
         }
+    }
+
+    /// Whether a kernel told "recovering" for raw region `r` should ask the group to copy it
+    /// first ([`Command::Want`]).
+    pub fn want_worth_asking(&self, r: u64) -> bool {
+        self.lock().log.as_ref().is_some_and(|l| l.want_worth_asking(r))
     }
 
     /// Whether reads may be answered from this view now (see `serving`).
@@ -367,7 +373,7 @@ impl Read {
             Err(e) => (e.errno(), Vec::new()),
         };
         match self {
-            Read::InSync(r) => flag(log.in_sync(r)),
+            Read::InSync(r) => flag(log.kernel_in_sync(r)),
             Read::IsClean(r) => flag(log.is_clean(r)),
             Read::SyncCount => (0, log.sync_count().to_ne_bytes().to_vec()),
             Read::RemoteRecovering(r) => match log.remote_recovering(node, r) {
@@ -473,6 +479,13 @@ pub enum Command {
     Close {
         /// The group.
         group: Vec<u8>,
+    },
+    /// This node's kernel waits to write raw region `region` (no answer owed).
+    Want {
+        /// The group.
+        group: Vec<u8>,
+        /// The region.
+        region: u64,
     },
     /// The operator (or fencing) confirms that `node`'s kernel of `incarnation` is dead.
     ConfirmFenced {
@@ -1620,6 +1633,14 @@ impl<R: Replies> Engine<R> {
                     }
                     ctx.view = view;
                 }
+            }
+            Command::Want { group, region } => {
+                let Some(me) = self.me else { return };
+                if let Some(ctx) = self.logs.get_mut(&group) {
+                    let ev = Event::Want { node: me.node, region };
+                    ctx.to_send.push_back(Pend { what: PendWhat::Event(ev), reply: None });
+                }
+                self.pump(&group, out);
             }
             Command::DiskWritten { group, position, result } => {
                 let Some(mut ctx) = self.logs.remove(&group) else { return };

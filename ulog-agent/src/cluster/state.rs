@@ -89,6 +89,14 @@ pub enum Event {
         /// The region.
         region: u64,
     },
+    /// A node's kernel waits to write a raw region (IS_REMOTE_RECOVERING said "recovering"):
+    /// it is handed out before the regions nobody waits for.
+    Want {
+        /// The node whose kernel waits.
+        node: NodeId,
+        /// The region.
+        region: u64,
+    },
     /// MARK_REGION (or FLUSH's integrated marks) from a node's kernel.
     Mark {
         /// The node whose agent sent it (or that the membership change is about).
@@ -188,6 +196,15 @@ pub struct NodeShare {
 #[derive(Clone, Debug)]
 pub struct ReplicatedLog {
     sync: RegionBitmap,
+    /// Out-of-sync regions whose legs can differ only where some kernel was writing when its
+    /// node departed or its marks were lost (a held node's marks, a reclaim, unknown marks):
+    /// the legs were equal before. The kernels are told they are in sync (see
+    /// [`Self::kernel_in_sync`]); the others out of sync are *raw* (never copied, or a leg
+    /// failed): the legs may differ anywhere.
+    torn: RegionBitmap,
+    /// Raw regions a kernel waits to write (IS_REMOTE_RECOVERING said "recovering"): handed out
+    /// after the reclaimed ones and before the rest, so the write waits one copy.
+    wanted: VecDeque<u64>,
     /// Set bits of `sync` (GET_SYNC_COUNT is on the request path: not a walk of the bitmap).
     sync_ones: u64,
     nodes: BTreeMap<NodeId, NodeShare>,
@@ -245,6 +262,8 @@ impl ReplicatedLog {
     pub fn new(region_count: u64, in_sync: bool) -> Result<Self, std::collections::TryReserveError> {
         Ok(Self {
             sync: RegionBitmap::try_new(region_count, in_sync)?,
+            torn: RegionBitmap::try_new(region_count, false)?,
+            wanted: VecDeque::new(),
             sync_ones: if in_sync { region_count } else { 0 },
             nodes: BTreeMap::new(),
             reclaimed: VecDeque::new(),
@@ -273,7 +292,9 @@ impl ReplicatedLog {
             if r >= self.region_count() {
                 break;
             }
+            // Dirty on the device: why is not known, so raw.
             self.set_sync(r, false);
+            self.torn.set(r, false);
             next = clean.next_zero(r + 1);
         }
     }
@@ -336,7 +357,9 @@ impl ReplicatedLog {
     /// blocked, and the copy it runs completes only through that worker, so two such nodes
     /// waiting on each other's copies would hang both mirrors.
     pub fn in_sync_waits(&self, node: NodeId, r: u64) -> bool {
-        self.nodes.get(&node).is_some_and(|s| s.slot.is_none())
+        r < self.region_count()
+            && self.is_raw(r)
+            && self.nodes.get(&node).is_some_and(|s| s.slot.is_none())
             && self.recovering.get(&r).is_some_and(|&n| n != node && self.nodes.get(&n).is_some_and(|s| s.live))
     }
 
@@ -345,7 +368,9 @@ impl ReplicatedLog {
     /// (see [`Self::in_sync_waits`]), and a "not in sync" answer lets its kernel write `r` to
     /// the default leg while the copy reads it.
     pub fn in_sync_voids(&self, node: NodeId, r: u64) -> bool {
-        self.nodes.get(&node).is_some_and(|s| s.slot.is_some())
+        r < self.region_count()
+            && self.is_raw(r)
+            && self.nodes.get(&node).is_some_and(|s| s.slot.is_some())
             && self.recovering.get(&r).is_some_and(|&n| n != node && self.nodes.get(&n).is_some_and(|s| s.live))
     }
 
@@ -378,19 +403,61 @@ impl ReplicatedLog {
     /// `region_count` once all is in sync.
     pub fn remote_recovering(&self, node: NodeId, r: u64) -> Result<(bool, u64), Refusal> {
         self.check(r)?;
-        let recovering = self.recovering.get(&r).is_some_and(|&n| n != node);
+        let own_slot = self.nodes.get(&node).is_some_and(|s| s.slot == Some(r));
+        let recovering = self.recovering.get(&r).is_some_and(|&n| n != node) || (self.is_raw(r) && !own_slot);
         let count = self.region_count();
-        let hint = match self.sync.next_zero(self.search_from) {
-            None => count,
-            Some(lowest) if self.nodes.keys().any(|&n| n != node) => lowest.min(count - 1),
-            Some(_) => count - 1,
+        let hint = match (self.next_raw(self.search_from), self.sync.next_zero(self.search_from)) {
+            (_, None) => count,
+            (Some(raw), _) => raw.min(count - 1),
+            (None, Some(_)) => count - 1,
         };
         Ok((recovering, hint))
+    }
+
+    /// IN_SYNC as a kernel is told it: in sync, or torn (see the `torn` field): a torn
+    /// region's writes then go to every leg, marked, so no kernel caches it as DM_RH_NOSYNC.
+    /// dm-raid1 reads the default leg whatever the answer (`choose_mirror`), unless that leg
+    /// failed; then a torn region may give the other version of a write that never completed.
+    pub fn kernel_in_sync(&self, r: u64) -> Result<bool, Refusal> {
+        self.check(r)?;
+        Ok(self.sync.get(r) || self.torn.get(r))
+    }
+
+    /// Out of sync and not torn: the legs may differ anywhere.
+    pub fn is_raw(&self, r: u64) -> bool {
+        !self.sync.get(r) && !self.torn.get(r)
+    }
+
+    /// Whether a kernel waiting on raw region `r` should ask for it first (see `wanted`).
+    pub fn want_worth_asking(&self, r: u64) -> bool {
+        r < self.region_count() && self.is_raw(r) && !self.recovering.contains_key(&r) && !self.wanted.contains(&r)
+    }
+
+    /// The lowest raw region at or after `from`.
+    fn next_raw(&self, from: u64) -> Option<u64> {
+        let count = self.region_count();
+        let (sync, torn) = (self.sync.words(), self.torn.words());
+        let mut w = (from / 64) as usize;
+        let mut mask = !0u64 << (from % 64);
+        while w < sync.len() {
+            let raw = !sync[w] & !torn[w] & mask;
+            if raw != 0 {
+                let r = w as u64 * 64 + u64::from(raw.trailing_zeros());
+                return (r < count).then_some(r);
+            }
+            w += 1;
+            mask = !0;
+        }
+        None
     }
 
     /// Every region out of sync (the log restarts from a history that may miss marks: a
     /// kernel wrote while no member knew what it marked). Marks and slots are kept.
     pub fn all_out_of_sync(&mut self) {
+        // What was in sync had equal legs but for the writes nobody knows of: torn.
+        let mut torn = self.sync.clone();
+        torn.or_assign(&self.torn);
+        self.torn = torn;
         self.sync.fill(false);
         self.sync_ones = 0;
         self.search_from = 0;
@@ -451,13 +518,15 @@ impl ReplicatedLog {
                 let Some(share) = self.nodes.get_mut(&node) else { return Ok(Outcome::Applied) };
                 share.live = false;
                 share.slot_voided |= share.slot.is_some();
-                // From now on the other nodes read these regions as not in sync, and dm-raid1
-                // writes a region it reads so (DM_RH_NOSYNC) to its default leg only: the legs
-                // may differ whatever becomes of the held node, so the sync bits go now, not at
-                // the reclaim (an adopted region is recovered after its kernel clears it).
+                // The held node's kernel may have died mid-write, or still write: the legs of
+                // its regions may differ where it wrote, whatever becomes of it, so they go out
+                // of sync now (an adopted region is recovered after its kernel clears it). Torn:
+                // the other kernels are still told "in sync", so their writes are marked and go
+                // to every leg; a "not in sync" answer would be cached in their region hash as
+                // DM_RH_NOSYNC and send their later writes to one leg even after the resync.
                 let marks: Vec<u64> = share.marks.iter().copied().collect();
                 for r in marks {
-                    self.set_sync(r, false);
+                    self.tear(r);
                 }
                 Ok(Outcome::Applied)
             }
@@ -490,10 +559,9 @@ impl ReplicatedLog {
                         *self.owners.entry(r).or_insert(0) += 1;
                     }
                 }
-                // Held marks are out of sync, as at the departure (the quorate side may have
-                // written them to one leg since).
+                // Held marks are torn, as at the departure.
                 for &r in regions {
-                    self.set_sync(r, false);
+                    self.tear(r);
                 }
                 Ok(Outcome::Applied)
             }
@@ -509,7 +577,7 @@ impl ReplicatedLog {
                         s.slot_voided = true;
                     }
                 }
-                Ok(Outcome::InSync(self.in_sync(region)?))
+                Ok(Outcome::InSync(self.kernel_in_sync(region)?))
             }
             Event::Mark { node, ref regions } => {
                 self.live(node)?;
@@ -519,6 +587,24 @@ impl ReplicatedLog {
                     if share.marks.insert(r) {
                         *self.owners.entry(r).or_insert(0) += 1;
                     }
+                }
+                // A kernel that writes a region another node copies (a torn region below its
+                // cached hint: it was told "in sync") writes every leg while the copy reads the
+                // default one: that copy proves nothing.
+                for &r in regions {
+                    if let Some(&copier) = self.recovering.get(&r).filter(|&&n| n != node) {
+                        if let Some(s) = self.nodes.get_mut(&copier) {
+                            s.slot_voided = true;
+                        }
+                    }
+                }
+                Ok(Outcome::Applied)
+            }
+            Event::Want { node, region } => {
+                self.live(node)?;
+                self.check(region)?;
+                if self.want_worth_asking(region) {
+                    self.wanted.push_back(region);
                 }
                 Ok(Outcome::Applied)
             }
@@ -577,6 +663,11 @@ impl ReplicatedLog {
     fn set_sync(&mut self, r: u64, in_sync: bool) {
         if !in_sync {
             self.search_from = self.search_from.min(r);
+        } else {
+            self.torn.set(r, false);
+            if !self.wanted.is_empty() {
+                self.wanted.retain(|&x| x != r);
+            }
         }
         if self.sync.set(r, in_sync) {
             if in_sync {
@@ -589,6 +680,15 @@ impl ReplicatedLog {
             } else {
                 self.sync_ones -= 1;
             }
+        }
+    }
+
+    /// `r` falls out of sync because a kernel may have written it while its marks were lost
+    /// or held: torn if it was in sync (a raw region stays raw).
+    fn tear(&mut self, r: u64) {
+        if self.sync.get(r) {
+            self.set_sync(r, false);
+            self.torn.set(r, true);
         }
     }
 
@@ -618,7 +718,7 @@ impl ReplicatedLog {
         }
         let slot_only = share.slot.filter(|r| !share.marks.contains(r));
         for r in share.marks.iter().copied().chain(slot_only) {
-            self.set_sync(r, false);
+            self.tear(r);
             self.search_from = self.search_from.min(r);
             if !self.reclaimed.contains(&r) {
                 self.reclaimed.push_back(r);
@@ -653,6 +753,10 @@ impl ReplicatedLog {
         if let Some(&r) = self.reclaimed.iter().find(|&&r| self.is_free(r)) {
             return Some(r);
         }
+        self.wanted.retain(|&r| !self.sync.get(r));
+        if let Some(&r) = self.wanted.iter().find(|&&r| self.is_free(r)) {
+            return Some(r);
+        }
         let mut r = self.sync.next_zero(self.search_from)?;
         self.search_from = r;
         loop {
@@ -671,13 +775,17 @@ impl ReplicatedLog {
 
     /// The state as bytes, for a joiner (the transport cuts it into atomic chunks) and for
     /// [`Self::digest`]. Little-endian, versioned: magic, version, region count, sync bitmap,
-    /// nodes (id, incarnation, live, slot, slot voided, marks), reclaim queue, disk writer.
+    /// torn bitmap, nodes (id, incarnation, live, slot, slot voided, marks), reclaim queue,
+    /// disk writer, wanted queue.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(32 + self.sync.words().len() * 8);
         out.extend_from_slice(&SNAPSHOT_MAGIC);
         out.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
         out.extend_from_slice(&self.region_count().to_le_bytes());
         for w in self.sync.words() {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        for w in self.torn.words() {
             out.extend_from_slice(&w.to_le_bytes());
         }
         out.extend_from_slice(&(self.nodes.len() as u64).to_le_bytes());
@@ -697,6 +805,10 @@ impl ReplicatedLog {
             out.extend_from_slice(&r.to_le_bytes());
         }
         out.extend_from_slice(&self.writer.unwrap_or(u32::MAX).to_le_bytes());
+        out.extend_from_slice(&(self.wanted.len() as u64).to_le_bytes());
+        for r in &self.wanted {
+            out.extend_from_slice(&r.to_le_bytes());
+        }
         out
     }
 
@@ -722,6 +834,16 @@ impl ReplicatedLog {
         // load_le_bytes clears bits beyond the count: a snapshot that had any is not ours.
         if log.sync.words().iter().flat_map(|w| w.to_le_bytes()).ne(image.iter().copied()) {
             return Err(SnapshotError::Inconsistent("sync bit beyond the region count"));
+        }
+        if rd.0.len() / 8 < words {
+            return Err(SnapshotError::Truncated);
+        }
+        let torn = rd.take(words * 8)?;
+        log.torn.load_le_bytes(torn);
+        if log.torn.words().iter().flat_map(|w| w.to_le_bytes()).ne(torn.iter().copied())
+            || log.torn.words().iter().zip(log.sync.words()).any(|(t, s)| t & s != 0)
+        {
+            return Err(SnapshotError::Inconsistent("torn bit beyond the count or on an in-sync region"));
         }
         let region = |r: u64| if r < count { Ok(r) } else { Err(SnapshotError::Inconsistent("region out of range")) };
         let nodes = rd.u64()?;
@@ -776,6 +898,14 @@ impl ReplicatedLog {
             w if log.nodes.contains_key(&w) => Some(w),
             _ => return Err(SnapshotError::Inconsistent("disk writer not a node of the log")),
         };
+        let n = rd.u64()?;
+        if rd.0.len() as u64 / 8 < n {
+            return Err(SnapshotError::Truncated);
+        }
+        for _ in 0..n {
+            let r = region(rd.u64()?)?;
+            log.wanted.push_back(r);
+        }
         if !rd.0.is_empty() {
             return Err(SnapshotError::Trailing(rd.0.len()));
         }

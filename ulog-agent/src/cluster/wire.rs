@@ -171,6 +171,7 @@ const K_SYNC: u16 = 8;
 const K_HOLD: u16 = 9;
 const K_UNKNOWN: u16 = 10;
 const K_VOID: u16 = 11;
+const K_WANT: u16 = 12;
 const K_ACK: u16 = 32;
 const K_DIGEST: u16 = 33;
 const K_WRITTEN: u16 = 37;
@@ -194,6 +195,7 @@ pub fn encode(f: &Frame) -> Vec<u8> {
             Event::HoldMarks { .. } => K_HOLD,
             Event::UnknownMarks { .. } => K_UNKNOWN,
             Event::VoidCopy { .. } => K_VOID,
+            Event::Want { .. } => K_WANT,
         },
         Body::Ack { .. } => K_ACK,
         Body::Digest { .. } => K_DIGEST,
@@ -226,7 +228,7 @@ pub fn encode(f: &Frame) -> Vec<u8> {
                     o.extend_from_slice(&r.to_le_bytes());
                 }
             }
-            Event::VoidCopy { node, region } => {
+            Event::VoidCopy { node, region } | Event::Want { node, region } => {
                 o.extend_from_slice(&node.to_le_bytes());
                 o.extend_from_slice(&region.to_le_bytes());
             }
@@ -309,6 +311,7 @@ pub fn decode(b: &[u8]) -> Result<Frame, WireError> {
         K_WORK => Body::Event(Event::GetResyncWork { node: r.u32()? }),
         K_UNKNOWN => Body::Event(Event::UnknownMarks { node: r.u32()? }),
         K_VOID => Body::Event(Event::VoidCopy { node: r.u32()?, region: r.u64()? }),
+        K_WANT => Body::Event(Event::Want { node: r.u32()?, region: r.u64()? }),
         K_HOLD => {
             let node = r.u32()?;
             let incarnation: Incarnation = u128::from_le_bytes(r.array()?);
@@ -503,6 +506,7 @@ mod tests {
             node.prop_map(|node| Event::GetResyncWork { node }),
             node.prop_map(|node| Event::UnknownMarks { node }),
             (node, any::<u64>()).prop_map(|(node, region)| Event::VoidCopy { node, region }),
+            (node, any::<u64>()).prop_map(|(node, region)| Event::Want { node, region }),
             (node, any::<u64>(), any::<bool>()).prop_map(|(node, region, in_sync)| Event::SetRegionSync {
                 node,
                 region,

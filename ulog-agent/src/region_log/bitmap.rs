@@ -171,6 +171,14 @@ impl RegionBitmap {
         self.words.copy_from_slice(&other.words);
     }
 
+    /// Sets every bit that is set in `other` (same length): `self |= other`.
+    pub fn or_assign(&mut self, other: &RegionBitmap) {
+        debug_assert_eq!(self.len, other.len);
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a |= b;
+        }
+    }
+
     /// Clears every bit that is clear in `other` (same length): `self &= other`.
     pub fn and_assign(&mut self, other: &RegionBitmap) {
         debug_assert_eq!(self.len, other.len);

@@ -820,6 +820,11 @@ impl LogServer {
             IsRemoteRecovering => {
                 let r = protocol::one_u64(p).ok_or(-libc::EINVAL)?;
                 let (rec, hint) = c.view.remote_recovering(r)?;
+                // The kernel requeues this write while the region is raw: ask the group to copy
+                // it next, so the write waits one copy, not the whole resync.
+                if rec && c.view.want_worth_asking(r) {
+                    let _ = (c.commands)(ClusterCommand::Want { group, region: r });
+                }
                 return Ok(Some(Outcome::Reply(0, Payload::bytes(&protocol::pair(u64::from(rec), hint)))));
             }
             Ctr | Dtr | Presuspend | GetRegionSize | StatusInfo | StatusTable => return Ok(None),

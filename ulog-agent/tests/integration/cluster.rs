@@ -260,7 +260,10 @@ fn a_mark_survives_sigkill_of_its_agent_and_the_restarted_agent_adopts_it() {
     ok(&mut nodes[0], T::MarkRegion, &regions_payload(&[5]));
     let st = nodes[0].agent.kill9().expect("SIGKILL");
     assert!(!st.success());
-    until("node 2 holds node 1's mark", || !flag(&mut nodes[1], T::InSync, 5));
+    // Held: out of sync (GET_SYNC_COUNT), but torn, so the kernels are told "in sync" and
+    // write it marked to every leg (a NOSYNC answer would be cached in their region hash).
+    until("node 2 holds node 1's mark", || sync_count(&mut nodes[1]) == 12);
+    assert!(flag(&mut nodes[1], T::InSync, 5), "torn: told in sync");
     assert!(!flag(&mut nodes[2], T::IsClean, 5));
     assert!(flag(&mut nodes[1], T::InSync, 6), "other regions are untouched");
 
@@ -276,7 +279,7 @@ fn a_mark_survives_sigkill_of_its_agent_and_the_restarted_agent_adopts_it() {
         (u64::from_ne_bytes(p[..8].try_into().unwrap()), u64::from_ne_bytes(p[8..16].try_into().unwrap()))
     };
     assert_eq!(work(&mut nodes[1]).0, 0, "region 5 handed out while node 1's kernel still marks it");
-    assert!(!flag(&mut nodes[1], T::InSync, 5), "written to one leg while held: not in sync");
+    assert_eq!(sync_count(&mut nodes[1]), 12, "region 5 stays out of sync after the adoption");
     ok(&mut nodes[0], T::ClearRegion, &regions_payload(&[5]));
     until("node 2 is handed region 5 after the CLEAR", || work(&mut nodes[1]) == (1, 5));
     let mut sync = 5u64.to_ne_bytes().to_vec();
@@ -362,7 +365,7 @@ fn a_rebooted_node_reclaims_its_old_marks_and_they_are_resynced_first() {
     cluster.kill_corosync(0).expect("SIGKILL node 1's corosync");
     assert!(!nodes[0].agent.kill9().expect("SIGKILL node 1's agent").success());
     for (i, n) in nodes.iter_mut().enumerate().skip(1) {
-        until(&format!("node {} holds node 1's mark", i + 1), || !flag(n, T::InSync, R));
+        until(&format!("node {} holds node 1's mark", i + 1), || sync_count(n) == N - 2);
         assert!(!flag(n, T::IsClean, R), "node {}: region {R} clean while held", i + 1);
         assert!(flag(n, T::InSync, R - 1), "node {}: other regions are untouched", i + 1);
     }
@@ -384,8 +387,9 @@ fn a_rebooted_node_reclaims_its_old_marks_and_they_are_resynced_first() {
     ok(n, T::Resume, &[]);
     let out = nodes[0].agent.output_when(|o| o.contains("ULOG_CLUSTER_INCARNATION"), Duration::from_secs(5));
     assert!(out.contains("ULOG_CLUSTER_INCARNATION"), "the agent says its boot id is overridden:\n{out}");
-    assert!(!flag(&mut nodes[1], T::InSync, R), "reclaimed: out of sync");
-    assert!(!flag(&mut nodes[1], T::InSync, 0), "region 0 is still out of sync");
+    assert_eq!(sync_count(&mut nodes[1]), N - 2, "reclaimed: out of sync");
+    assert!(flag(&mut nodes[1], T::InSync, R), "torn (written by a lost kernel): told in sync");
+    assert!(!flag(&mut nodes[1], T::InSync, 0), "region 0 is raw (never copied): told out of sync");
     // Node 1's Join was delivered before its RESUME was answered: node 2's request is ordered
     // after it, so node 2's answer is the reclaimed state's.
     assert_eq!(resync_work(&mut nodes[1]), Some(R), "the reclaimed region is recovered first");
@@ -418,7 +422,7 @@ fn a_mark_waits_while_the_local_corosync_is_down_and_is_answered_after_it_return
     nodes[2].peer.assert_silent(Duration::from_secs(3)).expect("no answer without the local corosync");
     assert!(nodes[2].agent.try_exited().expect("waitpid").is_none(), "node 3's agent survives losing corosync");
     // The survivors hold node 3's earlier mark meanwhile.
-    until("node 1 holds node 3's mark", || !flag(&mut nodes[0], T::InSync, 2));
+    until("node 1 holds node 3's mark", || sync_count(&mut nodes[0]) == 12);
 
     cluster.start_corosync(2).expect("start node 3's corosync");
     let r = nodes[2].peer.wait_reply(seq, Duration::from_secs(60)).expect("the MARK is answered once corosync is back");
@@ -428,7 +432,7 @@ fn a_mark_waits_while_the_local_corosync_is_down_and_is_answered_after_it_return
         until(&format!("node {} sees node 3's new mark", i + 1), || !flag(n, T::IsClean, 7));
         // Held while node 3 was away, so out of sync (the others' kernels wrote it to their
         // default leg only): recovered after node 3's CLEAR, never while node 3 still marks it.
-        assert!(!flag(n, T::InSync, 2) && !flag(n, T::IsClean, 2), "node {}: region 2 trusted too early", i + 1);
+        assert!(sync_count(n) == 12 && !flag(n, T::IsClean, 2), "node {}: region 2 trusted too early", i + 1);
     }
     let work = |n: &mut Node| {
         let p = ok(n, T::GetResyncWork, &[]);
@@ -651,7 +655,7 @@ fn confirm_fenced_reclaims_a_dead_nodes_regions() {
     ok(&mut nodes[0], T::MarkRegion, &regions_payload(&[R]));
     cluster.kill_corosync(0).expect("SIGKILL node 1's corosync");
     assert!(!nodes[0].agent.kill9().expect("SIGKILL node 1's agent").success());
-    until("node 2 holds node 1's mark", || !flag(&mut nodes[1], T::InSync, R));
+    until("node 2 holds node 1's mark", || sync_count(&mut nodes[1]) == 12);
     assert_eq!(resync_work(&mut nodes[1]), None, "a held region is never handed out");
     let status = http_get(&cluster, 1, "/api/v1/logs");
     assert!(status.contains("\"live\":false"), "the API shows node 1 held: {status}");
@@ -669,7 +673,7 @@ fn confirm_fenced_reclaims_a_dead_nodes_regions() {
     until("node 3 sees the region reclaimed (out of sync, no longer held)", || {
         !http_get(&cluster, 2, "/api/v1/logs").contains("\"live\":false")
     });
-    assert!(!flag(&mut nodes[2], T::InSync, R), "reclaimed regions are out of sync");
+    assert_eq!(sync_count(&mut nodes[2]), 12, "reclaimed regions are out of sync");
     assert_eq!(resync_work(&mut nodes[2]), Some(R), "and recovered first");
     ok(&mut nodes[2], T::SetRegionSync, &set_sync_payload(R, 1));
     for (i, n) in nodes.iter_mut().enumerate().skip(1) {

@@ -135,23 +135,44 @@ fn resync_hands_out_one_slot_per_node_and_never_a_written_region() {
     assert_eq!(work(&mut l, B), Some(2));
     assert_eq!(l.remote_recovering(A, 2), Ok((true, 0)), "B recovers 2; region 0 is out of sync");
     assert_eq!(l.remote_recovering(B, 2), Ok((false, 0)), "its own slot is not remote");
+    assert_eq!(l.remote_recovering(B, 3), Ok((true, 0)), "raw, copied by nobody yet: the write waits");
     synced(&mut l, A, 1);
     clear(&mut l, C, &[0]);
     assert_eq!(work(&mut l, A), Some(0));
 }
 
+/// The hint and IS_REMOTE_RECOVERING for raw regions (never copied: the legs may differ
+/// anywhere). A kernel that writes a raw region to its default leg caches it as DM_RH_NOSYNC
+/// in its region hash until it recovers the region itself (`__rh_alloc`, `dm_rh_dec`), so
+/// its later writes would go to one leg after another node's copy: a raw region is
+/// "recovering" to every kernel but its copier's (the write waits, and asks for the region
+/// first), and the hint never passes the lowest raw region, alone or not. Torn regions (legs
+/// equal but where a lost kernel wrote) are told "in sync": written marked, to every leg.
 #[test]
-fn the_hint_keeps_resync_work_flowing_and_reaches_the_region_count_when_all_are_in_sync() {
+fn raw_regions_are_recovering_to_every_kernel_but_their_copier() {
     let mut l = log(4, false, &[A]);
-    assert_eq!(l.remote_recovering(A, 0), Ok((false, 3)), "alone: as a single node answers");
+    assert_eq!(l.remote_recovering(A, 2), Ok((true, 0)), "raw: the write waits for a copy");
+    assert!(l.want_worth_asking(2));
+    l.apply(&Event::Want { node: A, region: 2 }).unwrap();
+    assert!(!l.want_worth_asking(2), "asked once");
+    assert_eq!(work(&mut l, A), Some(2), "the waited-for region comes first");
+    assert_eq!(l.remote_recovering(A, 2), Ok((false, 0)), "its own copy: the region hash holds the write");
+    synced(&mut l, A, 2);
+    assert_eq!((l.remote_recovering(A, 2), l.kernel_in_sync(2)), (Ok((false, 0)), Ok(true)));
     l.apply(&Event::Join { node: B, incarnation: 1 }).unwrap();
-    for r in 0..4 {
-        // Another node shares the log: the lowest region still out of sync (any may go to B).
-        assert_eq!(l.remote_recovering(A, r).map(|x| x.1), Ok(r));
+    for r in [0, 1, 3] {
+        assert_eq!(l.remote_recovering(B, r).map(|x| x.1), Ok(r), "the hint is the lowest raw region");
         let w = work(&mut l, A).unwrap();
         synced(&mut l, A, w);
     }
-    assert_eq!(l.remote_recovering(A, 0), Ok((false, 4)));
+    assert_eq!(l.remote_recovering(A, 0), Ok((false, 4)), "all in sync");
+    // B departs holding region 1: torn, out of sync, but told "in sync" to the kernels.
+    mark(&mut l, B, &[1]);
+    l.apply(&Event::Depart { node: B }).unwrap();
+    assert_eq!((l.in_sync(1), l.kernel_in_sync(1), l.is_raw(1)), (Ok(false), Ok(true), false));
+    assert_eq!(l.remote_recovering(A, 1), Ok((false, 3)), "no raw region: the hint keeps work flowing");
+    let back = ReplicatedLog::decode(&l.encode()).unwrap();
+    assert_eq!((back.kernel_in_sync(1), back.in_sync(1)), (Ok(true), Ok(false)));
 }
 
 #[test]
@@ -258,6 +279,9 @@ struct ModelNode {
     writing: BTreeSet<u64>,
     /// The region this kernel is copying.
     copying: Option<u64>,
+    /// Regions this kernel's region hash holds as DM_RH_NOSYNC: written to the default leg
+    /// only until this kernel recovers them itself (or its node reboots).
+    nosync_cache: BTreeSet<u64>,
     /// The copy proves nothing: another kernel wrote the region to one leg while it ran, or
     /// this node's agent departed during it (the state voids such a copy: the other kernels
     /// do not wait for a held node's copy).
@@ -289,11 +313,29 @@ impl Replicas {
     }
 }
 
+/// A write to the default leg only: the legs differ there, and a copy of the region running
+/// elsewhere may have read the default leg before it.
+fn nosync_write(m: &mut Model, r: u64) {
+    m.legs_may_differ.insert(r);
+    for other in &mut m.nodes {
+        if other.copying == Some(r) {
+            other.copy_void = true;
+        }
+    }
+}
+
 fn check_guarantees(m: &Model, l: &ReplicatedLog) {
     for (i, n) in m.nodes.iter().enumerate() {
         for &r in &n.writing {
             // Guarantee 1: a region any kernel may still be writing is never clean.
             assert_eq!(l.is_clean(r), Ok(false), "node {} writes region {r}", NODES[i]);
+        }
+    }
+    for (i, n) in m.nodes.iter().enumerate() {
+        for &r in n.nosync_cache.iter().filter(|_| n.kernel_alive) {
+            // Finding of 2026-12-04: a region a kernel holds as NOSYNC must not be in sync, or
+            // that kernel's next write to it goes to one leg under an in-sync bit.
+            assert_eq!(l.in_sync(r), Ok(false), "node {} holds region {r} as NOSYNC", NODES[i]);
         }
     }
     for &r in &m.legs_may_differ {
@@ -369,8 +411,12 @@ fn apply_step(m: &mut Model, reps: &mut Replicas, s: &Step) {
                 return;
             }
             let l = &reps.0[0];
+            // The hint the agents give is never above a raw region, and raw regions do not
+            // appear below it later (only at the log's start, from a disk image, or from a
+            // failed leg): a stale hint covers in-sync and torn regions only.
+            let stale_hint = stale_hint && !l.is_raw(r);
             // do_writes: at or above its hint the kernel asks IS_REMOTE_RECOVERING and requeues
-            // the write while another node recovers the region.
+            // the write while the answer is "recovering".
             if !stale_hint && l.remote_recovering(NODES[i], r).unwrap().0 {
                 return;
             }
@@ -378,9 +424,15 @@ fn apply_step(m: &mut Model, reps: &mut Replicas, s: &Step) {
             if n.copying == Some(r) {
                 return;
             }
-            // dm_rh_get_state asks IN_SYNC; an answer that waits holds the write (it is
-            // written, if ever, by a later step). A kernel that copies a region itself never
-            // waits: its IN_SYNC voids the other copy (ordered), and is answered after it.
+            // A region this kernel holds as DM_RH_NOSYNC in its region hash: the default leg
+            // only, no request at all.
+            if n.nosync_cache.contains(&r) {
+                nosync_write(m, r);
+                return;
+            }
+            // dm_rh_get_state / __rh_alloc ask IN_SYNC; an answer that waits holds the write
+            // (it is written, if ever, by a later step). A kernel that copies a region itself
+            // never waits: its IN_SYNC voids the other copy (ordered), and is answered after it.
             if l.in_sync_waits(NODES[i], r) {
                 return;
             }
@@ -389,17 +441,19 @@ fn apply_step(m: &mut Model, reps: &mut Replicas, s: &Step) {
                     panic!("VoidCopy refused for a live member");
                 };
             }
-            let l = &reps.0[0];
-            if l.in_sync(r) == Ok(false) {
-                // DM_RH_NOSYNC: to the default leg only, not marked. The legs differ, and a
-                // copy of the region running elsewhere may have read the default leg before.
-                m.legs_may_differ.insert(r);
-                for other in &mut m.nodes {
-                    if other.copying == Some(r) {
-                        other.copy_void = true;
-                    }
-                }
+            if reps.0[0].kernel_in_sync(r) == Ok(false) {
+                // DM_RH_NOSYNC, cached in this kernel's region hash until its own recovery of
+                // the region: this write and every later one go to the default leg only.
+                m.nodes[i].nosync_cache.insert(r);
+                nosync_write(m, r);
                 return;
+            }
+            // Marked, to every leg; a copy of the region running elsewhere read the default leg
+            // before this write and may put the old data on the others.
+            for (j, other) in m.nodes.iter_mut().enumerate() {
+                if j != i && other.copying == Some(r) {
+                    other.copy_void = true;
+                }
             }
             reps.apply(&Event::Mark { node: NODES[i], regions: vec![r] }).unwrap();
             m.nodes[i].writing.insert(r);
@@ -451,6 +505,8 @@ fn apply_step(m: &mut Model, reps: &mut Replicas, s: &Step) {
             }
             reps.apply(&Event::SetRegionSync { node: NODES[i], region: r, in_sync: ok }).unwrap();
             m.nodes[i].copying = None;
+            // Its own recovery of the region took it out of its region hash.
+            m.nodes[i].nosync_cache.remove(&r);
             let void = std::mem::take(&mut m.nodes[i].copy_void);
             if ok && !void {
                 m.legs_may_differ.remove(&r);
@@ -488,6 +544,7 @@ fn apply_step(m: &mut Model, reps: &mut Replicas, s: &Step) {
             n.writing.clear();
             n.copying = None;
             n.copy_void = false;
+            n.nosync_cache.clear();
             n.kernel_alive = false;
             n.agent_live = false;
         }
