@@ -251,6 +251,7 @@ if [ "$NODE" = 2 ]; then
 fi
 
 # Node 1 (the survivor).
+dmesg_mark
 wait_peer 8 120
 log "node 2 is writing and is about to be killed"
 # Assertion 3a: corosync and the agent see node 2 gone (NodeDown after the token timeout, ~2 s);
@@ -337,6 +338,12 @@ assert_eq "$_reclaimed" 0 "ulog_cluster_reclaimed_regions after the resync"
 ulog-agent status >status3.txt 2>&1
 log "after the resync: $(grep '^Cluster log' status3.txt)"
 if awk '$1 == 2 && /departed/' status3.txt | grep -q .; then fail "node 2 still held after the confirmation: $(cat status3.txt)"; fi
+
+# No userspace-log request timed out on the survivor (a request held across node 2's death and
+# never answered would show as "Request timed out" after 15 s), no mirror error.
+if dmesg_since_mark | grep -i 'timed out\|log failure\|error' | grep -qi 'dm\|mirror\|raid1\|userspace'; then
+    fail "kernel errors on the survivor during phase 2: $(dmesg_since_mark | tail -n 20)"
+fi
 
 # Assertion 3e: the legs are identical: whatever node 2 had in flight (possibly on one leg only)
 # was resynced from the default leg.
