@@ -235,6 +235,10 @@ assert_eq "$(mirror_health "$DEV")" AA "leg health after the resync"
 assert_eq "$(mirror_log_status "$DEV")" "1 $LOG_TYPE" "log status after the resync"
 scrape after-resync.prom
 log "GET_RESYNC_WORK answered after the resync: $(resync_asks after-resync.prom)"
+# Each reclaimed region was handed out by GET_RESYNC_WORK and copied by this kernel (not just
+# declared in sync): at least HELD more answers than before the confirmation.
+assert_le $(($(resync_asks before-confirm.prom) + HELD)) "$(resync_asks after-resync.prom)" \
+    "GET_RESYNC_WORK answered since the confirmation vs node 2's $HELD reclaimed regions"
 _reclaimed=$(sum after-resync.prom ulog_cluster_reclaimed_regions)
 assert_eq "$_reclaimed" 0 "ulog_cluster_reclaimed_regions after the resync"
 ulog-agent status >status3.txt 2>&1
