@@ -67,6 +67,7 @@ grep -q "^Cluster log .*: node $NODE, members 1, 2; holding the state" status1.t
     fail "the log is not served by both members: $(cat status1.txt)"
 wget -q -O api1.json "$AGENT_URL/api/v1/logs" || fail "GET /api/v1/logs failed"
 grep -q "\"uuid\":\"$UUID\"" api1.json || fail "/api/v1/logs does not list $UUID: $(head -c 2000 api1.json)"
+grep -q '"cluster":{[^}]*"members":\[1,2\]' api1.json || fail "/api/v1/logs: the cluster log's members are not [1,2]: $(head -c 2000 api1.json)"
 log "cluster log served by nodes 1 and 2"
 
 make_pattern A.pat A "$MIB"
