@@ -32,6 +32,11 @@
 //! initial resync: the time to N/N with nothing else running, 40 writes in the last quarter
 //! during it (the IS_REMOTE_RECOVERING hint's effect), fio's write IOPS during it, and, traced,
 //! the kernel's round trip per request type per region recovered. See the guest script.
+//!
+//! The `cluster` job (`--jobs cluster`, alone) boots the two guests of the cluster-pair test
+//! instead (`super::cluster`, guest script `xtask/vm-scenarios/cluster-bench.sh`, fio added to
+//! their initramfs): IOPS of one mirror written by one node vs both, initial resync time with one
+//! vs two nodes; writes `benchmarks/vm-cluster.md` (see [`cluster_bench`]).
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::fs;
@@ -81,7 +86,8 @@ pub struct Args {
     configs: Vec<String>,
     /// Only these jobs (comma-separated): the fio jobs rand4k-qd1, rand4k-qd32, seq64k-qd8, and
     /// `resync` (a mirror's initial resync: time to full sync, and writes during it; configs
-    /// from --resync-configs). E.g. `--jobs resync` runs only the resync job.
+    /// from --resync-configs). E.g. `--jobs resync` runs only the resync job. `cluster` (alone):
+    /// the two-guest cluster benchmark instead (see the module docs).
     #[arg(long, value_delimiter = ',', value_name = "ID")]
     jobs: Vec<String>,
     /// Configs of the `resync` job (comma-separated): core (kernel `core` log), ucore (ulog
@@ -359,6 +365,10 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(dir) = &a.from {
         let plan_text = fs::read_to_string(dir.join("command.txt")).unwrap_or_default();
         return report(dir, &a, plan_text.trim());
+    }
+    if a.jobs.iter().any(|j| j == CLUSTER_JOB) {
+        ensure!(a.jobs.len() == 1, "--jobs {CLUSTER_JOB} runs on its own (two guests)");
+        return cluster_bench(&a);
     }
     let plan = Plan::from_args(&a)?;
     let _lock = lock_workdir()?;
@@ -2077,6 +2087,128 @@ fn resync_report(
     Ok(md)
 }
 
+// ---- the cluster job -----------------------------------------------------------------------
+
+/// `--jobs cluster`: the guest pair of the cluster-pair test (two TCG guests, corosync over a
+/// qemu dgram link, shared legs; `xtask/vm-scenarios/cluster-bench.sh` says what it runs) with
+/// fio: 4 KiB random-write IOPS (depth 1) of one mirror written by one node vs by both, and the
+/// initial resync time of one mirror activated by one node vs by both. Ratios from one run,
+/// means over the guest's rounds; written to `benchmarks/vm-cluster.md`.
+const CLUSTER_JOB: &str = "cluster";
+
+static CLUSTER_BENCH: super::scenarios::Scenario = super::scenarios::Scenario {
+    name: "cluster-bench",
+    about: "the guest side of `vm bench --jobs cluster`",
+    boots: 1,
+    guests: 2,
+    disks_mib: &[],
+    timeout_s: 900,
+    suite: false,
+};
+
+fn cluster_bench(a: &Args) -> Result<()> {
+    let _lock = lock_workdir()?;
+    let t0 = Instant::now();
+    let k = fetch::ensure_kernel(false)?;
+    let fio = ensure_fio()?;
+    let dir = workdir()?.join("bench").join(super::stamp());
+    let bin = dir.join("bin");
+    fs::create_dir_all(&bin)?;
+    let agent = agent_binary(&a.build)?.context("vm bench needs ulog-agent (not --agent-build skip)")?;
+    let agent = stripped(&agent, &bin.join("ulog-agent"))?;
+    let fio_files = fio_files(&fio)?;
+    let extra = |t: &mut initramfs::Tree| -> Result<()> {
+        super::cluster::add_corosync(t)?;
+        for (guest, host) in &fio_files {
+            if !t.contains(guest) {
+                t.file(guest, host)?;
+            }
+        }
+        Ok(())
+    };
+    let initrd = dir.join("initramfs.cpio.zst");
+    initramfs::build(
+        &initramfs::Inputs {
+            kernel: &k,
+            scenarios_dir: &scenarios_dir(),
+            agent: Some(&agent),
+            compression: a.build.compression,
+            extra: Some(&extra),
+        },
+        &initrd,
+    )?;
+    // 1 GiB each (fio's libraries unpack into the guest's memory), 1 vCPU each (see cluster.rs).
+    let mopts = MachineOpts { accel: a.accel, memory: a.memory.min(1024), smp: 1, bzimage: false, seabios: false };
+    let mut m = machine(&k, initrd, &mopts)?;
+    m.extra_args.clear();
+    let wd = workdir()?;
+    let st = super::stamp();
+    let opts = super::scenarios::SessionOpts {
+        machine: &m,
+        workdir: &wd,
+        echo: !a.quiet,
+        keep_logs: true,
+        timeout: None,
+        stamp: &st,
+    };
+    let spec = super::cluster::PairSpec { disks: super::cluster::BENCH_DISKS, kill: false };
+    let out = super::cluster::run_pair(&CLUSTER_BENCH, &m, &opts, &spec)?;
+    let v = &out.verdict;
+    ensure!(v.passed, "the cluster benchmark failed: {} (logs: {:?})", v.reason, v.logs);
+    let text = cluster_report(&out.figures, &reproduce_command(), t0.elapsed().as_secs_f64());
+    println!("{text}");
+    fs::write(dir.join("report.md"), &text)?;
+    if !a.no_write {
+        let p = workspace_root().join("benchmarks/vm-cluster.md");
+        fs::create_dir_all(p.parent().unwrap())?;
+        fs::write(&p, &text)?;
+        eprintln!("vm bench: wrote {}", p.display());
+    }
+    Ok(())
+}
+
+/// The figures node 1 reported, as markdown.
+fn cluster_report(figures: &[(String, String)], command: &str, secs: f64) -> String {
+    let get = |prefix: &str| -> Vec<f64> {
+        figures.iter().filter(|(k, _)| k.starts_with(prefix)).filter_map(|(_, v)| v.parse().ok()).collect()
+    };
+    let one = mean(&get("iops_one_r"));
+    let two1 = mean(&get("iops_two_node1_r"));
+    let two2 = mean(&get("iops_two_node2_r"));
+    let r1 = mean(&get("resync_one_ms_r")) / 1e3;
+    let r2 = mean(&get("resync_two_ms_r")) / 1e3;
+    let rounds = get("iops_one_r").len();
+    let regions = get("regions").first().copied().unwrap_or(0.0);
+    let secs_per_run = get("secs").first().copied().unwrap_or(0.0);
+    let mut md = String::new();
+    let _ = writeln!(md, "## Two nodes, one mirror (ulog `clustered-core` over corosync, guest pair)\n");
+    let _ = writeln!(
+        md,
+        "`{command}` ({secs:.0} s). Two TCG guests (1 vCPU, 1 GiB each) on this 2-core host, corosync 3 \
+         over a qemu dgram link (token 1000 ms), `ulog-agent --cluster` in each; one mirror of 64 MiB \
+         in {regions:.0} regions of 256 KiB on shared virtio disks (cache=none). Means over {rounds} \
+         rounds; the two guests share the host's two cores, so the two-node figures include that \
+         contention.\n"
+    );
+    let _ = writeln!(md, "| measure | one node | two nodes | two ÷ one |");
+    let _ = writeln!(md, "|---|---:|---:|---:|");
+    let _ = writeln!(
+        md,
+        "| 4 KiB random-write IOPS, depth 1, fio {secs_per_run:.0} s, each node on its own half (`nosync` mirror) | {} | {} + {} = {} | {} |",
+        fmt_iops(one),
+        fmt_iops(two1),
+        fmt_iops(two2),
+        fmt_iops(two1 + two2),
+        fmt_ratio((two1 + two2) / one)
+    );
+    let _ = writeln!(md, "| initial resync, create to N/N, s | {r1:.1} | {r2:.1} | {} |", fmt_ratio(r2 / r1));
+    let _ = writeln!(md, "\nRaw figures (node 1's `ULOG-BENCH` lines):\n");
+    for (k, v) in figures {
+        let _ = writeln!(md, "- {k} = {v}");
+    }
+    md
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2102,5 +2234,22 @@ mod tests {
     fn medians() {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn the_cluster_report_shows_the_ratios() {
+        let f = |k: &str, v: &str| (k.to_string(), v.to_string());
+        let figures = vec![
+            f("regions", "256"),
+            f("secs", "8"),
+            f("iops_one_r1", "10"),
+            f("iops_two_node1_r1", "8"),
+            f("iops_two_node2_r1", "7"),
+            f("resync_one_ms_r1", "20000"),
+            f("resync_two_ms_r1", "10000"),
+        ];
+        let md = cluster_report(&figures, "cargo xtask vm bench --jobs cluster", 1.0);
+        assert!(md.contains("| 10.0 | 8.0 + 7.0 = 15.0 | 1.50 |"), "{md}");
+        assert!(md.contains("| 20.0 | 10.0 | 0.50 |"), "{md}");
     }
 }

@@ -126,7 +126,7 @@ pub(super) fn base_command(m: &Machine, cmdline: &str, disks: &[PathBuf]) -> Com
 }
 
 /// The full qemu command line, for humans (printed in the log).
-fn describe(c: &Command) -> String {
+pub(super) fn describe(c: &Command) -> String {
     let mut s = c.get_program().to_string_lossy().into_owned();
     for a in c.get_args() {
         let a = a.to_string_lossy();
