@@ -256,12 +256,7 @@ pub const SCENARIOS: &[Scenario] = &[
 /// of one of these is reported as XFAIL and does not fail the suite; a pass is reported as XPASS
 /// (remove the entry then). `vm run` ignores this list: it reports what happened.
 /// Example entry: `("ulog-smoke", "ulog-agent is being written")` (passes since the server core landed).
-pub const EXPECTED_TO_FAIL: &[(&str, &str)] = &[(
-    "cluster-pair",
-    "assertion 3c: after `confirm-fenced` the survivor's kernel never asks for the reclaimed regions \
-     (dm-log-userspace answers get_resync_work itself once in_sync_hint == region_count, reset \
-     only by RESUME); the rest passes after a suspend/resume there",
-)];
+pub const EXPECTED_TO_FAIL: &[(&str, &str)] = &[];
 
 pub fn find(name: &str) -> Option<&'static Scenario> {
     SCENARIOS.iter().find(|s| s.name == name)
