@@ -349,16 +349,15 @@ impl ReplicatedLog {
 
     /// Whether an IN_SYNC of `r` from `node` must wait: a live member other than `node` is
     /// copying `r`. A kernel whose cached in-sync hint is above `r` writes it without asking
-    /// IS_REMOTE_RECOVERING, and dm-raid1 writes a region read as not in sync to its default
-    /// leg only (DM_RH_NOSYNC), which would race the copy; answered once the copy ends, the
-    /// write goes to every leg (or, if the copy failed, to the default leg with the region
-    /// still out of sync). A held node's slot does not wait (its completion is voided), and
+    /// IS_REMOTE_RECOVERING: answered now, a raw region's write would go to the default leg
+    /// while the copy reads it, and a torn region's (told "in sync") would be marked and void
+    /// the copy, again and again while that kernel keeps writing it (the resync of a hot
+    /// region would never end). Answered once the copy ends, the write goes to every leg. A held node's slot does not wait (its completion is voided), and
     /// a node that holds a slot itself never waits: its kernel's one worker (kmirrord) would be
     /// blocked, and the copy it runs completes only through that worker, so two such nodes
     /// waiting on each other's copies would hang both mirrors.
     pub fn in_sync_waits(&self, node: NodeId, r: u64) -> bool {
         r < self.region_count()
-            && self.is_raw(r)
             && self.nodes.get(&node).is_some_and(|s| s.slot.is_none())
             && self.recovering.get(&r).is_some_and(|&n| n != node && self.nodes.get(&n).is_some_and(|s| s.live))
     }
@@ -369,7 +368,6 @@ impl ReplicatedLog {
     /// the default leg while the copy reads it.
     pub fn in_sync_voids(&self, node: NodeId, r: u64) -> bool {
         r < self.region_count()
-            && self.is_raw(r)
             && self.nodes.get(&node).is_some_and(|s| s.slot.is_some())
             && self.recovering.get(&r).is_some_and(|&n| n != node && self.nodes.get(&n).is_some_and(|s| s.live))
     }

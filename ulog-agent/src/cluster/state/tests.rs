@@ -649,3 +649,20 @@ fn in_sync_never_waits_for_a_node_that_copies_itself() {
     assert_eq!(l.in_sync(0), Ok(false), "A's copy ran while B could write region 0 to one leg");
     assert_eq!(work(&mut l, C), Some(0), "copied again");
 }
+
+/// A torn region (told "in sync") that another node copies: a writer below its stale hint
+/// waits for the copy before its IN_SYNC is answered, instead of marking the region and voiding
+/// the copy on every write (a hot region's resync would never end).
+#[test]
+fn a_torn_region_being_copied_holds_a_stale_writer_until_the_copy_ends() {
+    let mut l = log(4, true, &[A, B, C]);
+    mark(&mut l, C, &[2]);
+    l.apply(&Event::Depart { node: C }).unwrap();
+    l.apply(&Event::FenceConfirmed { node: C, incarnation: 3000 }).unwrap();
+    assert_eq!((l.in_sync(2), l.kernel_in_sync(2)), (Ok(false), Ok(true)), "torn");
+    assert_eq!(work(&mut l, A), Some(2));
+    assert!(l.in_sync_waits(B, 2), "B's write waits for A's copy");
+    mark(&mut l, B, &[2]); // had B been answered at once: its write voids the copy
+    synced(&mut l, A, 2);
+    assert_eq!(l.in_sync(2), Ok(false), "a copy raced by a marked write proves nothing");
+}
