@@ -479,6 +479,18 @@ fn start_cluster(
     info!(incarnation = %format!("{incarnation:032x}"), "cluster mode: logs are served over corosync");
     let commands: ClusterCommands = Arc::new(move |c| bus.command(c).is_ok());
     telemetry.set_cluster_control(Arc::clone(&commands));
+    // A previous agent may have died in the middle of a recovery restart, its mirror suspended:
+    // resume it. On a thread of its own: the resume waits for this agent's answer to the
+    // kernel's RESUME, which the receive loop gives once it runs.
+    let _ = std::thread::Builder::new().name("ulog-resume-left".into()).spawn(|| {
+        let resumed = ulog_agent::cluster::resume_left_suspended(
+            std::path::Path::new(ulog_agent::region_log::dm::DM_CONTROL),
+            std::path::Path::new(ulog_agent::cluster::RESTART_MARKERS),
+        );
+        if !resumed.is_empty() {
+            warn!(?resumed, "resumed mirrors a previous agent left suspended in a recovery restart");
+        }
+    });
     Ok(ClusterMode { commands, replies })
 }
 

@@ -82,7 +82,11 @@ pub enum RestartError {
 /// (see `engine::RESTART_RECOVERY_AFTER_TICKS`). Blocks while the suspend completes the
 /// mirror's in-flight I/O and while this agent answers the suspend's and resume's requests:
 /// never call it on the receive thread or the engine's.
-pub fn restart_mirror_recovery(control: &std::path::Path, uuid: &str) -> Result<Vec<String>, RestartError> {
+pub fn restart_mirror_recovery(
+    control: &std::path::Path,
+    markers: &std::path::Path,
+    uuid: &str,
+) -> Result<Vec<String>, RestartError> {
     let dm = crate::region_log::dm::Control::open(control).map_err(RestartError::Control)?;
     let mut mirrors = Vec::new();
     for (name, dev) in dm.list_devices().map_err(RestartError::Control)? {
@@ -101,8 +105,19 @@ pub fn restart_mirror_recovery(control: &std::path::Path, uuid: &str) -> Result<
         if busy(&dm) {
             return Err(RestartError::Busy(name.clone()));
         }
-        dm.suspend(*dev, true).map_err(|source| RestartError::Suspend { device: name.clone(), source })?;
+        // An agent that dies between the suspend and the resume would leave the mirror's I/O
+        // waiting for good: the marker tells the next agent to resume it (see
+        // `resume_left_suspended`). Without a marker, no suspend.
+        let marker = markers.join(format!("{dev:x}"));
+        std::fs::create_dir_all(markers)
+            .and_then(|()| std::fs::write(&marker, name.as_bytes()))
+            .map_err(|source| RestartError::Suspend { device: name.clone(), source })?;
+        if let Err(source) = dm.suspend(*dev, true) {
+            let _ = std::fs::remove_file(&marker);
+            return Err(RestartError::Suspend { device: name.clone(), source });
+        }
         if dm.state(*dev).is_ok_and(|(_, inactive)| inactive) {
+            let _ = std::fs::remove_file(&marker);
             // A reload was loaded while this suspend ran: resuming now would activate it.
             // Leave the device as its reloader expects it: suspended, for its resume.
             return Err(RestartError::Busy(name.clone()));
@@ -116,8 +131,70 @@ pub fn restart_mirror_recovery(control: &std::path::Path, uuid: &str) -> Result<
             resumed = dm.suspend(*dev, false);
         }
         resumed.map_err(|source| RestartError::Resume { device: name.clone(), source })?;
+        let _ = std::fs::remove_file(&marker);
     }
     Ok(mirrors.into_iter().map(|(n, _)| n).collect())
+}
+
+/// Where recovery restarts leave their markers (one file per device being restarted).
+pub const RESTART_MARKERS: &str = "/run/ulog/recovery-restart";
+
+/// At start: resumes the mirrors a previous agent suspended for a recovery restart and died
+/// before resuming (their markers are left); returns the names resumed. A device that is no
+/// longer suspended, or now has an inactive table (someone else's reload: their resume is
+/// theirs to do), or is gone, is left alone and its marker removed. Call it off the receive
+/// thread: the resume sends this agent a RESUME (after the kernel's reconnect).
+pub fn resume_left_suspended(control: &std::path::Path, markers: &std::path::Path) -> Vec<String> {
+    let devices = left_suspended(markers);
+    if devices.is_empty() {
+        return Vec::new();
+    }
+    let Ok(dm) = crate::region_log::dm::Control::open(control) else { return Vec::new() };
+    let mut resumed = Vec::new();
+    for (dev, name, marker) in devices {
+        if let Ok((true, false)) = dm.state(dev) {
+            match dm.suspend(dev, false) {
+                Ok(()) => resumed.push(name),
+                Err(e) => {
+                    tracing::error!(device = %name, error = %e, "cannot resume a mirror a previous agent left suspended (dmsetup resume it)");
+                    continue;
+                }
+            }
+        }
+        let _ = std::fs::remove_file(marker);
+    }
+    resumed
+}
+
+/// The markers under `markers`: (device number, device name, marker path).
+fn left_suspended(markers: &std::path::Path) -> Vec<(u64, String, std::path::PathBuf)> {
+    let Ok(dir) = std::fs::read_dir(markers) else { return Vec::new() };
+    dir.flatten()
+        .filter_map(|e| {
+            let dev = u64::from_str_radix(e.file_name().to_str()?, 16).ok()?;
+            let name = std::fs::read_to_string(e.path()).unwrap_or_default();
+            Some((dev, name, e.path()))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod restart_tests {
+    /// The markers a recovery restart leaves are found again by device number (the agent's
+    /// start resumes those devices if they are still suspended).
+    #[test]
+    fn markers_name_the_devices_left_suspended() {
+        let dir = std::env::temp_dir().join(format!("ulog-markers-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("{:x}", 0xfd00_0003u64)), "pair").unwrap();
+        std::fs::write(dir.join("not-a-device"), "x").unwrap();
+        let found = super::left_suspended(&dir);
+        assert_eq!(found.iter().map(|(d, n, _)| (*d, n.as_str())).collect::<Vec<_>>(), vec![(0xfd00_0003, "pair")]);
+        // No device-mapper here: nothing is resumed, and the markers stay for an agent that can.
+        assert!(super::resume_left_suspended(std::path::Path::new("/nonexistent/control"), &dir).is_empty());
+        assert!(dir.join(format!("{:x}", 0xfd00_0003u64)).exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
 
 /// This kernel's incarnation: its boot id (`/proc/sys/kernel/random/boot_id`) as 128 bits. An

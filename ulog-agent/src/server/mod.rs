@@ -154,7 +154,11 @@ impl crate::cluster::engine::Replies for Arc<ClusterReplies> {
         let thread_uuid = uuid.clone();
         let spawned = std::thread::Builder::new().name("ulog-recovery".into()).spawn(move || {
             let uuid = thread_uuid;
-            match crate::cluster::restart_mirror_recovery(std::path::Path::new(crate::region_log::dm::DM_CONTROL), &uuid) {
+            match crate::cluster::restart_mirror_recovery(
+                std::path::Path::new(crate::region_log::dm::DM_CONTROL),
+                std::path::Path::new(crate::cluster::RESTART_MARKERS),
+                &uuid,
+            ) {
                 Ok(mirrors) => tracing::info!(log = %uuid, ?mirrors, "mirror suspended and resumed: its kernel asks for resync work again"),
                 Err(e) => {
                     tracing::error!(log = %uuid, error = %e, "cannot restart the mirror's recovery; out-of-sync regions wait for a resume of the mirror on some node");
