@@ -2068,7 +2068,7 @@ impl<R: Replies> Engine<R> {
                 let mut live = log.nodes().iter().filter(|(_, s)| s.live);
                 live.clone().next().map(|(&n, _)| n) == Some(me)
                     && live.all(|(_, s)| s.slot.is_none())
-                    && log.has_free_work()
+                    && log.free_work_is_torn_only()
             });
         if !unrecovered {
             ctx.unrecovered_ticks = 0;

@@ -221,7 +221,7 @@ pub struct ReplicatedLog {
 }
 
 /// Snapshot format version of [`ReplicatedLog::encode`].
-pub const SNAPSHOT_VERSION: u32 = 2;
+pub const SNAPSHOT_VERSION: u32 = 3;
 const SNAPSHOT_MAGIC: [u8; 4] = *b"ULRL";
 
 /// Why a snapshot could not be decoded.
@@ -642,13 +642,24 @@ impl ReplicatedLog {
                 self.live(node)?;
                 self.check(region)?;
                 let mut voided = false;
+                let mut own_copy = false;
                 if let Some(s) = self.nodes.get_mut(&node) {
                     if s.slot == Some(region) {
+                        own_copy = true;
                         voided = s.slot_voided;
                         s.slot = None;
                         s.slot_voided = false;
                         self.recovering.remove(&region);
                     }
+                }
+                if !in_sync && !own_copy {
+                    // A write to one leg failed (`dm_rh_mark_nosync`): that kernel keeps the
+                    // region marked (it never clears it) and writes it to its default leg only
+                    // until its table is reloaded. Torn, not raw: the legs differ only where that
+                    // write failed, and a raw region nobody may copy would be "recovering" to
+                    // every kernel for good, holding their writes (and any suspend) forever.
+                    self.tear(region);
+                    return Ok(Outcome::Applied);
                 }
                 // A copy that ran while this node was away proves nothing: the region stays
                 // out of sync and is handed out again.
@@ -741,6 +752,26 @@ impl ReplicatedLog {
             next = self.sync.next_zero(r + 1);
         }
         false
+    }
+
+    /// Whether only torn regions are free to hand out (none raw, none waited for): the work a
+    /// kernel that saw the log in sync never asks for. While a raw region is out of sync the
+    /// hint stays below it and kernels keep asking; a suspend then could also wait for ever on
+    /// a write the kernel requeues while it is "recovering" (presuspend stops recovery).
+    pub fn free_work_is_torn_only(&self) -> bool {
+        if !self.wanted.is_empty() {
+            return false;
+        }
+        let mut next = self.sync.next_zero(self.search_from);
+        let mut any = false;
+        while let Some(r) = next {
+            if self.is_raw(r) {
+                return false;
+            }
+            any |= self.is_free(r);
+            next = self.sync.next_zero(r + 1);
+        }
+        any
     }
 
     /// The region to hand out next: the oldest free reclaimed region, else the lowest free

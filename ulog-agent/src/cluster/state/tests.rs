@@ -200,8 +200,8 @@ fn snapshots_decode_to_the_same_state_and_reject_damage() {
     assert_eq!((back.is_clean(129), back.sync_count()), (l.is_clean(129), l.sync_count()));
     assert_eq!(ReplicatedLog::decode(&bytes[..bytes.len() - 1]).err(), Some(SnapshotError::Truncated));
     let mut v2 = bytes.clone();
-    v2[4] = 3;
-    assert_eq!(ReplicatedLog::decode(&v2).err(), Some(SnapshotError::Version(3)));
+    v2[4] = 4;
+    assert_eq!(ReplicatedLog::decode(&v2).err(), Some(SnapshotError::Version(4)));
     let mut tail = bytes.clone();
     tail[16 + 16 + 7] |= 0x80; // bit 191 of a 130-region bitmap
     assert!(matches!(ReplicatedLog::decode(&tail), Err(SnapshotError::Inconsistent(_))));
@@ -212,7 +212,7 @@ proptest! {
     #[test]
     fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
         let _ = ReplicatedLog::decode(&bytes);
-        let mut framed = b"ULRL\x02\x00\x00\x00".to_vec();
+        let mut framed = b"ULRL\x03\x00\x00\x00".to_vec();
         framed.extend_from_slice(&bytes);
         let _ = ReplicatedLog::decode(&framed);
     }
@@ -665,4 +665,18 @@ fn a_torn_region_being_copied_holds_a_stale_writer_until_the_copy_ends() {
     mark(&mut l, B, &[2]); // had B been answered at once: its write voids the copy
     synced(&mut l, A, 2);
     assert_eq!(l.in_sync(2), Ok(false), "a copy raced by a marked write proves nothing");
+}
+
+/// A write to one leg failed on node B (dm-raid1's `dm_rh_mark_nosync`: SET_REGION_SYNC 0 of a
+/// region B has marked, not its slot). B never clears that mark until its table is reloaded,
+/// so no node may copy the region meanwhile; it must not become "recovering" to every kernel
+/// for good (their writes, and any suspend, would wait forever): it is torn.
+#[test]
+fn a_failed_leg_write_leaves_a_torn_region_that_no_write_waits_for() {
+    let mut l = log(4, true, &[A, B]);
+    mark(&mut l, B, &[1]);
+    l.apply(&Event::SetRegionSync { node: B, region: 1, in_sync: false }).unwrap();
+    assert_eq!((l.in_sync(1), l.is_raw(1), l.kernel_in_sync(1)), (Ok(false), false, Ok(true)));
+    assert_eq!(l.remote_recovering(A, 1).map(|x| x.0), Ok(false), "A's writes to region 1 go on");
+    assert_eq!(work(&mut l, A), None, "B still marks it: nobody copies it under B's writes");
 }
