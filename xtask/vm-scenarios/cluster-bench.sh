@@ -8,6 +8,12 @@
 # - Resync: the same mirror without `nosync` under a fresh uuid: node 1 alone creates it and
 #   waits for N/N; then both create it at once (each kernel recovers one region at a time, the
 #   agents hand out different regions) and node 1 waits for N/N. Time from create to N/N.
+# - Round trips per request type: node 1 scrapes its agent's /metrics before and after one fio
+#   write phase (the same fio as IOPS) in three configurations: `single` (node 1's agent without
+#   --cluster, node 2 idle with no agent), `cluster1` (node 1 with --cluster, alone in the CPG
+#   group) and `cluster2` (both with --cluster and writing: the first two-writer round). The
+#   histogram bucket lines go to the host as `ULOG-BENCH h.CFG.0|1.SERIES COUNT` (k = the
+#   kernel-side round trip, a = the agent's service time); the host takes the deltas and quantiles.
 . /scenarios/lib.sh
 . /scenarios/cluster-lib.sh
 
@@ -41,17 +47,44 @@ fio_iops() { # OUT: 4 KiB random writes, depth 1, on this node's half; IOPS into
     grep -q . "$1" || fail "no write IOPS in $1.json"
 }
 
+hist_out() { # CFG SNAPSHOT FILE: the histogram buckets of FILE with a count, for the host
+    [ "$NODE" = 1 ] || return 0
+    sed -n -e 's/^ulog_kernel_request_duration_seconds_bucket{/k{/p' \
+        -e 's/^ulog_request_duration_seconds_bucket{/a{/p' "$3" | grep -v ' 0$' |
+        while read -r _s _v; do echo "ULOG-BENCH h.$1.$2.$_s $_v"; done
+}
+rtt_phase() { # CFG: node 1 creates the nosync mirror, scrapes, runs fio, scrapes, removes
+    dm_create "$DEV" "$(table "LVM-ulogcbench00rtt$1" nosync)" 60
+    wait_for_sync "$DEV" 60
+    scrape "rtt-$1-0"
+    fio_iops "rtt-$1"
+    scrape "rtt-$1-1"
+    bench "iops_$1" "$(cat "rtt-$1")"
+    hist_out "$1" 0 "rtt-$1-0"
+    hist_out "$1" 1 "rtt-$1-1"
+    dm_remove "$DEV" 60
+}
+
 RUST_LOG=${RUST_LOG:-info}
-ulog_start --cluster
+# ---- round trips: node 1 alone, without and then with --cluster (node 2 has no agent yet) ----
+if [ "$NODE" = 1 ]; then
+    ulog_start
+    rtt_phase single
+    agent_stop
+    ulog_start --cluster
+    rtt_phase cluster1
+fi
+step 1 solo-done 300
+[ "$NODE" = 2 ] && ulog_start --cluster
 bench regions "$REGIONS"
 bench secs "$BENCH_SECS"
-step 1 agents
+step 2 agents
 
 # ---- IOPS: one writer vs two ----------------------------------------------------------------
 dm_create "$DEV" "$(table LVM-ulogcbench0000iops nosync)" 60
-step 2 iops-mirror
+step 3 iops-mirror
 wait_for_sync "$DEV" 60
-K=2
+K=3
 for round in $(seq 1 "$ROUNDS"); do
     K=$((K + 1))
     step "$K" "one-writer-$round"
@@ -61,7 +94,13 @@ for round in $(seq 1 "$ROUNDS"); do
     fi
     K=$((K + 1))
     step "$K" "two-writers-$round"
+    [ "$round" = 1 ] && [ "$NODE" = 1 ] && scrape rtt-cluster2-0
     fio_iops two
+    if [ "$round" = 1 ] && [ "$NODE" = 1 ]; then
+        scrape rtt-cluster2-1
+        hist_out cluster2 0 rtt-cluster2-0
+        hist_out cluster2 1 rtt-cluster2-1
+    fi
     # Node 2's figure in a slot of its own (its step slot moves on).
     [ "$NODE" = 2 ] && mbox_put $((10 + round)) "$(cat two)"
     K=$((K + 1))

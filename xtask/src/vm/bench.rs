@@ -36,7 +36,10 @@
 //! The `cluster` job (`--jobs cluster`, alone) boots the two guests of the cluster-pair test
 //! instead (`super::cluster`, guest script `xtask/vm-scenarios/cluster-bench.sh`, fio added to
 //! their initramfs): IOPS of one mirror written by one node vs both, initial resync time with one
-//! vs two nodes; writes `benchmarks/vm-cluster.md` (see [`cluster_bench`]).
+//! vs two nodes, and the per-request-type round trips (kernel-side, from the agent's eBPF
+//! histogram, and the agent's service time) during one fio write phase without `--cluster`,
+//! with `--cluster` alone in the group and with both nodes writing; writes
+//! `benchmarks/vm-cluster.md` (see [`cluster_bench`]).
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::fs;
@@ -2092,8 +2095,11 @@ fn resync_report(
 /// `--jobs cluster`: the guest pair of the cluster-pair test (two TCG guests, corosync over a
 /// qemu dgram link, shared legs; `xtask/vm-scenarios/cluster-bench.sh` says what it runs) with
 /// fio: 4 KiB random-write IOPS (depth 1) of one mirror written by one node vs by both, and the
-/// initial resync time of one mirror activated by one node vs by both. Ratios from one run,
-/// means over the guest's rounds; written to `benchmarks/vm-cluster.md`.
+/// initial resync time of one mirror activated by one node vs by both; and node 1's round trip
+/// p50/p99 per request type in three configurations (see [`round_trip_table`]): the guest sends
+/// the bucket lines of its /metrics before and after each fio phase, the deltas and quantiles
+/// are computed here. Ratios from one run, means over the guest's rounds; written to
+/// `benchmarks/vm-cluster.md`.
 const CLUSTER_JOB: &str = "cluster";
 
 static CLUSTER_BENCH: super::scenarios::Scenario = super::scenarios::Scenario {
@@ -2202,11 +2208,156 @@ fn cluster_report(figures: &[(String, String)], command: &str, secs: f64) -> Str
         fmt_ratio((two1 + two2) / one)
     );
     let _ = writeln!(md, "| initial resync, create to N/N, s | {r1:.1} | {r2:.1} | {} |", fmt_ratio(r2 / r1));
-    let _ = writeln!(md, "\nRaw figures (node 1's `ULOG-BENCH` lines):\n");
-    for (k, v) in figures {
+    round_trip_table(&mut md, figures);
+    let _ = writeln!(md, "\nRaw figures (node 1's `ULOG-BENCH` lines, histogram buckets left out):\n");
+    for (k, v) in figures.iter().filter(|(k, _)| !k.starts_with("h.")) {
         let _ = writeln!(md, "- {k} = {v}");
     }
     md
+}
+
+/// The round-trip configurations of the cluster job, as the guest names them.
+const RTT_CONFIGS: [&str; 3] = ["single", "cluster1", "cluster2"];
+
+/// Cumulative bucket counts of one histogram series by upper edge (seconds; +Inf as infinity).
+type Buckets = BTreeMap<String, Vec<(f64, f64)>>;
+
+/// The histogram buckets node 1 reported for one configuration, snapshot and metric (`k` the
+/// kernel-side round trip, `a` the agent's service time): figures
+/// `h.CFG.SNAP.M{type="T",le="E"}` = cumulative count. By request type, sorted by edge.
+fn snapshot_buckets(figures: &[(String, String)], cfg: &str, snap: u32, metric: &str) -> Buckets {
+    let prefix = format!("h.{cfg}.{snap}.{metric}{{");
+    let mut out = Buckets::new();
+    for (k, v) in figures {
+        let Some(labels) = k.strip_prefix(&prefix).and_then(|l| l.strip_suffix('}')) else { continue };
+        let (mut ty, mut le) = (None, None);
+        for kv in labels.split(',') {
+            if let Some((name, val)) = kv.split_once('=') {
+                let val = val.trim_matches('"');
+                match name {
+                    "type" => ty = Some(val),
+                    "le" => le = if val == "+Inf" { Some(f64::INFINITY) } else { val.parse().ok() },
+                    _ => {}
+                }
+            }
+        }
+        if let (Some(ty), Some(le), Ok(n)) = (ty, le, v.parse::<f64>()) {
+            out.entry(ty.to_string()).or_default().push((le, n));
+        }
+    }
+    for b in out.values_mut() {
+        b.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    out
+}
+
+/// The buckets of `after` minus those of `before` (a bucket missing from a snapshot was left out
+/// because its count was 0).
+fn bucket_delta(before: &[(f64, f64)], after: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    after
+        .iter()
+        .map(|&(le, n)| {
+            let b = before.iter().find(|(e, _)| *e == le).map_or(0.0, |(_, c)| *c);
+            (le, (n - b).max(0.0))
+        })
+        .collect()
+}
+
+/// The q-quantile of a cumulative histogram (seconds), interpolated linearly inside the bucket
+/// that holds it (as Prometheus' `histogram_quantile`): the lower edge of the first bucket is 0,
+/// in the +Inf bucket the answer is the highest finite edge. NaN when the histogram is empty.
+fn histogram_quantile(q: f64, cum: &[(f64, f64)]) -> f64 {
+    let Some(&(_, total)) = cum.last() else { return f64::NAN };
+    if total <= 0.0 {
+        return f64::NAN;
+    }
+    let rank = q * total;
+    let (mut lo, mut below) = (0.0, 0.0);
+    for &(le, n) in cum {
+        if n >= rank && n > below {
+            if le.is_infinite() {
+                return lo;
+            }
+            return lo + (le - lo) * (rank - below) / (n - below);
+        }
+        if le.is_finite() {
+            lo = le;
+        }
+        below = n;
+    }
+    lo
+}
+
+/// Per type and configuration: (requests, p50, p99) in seconds, from the deltas of `metric`.
+fn round_trips(figures: &[(String, String)], metric: &str) -> BTreeMap<String, [(f64, f64, f64); 3]> {
+    let mut out: BTreeMap<String, [(f64, f64, f64); 3]> = BTreeMap::new();
+    for (i, cfg) in RTT_CONFIGS.iter().enumerate() {
+        let before = snapshot_buckets(figures, cfg, 0, metric);
+        for (ty, after) in snapshot_buckets(figures, cfg, 1, metric) {
+            let d = bucket_delta(before.get(&ty).map_or(&[][..], |b| b), &after);
+            let n = d.last().map_or(0.0, |x| x.1);
+            if n <= 0.0 {
+                continue;
+            }
+            let e = out.entry(ty).or_insert([(0.0, f64::NAN, f64::NAN); 3]);
+            e[i] = (n, histogram_quantile(0.5, &d), histogram_quantile(0.99, &d));
+        }
+    }
+    out
+}
+
+fn fmt_secs_as_us(secs: f64) -> String {
+    if secs.is_nan() {
+        "—".into()
+    } else {
+        format!("{:.0}", secs * 1e6)
+    }
+}
+
+/// The per-type round-trip table (nothing when the guest reported no histograms).
+fn round_trip_table(md: &mut String, figures: &[(String, String)]) {
+    for (metric, what) in [
+        ("k", "Kernel-side round trip (`ulog_kernel_request_duration_seconds`: `dm_consult_userspace` entry to return, the agent's eBPF probes)"),
+        ("a", "Agent service time (`ulog_request_duration_seconds`: request received to reply sent)"),
+    ] {
+        let rows = round_trips(figures, metric);
+        if rows.is_empty() {
+            continue;
+        }
+        let _ = writeln!(
+            md,
+            "\n{what}, node 1, per request type during one fio write phase (the same fio as above, \
+             `nosync` mirror); µs, quantiles interpolated linearly inside the log2 buckets; \
+             n = requests in the phase. single: node 1's agent without `--cluster` (node 2 has no \
+             agent); cluster-1: node 1's agent with `--cluster`, alone in the group; cluster-2: \
+             both with `--cluster`, both writing (the first two-writer round). Ratios: cluster ÷ \
+             single.\n"
+        );
+        let _ = writeln!(
+            md,
+            "| type | n single / c-1 / c-2 | p50 single | p50 cluster-1 | p50 cluster-2 | p99 single | p99 cluster-1 | p99 cluster-2 | p50 ÷ single (c-1, c-2) | p99 ÷ single (c-1, c-2) |"
+        );
+        let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for (ty, c) in &rows {
+            let _ = writeln!(
+                md,
+                "| {ty} | {:.0} / {:.0} / {:.0} | {} | {} | {} | {} | {} | {} | {}, {} | {}, {} |",
+                c[0].0,
+                c[1].0,
+                c[2].0,
+                fmt_secs_as_us(c[0].1),
+                fmt_secs_as_us(c[1].1),
+                fmt_secs_as_us(c[2].1),
+                fmt_secs_as_us(c[0].2),
+                fmt_secs_as_us(c[1].2),
+                fmt_secs_as_us(c[2].2),
+                fmt_ratio(c[1].1 / c[0].1),
+                fmt_ratio(c[2].1 / c[0].1),
+                fmt_ratio(c[1].2 / c[0].2),
+                fmt_ratio(c[2].2 / c[0].2),
+            );
+        }
+    }
 }
 
 #[cfg(test)]
@@ -2251,5 +2402,41 @@ mod tests {
         let md = cluster_report(&figures, "cargo xtask vm bench --jobs cluster", 1.0);
         assert!(md.contains("| 10.0 | 8.0 + 7.0 = 15.0 | 1.50 |"), "{md}");
         assert!(md.contains("| 20.0 | 10.0 | 0.50 |"), "{md}");
+    }
+
+    #[test]
+    fn quantiles_from_bucket_deltas() {
+        // 100 requests: 50 in (0, 1 µs], 40 in (1, 2 µs], 10 in (2, 4 µs].
+        let cum = [(1e-6, 50.0), (2e-6, 90.0), (4e-6, 100.0), (f64::INFINITY, 100.0)];
+        assert!((histogram_quantile(0.5, &cum) - 1e-6).abs() < 1e-12);
+        assert!((histogram_quantile(0.75, &cum) - 1.625e-6).abs() < 1e-12);
+        assert!((histogram_quantile(0.99, &cum) - 3.8e-6).abs() < 1e-12);
+        assert!(histogram_quantile(0.5, &[(1e-6, 0.0)]).is_nan());
+        // Everything beyond the last finite edge: that edge.
+        assert_eq!(histogram_quantile(0.5, &[(1e-6, 0.0), (f64::INFINITY, 3.0)]), 1e-6);
+
+        let f = |k: &str, v: &str| (k.to_string(), v.to_string());
+        let figures = vec![
+            f("h.single.0.k{type=\"FLUSH\",le=\"0.000002\"}", "5"),
+            f("h.single.0.k{type=\"FLUSH\",le=\"+Inf\"}", "5"),
+            f("h.single.1.k{type=\"FLUSH\",le=\"0.000001\"}", "10"),
+            f("h.single.1.k{type=\"FLUSH\",le=\"0.000002\"}", "15"),
+            f("h.single.1.k{type=\"FLUSH\",le=\"0.000004\"}", "25"),
+            f("h.single.1.k{type=\"FLUSH\",le=\"+Inf\"}", "25"),
+            f("h.cluster1.0.k{type=\"FLUSH\",le=\"+Inf\"}", "0"),
+            f("h.cluster1.1.k{type=\"FLUSH\",le=\"0.000008\"}", "4"),
+            f("h.cluster1.1.k{type=\"FLUSH\",le=\"+Inf\"}", "4"),
+        ];
+        let rt = round_trips(&figures, "k");
+        let flush = rt["FLUSH"];
+        // The delta of single: 10 in (0, 1], 0 in (1, 2], 10 in (2, 4]: n 20, p50 at 1 µs.
+        assert_eq!(flush[0].0, 20.0);
+        assert!((flush[0].1 - 1e-6).abs() < 1e-12, "{:?}", flush[0]);
+        assert_eq!(flush[1].0, 4.0);
+        assert!((flush[1].1 - 4e-6).abs() < 1e-12, "{:?}", flush[1]);
+        assert!(flush[2].1.is_nan());
+        let mut md = String::new();
+        round_trip_table(&mut md, &figures);
+        assert!(md.contains("| FLUSH | 20 / 4 / 0 | 1 | 4 | — |"), "{md}");
     }
 }
