@@ -734,13 +734,13 @@ impl<R: Replies> Engine<R> {
 
     /// Whether the receive thread may answer reads from the view; once it may, the reads that
     /// waited are answered from the state.
+    /// Quorate, in the group, not stale, holding the state: this member's state is current.
+    fn holds_current_state(&self, ctx: &LogCtx) -> bool {
+        self.quorate && ctx.in_group && !ctx.stale && matches!(ctx.holding, Holding::Yes)
+    }
+
     fn update_serving(&self, ctx: &mut LogCtx) {
-        let serving = self.quorate
-            && ctx.in_group
-            && !ctx.stale
-            && matches!(ctx.holding, Holding::Yes)
-            && ctx.log.is_some()
-            && !ctx.view.refused();
+        let serving = self.holds_current_state(ctx) && ctx.log.is_some() && !ctx.view.refused();
         ctx.view.serving.store(serving, Ordering::Release);
         if ctx.view.refused() {
             for (_, p) in ctx.reads.drain(..) {
@@ -862,8 +862,7 @@ impl<R: Replies> Engine<R> {
             // No new write once the role is being let go (see the Release in `pump_ctx`).
             return;
         }
-        let serving = self.quorate && ctx.in_group && !ctx.stale && matches!(ctx.holding, Holding::Yes);
-        if !serving || log.disk_writer() != Some(me.node) {
+        if !self.holds_current_state(ctx) || log.disk_writer() != Some(me.node) {
             // Not (or no longer) the writer: a later tenure starts with a full write.
             ctx.disk_written = None;
             return;
@@ -2062,8 +2061,8 @@ impl<R: Replies> Engine<R> {
     /// kernel's recovery.
     fn watch_recovery(&self, ctx: &mut LogCtx, group: &[u8], me: NodeId) {
         ctx.restart_cooldown = ctx.restart_cooldown.saturating_sub(1);
-        let serving = matches!(ctx.holding, Holding::Yes) && ctx.in_group && !ctx.stale && !ctx.view.refused();
-        let unrecovered = serving
+        let unrecovered = self.holds_current_state(ctx)
+            && !ctx.view.refused()
             && ctx.log.as_ref().is_some_and(|log| {
                 let mut live = log.nodes().iter().filter(|(_, s)| s.live);
                 live.clone().next().map(|(&n, _)| n) == Some(me)
@@ -2079,7 +2078,7 @@ impl<R: Replies> Engine<R> {
             ctx.unrecovered_ticks = 0;
             ctx.restart_cooldown = RESTART_RECOVERY_COOLDOWN_TICKS;
             self.stats.recovery_restarts.fetch_add(1, Ordering::Relaxed);
-            info!(group = %String::from_utf8_lossy(group.strip_suffix(&[0]).unwrap_or(group)),
+            info!(group = %group_name(group),
                 "recovery work waits and no member recovers it: restarting this node's mirror recovery (suspend, resume)");
             self.replies.restart_recovery(group);
         }

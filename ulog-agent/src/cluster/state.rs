@@ -334,10 +334,9 @@ impl ReplicatedLog {
     /// IN_SYNC: the legs hold the same data for region `r`.
     ///
     /// A region marked by a held node is out of sync: that node's kernel may have died
-    /// mid-write, and the other nodes' kernels, reading it as not in sync, write it to their
-    /// default leg only from then on. Its sync bit is cleared at the departure (and stays
-    /// clear through an adoption); the held-mark test here keeps the answer right whatever
-    /// sets the bit while the mark is held.
+    /// mid-write. Its sync bit is cleared at the departure (torn: the kernels are still told
+    /// "in sync", see [`Self::kernel_in_sync`]) and stays clear through an adoption; the
+    /// held-mark test here keeps the answer right whatever sets the bit while the mark is held.
     pub fn in_sync(&self, r: u64) -> Result<bool, Refusal> {
         self.check(r)?;
         Ok(self.sync.get(r) && !self.held_mark(r))
@@ -352,14 +351,13 @@ impl ReplicatedLog {
     /// IS_REMOTE_RECOVERING: answered now, a raw region's write would go to the default leg
     /// while the copy reads it, and a torn region's (told "in sync") would be marked and void
     /// the copy, again and again while that kernel keeps writing it (the resync of a hot
-    /// region would never end). Answered once the copy ends, the write goes to every leg. A held node's slot does not wait (its completion is voided), and
-    /// a node that holds a slot itself never waits: its kernel's one worker (kmirrord) would be
-    /// blocked, and the copy it runs completes only through that worker, so two such nodes
-    /// waiting on each other's copies would hang both mirrors.
+    /// region would never end). Answered once the copy ends, the write goes to every leg. A
+    /// held node's slot does not wait (its completion is voided), and a node that holds a slot
+    /// itself never waits: its kernel's one worker (kmirrord) would be blocked, and the copy it
+    /// runs completes only through that worker, so two such nodes waiting on each other's
+    /// copies would hang both mirrors.
     pub fn in_sync_waits(&self, node: NodeId, r: u64) -> bool {
-        r < self.region_count()
-            && self.nodes.get(&node).is_some_and(|s| s.slot.is_none())
-            && self.recovering.get(&r).is_some_and(|&n| n != node && self.nodes.get(&n).is_some_and(|s| s.live))
+        self.nodes.get(&node).is_some_and(|s| s.slot.is_none()) && self.copied_by_another_live(node, r)
     }
 
     /// Whether an IN_SYNC of `r` from `node` voids another live member's copy of `r` (an
@@ -367,9 +365,22 @@ impl ReplicatedLog {
     /// (see [`Self::in_sync_waits`]), and a "not in sync" answer lets its kernel write `r` to
     /// the default leg while the copy reads it.
     pub fn in_sync_voids(&self, node: NodeId, r: u64) -> bool {
-        r < self.region_count()
-            && self.nodes.get(&node).is_some_and(|s| s.slot.is_some())
-            && self.recovering.get(&r).is_some_and(|&n| n != node && self.nodes.get(&n).is_some_and(|s| s.live))
+        self.nodes.get(&node).is_some_and(|s| s.slot.is_some()) && self.copied_by_another_live(node, r)
+    }
+
+    /// A live member other than `node` has `r` in its slot.
+    fn copied_by_another_live(&self, node: NodeId, r: u64) -> bool {
+        self.recovering.get(&r).is_some_and(|&n| n != node && self.nodes.get(&n).is_some_and(|s| s.live))
+    }
+
+    /// `node`'s kernel may write `r` to a leg while another node's copy of it runs: that copy
+    /// proves nothing (its SET_REGION_SYNC 1 leaves the region out of sync).
+    fn void_copy_by_another(&mut self, node: NodeId, r: u64) {
+        if let Some(&copier) = self.recovering.get(&r).filter(|&&n| n != node) {
+            if let Some(s) = self.nodes.get_mut(&copier) {
+                s.slot_voided = true;
+            }
+        }
     }
 
     /// IS_CLEAN: in sync and marked by no node, live or held.
@@ -453,9 +464,7 @@ impl ReplicatedLog {
     /// kernel wrote while no member knew what it marked). Marks and slots are kept.
     pub fn all_out_of_sync(&mut self) {
         // What was in sync had equal legs but for the writes nobody knows of: torn.
-        let mut torn = self.sync.clone();
-        torn.or_assign(&self.torn);
-        self.torn = torn;
+        self.torn.or_assign(&self.sync);
         self.sync.fill(false);
         self.sync_ones = 0;
         self.search_from = 0;
@@ -570,11 +579,7 @@ impl ReplicatedLog {
             Event::VoidCopy { node, region } => {
                 self.live(node)?;
                 self.check(region)?;
-                if let Some(&copier) = self.recovering.get(&region).filter(|&&n| n != node) {
-                    if let Some(s) = self.nodes.get_mut(&copier) {
-                        s.slot_voided = true;
-                    }
-                }
+                self.void_copy_by_another(node, region);
                 Ok(Outcome::InSync(self.kernel_in_sync(region)?))
             }
             Event::Mark { node, ref regions } => {
@@ -590,11 +595,7 @@ impl ReplicatedLog {
                 // cached hint: it was told "in sync") writes every leg while the copy reads the
                 // default one: that copy proves nothing.
                 for &r in regions {
-                    if let Some(&copier) = self.recovering.get(&r).filter(|&&n| n != node) {
-                        if let Some(s) = self.nodes.get_mut(&copier) {
-                            s.slot_voided = true;
-                        }
-                    }
+                    self.void_copy_by_another(node, r);
                 }
                 Ok(Outcome::Applied)
             }
@@ -737,21 +738,6 @@ impl ReplicatedLog {
 
     fn is_free(&self, r: u64) -> bool {
         !self.sync.get(r) && !self.owners.contains_key(&r) && !self.recovering.contains_key(&r)
-    }
-
-    /// Whether a GET_RESYNC_WORK would hand out a region now (no state change).
-    pub fn has_free_work(&self) -> bool {
-        if self.reclaimed.iter().any(|&r| !self.sync.get(r) && self.is_free(r)) {
-            return true;
-        }
-        let mut next = self.sync.next_zero(self.search_from);
-        while let Some(r) = next {
-            if self.is_free(r) {
-                return true;
-            }
-            next = self.sync.next_zero(r + 1);
-        }
-        false
     }
 
     /// Whether only torn regions are free to hand out (none raw, none waited for): the work a
