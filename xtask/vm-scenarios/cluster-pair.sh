@@ -148,15 +148,17 @@ if [ "$NODE" = 2 ]; then
             done
         ) &
     done
-    # Ask for the kill only once this node's agent shows node 2 holding marks (the writers run).
+    # Ask for the kill the moment this node's agent shows node 2 holding marks (the writers
+    # run): the marks come and go with the writes, so nothing slow (a mailbox write, a second
+    # status) may sit between the check and the request (a run once saw them all cleared).
+    mbox_put "$NODE" "8 writing"
     _t0=$(now_cs)
     until ulog-agent status 2>/dev/null | awk '$1 == 2 && $2 == "live" && $3 > 0 { f = 1 } END { exit !f }'; do
         [ $(($(now_cs) - _t0)) -lt 3000 ] || fail "the writers did not leave node 2 with marked regions within 30 s: $(ulog-agent status 2>&1)"
         sleep 1
     done
-    mbox_put "$NODE" "8 writing"
-    log "writers running, regions marked: $(ulog-agent status 2>&1 | awk '$1 == 2 && $2 == "live"'); asking the host to kill this guest"
     echo "ULOG-KILL-ME node $NODE"
+    log "writers running with regions marked; asked the host to kill this guest"
     # The host kills qemu now; this guest never reports a result (a result line means a failure).
     sleep 120
     fail "not killed by the host within 120 s"
